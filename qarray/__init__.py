@@ -1,0 +1,17 @@
+"""qarray: quantization for JAX.
+
+Example:
+  >>> import jax, qarray
+  >>> w = jax.random.normal(jax.random.key(0), (128, 256))
+  >>> q = qarray.quantize(w, 'nf4', tiles=64)
+  >>> qarray.dequantize(q).shape
+  (128, 256)
+"""
+
+from qarray import calibration, packing, qtypes
+from qarray.core import QArray, codes, dequantize, fake_quant, quantize, quantize_with_scale
+from qarray.qtypes import QType
+
+__all__ = ['QArray', 'QType', 'quantize', 'quantize_with_scale', 'dequantize', 'fake_quant', 'codes',
+           'calibration', 'packing', 'qtypes']
+__version__ = '0.1.0'

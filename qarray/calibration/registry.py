@@ -1,0 +1,111 @@
+"""One registry of calibration methods, addressed by ``"name,arg,..."`` specs.
+
+A method maps data and the axes to reduce over to a :class:`Range`. Methods
+register themselves with the number of float arguments they accept, so a
+bad spec fails at parse time with a message listing what is valid.
+
+Example:
+  >>> parse('percentile,99.9')
+  ('percentile', (99.9,))
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Callable, NamedTuple
+
+import jax.numpy as jnp
+
+from qarray.qtypes import QType
+
+__all__ = ['Range', 'register', 'parse', 'calibrate', 'methods']
+
+
+class Range(NamedTuple):
+    """A calibrated range per group; ``symmetric`` means ``lo == -hi`` (no zero point).
+
+    Example:
+      >>> import jax.numpy as jnp
+      >>> Range(jnp.array(-1.), jnp.array(1.), True).symmetric
+      True
+    """
+
+    lo: jnp.ndarray
+    hi: jnp.ndarray
+    symmetric: bool
+
+
+CalibrationFn = Callable[..., Range]
+
+
+@dataclasses.dataclass(frozen=True)
+class _Method:
+    fn: CalibrationFn
+    min_args: int
+    max_args: int
+    usage: str
+
+
+_METHODS: dict[str, _Method] = {}
+
+
+def register(name: str, *, min_args: int = 0, max_args: int = 0, usage: str = '') -> Callable:
+    """Decorator adding a calibration method ``fn(x, axes, qtype, *args) -> Range``.
+
+    Example:
+      >>> @register('half_absmax', usage='half_absmax')
+      ... def _half(x, axes, qtype):
+      ...     hi = jnp.max(jnp.abs(x), axis=axes, keepdims=True) / 2
+      ...     return Range(-hi, hi, True)
+    """
+
+    def wrap(fn: CalibrationFn) -> CalibrationFn:
+        _METHODS[name] = _Method(fn, min_args, max_args, usage or name)
+        return fn
+
+    return wrap
+
+
+def methods() -> list[str]:
+    """Usage strings of every registered method.
+
+    Example:
+      >>> 'absmax' in methods()
+      True
+    """
+    return [m.usage for m in _METHODS.values()]
+
+
+def parse(spec: str) -> tuple[str, tuple[float, ...]]:
+    """Split and validate ``"name,arg,..."``; raises ``ValueError`` naming the valid methods.
+
+    Example:
+      >>> parse('fixed,-1,1')
+      ('fixed', (-1.0, 1.0))
+    """
+    if not isinstance(spec, str):
+        raise TypeError(f"calibration must be a string like 'absmax' or 'percentile,99.9'; got {spec!r}.")
+    name, *raw = [p.strip() for p in spec.split(',')]
+    if name not in _METHODS:
+        raise ValueError(f"Unknown calibration {spec!r}; valid methods are: {', '.join(methods())}.")
+    m = _METHODS[name]
+    try:
+        args = tuple(float(a) for a in raw)
+    except ValueError:
+        raise ValueError(f"calibration {spec!r}: arguments must be numbers; usage: {m.usage}.") from None
+    if not m.min_args <= len(args) <= m.max_args:
+        raise ValueError(f"calibration {spec!r} takes {m.min_args}..{m.max_args} arguments; usage: {m.usage}.")
+    return name, args
+
+
+def calibrate(spec: str, x: jnp.ndarray, axes: tuple[int, ...], qtype: QType) -> Range:
+    """Run the method named by ``spec`` over ``axes`` of ``x`` (results keep dims).
+
+    Example:
+      >>> import jax.numpy as jnp
+      >>> from qarray import qtypes
+      >>> float(calibrate('absmax', jnp.array([-3., 2.]), (0,), qtypes.get('int8')).hi[0])
+      3.0
+    """
+    name, args = parse(spec)
+    return _METHODS[name].fn(x, tuple(axes), qtype, *args)

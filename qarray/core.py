@@ -1,0 +1,595 @@
+"""QArray, quantize, dequantize and fake_quant.
+
+A :class:`QArray` stores ``x ≈ (codes − zero_point) · scale`` (or
+``codebook[codes] · scale`` for nf4). ``scale`` has the rank of ``x``; each of
+its axes is 1 (shared), the full size (per channel) or ``size / tile``
+(sub-channel tiles). Formats narrower than 8 bits are bit-packed into uint8
+along one axis (the last by default), so ``qvalue.nbytes`` is the real size.
+
+Only the format, the output dtype and the packing (axis, logical length) are
+static metadata; the logical shape and the tile sizes are derived from the
+array shapes, so a QArray stays consistent under ``vmap`` and ``tree_map``.
+
+NaN/Inf policy: a group (tile/channel) whose data holds NaN or ±Inf gets a
+NaN scale, so every value of that group dequantizes to NaN — never a silently
+finite number. Pass ``check_finite=True`` to raise a ``ValueError`` instead
+(eagerly on concrete input, at run time under ``jit``).
+
+Example:
+  >>> import jax, qarray
+  >>> w = jax.random.normal(jax.random.key(0), (256, 512))
+  >>> q = qarray.quantize(w, 'int4', tiles=128)
+  >>> q.shape, q.qvalue.shape, q.scale.shape
+  ((256, 512), (256, 256), (256, 4))
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+from typing import Any, Mapping, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from qarray import calibration as _calibration
+from qarray import numerics, packing, qtypes
+
+__all__ = ['QArray', 'quantize', 'quantize_with_scale', 'dequantize', 'fake_quant', 'codes',
+           'tiled_view', 'representable_range']
+
+
+# --------------------------------------------------------------------------- QArray
+@jax.tree_util.register_pytree_with_keys_class
+class QArray:
+    """A quantized array; a pytree with children ``qvalue``, ``scale``, ``zero_point``.
+
+    Build one with :func:`quantize`. Array-like: ``shape``, ``ndim``, ``dtype``
+    (the dequantized dtype), ``.T``, ``transpose``, ``reshape``; any ``jnp``
+    function accepts it (it dequantizes), and ``x @ q`` / ``q @ x`` run the
+    quantized matmul.
+
+    Example:
+      >>> import jax.numpy as jnp, qarray
+      >>> q = qarray.quantize(jnp.arange(8.).reshape(2, 4), 'int3')
+      >>> q.qvalue.nbytes   # 2 rows x ceil(4*3/8) bytes
+      4
+    """
+
+    __slots__ = ('qvalue', 'scale', 'zero_point', 'qtype', 'dtype', 'packed_axis', 'packed_length')
+
+    def __init__(self, qvalue: Any, scale: Any, zero_point: Any = None, *, qtype: Any,
+                 dtype: Any = jnp.float32, packed_axis: int | None = None,
+                 packed_length: int | None = None):
+        self.qvalue = qvalue
+        self.scale = scale
+        self.zero_point = zero_point
+        self.qtype = qtypes.get(qtype)
+        self.dtype = jnp.dtype(dtype)
+        if (packed_axis is None) != (packed_length is None):
+            raise ValueError("packed_axis and packed_length must be given together.")
+        if packed_axis is not None and packed_axis >= 0:
+            raise ValueError(f"packed_axis is counted from the end and must be negative; got {packed_axis}.")
+        self.packed_axis = packed_axis
+        self.packed_length = packed_length
+
+    # pytree -------------------------------------------------------------------
+    def tree_flatten_with_keys(self):
+        K = jax.tree_util.GetAttrKey
+        children = ((K('qvalue'), self.qvalue), (K('scale'), self.scale),
+                    (K('zero_point'), self.zero_point))
+        return children, (self.qtype, self.dtype, self.packed_axis, self.packed_length)
+
+    @classmethod
+    def tree_unflatten(cls, aux, children):
+        qtype, dtype, packed_axis, packed_length = aux
+        obj = object.__new__(cls)
+        obj.qvalue, obj.scale, obj.zero_point = children
+        obj.qtype, obj.dtype, obj.packed_axis, obj.packed_length = qtype, dtype, packed_axis, packed_length
+        return obj
+
+    # array-like ---------------------------------------------------------------
+    @property
+    def shape(self) -> tuple[int, ...]:
+        """Logical (unpacked) shape."""
+        shape = list(self.qvalue.shape)
+        if self.packed_axis is not None:
+            shape[self.packed_axis] = self.packed_length
+        return tuple(shape)
+
+    @property
+    def ndim(self) -> int:
+        """Number of dimensions."""
+        return len(self.qvalue.shape)
+
+    @property
+    def size(self) -> int:
+        """Number of logical values."""
+        return math.prod(self.shape)
+
+    @property
+    def tiles(self) -> dict[int, int]:
+        """Sub-channel tile size per tiled axis (axes with 1 < scale size < size)."""
+        return {a: n // s for a, (n, s) in enumerate(zip(self.shape, self.scale.shape)) if 1 < s < n}
+
+    @property
+    def channelwise_axes(self) -> tuple[int, ...]:
+        """Axes with one scale per index (size > 1)."""
+        return tuple(a for a, (n, s) in enumerate(zip(self.shape, self.scale.shape)) if s == n > 1)
+
+    @property
+    def nbytes(self) -> int:
+        """Stored bytes: values + scales + zero points."""
+        leaves = [self.qvalue, self.scale, self.zero_point]
+        return sum(math.prod(l.shape) * jnp.dtype(l.dtype).itemsize for l in leaves if l is not None)
+
+    @property
+    def T(self) -> 'QArray':
+        """Reversed axes, like ``ndarray.T``."""
+        return self.transpose()
+
+    def transpose(self, *axes: int) -> 'QArray':
+        """Permute axes; values, scales and the packed axis move together.
+
+        Example:
+          >>> import jax.numpy as jnp, qarray
+          >>> qarray.quantize(jnp.ones((2, 3)), 'int4').T.shape
+          (3, 2)
+        """
+        if len(axes) == 1 and isinstance(axes[0], (tuple, list)):
+            axes = tuple(axes[0])
+        axes = tuple(reversed(range(self.ndim))) if not axes else tuple(a % self.ndim for a in axes)
+        if sorted(axes) != list(range(self.ndim)):
+            raise ValueError(f"transpose axes must be a permutation of 0..{self.ndim - 1}; got {axes}.")
+        packed_axis = None
+        if self.packed_axis is not None:
+            packed_axis = axes.index(self.packed_axis % self.ndim) - self.ndim
+        zp = None if self.zero_point is None else jnp.transpose(self.zero_point, axes)
+        return QArray(jnp.transpose(self.qvalue, axes), jnp.transpose(self.scale, axes), zp,
+                      qtype=self.qtype, dtype=self.dtype, packed_axis=packed_axis,
+                      packed_length=self.packed_length)
+
+    def reshape(self, *shape: Any) -> 'QArray':
+        """Reshape where the scale layout allows it (else ``ValueError``).
+
+        Axes may merge or split when the scales stay a valid (channel, tile,
+        shared) layout on the new axes; the packed axis must stay unchanged.
+
+        Example:
+          >>> import jax.numpy as jnp, qarray
+          >>> qarray.quantize(jnp.ones((4, 6)), 'int8', channelwise_axes=(1,)).reshape(2, 2, 6).scale.shape
+          (1, 1, 6)
+        """
+        if len(shape) == 1 and isinstance(shape[0], (tuple, list)):
+            shape = tuple(shape[0])
+        new_shape = _resolve_shape(self.shape, shape)
+        new_scale_shape, packed_new = _reshape_layout(self.shape, self.scale.shape, new_shape,
+                                                      self.packed_axis)
+        qshape = list(new_shape)
+        if packed_new is not None:
+            qshape[packed_new] = self.qvalue.shape[self.packed_axis]
+        zp = None if self.zero_point is None else self.zero_point.reshape(new_scale_shape)
+        return QArray(self.qvalue.reshape(qshape), self.scale.reshape(new_scale_shape), zp,
+                      qtype=self.qtype, dtype=self.dtype,
+                      packed_axis=None if packed_new is None else packed_new - len(new_shape),
+                      packed_length=self.packed_length)
+
+    def astype(self, dtype: Any) -> jax.Array:
+        """Dequantize to ``dtype``."""
+        return dequantize(self, dtype)
+
+    def __jax_array__(self) -> jax.Array:
+        return dequantize(self)
+
+    def __array__(self, dtype=None, copy=None):
+        return np.asarray(dequantize(self), dtype=dtype)
+
+    def __matmul__(self, other: Any) -> jax.Array:
+        from qarray import ops
+        return ops.matmul(self, other)
+
+    def __rmatmul__(self, other: Any) -> jax.Array:
+        from qarray import ops
+        return ops.matmul(other, self)
+
+    def __neg__(self):
+        return -dequantize(self)
+
+    def __len__(self) -> int:
+        return self.shape[0]
+
+    def __repr__(self) -> str:
+        try:
+            tiles = self.tiles
+            parts = [self.qtype.name, f"shape={self.shape}"]
+            if self.channelwise_axes:
+                parts.append(f"channelwise_axes={self.channelwise_axes}")
+            if tiles:
+                parts.append(f"tiles={tiles}")
+            if self.zero_point is not None:
+                parts.append("zero_point")
+            if self.packed_axis is not None:
+                parts.append(f"packed_axis={self.packed_axis}")
+            parts.append(f"stored={self.nbytes} B")
+            parts.append(f"dtype={self.dtype.name}")
+            return f"QArray({', '.join(parts)})"
+        except Exception:  # leaves that are not arrays (e.g. inside tree utilities)
+            return (f"QArray(qtype={self.qtype.name}, qvalue={self.qvalue!r}, scale={self.scale!r}, "
+                    f"zero_point={self.zero_point!r})")
+
+
+def _binary(op):
+    def method(self, other):
+        return op(dequantize(self), other)
+
+    def rmethod(self, other):
+        return op(other, dequantize(self))
+
+    return method, rmethod
+
+
+for _name, _op in [('add', jnp.add), ('sub', jnp.subtract), ('mul', jnp.multiply),
+                   ('truediv', jnp.true_divide)]:
+    _m, _r = _binary(_op)
+    setattr(QArray, f'__{_name}__', _m)
+    setattr(QArray, f'__r{_name}__', _r)
+
+
+def _resolve_shape(old: tuple[int, ...], new: Sequence[int]) -> tuple[int, ...]:
+    new = [int(d) for d in new]
+    total = math.prod(old)
+    if new.count(-1) > 1:
+        raise ValueError(f"reshape: at most one -1 allowed; got {tuple(new)}.")
+    if -1 in new:
+        rest = math.prod(d for d in new if d != -1)
+        new[new.index(-1)] = total // rest if rest else 0
+    if math.prod(new) != total:
+        raise ValueError(f"cannot reshape QArray of shape {old} into {tuple(new)}.")
+    return tuple(new)
+
+
+def _merge_scale(sizes: Sequence[int], scales: Sequence[int]) -> int | None:
+    """Scale count on the merged axis, or None when the scales do not form tiles of it."""
+    j = 0
+    while j < len(sizes) and scales[j] == sizes[j]:
+        j += 1
+    if j < len(sizes) and any(s != 1 for s in scales[j + 1:]):
+        return None
+    return math.prod(scales)
+
+
+def _split_scale(total_scales: int, total: int, sizes: Sequence[int]) -> list[int] | None:
+    """Per-axis scale counts when splitting one axis with ``total_scales`` scales into ``sizes``."""
+    tile = total // total_scales
+    out = []
+    for n in reversed(sizes):
+        if tile % n == 0:
+            out.append(1)
+            tile //= n
+        elif n % tile == 0:
+            out.append(n // tile)
+            tile = 1
+        else:
+            return None
+    return list(reversed(out))
+
+
+def _reshape_layout(old, old_scale, new, packed_axis):
+    """Scale shape on the new axes, and the new packed axis (or None)."""
+    groups, i, j = [], 0, 0
+    while i < len(old) or j < len(new):
+        gi, gj = [i], [j]
+        pi = old[i] if i < len(old) else 1
+        pj = new[j] if j < len(new) else 1
+        i, j = i + 1, j + 1
+        while pi != pj:
+            if pi < pj:
+                pi *= old[i]; gi.append(i); i += 1
+            else:
+                pj *= new[j]; gj.append(j); j += 1
+        groups.append(([a for a in gi if a < len(old)], [b for b in gj if b < len(new)]))
+    packed_old = None if packed_axis is None else packed_axis % len(old)
+    packed_new = None
+    scale = []
+    for gi, gj in groups:
+        if packed_old in gi:
+            if len(gi) != 1 or len(gj) != 1:
+                raise ValueError(f"cannot reshape QArray {tuple(old)} -> {tuple(new)}: the packed axis "
+                                 f"{packed_old} would change; unpack (dequantize) or re-quantize first.")
+            packed_new = gj[0]
+        merged = _merge_scale([old[a] for a in gi], [old_scale[a] for a in gi]) if gi else 1
+        split = None if merged is None else _split_scale(merged, math.prod(old[a] for a in gi) if gi else 1,
+                                                         [new[b] for b in gj])
+        if split is None:
+            raise ValueError(
+                f"cannot reshape QArray {tuple(old)} -> {tuple(new)}: scales of shape {tuple(old_scale)} "
+                "do not form channels/tiles on the new axes.")
+        scale.extend(split)
+    return tuple(scale), packed_new
+
+
+# --------------------------------------------------------------------------- layout helpers
+def _normalize_layout(shape: tuple[int, ...], channelwise_axes: Any,
+                      tiles: int | Mapping[int, int] | None) -> tuple[tuple[int, ...], dict[int, int]]:
+    ndim = len(shape)
+    if isinstance(channelwise_axes, int):
+        channelwise_axes = (channelwise_axes,)
+    try:
+        cw = tuple(sorted({int(a) % ndim if -ndim <= int(a) < ndim else _bad_axis(a, ndim)
+                           for a in channelwise_axes}))
+    except TypeError:
+        raise TypeError(f"channelwise_axes must be a sequence of ints; got {channelwise_axes!r}.") from None
+    if tiles is None:
+        tile_map = {}
+    elif isinstance(tiles, (int, np.integer)) and not isinstance(tiles, bool):
+        if ndim == 0:
+            raise ValueError("tiles needs an array with at least one axis.")
+        tile_map = {ndim - 1: int(tiles)}
+        cw = tuple(range(ndim - 1))  # block-wise: every run of `tiles` values has its own scale
+    elif isinstance(tiles, Mapping):
+        tile_map = {}
+        for a, t in tiles.items():
+            if not -ndim <= int(a) < ndim:
+                _bad_axis(a, ndim, 'tiles')
+            tile_map[int(a) % ndim] = t
+    else:
+        raise TypeError(f"tiles must be None, an int (tile of the last axis) or a dict {{axis: tile}}; "
+                        f"got {tiles!r}.")
+    for a, t in tile_map.items():
+        if not isinstance(t, (int, np.integer)) or isinstance(t, bool) or t <= 0:
+            raise ValueError(f"tiles[{a}] must be a positive int; got {t!r}.")
+        if shape[a] % t:
+            raise ValueError(f"tiles[{a}]={t} does not divide axis {a} of size {shape[a]} (shape {shape}); "
+                             f"pick a tile that divides it.")
+        if a in cw:
+            raise ValueError(f"axis {a} is both in channelwise_axes and tiles; choose one.")
+    return cw, {a: int(t) for a, t in tile_map.items()}
+
+
+def _bad_axis(a, ndim, name='channelwise_axes'):
+    raise ValueError(f"{name} axis {a} is out of range for an array with {ndim} dims.")
+
+
+def tiled_view(shape: Sequence[int], scale_shape: Sequence[int]) -> tuple[tuple[int, ...], tuple[int, ...]]:
+    """Shapes that make ``scale`` broadcast against values: each tiled axis splits in (tiles, tile).
+
+    Returns ``(value_view_shape, scale_view_shape)``.
+
+    Example:
+      >>> tiled_view((4, 256), (1, 2))
+      ((4, 2, 128), (1, 2, 1))
+    """
+    vshape, sshape = [], []
+    for n, s in zip(shape, scale_shape):
+        if 1 < s < n:
+            vshape += [s, n // s]
+            sshape += [s, 1]
+        else:
+            vshape.append(n)
+            sshape.append(s)
+    return tuple(vshape), tuple(sshape)
+
+
+# --------------------------------------------------------------------------- quantize
+def _quantize_codes(x, qt, cw, tile_map, calibration, scale_dtype):
+    """Codes (logical shape), scale and zero point (rank of x), plus the view shapes."""
+    view, reduce_axes, scale_shape = [], [], []
+    for a, n in enumerate(x.shape):
+        if a in tile_map:
+            t = tile_map[a]
+            view += [n // t, t]
+            reduce_axes.append(len(view) - 1)
+            scale_shape.append(n // t)
+        else:
+            view.append(n)
+            if a not in cw:
+                reduce_axes.append(len(view) - 1)
+            scale_shape.append(n if a in cw else 1)
+    xv = x.reshape(view).astype(jnp.float32)
+    rng = _calibration.calibrate(calibration, xv, tuple(reduce_axes), qt)
+    scale, zp = numerics.scale_and_zero_point(rng.lo, rng.hi, rng.symmetric, qt, scale_dtype)
+    scale = jnp.broadcast_to(scale, [1 if i in reduce_axes else d for i, d in enumerate(view)])
+    if zp is not None:
+        zp = jnp.broadcast_to(zp, scale.shape)
+    q = numerics.to_codes(xv, scale, zp, qt)
+    return (q.reshape(x.shape), scale.reshape(scale_shape),
+            None if zp is None else zp.reshape(scale_shape))
+
+
+def _check_input(x: Any, check_finite: bool) -> jax.Array:
+    if isinstance(x, QArray):
+        raise TypeError("x is already a QArray; dequantize it first to re-quantize.")
+    x = jnp.asarray(x)
+    if not jnp.issubdtype(x.dtype, jnp.floating):
+        raise TypeError(f"x must be a floating-point array; got dtype {x.dtype}.")
+    if check_finite:
+        if isinstance(x, jax.core.Tracer):
+            jax.debug.callback(_raise_nonfinite, jnp.all(jnp.isfinite(x)))
+        else:
+            _raise_nonfinite(jnp.all(jnp.isfinite(x)))
+    return x
+
+
+def _raise_nonfinite(all_finite) -> None:
+    if not bool(all_finite):
+        raise ValueError("x contains NaN or Inf and check_finite=True; clean the data or pass "
+                         "check_finite=False (non-finite groups then dequantize to NaN).")
+
+
+def quantize(x: Any, qtype: Any, *, channelwise_axes: int | Sequence[int] = (),
+             tiles: int | Mapping[int, int] | None = None, calibration: str = 'absmax',
+             scale_dtype: Any = None, pack_axis: int = -1, check_finite: bool = False) -> QArray:
+    """Quantize ``x`` to ``qtype``.
+
+    Args:
+      x: floating-point array.
+      qtype: format name (``'int8'``, ``'int4'``, ``'uint4'``, ``'nf4'``, ``'fp8'``, ...),
+        a dtype, or a :class:`~qarray.qtypes.QType`.
+      channelwise_axes: axes with one scale per index.
+      tiles: ``128`` is block-wise (as bitsandbytes): every run of 128 values
+        along the last axis has its own scale, i.e. the last axis is tiled and
+        every other axis is channelwise. ``{0: 128}`` tiles axis 0 only; with the
+        dict form, axes neither channelwise nor tiled share one scale.
+      calibration: ``'absmax'``, ``'minmax'``, ``'rms[,k]'``, ``'fixed,lo,hi'``,
+        ``'percentile,p'`` or ``'mse[,steps[,min_ratio]]'``.
+      scale_dtype: dtype of scales (default: ``x.dtype``).
+      pack_axis: axis along which sub-byte formats are bit-packed.
+      check_finite: raise ``ValueError`` if ``x`` holds NaN/Inf.
+
+    Example:
+      >>> import jax.numpy as jnp, qarray
+      >>> q = qarray.quantize(jnp.array([[1., -2.], [3., 4.]]), 'int8', channelwise_axes=1)
+      >>> q.scale.shape
+      (1, 2)
+    """
+    x = _check_input(x, check_finite)
+    qt = qtypes.get(qtype)
+    cw, tile_map = _normalize_layout(x.shape, channelwise_axes, tiles)
+    scale_dtype = jnp.dtype(scale_dtype or x.dtype)
+    if not jnp.issubdtype(scale_dtype, jnp.floating):
+        raise TypeError(f"scale_dtype must be a floating dtype; got {scale_dtype}.")
+    codes_, scale, zp = _quantize_codes(x, qt, cw, tile_map, calibration, scale_dtype)
+    return _pack(codes_, scale, zp, qt, x, pack_axis)
+
+
+def quantize_with_scale(x: Any, qtype: Any, scale: Any, zero_point: Any = None, *,
+                        pack_axis: int = -1) -> QArray:
+    """Quantize ``x`` with a given ``scale`` (and zero point), e.g. static-range activations.
+
+    ``scale`` (and ``zero_point``) must have the rank of ``x`` with every axis
+    1, the full size, or a divisor of it (tiles). Unsigned formats need a zero point.
+
+    Example:
+      >>> import jax.numpy as jnp, qarray
+      >>> q = qarray.quantize_with_scale(jnp.array([[0.5, -1.0]]), 'int8', jnp.full((1, 1), 0.01))
+      >>> qarray.codes(q).tolist()
+      [[50, -100]]
+    """
+    x = _check_input(x, False)
+    qt = qtypes.get(qtype)
+    scale = jnp.asarray(scale)
+    if scale.ndim != x.ndim or any(n % s for n, s in zip(x.shape, scale.shape)):
+        raise ValueError(f"scale of shape {scale.shape} does not fit x of shape {x.shape}: it needs the rank "
+                         "of x with every axis 1, the full size, or a divisor of it.")
+    if qt.kind == 'uint' and zero_point is None:
+        raise ValueError(f"qtype {qt.name!r} is unsigned and needs a zero_point.")
+    if zero_point is not None:
+        qt.asym_range  # raises for formats without a zero point
+        zero_point = jnp.broadcast_to(jnp.asarray(zero_point), scale.shape).astype(qt.code_dtype)
+    vshape, sshape = tiled_view(x.shape, scale.shape)
+    zpv = None if zero_point is None else zero_point.reshape(sshape)
+    c = numerics.to_codes(x.reshape(vshape), scale.reshape(sshape), zpv, qt).reshape(x.shape)
+    return _pack(c, scale, zero_point, qt, x, pack_axis)
+
+
+def _pack(codes_, scale, zp, qt, x, pack_axis) -> QArray:
+    if not qt.packed:
+        return QArray(codes_, scale, zp, qtype=qt, dtype=x.dtype)
+    if x.ndim == 0:
+        raise ValueError(f"qtype {qt.name!r} is bit-packed and needs an array with at least one axis.")
+    if not -x.ndim <= pack_axis < x.ndim:
+        raise ValueError(f"pack_axis={pack_axis} is out of range for an array with {x.ndim} dims.")
+    pa = pack_axis % x.ndim
+    qvalue = packing.pack(qt.to_field(codes_), qt.bits, axis=pa)
+    return QArray(qvalue, scale, zp, qtype=qt, dtype=x.dtype, packed_axis=pa - x.ndim,
+                  packed_length=x.shape[pa])
+
+
+def codes(q: QArray) -> jax.Array:
+    """Unpacked codes of ``q`` in logical shape (int8 / uint8 / fp8 / nf4 indices).
+
+    Example:
+      >>> import jax.numpy as jnp, qarray
+      >>> qarray.core.codes(qarray.quantize(jnp.array([-1., 1.]), 'int2')).tolist()
+      [-1, 1]
+    """
+    if q.packed_axis is None:
+        return q.qvalue
+    fields = packing.unpack(q.qvalue, q.qtype.bits, q.packed_length, axis=q.packed_axis % q.ndim)
+    return q.qtype.from_field(fields)
+
+
+def dequantize(q: QArray, dtype: Any = None) -> jax.Array:
+    """Reconstruct the float array (in ``q.dtype`` unless ``dtype`` is given).
+
+    Example:
+      >>> import jax.numpy as jnp, qarray
+      >>> qarray.dequantize(qarray.quantize(jnp.array([0., 0.5, 1.]), 'int8')).tolist()
+      [0.0, 0.5, 1.0]
+    """
+    if not isinstance(q, QArray):
+        raise TypeError(f"dequantize expects a QArray; got {type(q).__name__}.")
+    dtype = q.dtype if dtype is None else jnp.dtype(dtype)
+    vshape, sshape = tiled_view(q.shape, q.scale.shape)
+    zp = None if q.zero_point is None else q.zero_point.reshape(sshape)
+    values = numerics.from_codes(codes(q).reshape(vshape), q.scale.reshape(sshape), zp, q.qtype, dtype)
+    return values.reshape(q.shape)
+
+
+# --------------------------------------------------------------------------- fake quant
+@jax.custom_jvp
+def _straight_through(x, y, inside):
+    return y
+
+
+@_straight_through.defjvp
+def _straight_through_jvp(primals, tangents):
+    x, y, inside = primals
+    tx = tangents[0]
+    return y, jnp.where(inside, tx, jnp.zeros_like(tx))
+
+
+def representable_range(scale: jax.Array, zero_point: jax.Array | None, qtype: Any
+                        ) -> tuple[jax.Array, jax.Array]:
+    """Lowest and highest value a group can represent (the STE's pass-through range).
+
+    Example:
+      >>> import jax.numpy as jnp
+      >>> lo, hi = representable_range(jnp.array(0.5), None, 'int8')
+      >>> float(lo), float(hi)
+      (-63.5, 63.5)
+    """
+    qt = qtypes.get(qtype)
+    s = scale.astype(jnp.float32)
+    qa, qb = numerics.code_range(qt, zero_point is not None)
+    if zero_point is not None:
+        zpf = zero_point.astype(jnp.float32)
+        return (qa - zpf) * s, (qb - zpf) * s
+    return qa * s, qb * s
+
+
+def fake_quant(x: Any, qtype: Any, *, channelwise_axes: int | Sequence[int] = (),
+               tiles: int | Mapping[int, int] | None = None, calibration: str = 'absmax',
+               scale_dtype: Any = None, ste: str = 'clipped') -> jax.Array:
+    """Quantize then dequantize, with a straight-through gradient.
+
+    The forward value equals ``dequantize(quantize(x, ...))`` bit for bit.
+    Gradient: ``ste='clipped'`` (default) passes it through where ``x`` lies
+    inside the representable range and gives zero outside; ``ste='plain'``
+    passes it everywhere. Scales get no gradient.
+
+    Example:
+      >>> import jax, jax.numpy as jnp, qarray
+      >>> g = jax.grad(lambda v: qarray.fake_quant(v, 'int8', calibration='fixed,-1,1').sum())
+      >>> g(jnp.array([0.5, 2.0])).tolist()
+      [1.0, 0.0]
+    """
+    if ste not in ('clipped', 'plain'):
+        raise ValueError(f"ste must be 'clipped' or 'plain'; got {ste!r}.")
+    x = _check_input(x, False)
+    qt = qtypes.get(qtype)
+    cw, tile_map = _normalize_layout(x.shape, channelwise_axes, tiles)
+    scale_dtype = jnp.dtype(scale_dtype or x.dtype)
+    xs = jax.lax.stop_gradient(x)
+    c, scale, zp = _quantize_codes(xs, qt, cw, tile_map, calibration, scale_dtype)
+    vshape, sshape = tiled_view(x.shape, scale.shape)
+    zpv = None if zp is None else zp.reshape(sshape)
+    y = numerics.from_codes(c.reshape(vshape), scale.reshape(sshape), zpv, qt, x.dtype).reshape(x.shape)
+    if ste == 'plain':
+        inside = jnp.ones(x.shape, bool)
+    else:
+        lo, hi = representable_range(scale.reshape(sshape), zpv, qt)
+        xv = xs.reshape(vshape).astype(jnp.float32)
+        inside = ((xv >= lo) & (xv <= hi)).reshape(x.shape)
+    return _straight_through(x, y, inside)

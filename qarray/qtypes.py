@@ -1,0 +1,226 @@
+"""Number formats: what codes a format has and how real values map onto them.
+
+Integer ranges (documented choice)
+----------------------------------
+* Signed ``intB`` for B >= 2 uses the *symmetric* range ``[-(2**(B-1)-1),
+  2**(B-1)-1]`` under symmetric calibration (int8: [-127, 127], int4: [-7, 7]).
+  Symmetry keeps ``-x`` exactly representable, makes absmax map to the top
+  code on both sides, and rules out the one product (-128 * -128) that would
+  overflow an int16 intermediate. Under asymmetric calibration (with a zero
+  point) the full two's-complement range ``[-2**(B-1), 2**(B-1)-1]`` is used,
+  since symmetry buys nothing there.
+* ``int1`` is a binary format: codes are {-1, +1} (one sign bit), so a value
+  is ``±scale``. Its step between levels is ``2 * scale``.
+* ``uintB`` has codes ``[0, 2**B - 1]`` and always carries a zero point.
+* ``float8_e4m3fn`` (alias ``fp8``) and ``float8_e5m2`` are stored natively and
+  saturate at their finite maximum (448 and 57344); they never produce inf/NaN
+  from finite input.
+* ``nf4`` is the 16-value NormalFloat code book from QLoRA (exact float32
+  values); a value is ``codebook[code] * scale`` with ``scale = absmax``.
+
+Example:
+  >>> from qarray import qtypes
+  >>> qtypes.get('int4').qmax
+  7
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import jax.numpy as jnp
+import ml_dtypes
+import numpy as np
+
+# The 16 NF4 levels (quantiles of N(0, 1) normalised to [-1, 1]), as float32.
+NF4_CODEBOOK = np.array(
+    [
+        -1.0,
+        -0.6961928009986877,
+        -0.5250730514526367,
+        -0.39491748809814453,
+        -0.28444138169288635,
+        -0.18477343022823334,
+        -0.09105003625154495,
+        0.0,
+        0.07958029955625534,
+        0.16093020141124725,
+        0.24611230194568634,
+        0.33791524171829224,
+        0.44070982933044434,
+        0.5626170039176941,
+        0.7229568362236023,
+        1.0,
+    ],
+    dtype=np.float32,
+)
+
+
+@dataclasses.dataclass(frozen=True)
+class QType:
+    """A number format.
+
+    Attributes:
+      name: canonical name, e.g. ``'int4'``.
+      kind: ``'int'``, ``'uint'``, ``'float'`` or ``'codebook'``.
+      bits: bits per value.
+
+    Example:
+      >>> QType('int4', 'int', 4).packed
+      True
+    """
+
+    name: str
+    kind: str
+    bits: int
+
+    # ---- integer code ranges -------------------------------------------------
+    @property
+    def qmax(self) -> int | float:
+        """Largest code (symmetric range for signed ints; finite max for fp8)."""
+        if self.kind == 'int':
+            return 1 if self.bits == 1 else 2 ** (self.bits - 1) - 1
+        if self.kind == 'uint':
+            return 2**self.bits - 1
+        if self.kind == 'float':
+            return float(ml_dtypes.finfo(self.native_dtype).max)
+        return 1.0  # codebook levels are normalised to [-1, 1]
+
+    @property
+    def qmin(self) -> int | float:
+        """Smallest code under symmetric calibration."""
+        if self.kind == 'uint':
+            return 0
+        return -self.qmax
+
+    @property
+    def asym_range(self) -> tuple[int, int]:
+        """(qmin, qmax) used with a zero point: the full B-bit range."""
+        if self.kind == 'int':
+            if self.bits == 1:
+                raise ValueError(
+                    "qtype 'int1' has no zero level, so it cannot take an asymmetric "
+                    "calibration; use a symmetric one ('absmax', 'rms', 'mse', ...) or 'uint1'.")
+            return -(2 ** (self.bits - 1)), 2 ** (self.bits - 1) - 1
+        if self.kind == 'uint':
+            return 0, 2**self.bits - 1
+        raise ValueError(
+            f"qtype {self.name!r} has no zero point; asymmetric calibration needs an "
+            "integer format (intB or uintB).")
+
+    @property
+    def step_in_scales(self) -> int:
+        """Distance between adjacent levels in units of ``scale`` (2 for int1)."""
+        return 2 if (self.kind == 'int' and self.bits == 1) else 1
+
+    # ---- storage -------------------------------------------------------------
+    @property
+    def packed(self) -> bool:
+        """Whether values are bit-packed into uint8 (every format below 8 bits)."""
+        return self.bits < 8
+
+    @property
+    def native_dtype(self) -> np.dtype:
+        """dtype of a stored value when not packed (int8, uint8, fp8)."""
+        if self.kind == 'float':
+            return np.dtype(
+                ml_dtypes.float8_e4m3fn if self.name == 'float8_e4m3fn' else ml_dtypes.float8_e5m2)
+        if self.kind == 'uint':
+            return np.dtype(np.uint8)
+        if self.kind == 'codebook':
+            return np.dtype(np.uint8)  # code index
+        return np.dtype(np.int8)
+
+    @property
+    def code_dtype(self) -> np.dtype:
+        """dtype of unpacked codes as ops see them (int8 / uint8 / fp8)."""
+        return self.native_dtype
+
+    @property
+    def is_integer(self) -> bool:
+        """True for intB/uintB: codes can enter an integer matmul."""
+        return self.kind in ('int', 'uint')
+
+    @property
+    def codebook(self) -> np.ndarray | None:
+        """Code book values for code-book formats (nf4), else None."""
+        return NF4_CODEBOOK if self.kind == 'codebook' else None
+
+    # ---- codes <-> unsigned bit fields for packing ----------------------------
+    def to_field(self, codes: jnp.ndarray) -> jnp.ndarray:
+        """Map codes to unsigned B-bit fields (uint8) for packing."""
+        if self.kind == 'int':
+            if self.bits == 1:
+                return (codes > 0).astype(jnp.uint8)
+            return (codes.astype(jnp.int8).view(jnp.uint8)
+                    & jnp.uint8(2**self.bits - 1))
+        return codes.astype(jnp.uint8)
+
+    def from_field(self, field: jnp.ndarray) -> jnp.ndarray:
+        """Inverse of :meth:`to_field`; returns codes in :attr:`code_dtype`."""
+        if self.kind == 'int':
+            if self.bits == 1:
+                return field.astype(jnp.int8) * 2 - 1
+            sign = 1 << (self.bits - 1)
+            f = field.astype(jnp.int8)
+            return (f ^ sign) - sign  # sign-extend the B-bit two's complement
+        return field.astype(jnp.uint8)
+
+    def __repr__(self) -> str:
+        return f"QType({self.name})"
+
+
+def _build_registry() -> dict[str, QType]:
+    reg = {}
+    for b in range(1, 9):
+        reg[f'int{b}'] = QType(f'int{b}', 'int', b)
+        reg[f'uint{b}'] = QType(f'uint{b}', 'uint', b)
+    reg['float8_e4m3fn'] = QType('float8_e4m3fn', 'float', 8)
+    reg['float8_e5m2'] = QType('float8_e5m2', 'float', 8)
+    reg['nf4'] = QType('nf4', 'codebook', 4)
+    return reg
+
+
+_REGISTRY = _build_registry()
+_ALIASES = {'fp8': 'float8_e4m3fn', 'e4m3': 'float8_e4m3fn', 'fp8_e4m3': 'float8_e4m3fn',
+            'e5m2': 'float8_e5m2', 'fp8_e5m2': 'float8_e5m2'}
+
+
+def names() -> list[str]:
+    """All canonical format names.
+
+    Example:
+      >>> 'nf4' in names()
+      True
+    """
+    return list(_REGISTRY)
+
+
+def get(qtype: Any) -> QType:
+    """Resolve a name, alias, dtype or QType to a :class:`QType`.
+
+    Raises ``ValueError`` listing the valid names when the format is unknown.
+
+    Example:
+      >>> get('fp8').name
+      'float8_e4m3fn'
+    """
+    if isinstance(qtype, QType):
+        return qtype
+    if isinstance(qtype, str):
+        key = qtype.strip().lower()
+        key = _ALIASES.get(key, key)
+        if key in _REGISTRY:
+            return _REGISTRY[key]
+    else:
+        try:
+            dt = np.dtype(qtype)
+        except TypeError:
+            dt = None
+        if dt is not None:
+            name = dt.name
+            if name in _REGISTRY:
+                return _REGISTRY[name]
+    valid = ', '.join(names() + sorted(_ALIASES))
+    raise ValueError(f"Unknown qtype {qtype!r}; valid qtypes are: {valid}.")

@@ -1,0 +1,76 @@
+"""The tour printed by ``python -m qarray``: every format on a random 1024x1024 weight.
+
+Example:
+  >>> from qarray import tour
+  >>> rows = tour.format_rows(size=64)
+  >>> rows[0]['format']
+  'int1'
+"""
+
+from __future__ import annotations
+
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from qarray import core, qtypes
+
+# (format, tiles) rows of the format table: every format, with the tiling a user would pick.
+FORMAT_ROWS = [(f'int{b}', 128) for b in range(1, 8)] + [('int8', None)] + \
+    [(f'uint{b}', 128) for b in range(1, 8)] + [('uint8', None)] + \
+    [('float8_e4m3fn', None), ('float8_e5m2', None), ('nf4', 64)]
+
+
+def format_rows(size: int = 1024, seed: int = 0) -> list[dict]:
+    """Quantize a ``size x size`` N(0, 1) weight to every format; one dict per row.
+
+    Per-channel (axis 1) scales when untiled; ``tiles`` along the last axis otherwise.
+
+    Example:
+      >>> format_rows(size=64)[-1]['format']
+      'nf4'
+    """
+    w = jax.random.normal(jax.random.key(seed), (size, size), jnp.float32)
+    w64 = np.asarray(w, np.float64)
+    rows = []
+    for name, tiles in FORMAT_ROWS:
+        tiles = min(tiles, size) if tiles else None
+        cal = 'minmax' if name.startswith('uint') else 'absmax'
+        q = core.quantize(w, name, tiles=tiles, channelwise_axes=() if tiles else (1,), calibration=cal)
+        err = np.asarray(core.dequantize(q), np.float64) - w64
+        rows.append(dict(format=name, tiles=tiles or 'per-channel', bytes=q.nbytes,
+                         bits=8 * q.nbytes / w.size, max_abs=float(np.abs(err).max()),
+                         rel=float(np.linalg.norm(err) / np.linalg.norm(w64))))
+    return rows
+
+
+def print_table(rows: list[dict], columns: list[tuple[str, str, str]]) -> None:
+    """Print rows as an aligned text table; columns are (key, header, format spec).
+
+    Example:
+      >>> print_table([{'a': 1}], [('a', 'A', 'd')])
+      A
+      -
+      1
+    """
+    cells = [[format(r[k], f) if f else str(r[k]) for k, _, f in columns] for r in rows]
+    heads = [h for _, h, _ in columns]
+    widths = [max(len(h), *(len(c[i]) for c in cells)) for i, h in enumerate(heads)]
+    print('  '.join(h.ljust(w) for h, w in zip(heads, widths)).rstrip())
+    print('  '.join('-' * w for w in widths).rstrip())
+    for c in cells:
+        print('  '.join(v.ljust(w) for v, w in zip(c, widths)).rstrip())
+
+
+def main() -> None:
+    """Run every tour section and print what it did."""
+    t0 = time.perf_counter()
+    print(f"qarray tour (jax {jax.__version__}, backend {jax.default_backend()})\n")
+    print("1. Every format on a random 1024x1024 float32 weight (4 MiB in float32)")
+    rows = format_rows()
+    print_table(rows, [('format', 'format', ''), ('tiles', 'tiles', ''), ('bytes', 'stored bytes', 'd'),
+                       ('bits', 'bits/value', '.3f'), ('max_abs', 'max abs err', '.4f'),
+                       ('rel', 'rel err', '.4f')])
+    print(f"\n(tour finished in {time.perf_counter() - t0:.1f} s)")
