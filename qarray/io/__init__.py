@@ -1,0 +1,24 @@
+"""Saving and shipping quantized params: Orbax checkpoints and safetensors files.
+
+Both keep every QArray bit-exact (values, scales, zero points) and store its
+static data (format, tiles, packing, logical shape) next to the arrays; a load
+checks that data against the target and raises :class:`CheckpointError`
+naming the param on any mismatch — nothing is dequantized or reinterpreted.
+Needs the ``[checkpoint]`` extra.
+
+Example:
+  >>> import tempfile, os, jax.numpy as jnp, qarray
+  >>> from qarray import io
+  >>> params = {'dense': {'kernel': qarray.quantize(jnp.ones((4, 8)), 'int4'), 'bias': jnp.zeros(8)}}
+  >>> path = os.path.join(tempfile.mkdtemp(), 'ckpt')
+  >>> io.save(path, params)
+  >>> io.restore(path, params)['dense']['kernel'].shape
+  (4, 8)
+"""
+
+from qarray.io.metadata import CheckpointError, describe
+from qarray.io.orbax_ckpt import read_metadata, restore, save
+from qarray.io.safetensors_io import load_safetensors, read_safetensors_metadata, save_safetensors, tensor_names
+
+__all__ = ['CheckpointError', 'describe', 'save', 'restore', 'read_metadata', 'save_safetensors',
+           'load_safetensors', 'read_safetensors_metadata', 'tensor_names']

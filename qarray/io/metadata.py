@@ -1,0 +1,213 @@
+"""Static metadata of a param tree, so a checkpoint can be checked before it is trusted.
+
+Array formats (Orbax, safetensors) store leaves only. A QArray's meaning also
+lives in its static data: the format, the packing and the scale layout. This
+module describes each leaf of a tree as a JSON-able dict keyed by its
+'/'-joined path (``Dense_0/kernel``), and compares two descriptions, raising
+:class:`CheckpointError` that names the first param that differs.
+
+Example:
+  >>> import jax.numpy as jnp, qarray
+  >>> meta = describe({'w': qarray.quantize(jnp.ones((4, 8)), 'int4', tiles=4)})
+  >>> meta['w']['qtype'], meta['w']['tiles'], meta['w']['qvalue']['shape']
+  ('int4', {'1': 4}, [4, 4])
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from qarray.core import QArray
+
+__all__ = ['CheckpointError', 'FORMAT_VERSION', 'path_name', 'flatten', 'describe', 'leaf_meta',
+           'check', 'abstract_leaf', 'nest']
+
+FORMAT_VERSION = 1
+PARTS = ('qvalue', 'scale', 'zero_point')
+
+
+class CheckpointError(ValueError):
+    """A checkpoint does not match what the caller expects (names the param)."""
+
+
+def _key_name(key: Any) -> str:
+    for attr in ('key', 'name', 'idx'):
+        if hasattr(key, attr):
+            return str(getattr(key, attr))
+    return str(key)
+
+
+def path_name(path: tuple) -> str:
+    """'/'-joined name of a pytree key path, e.g. ``Dense_0/kernel``.
+
+    Example:
+      >>> import jax
+      >>> path_name(jax.tree_util.tree_flatten_with_path({'a': [0, 1]})[0][1][0])
+      'a/1'
+    """
+    return '/'.join(_key_name(k) for k in path)
+
+
+def _is_qarray(x: Any) -> bool:
+    return isinstance(x, QArray)
+
+
+def flatten(tree: Any) -> tuple[list[str], list[Any], Any]:
+    """Names, leaves (QArrays kept whole) and treedef of ``tree``.
+
+    Example:
+      >>> import jax.numpy as jnp
+      >>> flatten({'b': jnp.ones(2), 'a': {'k': jnp.ones(3)}})[0]
+      ['a/k', 'b']
+    """
+    with_path, treedef = jax.tree_util.tree_flatten_with_path(tree, is_leaf=_is_qarray)
+    names = [path_name(p) for p, _ in with_path]
+    if len(set(names)) != len(names):
+        dup = sorted({n for n in names if names.count(n) > 1})
+        raise CheckpointError(f"params {dup} have the same '/'-joined name; rename them to save the tree.")
+    return names, [leaf for _, leaf in with_path], treedef
+
+
+def _array_meta(x: Any) -> dict[str, Any]:
+    shape = x.shape if hasattr(x, 'shape') else np.shape(x)
+    return {'shape': [int(d) for d in shape], 'dtype': jnp.dtype(x.dtype).name}
+
+
+def leaf_meta(leaf: Any) -> dict[str, Any]:
+    """JSON-able description of one leaf (array, QArray, or their abstract forms).
+
+    Example:
+      >>> import jax.numpy as jnp
+      >>> leaf_meta(jnp.zeros((2, 3), jnp.bfloat16))
+      {'kind': 'array', 'shape': [2, 3], 'dtype': 'bfloat16'}
+    """
+    if isinstance(leaf, QArray):
+        return {
+            'kind': 'qarray',
+            'qtype': leaf.qtype.name,
+            'dtype': jnp.dtype(leaf.dtype).name,
+            'shape': [int(d) for d in leaf.shape],
+            'channelwise_axes': [int(a) for a in leaf.channelwise_axes],
+            'tiles': {str(a): int(t) for a, t in sorted(leaf.tiles.items())},
+            'packed_axis': leaf.packed_axis,
+            'packed_length': leaf.packed_length,
+            'qvalue': _array_meta(leaf.qvalue),
+            'scale': _array_meta(leaf.scale),
+            'zero_point': None if leaf.zero_point is None else _array_meta(leaf.zero_point),
+        }
+    if not hasattr(leaf, 'dtype'):
+        leaf = np.asarray(leaf)
+    return {'kind': 'array', **_array_meta(leaf)}
+
+
+def describe(tree: Any) -> dict[str, dict[str, Any]]:
+    """``{name: leaf_meta}`` for every leaf of ``tree`` (in flatten order)."""
+    names, leaves, _ = flatten(tree)
+    return {n: leaf_meta(leaf) for n, leaf in zip(names, leaves)}
+
+
+def _fmt(meta: dict[str, Any]) -> str:
+    if meta['kind'] == 'array':
+        return f"a {meta['dtype']} array of shape {tuple(meta['shape'])}"
+    layout = []
+    if meta['channelwise_axes']:
+        layout.append(f"channelwise_axes={tuple(meta['channelwise_axes'])}")
+    if meta['tiles']:
+        layout.append(f"tiles={ {int(a): t for a, t in meta['tiles'].items()} }")
+    return (f"a {meta['qtype']} QArray of shape {tuple(meta['shape'])}"
+            + (f" ({', '.join(layout)})" if layout else ''))
+
+
+# Fields compared in order; the first mismatch is reported, with a hint for the usual causes.
+_FIELDS = [
+    ('kind', 'a quantized param cannot be read as a float one (or back); nothing is dequantized '
+             'or quantized on load — use the same quantization rules as the checkpoint'),
+    ('qtype', 'the checkpoint was made with different quantization rules'),
+    ('shape', 'the model architecture differs'),
+    ('channelwise_axes', 'the checkpoint was made with different quantization rules (scale layout)'),
+    ('tiles', 'the checkpoint was made with different quantization rules (tile size)'),
+    ('packed_axis', 'the checkpoint packs sub-byte values along a different axis'),
+    ('packed_length', 'the checkpoint packs sub-byte values along a different axis'),
+    ('dtype', 'the dequantized dtype differs'),
+    ('qvalue', 'the stored values have another shape/dtype'),
+    ('scale', 'the scales have another shape/dtype (scale_dtype differs?)'),
+    ('zero_point', 'one side has zero points (asymmetric calibration) and the other has not'),
+]
+
+
+def check(stored: dict[str, dict[str, Any]], expected: dict[str, dict[str, Any]], source: str) -> None:
+    """Raise :class:`CheckpointError` naming the first param where ``stored`` and ``expected`` differ.
+
+    Example:
+      >>> import jax.numpy as jnp, qarray
+      >>> a = describe({'w': qarray.quantize(jnp.ones((4, 8)), 'int4')})
+      >>> b = describe({'w': qarray.quantize(jnp.ones((4, 8)), 'int8')})
+      >>> try:
+      ...     check(a, b, 'ckpt')
+      ... except CheckpointError as e:
+      ...     print(str(e).split(':')[0])
+      param 'w'
+    """
+    missing = [n for n in expected if n not in stored]
+    if missing:
+        raise CheckpointError(f"param {missing[0]!r} is expected but {source} does not have it "
+                              f"({len(missing)} missing; {source} has {sorted(stored)[:8]}...).")
+    extra = [n for n in stored if n not in expected]
+    if extra:
+        raise CheckpointError(f"param {extra[0]!r} is in {source} but not in the target tree "
+                              f"({len(extra)} extra); restore into a tree with the same params.")
+    for name, want in expected.items():
+        have = stored[name]
+        for field, hint in _FIELDS:
+            if field == 'kind' or (have['kind'] == 'qarray' or field in ('shape', 'dtype')):
+                if have.get(field) != want.get(field):
+                    raise CheckpointError(
+                        f"param {name!r}: {source} holds {_fmt(have)}, but the target expects {_fmt(want)} "
+                        f"({field}: stored {have.get(field)!r} != expected {want.get(field)!r}); {hint}.")
+
+
+def _sds(meta: dict[str, Any], sharding: Any = None) -> jax.ShapeDtypeStruct:
+    return jax.ShapeDtypeStruct(tuple(meta['shape']), jnp.dtype(meta['dtype']), sharding=sharding)
+
+
+def abstract_leaf(meta: dict[str, Any], sharding: Any = None) -> Any:
+    """Abstract leaf (``ShapeDtypeStruct`` or QArray of them) rebuilt from its metadata.
+
+    ``sharding``: None, a sharding for an array leaf, or a QArray of shardings.
+
+    Example:
+      >>> abstract_leaf({'kind': 'array', 'shape': [2], 'dtype': 'float32'}).shape
+      (2,)
+    """
+    if meta['kind'] == 'array':
+        return _sds(meta, sharding)
+    sh = sharding if isinstance(sharding, QArray) else None
+    zp = meta['zero_point']
+    part = (lambda name: None) if sh is None else (lambda name: getattr(sh, name))
+    return QArray(_sds(meta['qvalue'], part('qvalue')), _sds(meta['scale'], part('scale')),
+                  None if zp is None else _sds(zp, part('zero_point')),
+                  qtype=meta['qtype'], dtype=jnp.dtype(meta['dtype']),
+                  packed_axis=meta['packed_axis'], packed_length=meta['packed_length'])
+
+
+def nest(names: list[str], leaves: list[Any]) -> dict[str, Any]:
+    """Nested dicts from '/'-joined names (the tree a checkpoint restores to without a target).
+
+    Example:
+      >>> nest(['a/b', 'a/c', 'd'], [1, 2, 3])
+      {'a': {'b': 1, 'c': 2}, 'd': 3}
+    """
+    out: dict[str, Any] = {}
+    for name, leaf in zip(names, leaves):
+        node = out
+        *parents, last = name.split('/')
+        for p in parents:
+            node = node.setdefault(p, {})
+            if not isinstance(node, dict):
+                raise CheckpointError(f"param {name!r} nests under a leaf; pass a target tree to restore it.")
+        node[last] = leaf
+    return out
