@@ -1,0 +1,281 @@
+"""Sharding and sharded-checkpoint cases on a fake 8-device CPU mesh.
+
+Run by tests/test_sharding.py in a subprocess with
+XLA_FLAGS=--xla_force_host_platform_device_count=8 (the flag must be set before
+JAX starts, and must not leak into the 1-device test process). By hand:
+
+  XLA_FLAGS=--xla_force_host_platform_device_count=8 python -m pytest -o python_files='*_cases.py' \
+      tests/sharding/mesh_cases.py
+"""
+
+from __future__ import annotations
+
+import importlib
+import math
+import re
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from jax.sharding import AxisType, NamedSharding, PartitionSpec as P
+
+import qarray
+from qarray import io as qio
+from qarray import sharding as qs
+
+# -------------------------------------------------------------------------------- HLO reading
+_BYTES = {'f64': 8, 'f32': 4, 's32': 4, 'u32': 4, 'bf16': 2, 'f16': 2, 's16': 2, 'u16': 2, 's8': 1, 'u8': 1,
+          'pred': 1, 'f8e4m3fn': 1, 'f8e5m2': 1, 's64': 8, 'u64': 8}
+_LINE = re.compile(r'=\s*(.*?)\s+(all-gather|all-to-all)(?:-start)?\(')
+_ARRAY = re.compile(r'\b([a-z]+\d*[a-z0-9]*)\[([\d,]*)\]')
+
+
+def gathers(hlo_text: str) -> list[tuple[str, tuple[int, ...]]]:
+    """(dtype, shape) of every array produced by an all-gather / all-to-all."""
+    out = []
+    for line in hlo_text.splitlines():
+        m = _LINE.search(line)
+        if not m:
+            continue
+        for dt, dims in _ARRAY.findall(m.group(1)):
+            out.append((dt, tuple(int(d) for d in dims.split(',') if d)))
+    return out
+
+
+def gathered_bytes(hlo_text: str) -> int:
+    """Total bytes of all-gather / all-to-all results (per device)."""
+    return sum(_BYTES.get(dt, 4) * math.prod(shape) for dt, shape in gathers(hlo_text))
+
+
+if jax.device_count() < 8:
+    pytest.skip("needs XLA_FLAGS=--xla_force_host_platform_device_count=8", allow_module_level=True)
+
+AUTO = (AxisType.Auto, AxisType.Auto)
+EXPLICIT = (AxisType.Explicit, AxisType.Explicit)
+
+
+def mesh(shape=(2, 4), names=('data', 'model'), types=AUTO):
+    return jax.make_mesh(shape, names, axis_types=types)
+
+
+def leaves_bytes(tree):
+    return [np.asarray(jax.device_get(x)).view(np.uint8).tobytes() for x in jax.tree.leaves(tree)]
+
+
+def assert_bit_exact(a, b):
+    assert jax.tree.structure(a) == jax.tree.structure(b)
+    assert qio.describe(a) == qio.describe(b)
+    for x, y in zip(leaves_bytes(a), leaves_bytes(b)):
+        assert x == y
+
+
+def shard_shape(arr):
+    return arr.addressable_shards[0].data.shape
+
+
+# -------------------------------------------------------------------------------- sharded quantize
+# (shape, spec of the float array, qtype, quantize kwargs, expected qvalue spec, expected scale spec)
+QUANT_CASES = [
+    ((256, 512), P('data', 'model'), 'int8', dict(channelwise_axes=(1,)), P('data', 'model'), P(None, 'model')),
+    ((256, 512), P('data', 'model'), 'int4', dict(tiles=64), P('data', 'model'), P('data', 'model')),
+    ((256, 512), P('data', 'model'), 'nf4', dict(tiles={0: 32}), P('data', 'model'), P('data', None)),
+    ((256, 512), P('data', 'model'), 'uint4', dict(calibration='minmax', channelwise_axes=(1,)),
+     P('data', 'model'), P(None, 'model')),
+    ((256, 512), P(None, ('data', 'model')), 'int2', dict(channelwise_axes=(1,)),
+     P(None, ('data', 'model')), P(None, ('data', 'model'))),
+    ((256, 512), P('model', 'data'), 'int3', dict(channelwise_axes=(1,), pack_axis=0),
+     P('model', 'data'), P(None, 'data')),
+    ((256, 512), P('data', 'model'), 'float8_e4m3fn', dict(channelwise_axes=(0, 1)), P('data', 'model'),
+     P('data', 'model')),
+    ((4, 64, 512), P(None, 'data', 'model'), 'int4', dict(tiles=128), P(None, 'data', 'model'),
+     P(None, 'data', 'model')),
+]
+
+
+@pytest.mark.parametrize('types', [AUTO, EXPLICIT], ids=['auto', 'explicit'])
+@pytest.mark.parametrize('shape,spec,qtype,kw,vspec,sspec', QUANT_CASES)
+def test_quantize_keeps_shards_and_bits(types, shape, spec, qtype, kw, vspec, sspec):
+    m = mesh(types=types)
+    xs = jax.random.normal(jax.random.key(0), shape)
+    x = jax.device_put(xs, NamedSharding(m, spec))
+    q = qs.quantize(x, qtype, **kw)
+    assert_bit_exact(q, qarray.quantize(xs, qtype, **kw))  # same bits as one device
+    assert q.qvalue.sharding.spec == vspec and q.scale.sharding.spec == sspec
+    if q.zero_point is not None:
+        assert q.zero_point.sharding.spec == sspec
+    k = {None: 1, 'data': 2, 'model': 4, ('data', 'model'): 8, ('model', 'data'): 8}
+    expect = tuple(n // k[e] for n, e in zip(q.qvalue.shape, list(vspec) + [None] * 3))
+    assert shard_shape(q.qvalue) == expect  # every device holds only its slice
+
+
+@pytest.mark.parametrize('shape,spec,qtype,kw', [(s[0], s[1], s[2], s[3]) for s in QUANT_CASES[:6]])
+def test_quantize_compiles_without_gather(shape, spec, qtype, kw):
+    """Aligned layouts: no all-gather/all-to-all at all — only small all-reduces of statistics."""
+    m = mesh()
+    x = jax.device_put(jnp.ones(shape), NamedSharding(m, spec))
+    txt = jax.jit(lambda v: qs.quantize(v, qtype, sharding=NamedSharding(m, spec), **kw)).lower(x).compile().as_text()
+    assert gathers(txt) == []
+
+
+def test_misaligned_packed_axis_is_replicated_and_exact():
+    """int3 with 9 values per shard: 27 bits, not whole bytes -> qvalue replicated along that axis."""
+    m = mesh()
+    xs = jax.random.normal(jax.random.key(1), (256, 36))
+    x = jax.device_put(xs, NamedSharding(m, P('data', 'model')))
+    q = qs.quantize(x, 'int3', channelwise_axes=(0,))
+    assert q.qvalue.sharding.spec == P('data', None)
+    assert q.scale.sharding.spec == P('data', None)
+    assert_bit_exact(q, qarray.quantize(xs, 'int3', channelwise_axes=(0,)))
+
+
+def test_tiles_spanning_shards_replicate_scales_only():
+    m = mesh(types=EXPLICIT)
+    xs = jax.random.normal(jax.random.key(2), (256, 512))
+    q = qs.quantize(jax.device_put(xs, NamedSharding(m, P('data', 'model'))), 'int4', tiles=256)
+    assert q.qvalue.sharding.spec == P('data', 'model')
+    assert q.scale.sharding.spec == P('data', None)  # 2 tiles over 4 shards
+    assert_bit_exact(q, qarray.quantize(xs, 'int4', tiles=256))
+
+
+def test_shard_places_existing_qarray():
+    m = mesh()
+    q = qarray.quantize(jax.random.normal(jax.random.key(3), (64, 128)), 'nf4', tiles=32)
+    qsh = qs.shard(q, NamedSharding(m, P('data', 'model')))
+    assert qsh.qvalue.sharding.spec == P('data', 'model') and qsh.scale.sharding.spec == P('data', 'model')
+    assert_bit_exact(qsh, q)
+
+
+# -------------------------------------------------------------------------------- quantized ops
+def _ops():
+    try:
+        ops = importlib.import_module('qarray.ops')
+    except ImportError:
+        ops = None
+    if ops is None or not hasattr(ops, 'dot_general'):
+        pytest.skip("qarray.ops.dot_general is not built yet")
+    return ops
+
+
+# name: (x spec, weight spec), for x (B, K) @ w (K, N)
+LAYOUTS = {
+    'data_parallel': (P(('data', 'model'), None), P(None, None)),
+    'column_parallel': (P('data', None), P(None, 'model')),
+    'row_parallel': (P('data', 'model'), P('model', None)),
+    'fsdp': (P(('data', 'model'), None), P(('data', 'model'), None)),
+}
+WEIGHTS = [('int8', dict(channelwise_axes=(1,))), ('int4', dict(tiles={0: 32}, channelwise_axes=(1,))),
+           ('nf4', dict(tiles={0: 32}, channelwise_axes=(1,))),
+           ('float8_e4m3fn', dict(channelwise_axes=(1,)))]
+
+
+@pytest.mark.parametrize('layout', list(LAYOUTS))
+@pytest.mark.parametrize('qtype,kw', WEIGHTS, ids=[w[0] for w in WEIGHTS])
+def test_weight_only_dot_on_mesh(layout, qtype, kw):
+    ops = _ops()
+    m = mesh()
+    xspec, wspec = LAYOUTS[layout]
+    xs = jax.random.normal(jax.random.key(4), (64, 256))
+    ws = jax.random.normal(jax.random.key(5), (256, 128))
+    q1 = qarray.quantize(ws, qtype, **kw)
+    want = jax.jit(lambda a, b: ops.einsum('bk,kn->bn', a, b))(xs, q1)
+
+    xsh, wsh = NamedSharding(m, xspec), NamedSharding(m, wspec)
+    x = jax.device_put(xs, xsh)
+    q = qs.quantize(jax.device_put(ws, wsh), qtype, **kw)
+    fn = jax.jit(lambda a, b: ops.einsum('bk,kn->bn', a, b), out_shardings=NamedSharding(m, P(xspec[0], wspec[1])))
+    got = fn(x, q)
+    np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=2e-5, atol=2e-5)
+
+    # No gather of the full weight that the float program would not do, and never more bytes.
+    ffn = jax.jit(lambda a, b: jnp.einsum('bk,kn->bn', a, b), out_shardings=fn._out_shardings
+                  if hasattr(fn, '_out_shardings') else NamedSharding(m, P(xspec[0], wspec[1])))
+    ftxt = ffn.lower(x, jax.device_put(ws, wsh)).compile().as_text()
+    qtxt = fn.lower(x, q).compile().as_text()
+    full = {tuple(ws.shape), tuple(q.qvalue.shape)}
+    n_full_q = sum(1 for _, s in gathers(qtxt) if s in full)
+    n_full_f = sum(1 for _, s in gathers(ftxt) if s == tuple(ws.shape))
+    assert n_full_q <= n_full_f, (gathers(qtxt), gathers(ftxt))
+    assert gathered_bytes(qtxt) <= gathered_bytes(ftxt) + q.scale.size * 4 * 2
+
+
+def test_int8_x_int8_dot_general_on_mesh():
+    ops = _ops()
+    m = mesh()
+    xs = jax.random.normal(jax.random.key(6), (64, 256))
+    ws = jax.random.normal(jax.random.key(7), (256, 128))
+    qx1 = qarray.quantize(xs, 'int8', channelwise_axes=(0,))
+    qw1 = qarray.quantize(ws, 'int8', channelwise_axes=(1,))
+    dn = (((1,), (0,)), ((), ()))
+    want = jax.jit(lambda a, b: ops.dot_general(a, b, dn))(qx1, qw1)
+    qx = qs.shard(qx1, NamedSharding(m, P('data', 'model')))
+    qw = qs.shard(qw1, NamedSharding(m, P('model', None)))
+    got = jax.jit(lambda a, b: ops.dot_general(a, b, dn))(qx, qw)
+    np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-6, atol=1e-6)
+
+
+# -------------------------------------------------------------------------------- checkpoints on meshes
+def _params(m, spec):
+    keys = jax.random.split(jax.random.key(8), 4)
+    sh = NamedSharding(m, spec)
+    w = [jax.device_put(jax.random.normal(k, (128, 256)), sh) for k in keys]
+    return {
+        'a': {'kernel': qs.quantize(w[0], 'int4', tiles=64)},
+        'b': {'kernel': qs.quantize(w[1], 'uint4', calibration='minmax', channelwise_axes=(1,))},
+        'c': {'kernel': qs.quantize(w[2], 'float8_e4m3fn', channelwise_axes=(1,))},
+        'd': {'kernel': qs.quantize(w[3], 'nf4', tiles={0: 32}), 'bias': jax.device_put(jnp.arange(256.), NamedSharding(m, P('model')))},
+    }
+
+
+def _float_shardings(m, spec, bias_spec):
+    sh = NamedSharding(m, spec)
+    return {'a': {'kernel': sh}, 'b': {'kernel': sh}, 'c': {'kernel': sh},
+            'd': {'kernel': sh, 'bias': NamedSharding(m, bias_spec)}}
+
+
+def test_orbax_restore_onto_other_mesh(tmp_path):
+    params = _params(mesh(), P('data', 'model'))
+    qio.save(tmp_path / 'ckpt', params)
+    other = mesh((4, 2), ('x', 'y'))
+    got = qio.restore(tmp_path / 'ckpt', params, shardings=_float_shardings(other, P('y', 'x'), P('x')))
+    assert_bit_exact(got, params)
+    assert got['a']['kernel'].qvalue.sharding.spec == P('y', 'x')
+    assert got['a']['kernel'].qvalue.sharding.mesh.shape == {'x': 4, 'y': 2}
+    assert got['b']['kernel'].zero_point.sharding.spec == P(None, 'x')
+    assert got['d']['bias'].sharding.spec == P('x')
+    # and onto one device (unsharded), from an abstract target
+    abstract = jax.eval_shape(lambda t: t, params)
+    one = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+    got1 = qio.restore(tmp_path / 'ckpt', abstract, shardings=jax.tree.map(lambda _: one, abstract))
+    assert_bit_exact(got1, params)
+    assert len(got1['a']['kernel'].qvalue.sharding.device_set) == 1
+
+
+def test_orbax_unsharded_save_sharded_restore(tmp_path):
+    q = qarray.quantize(jax.random.normal(jax.random.key(9), (128, 256)), 'int2', tiles=32)
+    qio.save(tmp_path / 'c', {'w': q})
+    m = mesh(types=EXPLICIT)
+    got = qio.restore(tmp_path / 'c', shardings={'w': NamedSharding(m, P('model', 'data'))})
+    assert_bit_exact(got, {'w': q})
+    assert shard_shape(got['w'].qvalue) == (32, 32)
+
+
+def test_safetensors_sharded_load_reads_slices(tmp_path):
+    params = _params(mesh(), P('data', 'model'))
+    f = tmp_path / 'm.safetensors'
+    qio.save_safetensors(f, params)
+    other = mesh((8, 1), ('x', 'y'))
+    got = qio.load_safetensors(f, params, shardings=_float_shardings(other, P('x', 'y'), P('x')))
+    assert_bit_exact(got, params)
+    assert shard_shape(got['c']['kernel'].qvalue) == (16, 256)
+
+
+# -------------------------------------------------------------------------------- Flax partitioning metadata
+def _flax():
+    try:
+        fi = importlib.import_module('flax_integration')
+    except ImportError:
+        fi = None
+    if fi is None or not hasattr(fi, 'PtqProvider') or not hasattr(fi, 'quantize_model'):
+        pytest.skip("flax_integration.PtqProvider / quantize_model are not built yet")
+    return fi
