@@ -1,0 +1,124 @@
+"""The quantization schemes compared on MiniLM, as rules for ``flax_integration`` and for Qwix.
+
+Every scheme quantizes the 36 linear layers (:data:`~examples.minilm.model.LINEAR_PATHS`);
+embeddings, LayerNorms, biases and the attention core stay in float32 in both
+libraries, so the rows compare like with like.
+
+Example:
+  >>> [s.name for s in SCHEMES][:2]
+  ['w8a8 int8 dynamic', 'w8a8 int8 dynamic t128']
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+from examples.minilm.model import LINEAR_PATHS
+
+__all__ = ['Scheme', 'SCHEMES', 'TOUR_SCHEMES', 'by_name', 'qarray_rules', 'qwix_rules']
+
+
+@dataclasses.dataclass(frozen=True)
+class Scheme:
+    """One row of the table: weight/activation formats, tiling and calibration.
+
+    Attributes:
+      name: row label.
+      weight_qtype: qarray format name of the weights.
+      act_qtype: format of the activations (None: weight-only).
+      tile_size: sub-channel tile along the contracting axis (weights and activations).
+      act_static: activation scales calibrated ahead of time on held-out sentences.
+      weight_calibration: qarray calibration spec for weights (Qwix always uses absmax here).
+
+    Example:
+      >>> Scheme('x', 'int4', tile_size=128).weight_only
+      True
+    """
+
+    name: str
+    weight_qtype: str
+    act_qtype: str | None = None
+    tile_size: int | None = None
+    act_static: bool = False
+    weight_calibration: str = 'absmax'
+
+    @property
+    def weight_only(self) -> bool:
+        """True when activations stay in float."""
+        return self.act_qtype is None
+
+
+SCHEMES: list[Scheme] = [
+    Scheme('w8a8 int8 dynamic', 'int8', 'int8'),
+    Scheme('w8a8 int8 dynamic t128', 'int8', 'int8', tile_size=128),
+    Scheme('w8a8 int8 static', 'int8', 'int8', act_static=True),
+    Scheme('w8a8 int8 static t128', 'int8', 'int8', tile_size=128, act_static=True),
+    Scheme('w8a8 fp8 dynamic', 'float8_e4m3fn', 'float8_e4m3fn'),
+    Scheme('int8 weight-only', 'int8'),
+    Scheme('fp8 weight-only', 'float8_e4m3fn'),
+    Scheme('int4 t128 weight-only', 'int4', tile_size=128),
+    Scheme('int4 t128 mse weight-only', 'int4', tile_size=128, weight_calibration='mse'),
+    Scheme('int4 t64 weight-only', 'int4', tile_size=64),
+    Scheme('nf4 t64 weight-only', 'nf4', tile_size=64),
+    Scheme('int3 t64 weight-only', 'int3', tile_size=64),
+    Scheme('int3 t64 mse weight-only', 'int3', tile_size=64, weight_calibration='mse'),
+]
+
+# The few rows `python -m qarray` computes live (it must stay fast on 2 cores).
+TOUR_SCHEMES = ['w8a8 int8 dynamic t128', 'int8 weight-only', 'int4 t128 weight-only', 'nf4 t64 weight-only']
+
+
+def by_name(name: str) -> Scheme:
+    """The scheme called ``name``.
+
+    Example:
+      >>> by_name('nf4 t64 weight-only').tile_size
+      64
+    """
+    for s in SCHEMES:
+        if s.name == name:
+            return s
+    raise ValueError(f"scheme must be one of {[s.name for s in SCHEMES]}; got {name!r}.")
+
+
+def qarray_rules(scheme: Scheme) -> list[Any]:
+    """``flax_integration`` rules for ``scheme`` (one rule on the 36 linear layers).
+
+    Example:
+      >>> qarray_rules(SCHEMES[0])[0].act_qtype  # doctest: +SKIP
+      'int8'
+    """
+    import flax_integration as fi
+    return [fi.QuantizationRule(module_path=LINEAR_PATHS, weight_qtype=scheme.weight_qtype,
+                                act_qtype=scheme.act_qtype, tile_size=scheme.tile_size,
+                                act_static_scale=scheme.act_static,
+                                weight_calibration_method=scheme.weight_calibration)]
+
+
+def _qwix_qtype(name: str) -> Any:
+    import jax.numpy as jnp
+    # Qwix names native formats by dtype and its synthetic ones (nf4, int3) by string.
+    return {'int8': jnp.int8, 'int4': jnp.int4, 'float8_e4m3fn': jnp.float8_e4m3fn}.get(name, name)
+
+
+def qwix_rules(scheme: Scheme) -> list[Any] | None:
+    """Qwix 0.1.8 rules for ``scheme``, or None where Qwix has no equivalent (mse weight calibration).
+
+    Static scales average over batch and sequence (``act_batch_axes=(0, 1)``) so
+    one per-tensor scale serves every sequence length, as in ``flax_integration``.
+
+    Example:
+      >>> qwix_rules(by_name('int4 t128 mse weight-only')) is None  # doctest: +SKIP
+      True
+    """
+    if scheme.weight_calibration != 'absmax':
+        return None
+    import qwix
+    kw = dict(module_path=LINEAR_PATHS, weight_qtype=_qwix_qtype(scheme.weight_qtype),
+              tile_size=scheme.tile_size)
+    if scheme.act_qtype is not None:
+        kw.update(act_qtype=_qwix_qtype(scheme.act_qtype), act_static_scale=scheme.act_static)
+        if scheme.act_static:
+            kw.update(act_batch_axes=(0, 1))
+    return [qwix.QuantizationRule(**kw)]

@@ -1,0 +1,43 @@
+"""The real-model section of ``python -m qarray``: MiniLM-L6 quantized, fidelity and memory.
+
+Runs a few schemes live (:data:`~examples.minilm.schemes.TOUR_SCHEMES`, qarray
+only, ~20 s on 2 CPU cores); the full side-by-side table with Qwix is in
+``benchmarks/RESULTS.md`` (``python benchmarks/minilm_bench.py``).
+
+Example:
+  >>> from examples.minilm.tour import minilm_section
+  >>> minilm_section()  # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+import time
+
+__all__ = ['minilm_section']
+
+
+def minilm_section(title: str = "MiniLM-L6 (all-MiniLM-L6-v2, 22.7M params): quantized vs float32") -> None:
+    """Print a compact fidelity/memory table for a few schemes, or a one-line note when the model is missing.
+
+    Example:
+      >>> minilm_section()  # doctest: +SKIP
+    """
+    from examples.minilm import weights
+    reason = weights.missing_reason()
+    if reason:
+        print(f"{title}: skipped ({reason}).")
+        return
+    try:
+        import flax_integration
+        flax_integration.quantize_model
+    except (ImportError, AttributeError) as e:
+        print(f"{title}: skipped (flax_integration is not importable: {e}).")
+        return
+    from examples.minilm import evaluate, report, schemes
+    from qarray.tour import print_table
+    t0 = time.perf_counter()
+    print(title)
+    rows = evaluate.run_table([schemes.by_name(n) for n in schemes.TOUR_SCHEMES], with_qwix=False, repeats=2)
+    print_table(report.text_rows(rows), report.TEXT_COLUMNS)
+    print(f"(48 hand-written sentence pairs; linear = the 36 quantized matmul weights with scales; total adds the "
+          f"float embeddings. Full table with Qwix: benchmarks/RESULTS.md. {time.perf_counter() - t0:.0f} s)")

