@@ -1,0 +1,28 @@
+"""flax_integration: quantize Flax Linen and NNX models with regex rules, without changing their code.
+
+Seed-compatible: ``import flax_integration as qwix`` runs Qwix-style code.
+
+Example:
+  >>> import jax, jax.numpy as jnp
+  >>> from flax import linen as nn
+  >>> import flax_integration as qwix
+  >>> model = nn.Dense(16, use_bias=False)
+  >>> x = jnp.ones((2, 8))
+  >>> rules = [qwix.QuantizationRule(module_path='.*', weight_qtype='int8', act_qtype='int8')]
+  >>> ptq = qwix.quantize_model(model, qwix.PtqProvider(rules))
+  >>> abstract = jax.eval_shape(ptq.init, jax.random.key(0), x)['params']
+  >>> params = qwix.quantize_params(model.init(jax.random.key(0), x)['params'], abstract)
+  >>> ptq.apply({'params': params}, x).shape
+  (2, 16)
+"""
+
+from flax_integration.calibrate import calibrate
+from flax_integration.model import quantize_model
+from flax_integration.providers import CalibrationProvider, FloatParamError, Op, Provider, PtqProvider, QuantStat
+from flax_integration.quantize_params import quantize_params
+from flax_integration.rules import QuantizationRule
+from flax_integration.wrappers import ActivationScale, QuantizedParam
+
+__all__ = ['QuantizationRule', 'quantize_model', 'quantize_params', 'calibrate', 'Provider', 'Op',
+           'PtqProvider', 'CalibrationProvider', 'QuantStat', 'FloatParamError', 'QuantizedParam',
+           'ActivationScale']

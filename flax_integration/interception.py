@@ -1,0 +1,236 @@
+"""Routing a module's matmuls and convolutions to a provider while it runs.
+
+How a call reaches the provider
+-------------------------------
+1. **Which module is running.** Linen: :func:`flax.linen.intercept_methods`
+   (Flax's own hook) pushes a :class:`ModuleFrame` for every module method
+   call. NNX: :func:`flax_integration.nnx_model.quantize_nnx` gives each
+   submodule a path and a ``__call__`` that pushes its frame.
+2. **Which function is called.** Modules reach ops in two ways. Flax layers
+   hold them as attributes (``nnx.Linear.dot_general``, ``nnx.Einsum.einsum_op``,
+   ``nnx.Conv.conv_general_dilated``, and ``promote_dtype`` on every layer):
+   those attributes are redirected (NNX: once, at quantize time; Linen: for
+   the duration of the module's call). Everything else -- Linen layers with
+   ``dot_general=None``, ``nn.Einsum``, attention, user code calling
+   ``jnp.einsum`` / ``jnp.dot`` / ``jnp.matmul`` / ``lax.dot_general`` /
+   ``lax.conv_general_dilated`` -- looks those names up on ``jax.lax`` /
+   ``jax.numpy`` at call time, so :func:`scope` swaps exactly these five
+   attributes (table :data:`PATCHED`) for shims.
+3. **Scope and threads.** The shims are installed while at least one thread
+   is inside a :func:`scope` (reference-counted under a lock) and consult a
+   thread-local stack: on any other thread, or outside a quantized model, or
+   re-entrantly from inside a provider (``qarray.ops`` itself calls
+   ``lax.dot_general``), they call the original function unchanged.
+4. **Which operand is the weight.** Decided from the running module's params,
+   never from shapes: an operand is the weight when it is a stored quantized
+   param (:class:`~flax_integration.wrappers.QuantizedParam` or QArray), or
+   when it *is* one of the module's float params -- the same object, or the
+   output of the module's ``promote_dtype`` applied to one (the cast is
+   recorded). A weight reshaped or cast by other means in user code is not
+   recognised; it is then treated as an activation.
+
+Example:
+  >>> import jax, jax.numpy as jnp
+  >>> seen = []
+  >>> def handler(call, frame):
+  ...     seen.append(call.name)
+  ...     return call.run_original()
+  >>> with scope(handler):
+  ...     _ = jnp.einsum('ij,jk->ik', jnp.ones((2, 3)), jnp.ones((3, 4)))
+  >>> seen
+  ['einsum']
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import functools
+import threading
+from typing import Any, Callable, Iterator
+
+import jax
+import jax.numpy as jnp
+
+from qarray.core import QArray
+
+from flax_integration import op_calls
+from flax_integration.ops_bridge import ORIGINAL
+from flax_integration.wrappers import QuantizedParam
+
+__all__ = ['PATCHED', 'scope', 'ModuleFrame', 'current_frame', 'push_frame', 'is_active',
+           'late_dot_general', 'late_einsum', 'late_conv_general_dilated', 'Weight', 'find_weight']
+
+# (module, attribute, op canonicalizer) -- the only global names swapped, and only inside a scope.
+PATCHED: dict[str, tuple[Any, str, Callable]] = {
+    'dot_general': (jax.lax, 'dot_general', op_calls.dot_general_call),
+    'conv_general_dilated': (jax.lax, 'conv_general_dilated', op_calls.conv_call),
+    'einsum': (jax.numpy, 'einsum', op_calls.einsum_call),
+    'dot': (jax.numpy, 'dot', op_calls.dot_call),
+    'matmul': (jax.numpy, 'matmul', op_calls.matmul_call),
+}
+
+_local = threading.local()
+_lock = threading.Lock()
+_installed = 0
+
+
+def _state():
+    if not hasattr(_local, 'handlers'):
+        _local.handlers, _local.frames, _local.busy = [], [], False
+    return _local
+
+
+@dataclasses.dataclass
+class ModuleFrame:
+    """A running module, as the provider sees it.
+
+    ``kind`` is ``'linen'`` or ``'nnx'``; ``path`` is '/'-joined (root: ``''``);
+    ``derived`` maps ``id(array)`` to the name of the param it was cast from
+    (the array is kept alive in the value so the id stays unique).
+    """
+
+    module: Any
+    path: str
+    kind: str
+    counters: dict = dataclasses.field(default_factory=dict)
+    derived: dict = dataclasses.field(default_factory=dict)
+
+    def next_op_id(self, op_name: str) -> str:
+        """``'dot_general0'``, ``'dot_general1'``, ... in call order within this module."""
+        n = self.counters.get(op_name, 0)
+        self.counters[op_name] = n + 1
+        return f'{op_name}{n}'
+
+
+def current_frame() -> ModuleFrame | None:
+    """The innermost running module on this thread, or None."""
+    frames = _state().frames
+    return frames[-1] if frames else None
+
+
+@contextlib.contextmanager
+def push_frame(frame: ModuleFrame) -> Iterator[ModuleFrame]:
+    """Mark ``frame`` as the running module for the duration of the block."""
+    st = _state()
+    st.frames.append(frame)
+    try:
+        yield frame
+    finally:
+        st.frames.pop()
+
+
+def is_active() -> bool:
+    """Whether this thread is inside a :func:`scope`."""
+    return bool(_state().handlers)
+
+
+def _shim(name: str) -> Callable:
+    original = ORIGINAL[name]
+    canonicalize = PATCHED[name][2]
+
+    @functools.wraps(original)
+    def shim(*args, **kwargs):
+        st = _state()
+        if not st.handlers or st.busy:
+            return original(*args, **kwargs)
+        call = canonicalize(*args, original=original, **kwargs)
+        if call is None:  # a form the provider does not handle (e.g. scalar dot): float op
+            return original(*[_dequantized(a) for a in args], **kwargs)
+        st.busy = True  # ops inside the provider (qarray.ops) must reach the real jax functions
+        try:
+            return st.handlers[-1](call, current_frame())
+        finally:
+            st.busy = False
+
+    shim.__qarray_shim__ = True
+    return shim
+
+
+def _dequantized(x: Any) -> Any:
+    x = getattr(x, 'array', x) if isinstance(x, QuantizedParam) else x
+    return x.__jax_array__() if isinstance(x, QArray) else x
+
+
+_SHIMS = {name: _shim(name) for name in PATCHED}
+
+
+def _install(on: bool) -> None:
+    global _installed
+    with _lock:
+        _installed += 1 if on else -1
+        if (on and _installed == 1) or (not on and _installed == 0):
+            for name, (mod, attr, _) in PATCHED.items():
+                setattr(mod, attr, _SHIMS[name] if on else ORIGINAL[name])
+
+
+@contextlib.contextmanager
+def scope(handler: Callable[[op_calls.OpCall, ModuleFrame | None], Any]) -> Iterator[None]:
+    """Route this thread's intercepted op calls to ``handler(call, frame)`` inside the block.
+
+    Example:
+      >>> with scope(lambda call, frame: call.run_original()):
+      ...     jax.lax.dot_general(jnp.ones((1, 2)), jnp.ones((2, 1)), (((1,), (0,)), ((), ()))).shape
+      (1, 1)
+    """
+    st = _state()
+    _install(True)
+    st.handlers.append(handler)
+    busy, st.busy = st.busy, False
+    try:
+        yield
+    finally:
+        st.handlers.pop()
+        st.busy = busy
+        _install(False)
+
+
+# Late-bound op attributes for NNX layers, which capture jax functions at definition time.
+def late_dot_general(*args, **kwargs):
+    """``jax.lax.dot_general`` looked up at call time (so a scope can route it)."""
+    return jax.lax.dot_general(*args, **kwargs)
+
+
+def late_einsum(*args, **kwargs):
+    """``jax.numpy.einsum`` looked up at call time."""
+    return jax.numpy.einsum(*args, **kwargs)
+
+
+def late_conv_general_dilated(*args, **kwargs):
+    """``jax.lax.conv_general_dilated`` looked up at call time."""
+    return jax.lax.conv_general_dilated(*args, **kwargs)
+
+
+@dataclasses.dataclass
+class Weight:
+    """The weight operand of an op: its index, its param name, and what was passed.
+
+    ``value`` is a QuantizedParam or QArray (already quantized) or a float array
+    that is (or was cast from) the module's param ``name``.
+    """
+
+    index: int
+    name: str | None
+    value: Any
+
+    @property
+    def quantized(self) -> bool:
+        return isinstance(self.value, (QuantizedParam, QArray))
+
+
+def find_weight(call: op_calls.OpCall, params: dict[str, Any], frame: ModuleFrame | None) -> Weight | None:
+    """The operand that is a param of the running module (rhs preferred), or None.
+
+    ``params`` maps the module's param names to their (unboxed) values.
+    """
+    by_id = {id(v): n for n, v in params.items()}
+    if frame is not None:
+        by_id.update({i: n for i, (n, _) in frame.derived.items()})
+    for i in (1, 0):
+        x = call.operands[i]
+        if isinstance(x, (QuantizedParam, QArray)):
+            name = by_id.get(id(x))
+            return Weight(i, name, x)
+        if id(x) in by_id:
+            return Weight(i, by_id[id(x)], x)
+    return None

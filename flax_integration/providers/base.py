@@ -1,0 +1,198 @@
+"""The provider interface: what happens to one intercepted op. See ``providers/__init__``.
+
+Example:
+  >>> class Float(Provider):
+  ...     def process_op(self, op):
+  ...         return op.call.run_original()
+  >>> Float([]).rules.rules
+  []
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import warnings
+from typing import Any, Sequence
+
+import jax
+import jax.numpy as jnp
+
+from qarray import calibration as _calibration
+from qarray import core, numerics, qtypes
+from qarray.core import QArray
+
+from flax_integration import interception
+from flax_integration.op_calls import OpCall
+from flax_integration.rules import QuantizationRule, RuleSet
+from flax_integration.wrappers import QuantizedParam, unbox_leaves
+
+__all__ = ['Provider', 'Op', 'FloatParamError', 'act_range', 'range_to_scale', 'is_symmetric']
+
+
+class FloatParamError(ValueError):
+    """A quantized model was given float weights where it expects quantized ones."""
+
+
+@dataclasses.dataclass
+class Op:
+    """Everything a provider needs to decide about one op call.
+
+    Attributes:
+      call: the canonical op (operands, axes, ``run``/``run_original``).
+      frame: the running module (path, storage); None outside any module.
+      rule: the first rule matching ``frame.path`` and ``call.name`` (or None).
+      weight: the operand that is a param of the module (or None: both are activations).
+      op_id: ``'dot_general0'``... -- names this op's variables (``<op_id>_lhs`` ...).
+    """
+
+    call: OpCall
+    frame: Any
+    rule: QuantizationRule | None
+    weight: interception.Weight | None
+    op_id: str
+
+    @property
+    def path(self) -> str:
+        return self.frame.path if self.frame is not None else ''
+
+    def act_indices(self) -> list[int]:
+        """Operand indices that are activations."""
+        return [i for i in (0, 1) if self.weight is None or i != self.weight.index]
+
+    def act_name(self, i: int) -> str:
+        """Variable name of activation operand ``i`` (``'dot_general0_lhs'``)."""
+        return f"{self.op_id}_{'lhs' if i == 0 else 'rhs'}"
+
+    def describe(self) -> str:
+        return f"module {self.path or '<root>'!r}, op {self.op_id}"
+
+
+class Provider:
+    """Base class: holds the rules and turns an intercepted call into an :class:`Op`.
+
+    Subclasses implement :meth:`process_op`; they may also override
+    :meth:`process_model_output` (called on the model's return value).
+
+    Example:
+      >>> p = Provider([QuantizationRule(module_path='enc.*', weight_qtype='int8')])
+      >>> [r.module_path for r in p.unused_rules()]
+      ['enc.*']
+    """
+
+    def __init__(self, rules: Sequence[QuantizationRule]):
+        self.rules = RuleSet(rules)
+
+    # --- called by the interception layer -------------------------------------------------
+    def handle(self, call: OpCall, frame: Any) -> jax.Array:
+        """Entry point for one intercepted call (do not override; see :meth:`process_op`)."""
+        if frame is None:
+            return call.run_original()
+        op_id = frame.next_op_id(call.name)
+        rule = self.rules.match(frame.path, call.name)
+        weight = interception.find_weight(call, frame.params(), frame)
+        return self.process_op(Op(call, frame, rule, weight, op_id))
+
+    def process_op(self, op: Op) -> jax.Array:
+        """Compute ``op``; the one method a provider must implement."""
+        raise NotImplementedError
+
+    def process_model_output(self, output: Any) -> Any:
+        """Hook on the quantized model's output (identity by default)."""
+        return output
+
+    # --- reporting -------------------------------------------------------------------------
+    def unused_rules(self) -> list[QuantizationRule]:
+        """Rules that have matched no op so far (run the model first).
+
+        Example:
+          >>> Provider([QuantizationRule(module_path='x')]).unused_rules()[0].module_path
+          'x'
+        """
+        return self.rules.unused()
+
+    def report_unused_rules(self) -> list[QuantizationRule]:
+        """Warn (``UserWarning``) about rules that matched nothing; returns them."""
+        unused = self.unused_rules()
+        if unused:
+            paths = ', '.join(repr(r.module_path) for r in unused)
+            warnings.warn(f"{type(self).__name__}: these rules matched no op: {paths}. Check the regexes "
+                          "against the module paths (e.g. 'Dense_0', 'block/attn/query').", stacklevel=2)
+        return unused
+
+    # --- helpers shared by providers ------------------------------------------------------
+    @staticmethod
+    def plain_operand(x: Any) -> Any:
+        """A QuantizedParam becomes its QArray; everything else is returned as is."""
+        return unbox_leaves(x.array) if isinstance(x, QuantizedParam) else x
+
+    def quantize_weight_value(self, op: Op, value: jax.Array) -> QuantizedParam:
+        """Quantize a float weight the way ``op.rule`` says (layout from the op)."""
+        rule = op.rule
+        if op.call.per_channel_only and rule.tile_size is not None:
+            raise ValueError(f"{op.describe()}: tile_size={rule.tile_size} is not supported for "
+                             f"{op.call.name} (weights are per output channel); limit the rule with "
+                             "op_names=('dot_general', 'einsum') or drop tile_size.")
+        cw, tiles = op.call.layout(op.weight.index, 'weight', rule.tile_size)
+        try:
+            q = core.quantize(value, rule.weight_qtype, channelwise_axes=cw, tiles=tiles,
+                              calibration=rule.weight_calibration_method)
+        except (ValueError, TypeError) as e:
+            raise type(e)(f"{op.describe()}, weight {op.weight.name!r} of shape {value.shape}: {e}") from None
+        return QuantizedParam(q, rule.weight_calibration_method)
+
+
+# --- activation ranges (shared by PTQ static init and calibration) -----------------------------
+def _view(shape, cw, tiles):
+    view, reduce_axes, scale_shape = [], [], []
+    tiles = tiles or {}
+    for a, n in enumerate(shape):
+        if a in tiles:
+            t = tiles[a]
+            if n % t:
+                raise ValueError(f"tile_size={t} does not divide axis {a} of size {n} (shape {tuple(shape)}).")
+            view += [n // t, t]
+            reduce_axes.append(len(view) - 1)
+            scale_shape.append(n // t)
+        else:
+            view.append(n)
+            if a not in cw:
+                reduce_axes.append(len(view) - 1)
+            scale_shape.append(n if a in cw else 1)
+    return view, tuple(reduce_axes), tuple(scale_shape)
+
+
+def act_range(x: jax.Array, qtype: str, cw, tiles, calibration: str) -> tuple[jax.Array, jax.Array]:
+    """Calibrated ``(lo, hi)`` of ``x`` in scale shape (rank of ``x``).
+
+    Example:
+      >>> lo, hi = act_range(jnp.array([[1., -3.], [2., 0.5]]), 'int8', (), None, 'absmax')
+      >>> hi.tolist()
+      [[3.0]]
+    """
+    view, reduce_axes, scale_shape = _view(x.shape, cw, tiles)
+    r = _calibration.calibrate(calibration, x.reshape(view).astype(jnp.float32), reduce_axes,
+                               qtypes.get(qtype))
+    lo = jnp.broadcast_to(r.lo, [1 if i in reduce_axes else d for i, d in enumerate(view)])
+    hi = jnp.broadcast_to(r.hi, lo.shape)
+    return lo.reshape(scale_shape), hi.reshape(scale_shape)
+
+
+def is_symmetric(calibration: str) -> bool:
+    """Whether a calibration spec gives symmetric ranges (no zero point).
+
+    Example:
+      >>> is_symmetric('absmax'), is_symmetric('minmax')
+      (True, False)
+    """
+    return bool(_calibration.calibrate(calibration, jnp.array([-1.0, 1.0]), (0,), qtypes.get('int8')).symmetric)
+
+
+def range_to_scale(lo, hi, qtype: str, calibration: str, dtype=jnp.float32):
+    """Scale and zero point (or None) for a static range.
+
+    Example:
+      >>> s, zp = range_to_scale(jnp.array([-2.]), jnp.array([2.]), 'int8', 'absmax')
+      >>> round(float(s[0]) * 127, 4), zp
+      (2.0, None)
+    """
+    return numerics.scale_and_zero_point(lo, hi, is_symmetric(calibration), qtypes.get(qtype), dtype)

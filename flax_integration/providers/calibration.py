@@ -1,0 +1,102 @@
+"""Static-range calibration: collect activation statistics while the float model runs.
+
+For every op whose rule has ``act_static_scale=True``, each activation
+operand's calibrated range ``(lo, hi)`` (the rule's ``act_calibration_method``
+on the static layout: shared over batch/sequence, tiled like the weight) is
+folded into a running average over batches, stored in the ``quant_stats``
+collection (Linen) or as :class:`QuantStat` variables (NNX) under
+``<op_id>_lhs`` / ``<op_id>_rhs``::
+
+    quant_stats = {'Dense_0': {'dot_general0_lhs': {'lo': ..., 'hi': ..., 'count': ...}}}
+
+Shapes depend only on the contracting axis (and tiles), never on batch size
+or sequence length. The model computes in float. Give the statistics to
+``quantize_params(fp_params, abstract_ptq_params, quant_stats)``; the
+:func:`~flax_integration.calibrate` helper runs the loop.
+
+Example:
+  >>> import jax, jax.numpy as jnp
+  >>> from flax import linen as nn
+  >>> import flax_integration as fi
+  >>> rules = [fi.QuantizationRule(weight_qtype='int8', act_qtype='int8', act_static_scale=True)]
+  >>> m = fi.quantize_model(nn.Dense(4), CalibrationProvider(rules))
+  >>> v = m.init(jax.random.key(0), jnp.ones((2, 8)))
+  >>> v['quant_stats']['dot_general0_lhs']['hi'].shape
+  (1, 1)
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from flax_integration.providers.base import Op, Provider, act_range
+
+__all__ = ['CalibrationProvider', 'QuantStat', 'update_running_mean']
+
+
+class QuantStat(nnx.Variable):
+    """NNX variable type for calibration statistics (the ``quant_stats`` collection)."""
+
+
+try:
+    nnx.register_variable_name('quant_stats', QuantStat)
+except Exception:  # already registered (e.g. by another library): NNX keeps the first type
+    pass
+
+
+def update_running_mean(stat: dict, lo: jax.Array, hi: jax.Array) -> dict:
+    """Fold one batch's range into the running mean ``{'lo', 'hi', 'count'}``.
+
+    Example:
+      >>> s = {'lo': jnp.zeros(1), 'hi': jnp.zeros(1), 'count': jnp.zeros((), jnp.int32)}
+      >>> s = update_running_mean(s, jnp.array([-1.]), jnp.array([1.]))
+      >>> s = update_running_mean(s, jnp.array([-3.]), jnp.array([3.]))
+      >>> s['hi'].tolist(), int(s['count'])
+      ([2.0], 2)
+    """
+    count = stat['count'] + 1
+    w = 1.0 / count.astype(jnp.float32)
+    return {'lo': stat['lo'] + (lo - stat['lo']) * w, 'hi': stat['hi'] + (hi - stat['hi']) * w,
+            'count': count}
+
+
+class CalibrationProvider(Provider):
+    """Runs the model in float and records activation ranges for static-scale rules.
+
+    Example:
+      >>> import flax_integration as fi
+      >>> p = CalibrationProvider([fi.QuantizationRule(act_qtype='int8', act_static_scale=True)])
+      >>> p.rules.rules[0].act_static_scale
+      True
+    """
+
+    def process_op(self, op: Op) -> jax.Array:
+        rule = op.rule
+        if rule is not None and rule.act_static_scale:
+            for i in op.act_indices():
+                self._observe(op, i)
+        return op.call.run_original()
+
+    def _observe(self, op: Op, i: int) -> None:
+        x = op.call.operands[i]
+        if not jnp.issubdtype(jnp.result_type(x), jnp.floating):
+            return
+        rule = op.rule
+        cw, tiles = op.call.layout(i, 'static_act', rule.tile_size, rule.act_batch_axes)
+        try:
+            lo, hi = act_range(jax.lax.stop_gradient(x), rule.act_qtype, cw, tiles,
+                               rule.act_calibration_method)
+        except ValueError as e:
+            raise ValueError(f"{op.describe()}, activation of shape {tuple(x.shape)}: {e}") from None
+        name = op.act_name(i)
+        stat = op.frame.get_stat(name)
+        if stat is None:  # first sight (Linen init / NNX quantize_model): zeros, count 0
+            stat = {'lo': jnp.zeros_like(lo), 'hi': jnp.zeros_like(hi),
+                    'count': jnp.zeros((), jnp.int32)}
+            op.frame.put_stat(name, stat)
+            if op.frame.initializing:
+                return
+        if op.frame.can_update_stats():
+            op.frame.put_stat(name, update_running_mean(stat, lo, hi))

@@ -1,0 +1,115 @@
+"""Post-training quantization: quantized weights in the params, quantized activations at run time.
+
+* **Weights** are quantized once and stored as
+  :class:`~flax_integration.wrappers.QuantizedParam` in the params (Linen) or
+  module state (NNX): at ``init`` (Linen) or in ``quantize_model`` (NNX), or
+  from float weights by :func:`~flax_integration.quantize_params`. One scale
+  per output channel (every kept axis), shared or tiled (``tile_size``) along
+  the contracting axis.
+* **Activations**: dynamic (default) -- one scale per token (every kept axis)
+  computed at run time; static (``act_static_scale=True``) -- a fixed
+  :class:`~flax_integration.wrappers.ActivationScale` param named
+  ``<op_id>_lhs_scale`` / ``<op_id>_rhs_scale``, set from calibration
+  statistics by ``quantize_params(..., quant_stats)`` (at ``init`` it is taken
+  from the init batch so the model runs before calibration).
+* Float weights fed to a PTQ model where a rule says they are quantized raise
+  :class:`~flax_integration.providers.base.FloatParamError` instead of
+  silently running in float.
+
+Example:
+  >>> import jax, jax.numpy as jnp
+  >>> from flax import linen as nn
+  >>> import flax_integration as fi
+  >>> ptq = fi.quantize_model(nn.Dense(4, use_bias=False), PtqProvider([fi.QuantizationRule(weight_qtype='int8')]))
+  >>> params = ptq.init(jax.random.key(0), jnp.ones((2, 8)))['params']
+  >>> params['kernel'].array.qvalue.dtype
+  dtype('int8')
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+
+from qarray import core
+
+from flax_integration.providers.base import FloatParamError, Op, Provider, act_range, range_to_scale
+from flax_integration.wrappers import ActivationScale, QuantizedParam, unbox_leaves
+
+__all__ = ['PtqProvider']
+
+
+class PtqProvider(Provider):
+    """Post-training quantization provider (see module docstring).
+
+    Example:
+      >>> import flax_integration as fi
+      >>> PtqProvider([fi.QuantizationRule(weight_qtype='int4', tile_size=32)]).rules.rules[0].tile_size
+      32
+    """
+
+    def process_op(self, op: Op) -> jax.Array:
+        rule = op.rule
+        operands = [self.plain_operand(x) for x in op.call.operands]
+        if rule is None:
+            return op.call.run(*operands)
+        if op.weight is not None:
+            operands[op.weight.index] = self.weight(op)
+        if rule.act_qtype is not None:
+            for i in op.act_indices():
+                operands[i] = self.activation(op, i, operands[i])
+        return op.call.run(*operands)
+
+    # --- weights ---------------------------------------------------------------------------
+    def weight(self, op: Op) -> Any:
+        """The weight operand to compute with: a QArray (or the float weight if not quantized)."""
+        w, rule = op.weight, op.rule
+        if w.quantized:
+            return self.plain_operand(w.value)
+        if rule.weight_qtype is None:
+            return w.value
+        if not op.frame.initializing:
+            raise FloatParamError(
+                f"{op.describe()}: param {w.name!r} is a float array, but rule "
+                f"module_path={rule.module_path!r} quantizes it to {rule.weight_qtype}. A PTQ model needs "
+                "quantized params: build them with quantize_params(fp_params, abstract_quantized_params) "
+                "(Linen) or quantize_model(nnx_model, provider, *inputs) (NNX).")
+        qp = self.quantize_weight_value(op, w.value)
+        op.frame.put_param(w.name, qp)
+        return qp.array
+
+    # --- activations -----------------------------------------------------------------------
+    def activation(self, op: Op, i: int, x: Any) -> Any:
+        """Quantize activation operand ``i``: dynamic per-token, or with its static scale."""
+        rule = op.rule
+        if not jnp.issubdtype(jnp.result_type(x), jnp.floating):
+            return x
+        if not rule.act_static_scale:
+            cw, tiles = op.call.layout(i, 'act', rule.tile_size)
+            return self._quantize(op, x, lambda: core.quantize(
+                x, rule.act_qtype, channelwise_axes=cw, tiles=tiles, calibration=rule.act_calibration_method))
+        name = op.act_name(i) + '_scale'
+        stored = op.frame.get_param(name)
+        if stored is None:
+            if not op.frame.initializing:
+                raise ValueError(
+                    f"{op.describe()}: the static activation scale {name!r} is missing from the params. Build "
+                    "the params with quantize_params(fp_params, abstract_params, quant_stats).")
+            cw, tiles = op.call.layout(i, 'static_act', rule.tile_size, rule.act_batch_axes)
+            lo, hi = self._quantize(op, x, lambda: act_range(x, rule.act_qtype, cw, tiles,
+                                                             rule.act_calibration_method))
+            scale, zp = range_to_scale(lo, hi, rule.act_qtype, rule.act_calibration_method, x.dtype)
+            stored = ActivationScale(scale, zp, rule.act_qtype, rule.act_calibration_method)
+            op.frame.put_param(name, stored)
+        stored = unbox_leaves(stored)
+        return self._quantize(op, x, lambda: core.quantize_with_scale(
+            x, stored.qtype, stored.scale.astype(jnp.float32), stored.zero_point))
+
+    @staticmethod
+    def _quantize(op: Op, x, fn):
+        try:
+            return fn()
+        except (ValueError, TypeError) as e:
+            raise type(e)(f"{op.describe()}, activation of shape {tuple(x.shape)}: {e}") from None

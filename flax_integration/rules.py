@@ -1,0 +1,152 @@
+"""Regex rules: which modules (or param paths) get quantized, and how.
+
+A :class:`QuantizationRule` names modules by a regex that must *fully* match
+the module path (``'Dense_0'``, ``'encoder/layers_1/attn/query'``; ``''`` is
+the root module). Given a list of rules, the first one that matches wins, so
+put specific rules before catch-alls. :class:`RuleSet` does the matching and
+remembers which rules were ever used, so a provider can report rules that
+matched nothing (usually a typo in a regex).
+
+Example:
+  >>> rules = RuleSet([QuantizationRule(module_path='.*attn.*', weight_qtype='int4'),
+  ...                  QuantizationRule(module_path='.*', weight_qtype='int8')])
+  >>> rules.match('block/attn/query', 'dot_general').weight_qtype
+  'int4'
+  >>> rules.match('block/mlp', 'dot_general').weight_qtype
+  'int8'
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+from typing import Sequence
+
+from qarray import calibration as _calibration
+from qarray import qtypes
+
+__all__ = ['QuantizationRule', 'RuleSet', 'OP_NAMES']
+
+# The op kinds a rule can target; user calls to jnp.dot / jnp.matmul count as 'dot_general'.
+OP_NAMES = ('dot_general', 'einsum', 'conv_general_dilated')
+
+
+@dataclasses.dataclass(frozen=True)
+class QuantizationRule:
+    """How to quantize the ops of the modules whose path fully matches ``module_path``.
+
+    Attributes:
+      module_path: regex that must fully match the module path ('/'-joined;
+        the root module's path is ``''``). In the model-free
+        ``quantize_params(params, rules)`` it matches the leaf path
+        (``'Dense_0/kernel'``).
+      weight_qtype: format of weights (``'int8'``, ``'int4'``, ``'nf4'``,
+        ``'fp8'``, ...), or None to leave weights in float.
+      act_qtype: format of activations, or None for weight-only quantization.
+      tile_size: sub-channel tiles along the contracting axis (weights and
+        activations tile the same axis so the matmul can scale per tile).
+        dot_general/einsum only; conv weights are per output channel.
+      weight_calibration_method: calibration spec for weights (``'absmax'``,
+        ``'minmax'``, ``'rms,3'``, ``'mse'``, ``'percentile,99.9'``, ...).
+      act_calibration_method: calibration spec for activations.
+      act_static_scale: use scales fixed ahead of time (from a calibration run,
+        see :func:`flax_integration.calibrate`) instead of per-token scales
+        computed at run time.
+      act_batch_axes: for static scales, the activation axes averaged away
+        (besides the contracting axes, which are shared or tiled). None (the
+        default) reduces every non-contracting axis, so a static scale is
+        per tensor (per tile) and does not depend on batch or sequence length.
+        Give e.g. ``(0, 1)`` to keep one scale per index of the other
+        non-contracting axes (say, per attention head).
+      op_names: the op kinds this rule applies to (subset of
+        ``('dot_general', 'einsum', 'conv_general_dilated')``).
+
+    Example:
+      >>> QuantizationRule(module_path='.*', weight_qtype='int4', tile_size=32).tile_size
+      32
+    """
+
+    module_path: str = '.*'
+    weight_qtype: str | None = None
+    act_qtype: str | None = None
+    tile_size: int | None = None
+    weight_calibration_method: str = 'absmax'
+    act_calibration_method: str = 'absmax'
+    act_static_scale: bool = False
+    act_batch_axes: tuple[int, ...] | None = None
+    op_names: tuple[str, ...] = OP_NAMES
+
+    def __post_init__(self):
+        if not isinstance(self.module_path, str):
+            raise TypeError(f"module_path must be a regex string; got {self.module_path!r}.")
+        try:
+            re.compile(self.module_path)
+        except re.error as e:
+            raise ValueError(f"module_path {self.module_path!r} is not a valid regex: {e}.") from None
+        for field in ('weight_qtype', 'act_qtype'):
+            value = getattr(self, field)
+            if value is not None:
+                try:
+                    qtypes.get(value)
+                except ValueError as e:
+                    raise ValueError(f"{field}: {e}") from None
+        t = self.tile_size
+        if t is not None and (not isinstance(t, int) or isinstance(t, bool) or t <= 0):
+            raise ValueError(f"tile_size must be None or a positive int; got {t!r}.")
+        for field in ('weight_calibration_method', 'act_calibration_method'):
+            try:
+                _calibration.parse(getattr(self, field))
+            except (ValueError, TypeError) as e:
+                raise type(e)(f"{field}: {e}") from None
+        ops = (self.op_names,) if isinstance(self.op_names, str) else tuple(self.op_names)
+        bad = [o for o in ops if o not in OP_NAMES]
+        if bad or not ops:
+            raise ValueError(f"op_names must be a non-empty subset of {OP_NAMES}; got {self.op_names!r}.")
+        object.__setattr__(self, 'op_names', ops)
+        if self.act_batch_axes is not None:
+            axes = (self.act_batch_axes,) if isinstance(self.act_batch_axes, int) else self.act_batch_axes
+            if not all(isinstance(a, int) and not isinstance(a, bool) for a in axes):
+                raise TypeError(f"act_batch_axes must be None or a tuple of ints; got {self.act_batch_axes!r}.")
+            object.__setattr__(self, 'act_batch_axes', tuple(axes))
+        if self.act_static_scale and self.act_qtype is None:
+            raise ValueError("act_static_scale=True needs act_qtype (the format of the activations); "
+                             "got act_qtype=None.")
+
+
+class RuleSet:
+    """An ordered list of rules; the first full regex match wins. Tracks used rules.
+
+    Example:
+      >>> rs = RuleSet([QuantizationRule(module_path='enc.*', weight_qtype='int8')])
+      >>> rs.match('dec/0', 'dot_general') is None, rs.unused()[0].module_path
+      (True, 'enc.*')
+    """
+
+    def __init__(self, rules: Sequence[QuantizationRule]):
+        if isinstance(rules, QuantizationRule):
+            rules = [rules]
+        rules = list(rules)
+        for r in rules:
+            if not isinstance(r, QuantizationRule):
+                raise TypeError(f"rules must be a sequence of QuantizationRule; got an item {r!r}.")
+        self.rules = rules
+        self._compiled = [re.compile(r.module_path) for r in rules]
+        self._used: set[int] = set()
+
+    def match(self, path: str, op_name: str | None = None) -> QuantizationRule | None:
+        """The first rule whose regex fully matches ``path`` and that covers ``op_name``."""
+        for i, (rule, rx) in enumerate(zip(self.rules, self._compiled)):
+            if rx.fullmatch(path) and (op_name is None or op_name in rule.op_names):
+                self._used.add(i)
+                return rule
+        return None
+
+    def unused(self) -> list[QuantizationRule]:
+        """Rules that have not matched anything so far."""
+        return [r for i, r in enumerate(self.rules) if i not in self._used]
+
+    def __iter__(self):
+        return iter(self.rules)
+
+    def __len__(self) -> int:
+        return len(self.rules)

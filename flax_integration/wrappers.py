@@ -1,0 +1,182 @@
+"""Pytrees stored in a quantized model's params: weights and static activation scales.
+
+* :class:`QuantizedParam` — a quantized weight: ``.array`` is the
+  :class:`qarray.QArray`; the calibration method used is kept as static
+  metadata so :func:`~flax_integration.quantize_params` can re-quantize float
+  weights exactly as the model did, from the abstract params alone.
+* :class:`ActivationScale` — a static activation scale (and zero point) for
+  one operand of one op, with its format.
+
+Both are registered as JAX pytrees and as NNX data, and their leaves may be
+boxed (``nn.Partitioned``, ``nnx.Param``) to carry sharding annotations:
+:func:`box_like` copies a float param's annotation onto each leaf, dropping
+mesh axes from scale axes that are shared (size 1) or tiled.
+
+Example:
+  >>> import jax.numpy as jnp, qarray
+  >>> p = QuantizedParam(qarray.quantize(jnp.ones((4, 8)), 'int8', channelwise_axes=(1,)))
+  >>> p.shape, p.array.scale.shape
+  ((4, 8), (1, 8))
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+from flax import linen as nn
+from flax import nnx
+
+from qarray.core import QArray
+
+__all__ = ['QuantizedParam', 'ActivationScale', 'box_like', 'unbox_leaves']
+
+
+def _unwrap_variables(tree: Any, key: Any) -> Any:
+    if key is not Ellipsis and key != ():
+        raise TypeError(f"a quantized param can only be read whole (param[...]); got index {key!r}.")
+    return jax.tree.map(lambda v: v[...] if isinstance(v, nnx.Variable) else v, tree,
+                        is_leaf=lambda v: isinstance(v, nnx.Variable))
+
+
+def unbox_leaves(tree: Any) -> Any:
+    """Strip ``nn.meta.AxisMetadata`` boxes and ``nnx.Variable`` wrappers from every leaf.
+
+    Example:
+      >>> import jax.numpy as jnp
+      >>> unbox_leaves({'a': nn.Partitioned(jnp.ones(2), names=('x',))})['a'].shape
+      (2,)
+    """
+    def unbox(v):
+        if isinstance(v, nn.meta.AxisMetadata):
+            return v.unbox()
+        if isinstance(v, nnx.Variable):
+            return v.get_value()
+        return v
+    return jax.tree.map(unbox, tree,
+                        is_leaf=lambda v: isinstance(v, (nn.meta.AxisMetadata, nnx.Variable)))
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass
+class QuantizedParam:
+    """A quantized weight in a model's params; ``.array`` is the QArray.
+
+    Array-like enough for module code: ``shape``, ``ndim``, ``dtype``,
+    ``param[...]`` (NNX reads), ``astype``/``reshape``/``T`` (stay quantized),
+    and ``__jax_array__`` (dequantizes) for non-matmul uses.
+
+    Example:
+      >>> import jax.numpy as jnp, qarray
+      >>> p = QuantizedParam(qarray.quantize(jnp.ones((4, 8)), 'int4', channelwise_axes=(1,)))
+      >>> p.astype(jnp.bfloat16).dtype
+      dtype(bfloat16)
+    """
+
+    array: QArray
+    calibration: str = dataclasses.field(default='absmax', metadata=dict(static=True))
+
+    def __getitem__(self, key: Any) -> 'QuantizedParam':
+        return _unwrap_variables(self, key)
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        return unbox_leaves(self.array).shape
+
+    @property
+    def ndim(self) -> int:
+        return len(self.shape)
+
+    @property
+    def dtype(self):
+        return self.array.dtype
+
+    def astype(self, dtype: Any) -> 'QuantizedParam':
+        a = self.array
+        q = QArray(a.qvalue, a.scale, a.zero_point, qtype=a.qtype, dtype=dtype,
+                   packed_axis=a.packed_axis, packed_length=a.packed_length)
+        return QuantizedParam(q, self.calibration)
+
+    def reshape(self, *shape: Any) -> 'QuantizedParam':
+        return QuantizedParam(unbox_leaves(self.array).reshape(*shape), self.calibration)
+
+    def transpose(self, *axes: int) -> 'QuantizedParam':
+        return QuantizedParam(unbox_leaves(self.array).transpose(*axes), self.calibration)
+
+    @property
+    def T(self) -> 'QuantizedParam':
+        return self.transpose()
+
+    def __jax_array__(self) -> jax.Array:
+        return unbox_leaves(self.array).__jax_array__()
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass
+class ActivationScale:
+    """A static activation scale (and zero point or None) with its format.
+
+    Example:
+      >>> ActivationScale(jnp.ones((1, 1)), None, 'int8').qtype
+      'int8'
+    """
+
+    scale: Any
+    zero_point: Any = None
+    qtype: str = dataclasses.field(default='int8', metadata=dict(static=True))
+    calibration: str = dataclasses.field(default='absmax', metadata=dict(static=True))
+
+    def __getitem__(self, key: Any) -> 'ActivationScale':
+        return _unwrap_variables(self, key)
+
+
+nnx.register_data_type(QuantizedParam)
+nnx.register_data_type(ActivationScale)
+
+_NNX_SHARDING_KEYS = ('sharding', 'sharding_names', 'out_sharding')
+
+
+def _leaf_names(names: Any, leaf_shape: tuple[int, ...], full_shape: tuple[int, ...]) -> Any:
+    """Mesh-axis names for a scale/zero-point leaf: only full-size (per-channel) axes keep theirs."""
+    if names is None:
+        return None
+    names = tuple(names)
+    if len(names) != len(leaf_shape):
+        return names
+    return tuple(n if s == f and s > 1 else None for n, s, f in zip(names, leaf_shape, full_shape))
+
+
+def box_like(original: Any, tree: Any, full_shape: tuple[int, ...]) -> Any:
+    """Box each array leaf of ``tree`` the way ``original`` (a float param) was boxed.
+
+    ``original`` is an ``nn.meta.AxisMetadata`` box (Linen), an ``nnx.Variable``
+    (NNX), or a plain array (no boxing). Leaves shaped like ``full_shape``
+    (values) keep the annotation; smaller leaves (scales) keep it only on
+    per-channel axes.
+
+    Example:
+      >>> import jax.numpy as jnp, qarray
+      >>> box = nn.Partitioned(jnp.ones((4, 8)), names=('a', 'b'))
+      >>> q = qarray.quantize(jnp.ones((4, 8)), 'int8', channelwise_axes=(1,))
+      >>> box_like(box, q, (4, 8)).scale.names
+      (None, 'b')
+    """
+    if isinstance(original, nn.meta.AxisMetadata):
+        def box(leaf):
+            names = getattr(original, 'names', None)
+            if names is not None and dataclasses.is_dataclass(original):
+                return dataclasses.replace(original, value=leaf,
+                                           names=_leaf_names(names, leaf.shape, full_shape))
+            return original.replace_boxed(leaf)
+        return jax.tree.map(box, tree)
+    if isinstance(original, nnx.Variable):
+        meta = dict(original.get_metadata())
+
+        def box(leaf):
+            upd = {k: _leaf_names(meta[k], leaf.shape, full_shape) for k in _NNX_SHARDING_KEYS
+                   if k in meta and not callable(meta[k])}
+            return original.replace(leaf, **upd)
+        return jax.tree.map(box, tree)
+    return tree
