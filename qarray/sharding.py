@@ -129,9 +129,10 @@ def tree_shardings(tree: Any, float_shardings: Any, mesh: Any = None) -> Any:
 
     ``float_shardings`` has the structure of the float params (leaves:
     ``NamedSharding`` or ``PartitionSpec``; specs need ``mesh``). Where
-    ``tree`` holds a QArray, the result holds its per-leaf shardings (see
-    :func:`shardings`); elsewhere the float sharding is kept. Useful with
-    ``nn.get_partition_spec`` / ``nnx.get_partition_spec`` after quantization.
+    ``tree`` holds a QArray (or a wrapper around one, such as a Flax
+    ``QuantizedParam``), the result holds its per-leaf shardings (see
+    :func:`shardings`); elsewhere the float sharding is kept. Use it with
+    ``nn.get_partition_spec`` / ``nnx.get_partition_spec`` of the float model.
 
     Example:
       >>> import jax, jax.numpy as jnp, qarray
@@ -142,7 +143,7 @@ def tree_shardings(tree: Any, float_shardings: Any, mesh: Any = None) -> Any:
       ((None, 'm'), ('m',))
     """
 
-    def one(fs, leaf):
+    def for_leaf(fs, leaf):
         if not isinstance(leaf, QArray):
             return fs
         if isinstance(fs, NamedSharding):
@@ -152,6 +153,9 @@ def tree_shardings(tree: Any, float_shardings: Any, mesh: Any = None) -> Any:
                 raise ValueError("float_shardings holds PartitionSpecs; pass mesh= to size them.")
             return partition_specs(leaf, fs, mesh)
         raise TypeError(f"float_shardings leaves must be NamedSharding or PartitionSpec; got {fs!r}.")
+
+    def one(fs, sub):
+        return jax.tree.map(lambda leaf: for_leaf(fs, leaf), sub, is_leaf=lambda x: isinstance(x, QArray))
 
     return jax.tree.map(one, float_shardings, tree, is_leaf=_is_spec_leaf)
 

@@ -279,3 +279,82 @@ def _flax():
     if fi is None or not hasattr(fi, 'PtqProvider') or not hasattr(fi, 'quantize_model'):
         pytest.skip("flax_integration.PtqProvider / quantize_model are not built yet")
     return fi
+
+
+def _is_spec(s):
+    return isinstance(s, P)
+
+
+def _named(m, specs):
+    return jax.tree.map(lambda s: NamedSharding(m, s), specs, is_leaf=_is_spec)
+
+
+def _specs_of(tree):
+    return jax.tree.map(lambda a: a.sharding.spec, tree)
+
+
+def test_linen_partitioning_metadata_survives_ptq():
+    fi = _flax()
+    from flax import linen as nn
+    init = nn.initializers.lecun_normal()
+
+    class MLP(nn.Module):
+        @nn.compact
+        def __call__(self, x):
+            x = nn.relu(nn.Dense(256, kernel_init=nn.with_partitioning(init, (None, 'model')))(x))
+            return nn.Dense(64, kernel_init=nn.with_partitioning(init, ('model', None)))(x)
+
+    m = mesh()
+    x = jax.random.normal(jax.random.key(10), (16, 128))
+    ptq = fi.quantize_model(MLP(), fi.PtqProvider([fi.QuantizationRule(module_path='.*', weight_qtype='int4',
+                                                                        tile_size=32)]))
+    fp = MLP().init(jax.random.key(0), x)['params']
+    qparams = fi.quantize_params(fp, jax.eval_shape(ptq.init, jax.random.key(0), x)['params'])
+    plain = nn.meta.unbox(qparams)
+    want = np.asarray(ptq.apply({'params': plain}, x))
+    run = jax.jit(lambda p, v: ptq.apply({'params': p}, v))
+    xs = jax.device_put(x, NamedSharding(m, P('data')))
+
+    # 1) the boxes flax_integration puts on values and scales (name-based: per-channel axes keep names)
+    specs = nn.get_partition_spec(qparams)
+    k0, k1 = specs['Dense_0']['kernel'].array, specs['Dense_1']['kernel'].array
+    assert k0.scale == P(None, 'model') and k1.qvalue == P('model', None)
+    np.testing.assert_allclose(np.asarray(run(jax.device_put(plain, _named(m, specs)), xs)), want, rtol=1e-5, atol=1e-5)
+
+    # 2) the mesh-aware rule from the float model's annotations: packed and tiled axes stay sharded too
+    mesh_specs = qs.tree_shardings(plain, nn.get_partition_spec(fp), m)
+    k0, k1 = mesh_specs['Dense_0']['kernel'].array, mesh_specs['Dense_1']['kernel'].array
+    assert (k0.qvalue, k0.scale) == (P(None, 'model'), P(None, 'model'))   # int4 packed along 'model'
+    assert (k1.qvalue, k1.scale) == (P('model', None), P('model', None))   # 8 tiles over 4 shards
+    placed = jax.device_put(plain, _named(m, mesh_specs))
+    assert shard_shape(placed['Dense_0']['kernel'].array.qvalue) == (128, 32)
+    np.testing.assert_allclose(np.asarray(run(placed, xs)), want, rtol=1e-5, atol=1e-5)
+
+
+def test_nnx_sharding_annotations_survive_ptq():
+    fi = _flax()
+    from flax import nnx
+    init = nnx.initializers.lecun_normal()
+
+    class MLP(nnx.Module):
+        def __init__(self, rngs):
+            self.l1 = nnx.Linear(128, 256, kernel_init=nnx.with_partitioning(init, (None, 'model')), rngs=rngs)
+            self.l2 = nnx.Linear(256, 64, kernel_init=nnx.with_partitioning(init, ('model', None)), rngs=rngs)
+
+        def __call__(self, x):
+            return self.l2(nnx.relu(self.l1(x)))
+
+    m = mesh()
+    x = jax.random.normal(jax.random.key(11), (16, 128))
+    with jax.set_mesh(m):
+        model = MLP(nnx.Rngs(0))
+        qm = fi.quantize_model(model, fi.PtqProvider([fi.QuantizationRule(module_path='.*', weight_qtype='nf4',
+                                                                          tile_size=32)]), x)
+    graphdef, state = nnx.split(qm)
+    want = np.asarray(nnx.merge(graphdef, jax.device_get(state))(x))
+    specs = nnx.get_partition_spec(state)
+    assert specs['l1']['kernel']['array']['scale'].get_value() == P(None, 'model')
+    assert specs['l2']['kernel']['array']['qvalue'].get_value() == P('model', None)
+    run = jax.jit(lambda s, v: nnx.merge(graphdef, s)(v))
+    got = run(jax.device_put(state, _named(m, specs)), jax.device_put(x, NamedSharding(m, P('data'))))
+    np.testing.assert_allclose(np.asarray(got), want, rtol=1e-5, atol=1e-5)
