@@ -199,6 +199,27 @@ def test_weight_only_dot_on_mesh(layout, qtype, kw):
     assert gathered_bytes(qtxt) <= gathered_bytes(ftxt) + q.scale.size * 4 * 2
 
 
+@pytest.mark.parametrize('qtype,kw,max_fraction', [('int8', dict(channelwise_axes=(1,)), 0.26),
+                                                  ('int4', dict(tiles={0: 32}, channelwise_axes=(1,)), 0.16)])
+def test_fsdp_gathers_quantized_bytes_when_constrained(qtype, kw, max_fraction):
+    """Left alone XLA gathers the dequantized (float) weight; constrain() makes it gather the QArray."""
+    ops = _ops()
+    m = mesh()
+    xspec, wspec = LAYOUTS['fsdp']
+    xs = jax.random.normal(jax.random.key(4), (64, 1024))
+    ws = jax.random.normal(jax.random.key(5), (1024, 1024))
+    x, w = jax.device_put(xs, NamedSharding(m, xspec)), jax.device_put(ws, NamedSharding(m, wspec))
+    q = qs.quantize(w, qtype, **kw)
+    out = NamedSharding(m, P(xspec[0], None))
+    fn = jax.jit(lambda a, b: ops.einsum('bk,kn->bn', a, qs.constrain(b, NamedSharding(m, P()))), out_shardings=out)
+    ffn = jax.jit(lambda a, b: jnp.einsum('bk,kn->bn', a, b), out_shardings=out)
+    q_bytes = gathered_bytes(fn.lower(x, q).compile().as_text())
+    f_bytes = gathered_bytes(ffn.lower(x, w).compile().as_text())
+    assert 0 < q_bytes <= max_fraction * f_bytes, (q_bytes, f_bytes)
+    want = jax.jit(lambda a, b: ops.einsum('bk,kn->bn', a, b))(xs, qarray.quantize(ws, qtype, **kw))
+    np.testing.assert_allclose(np.asarray(fn(x, q)), np.asarray(want), rtol=2e-5, atol=2e-5)
+
+
 def test_int8_x_int8_dot_general_on_mesh():
     ops = _ops()
     m = mesh()
