@@ -38,6 +38,7 @@ __all__ = ['weight_only_matmul', 'dot_general_hook', 'register', 'prepare_weight
            'available', 'why_not']
 
 _FLOATS = (jnp.bfloat16, jnp.float16, jnp.float32)
+KERNEL_NAME = 'pallas_weight_only'  # name in qarray.ops.registered_kernels()
 
 
 def available() -> bool:
@@ -151,8 +152,9 @@ def dot_general_hook(lhs: Any, rhs: Any, dimension_numbers: Any, precision: Any 
 def register() -> bool:
     """Plug :func:`dot_general_hook` into ``qarray.ops`` (idempotent). Returns True when registered.
 
-    Uses the ops layer's kernel hook (``qarray.ops.register_kernel``); returns
-    False when the ops layer has no such hook.
+    Uses the ops layer's kernel hook (``qarray.ops.register_kernel``, consulted
+    by ``qarray.ops.dot_general`` on GPU only); returns False when the ops
+    layer has no such hook.
 
     Example:
       >>> isinstance(register(), bool)
@@ -165,5 +167,5 @@ def register() -> bool:
     hook = getattr(ops, 'register_kernel', None)
     if hook is None:
         return False
-    hook(dot_general_hook)
+    hook(dot_general_hook, name=KERNEL_NAME)
     return True
