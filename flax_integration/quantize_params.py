@@ -86,7 +86,7 @@ def _rebox(abstract_tree: Any, concrete: Any) -> Any:
 
 def _stat_scale(stat: Mapping, abstract: ActivationScale, path: str) -> ActivationScale:
     stat = unbox_leaves(stat)
-    if int(stat['count']) == 0:
+    if not isinstance(stat['count'], jax.core.Tracer) and int(stat['count']) == 0:  # checked when concrete
         raise ValueError(f"quant_stats for {path!r} have count 0: run calibrate(...) on at least one batch.")
     abs_plain = unbox_leaves(abstract)
     scale_dtype = getattr(abs_plain.scale, 'dtype', jnp.float32)

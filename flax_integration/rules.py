@@ -45,7 +45,8 @@ class QuantizationRule:
       act_qtype: format of activations, or None for weight-only quantization.
       tile_size: sub-channel tiles along the contracting axis (weights and
         activations tile the same axis so the matmul can scale per tile).
-        dot_general/einsum only; conv weights are per output channel.
+        dot_general/einsum ops that have a weight only (activation x activation
+        einsums such as attention stay untiled); conv weights are per output channel.
       weight_calibration_method: calibration spec for weights (``'absmax'``,
         ``'minmax'``, ``'rms,3'``, ``'mse'``, ``'percentile,99.9'``, ...).
       act_calibration_method: calibration spec for activations.

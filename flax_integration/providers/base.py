@@ -63,6 +63,12 @@ class Op:
         """Variable name of activation operand ``i`` (``'dot_general0_lhs'``)."""
         return f"{self.op_id}_{'lhs' if i == 0 else 'rhs'}"
 
+    @property
+    def tile_size(self) -> int | None:
+        """The rule's tile size for this op: only ops with a weight are tiled (an activation x
+        activation einsum, e.g. attention, may contract over the sequence axis)."""
+        return self.rule.tile_size if self.rule is not None and self.weight is not None else None
+
     def describe(self) -> str:
         return f"module {self.path or '<root>'!r}, op {self.op_id}"
 
@@ -132,7 +138,7 @@ class Provider:
             raise ValueError(f"{op.describe()}: tile_size={rule.tile_size} is not supported for "
                              f"{op.call.name} (weights are per output channel); limit the rule with "
                              "op_names=('dot_general', 'einsum') or drop tile_size.")
-        cw, tiles = op.call.layout(op.weight.index, 'weight', rule.tile_size)
+        cw, tiles = op.call.layout(op.weight.index, 'weight', op.tile_size)
         try:
             q = core.quantize(value, rule.weight_qtype, channelwise_axes=cw, tiles=tiles,
                               calibration=rule.weight_calibration_method)

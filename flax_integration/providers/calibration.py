@@ -84,7 +84,7 @@ class CalibrationProvider(Provider):
         if not jnp.issubdtype(jnp.result_type(x), jnp.floating):
             return
         rule = op.rule
-        cw, tiles = op.call.layout(i, 'static_act', rule.tile_size, rule.act_batch_axes)
+        cw, tiles = op.call.layout(i, 'static_act', op.tile_size, rule.act_batch_axes)
         try:
             lo, hi = act_range(jax.lax.stop_gradient(x), rule.act_qtype, cw, tiles,
                                rule.act_calibration_method)

@@ -76,8 +76,12 @@ class PtqProvider(Provider):
                 f"module_path={rule.module_path!r} quantizes it to {rule.weight_qtype}. A PTQ model needs "
                 "quantized params: build them with quantize_params(fp_params, abstract_quantized_params) "
                 "(Linen) or quantize_model(nnx_model, provider, *inputs) (NNX).")
+        stored = unbox_leaves(op.frame.get_param(w.name))
+        if isinstance(stored, QuantizedParam):  # a second op on the same weight in this init run
+            return stored.array
         qp = self.quantize_weight_value(op, w.value)
         op.frame.put_param(w.name, qp)
+        op.frame.derived[id(w.value)] = (w.name, w.value)  # later ops may still see the float object
         return qp.array
 
     # --- activations -----------------------------------------------------------------------
@@ -87,7 +91,7 @@ class PtqProvider(Provider):
         if not jnp.issubdtype(jnp.result_type(x), jnp.floating):
             return x
         if not rule.act_static_scale:
-            cw, tiles = op.call.layout(i, 'act', rule.tile_size)
+            cw, tiles = op.call.layout(i, 'act', op.tile_size)
             return self._quantize(op, x, lambda: core.quantize(
                 x, rule.act_qtype, channelwise_axes=cw, tiles=tiles, calibration=rule.act_calibration_method))
         name = op.act_name(i) + '_scale'
@@ -97,7 +101,7 @@ class PtqProvider(Provider):
                 raise ValueError(
                     f"{op.describe()}: the static activation scale {name!r} is missing from the params. Build "
                     "the params with quantize_params(fp_params, abstract_params, quant_stats).")
-            cw, tiles = op.call.layout(i, 'static_act', rule.tile_size, rule.act_batch_axes)
+            cw, tiles = op.call.layout(i, 'static_act', op.tile_size, rule.act_batch_axes)
             lo, hi = self._quantize(op, x, lambda: act_range(x, rule.act_qtype, cw, tiles,
                                                              rule.act_calibration_method))
             scale, zp = range_to_scale(lo, hi, rule.act_qtype, rule.act_calibration_method, x.dtype)
