@@ -1,0 +1,216 @@
+"""``dot_general`` for arrays and QArrays: picks the integer, fp8 or float path.
+
+Paths (chosen from static shapes and formats, tested each):
+
+* ``'int'``: both operands integer QArrays (intB / uintB; sub-byte codes are
+  unpacked to int8). One int8 ``lax.dot_general`` with int32 accumulation on
+  the codes; scales multiply the result; tiles on the contracting axes are
+  contracted per tile (see :mod:`qarray.ops.scaled_dot`); zero points by
+  correction terms.
+* ``'fp8'``: both operands fp8 QArrays. The fp8 dot with scalar scales inside,
+  per-channel / tile scales after.
+* ``'float'``: everything else (float x QArray = weight-only, int x fp8,
+  nf4 x anything, and scales the integer dot cannot factor). QArrays are
+  dequantized inside the same jitted program as the matmul, so XLA fuses the
+  unpack/convert; a scale that is shared along the contracting axes is
+  applied to the output instead of the operand when the output is the smaller
+  of the two (decode shapes), else folded into the operand.
+
+Choices the integer dot cannot factor fall back to ``'float'`` (documented):
+a scale that varies along a contracting axis with tiles smaller than
+:data:`MIN_TILE` (including per-channel scales on a contracting axis, tile 1)
+dequantizes that operand. Tiles on paired contracting axes must nest (one
+tile size divides the other) or a ``ValueError`` names both layouts.
+
+Every call runs as one jitted program (shapes and formats are static), so
+even an eager call never stores a dequantized operand. On GPU, registered
+kernels (:mod:`qarray.ops.registry`) are tried first for the float path.
+
+Example:
+  >>> import jax, jax.numpy as jnp, qarray
+  >>> x = jax.random.normal(jax.random.key(0), (4, 64))
+  >>> w = qarray.quantize(jax.random.normal(jax.random.key(1), (64, 8)), 'int8', channelwise_axes=(1,))
+  >>> dot_general(x, w, (((1,), (0,)), ((), ()))).shape
+  (4, 8)
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+
+from qarray.core import QArray
+from qarray.ops import layout, registry
+from qarray.ops.operands import (check_operand, describe, fast_codes, float_dtype, int_codes, is_exact_in,
+                                 result_dtype, scale_is_shared, values)
+from qarray.ops.scaled_dot import scaled_dot
+
+__all__ = ['dot_general', 'choose_path', 'MIN_TILE']
+
+#: Smallest contracting-axis tile the integer / fp8 paths take; finer tiles dequantize instead.
+MIN_TILE = 64
+
+
+def _contract_count(shape, scale_shape, axes) -> int:
+    """Tile count of the merged contracting axis (same rule as :func:`layout.canonical`)."""
+    ss = [scale_shape[a] for a in axes]
+    last = max((j for j, n in enumerate(ss) if n > 1), default=None)
+    if last is None:
+        return 1
+    return math.prod(shape[a] for a in axes[:last]) * ss[last]
+
+
+def choose_path(lhs: Any, rhs: Any, dimension_numbers: Any) -> str:
+    """``'int'``, ``'fp8'`` or ``'float'`` for these operands (raises when tiles do not nest).
+
+    Example:
+      >>> import jax.numpy as jnp, qarray
+      >>> a = qarray.quantize(jnp.ones((4, 8)), 'int8', channelwise_axes=(0,))
+      >>> b = qarray.quantize(jnp.ones((8, 2)), 'int4', channelwise_axes=(1,))
+      >>> choose_path(a, b, (((1,), (0,)), ((), ()))), choose_path(jnp.ones((4, 8)), b, (((1,), (0,)), ((), ())))
+      ('int', 'float')
+    """
+    if not (isinstance(lhs, QArray) and isinstance(rhs, QArray)):
+        return 'float'
+    kinds = {lhs.qtype.kind, rhs.qtype.kind}
+    if kinds <= {'int', 'uint'}:
+        path = 'int'
+    elif kinds == {'float'}:
+        path = 'fp8'
+    else:
+        return 'float'
+    (lc, rc), _ = dimension_numbers
+    k = math.prod(lhs.shape[a] for a in lc)
+    cl = _contract_count(lhs.shape, lhs.scale.shape, lc)
+    cr = _contract_count(rhs.shape, rhs.scale.shape, rc)
+    s = layout.match_tiles(k, cl, cr) if k else 1
+    if s is None:
+        raise ValueError(
+            f"tiles on the contracting axes do not line up: lhs contracting axes {lc} carry {cl} scale tiles "
+            f"(tile {k // cl}), rhs axes {rc} carry {cr} (tile {k // cr}); one tile size must divide the "
+            f"other. lhs: {describe(lhs)}; rhs: {describe(rhs)}.")
+    if s > 1 and k // s < MIN_TILE:
+        return 'float'
+    return path
+
+
+def dot_general(lhs: Any, rhs: Any, dimension_numbers: Any, precision: Any = None,
+                preferred_element_type: Any = None) -> jax.Array:
+    """Drop-in ``jax.lax.dot_general`` where either operand may be a QArray; returns a plain array.
+
+    Args:
+      lhs, rhs: arrays or QArrays of any format.
+      dimension_numbers: ``((lhs_contracting, rhs_contracting), (lhs_batch, rhs_batch))``.
+      precision: as for ``lax.dot_general`` (used by the float path).
+      preferred_element_type: output dtype (a float dtype when a QArray is involved);
+        default: the result type of both operands' float dtypes (``QArray.dtype``).
+
+    Output layout is ``lax.dot_general``'s: batch axes, lhs free axes, rhs free axes.
+
+    Example:
+      >>> import jax.numpy as jnp, qarray
+      >>> a = qarray.quantize(jnp.ones((2, 16)), 'int8', channelwise_axes=(0,))
+      >>> b = qarray.quantize(jnp.ones((16, 3)), 'int8', channelwise_axes=(1,))
+      >>> dot_general(a, b, (((1,), (0,)), ((), ()))).tolist()[0]
+      [16.0, 16.0, 16.0]
+    """
+    lhs, rhs = check_operand(lhs, 'lhs'), check_operand(rhs, 'rhs')
+    pair = f"lhs: {describe(lhs)}; rhs: {describe(rhs)}."
+    dn = layout.normalize_dimension_numbers(dimension_numbers, lhs.shape, rhs.shape, pair)
+    if not isinstance(lhs, QArray) and not isinstance(rhs, QArray):
+        return lax.dot_general(lhs, rhs, dn, precision=precision, preferred_element_type=preferred_element_type)
+    out_dtype = result_dtype(lhs, rhs, preferred_element_type)
+    path = choose_path(lhs, rhs, dn)
+    pet = None if preferred_element_type is None else jnp.dtype(preferred_element_type)
+    kernels = registry.registered_kernels() if jax.default_backend() == 'gpu' else ()
+    return _dot_general_jit(lhs, rhs, dn=dn, precision=_hashable(precision), out_dtype=out_dtype, pet=pet,
+                            path=path, kernels=kernels)
+
+
+def _hashable(p: Any) -> Any:
+    if isinstance(p, list):
+        return tuple(p)
+    return p
+
+
+@functools.partial(jax.jit, static_argnames=('dn', 'precision', 'out_dtype', 'pet', 'path', 'kernels'))
+def _dot_general_jit(lhs, rhs, *, dn, precision, out_dtype, pet, path, kernels):
+    del kernels  # only part of the cache key: a newly registered kernel retraces
+    if path in ('int', 'fp8'):
+        return _scaled(lhs, rhs, dn, precision, out_dtype, path)
+    if not isinstance(lhs, QArray) and isinstance(rhs, QArray):
+        for kernel in registry.kernels_for_backend():
+            out = kernel(lhs, rhs, dn, precision, out_dtype)
+            if out is not None:
+                return out.astype(out_dtype)
+    return _float(lhs, rhs, dn, precision, out_dtype, pet)
+
+
+def _scaled(lhs, rhs, dn, precision, out_dtype, path):
+    (lc, rc), (lb, rb) = dn
+    lf = layout.free_axes(lhs.ndim, lc, lb)
+    rf = layout.free_axes(rhs.ndim, rc, rb)
+    if path == 'int':
+        lcodes, lz = int_codes(lhs)
+        rcodes, rz = int_codes(rhs)
+    else:
+        lcodes, lz, rcodes, rz = fast_codes(lhs), None, fast_codes(rhs), None
+    lgroups, rgroups = (lb, lf, lc), (rb, rc, rf)
+    a, sa, cl = layout.canonical(lcodes, lhs.scale, lgroups, 2)
+    b, sb, cr = layout.canonical(rcodes, rhs.scale, rgroups, 1)
+    k = a.shape[2]
+    s = layout.match_tiles(k, cl, cr) if k else 1
+    sa, sb = layout.expand_tiles(sa, 2, s), layout.expand_tiles(sb, 1, s)
+    za = zb = None
+    if lz is not None:
+        za = layout.expand_tiles(layout.canonical(None, lz, lgroups, 2, shape=lhs.shape)[1], 2, s)
+    if rz is not None:
+        zb = layout.expand_tiles(layout.canonical(None, rz, rgroups, 1, shape=rhs.shape)[1], 1, s)
+    out = scaled_dot(a, sa, za, b, sb, zb, out_dtype, precision)
+    shape = [lhs.shape[i] for i in lb] + [lhs.shape[i] for i in lf] + [rhs.shape[i] for i in rf]
+    return out.reshape(shape)
+
+
+def _float(lhs, rhs, dn, precision, out_dtype, pet):
+    (lc, rc), (lb, rb) = dn
+    ct = jnp.result_type(float_dtype(lhs), float_dtype(rhs))
+    lf = layout.free_axes(lhs.ndim, lc, lb)
+    rf = layout.free_axes(rhs.ndim, rc, rb)
+    out_size = math.prod([lhs.shape[i] for i in lb + lf] + [rhs.shape[i] for i in rf])
+    post = []
+    operands = []
+    for side, x, c, b, f in (('lhs', lhs, lc, lb, lf), ('rhs', rhs, rc, rb, rf)):
+        if not isinstance(x, QArray):
+            operands.append(x if x.dtype == ct else x.astype(ct))
+            continue
+        # A scale shared along the contracting axes can go on the output: do so when that is smaller.
+        if scale_is_shared(x, c) and is_exact_in(x, ct) and out_size <= x.size:
+            operands.append(values(x, ct, scaled=False))
+            post.append(_output_scale(x, side, b, f, len(lf), len(rf)))
+        else:
+            operands.append(values(x, ct, scaled=True))
+    y = lax.dot_general(operands[0], operands[1], dn, precision=precision, preferred_element_type=pet)
+    if post:
+        y = y.astype(jnp.float32)
+        for s in post:
+            y = y * s
+    return y.astype(out_dtype)
+
+
+def _output_scale(q: QArray, side: str, batch, free, n_lfree: int, n_rfree: int) -> jax.Array:
+    """``q``'s scale (shared on contracting axes) laid out to broadcast against the dot output."""
+    s = q.scale.astype(jnp.float32)
+    for a in batch + free:
+        if 1 < s.shape[a] < q.shape[a]:
+            s = layout.expand_tiles(s, a, q.shape[a])
+    s = jnp.transpose(s, batch + free + tuple(a for a in range(q.ndim) if a not in batch + free))
+    s = s.reshape(s.shape[:len(batch) + len(free)])
+    nb = len(batch)
+    if side == 'lhs':
+        return s.reshape(s.shape + (1,) * n_rfree)
+    return s.reshape(s.shape[:nb] + (1,) * n_lfree + s.shape[nb:])

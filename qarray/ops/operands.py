@@ -1,0 +1,219 @@
+"""What the ops need to know about one operand: its values, codes and scales.
+
+An operand is a plain array or a :class:`~qarray.core.QArray`. This module
+gives the ops layer fast access to a QArray's codes (bit fields split with one
+broadcast shift, no per-value loop), its values with or without the scale
+applied, a one-line description of its layout for error messages, and the
+output dtype rule shared by every op.
+
+Example:
+  >>> import jax.numpy as jnp, qarray
+  >>> q = qarray.quantize(jnp.arange(8.).reshape(2, 4), 'int4')
+  >>> bool((fast_codes(q) == qarray.codes(q)).all())
+  True
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax import lax
+
+from qarray import core
+from qarray.core import QArray
+
+__all__ = ['describe', 'check_operand', 'float_dtype', 'result_dtype', 'fast_codes', 'int_codes',
+           'values', 'scale_is_shared', 'is_exact_in']
+
+
+def describe(x: Any) -> str:
+    """One-line layout of an operand, for error messages.
+
+    Example:
+      >>> import jax.numpy as jnp, qarray
+      >>> describe(qarray.quantize(jnp.ones((4, 8)), 'int8', channelwise_axes=(1,)))
+      'QArray(int8, shape=(4, 8), scale=(1, 8), channelwise_axes=(1,))'
+    """
+    if isinstance(x, QArray):
+        parts = [x.qtype.name, f"shape={tuple(x.shape)}", f"scale={tuple(x.scale.shape)}"]
+        if x.channelwise_axes:
+            parts.append(f"channelwise_axes={x.channelwise_axes}")
+        if x.tiles:
+            parts.append(f"tiles={x.tiles}")
+        if x.zero_point is not None:
+            parts.append("zero_point")
+        return f"QArray({', '.join(parts)})"
+    return f"array({jnp.dtype(x.dtype).name}, shape={tuple(x.shape)})"
+
+
+def check_operand(x: Any, name: str) -> Any:
+    """Return ``x`` as a QArray or a jax array; ``TypeError`` for anything else.
+
+    Example:
+      >>> check_operand([1., 2.], 'lhs').shape
+      (2,)
+    """
+    if isinstance(x, QArray):
+        return x
+    try:
+        arr = jnp.asarray(x)
+    except TypeError:
+        raise TypeError(f"{name} must be an array or a QArray; got {type(x).__name__}.") from None
+    if jnp.issubdtype(arr.dtype, jnp.complexfloating):
+        raise TypeError(f"{name} has complex dtype {arr.dtype}; quantized ops take real arrays "
+                        "(floating, integer or bool) and QArrays.")
+    return arr
+
+
+def float_dtype(x: Any) -> np.dtype:
+    """The float dtype an operand contributes (``QArray.dtype``; ints and bools count as float32).
+
+    Example:
+      >>> import jax.numpy as jnp
+      >>> float_dtype(jnp.ones(2, jnp.int8))
+      dtype('float32')
+    """
+    dt = jnp.dtype(x.dtype)
+    return dt if jnp.issubdtype(dt, jnp.floating) else jnp.dtype(jnp.float32)
+
+
+def result_dtype(lhs: Any, rhs: Any, preferred_element_type: Any) -> np.dtype:
+    """Output dtype: ``preferred_element_type``, else the result type of both float dtypes.
+
+    Raises ``TypeError`` when a QArray operand meets a non-float preferred type.
+
+    Example:
+      >>> import jax.numpy as jnp
+      >>> result_dtype(jnp.ones(2, jnp.bfloat16), jnp.ones(2), None)
+      dtype('float32')
+    """
+    if preferred_element_type is not None:
+        pet = jnp.dtype(preferred_element_type)
+        if not jnp.issubdtype(pet, jnp.floating):
+            raise TypeError(
+                f"preferred_element_type must be a floating dtype (float32, bfloat16, float16, float64) "
+                f"when an operand is a QArray; got {pet}. lhs: {describe(lhs)}, rhs: {describe(rhs)}.")
+        return pet
+    return jnp.dtype(jnp.result_type(float_dtype(lhs), float_dtype(rhs)))
+
+
+def fast_codes(q: QArray) -> jax.Array:
+    """Unpacked codes in logical shape, like :func:`qarray.codes` but cheaper for 1/2/4-bit formats.
+
+    Each byte holds ``8 // bits`` fields; one broadcast shift against a small
+    constant splits them all, which XLA fuses into the consumer. Signed fields
+    are sign-extended with an arithmetic shift.
+
+    Example:
+      >>> import jax.numpy as jnp, qarray
+      >>> fast_codes(qarray.quantize(jnp.array([-1., 0.5, 1.]), 'int2')).tolist()
+      [-1, 0, 1]
+    """
+    if q.packed_axis is None:
+        return q.qvalue
+    bits, qt = q.qtype.bits, q.qtype
+    if 8 % bits:
+        return core.codes(q)
+    per = 8 // bits
+    axis = q.packed_axis % q.ndim
+    b = jnp.expand_dims(q.qvalue, axis + 1)
+    shifts = (np.arange(per) * bits).reshape([per if i == axis + 1 else 1 for i in range(q.ndim + 1)])
+    if qt.kind == 'int' and bits > 1:  # move the field to the top, then shift back arithmetically
+        up = lax.shift_left(b, jnp.asarray(8 - bits - shifts, jnp.uint8))
+        v = lax.shift_right_arithmetic(lax.bitcast_convert_type(up, jnp.int8), jnp.int8(8 - bits))
+    else:
+        v = lax.shift_right_logical(b, jnp.asarray(shifts, jnp.uint8)) & jnp.uint8(2**bits - 1)
+        if qt.kind == 'int':  # int1: bit 1 -> +1, bit 0 -> -1
+            v = v.astype(jnp.int8) * 2 - 1
+    shape = list(q.qvalue.shape)
+    shape[axis] *= per
+    return lax.slice_in_dim(v.reshape(shape), 0, q.packed_length, axis=axis)
+
+
+def int_codes(q: QArray) -> tuple[jax.Array, jax.Array | None]:
+    """int8 codes and int32 zero point of an integer QArray, ready for an int8 dot.
+
+    uint8 codes (0..255) do not fit int8, so both codes and zero point move
+    down by 128; ``codes - zero_point`` is unchanged.
+
+    Example:
+      >>> import jax.numpy as jnp, qarray
+      >>> q = qarray.quantize(jnp.array([0., 255.]), 'uint8')
+      >>> c, z = int_codes(q)
+      >>> (c.astype(int) - z).tolist()
+      [0, 255]
+    """
+    c = fast_codes(q)
+    zp = None if q.zero_point is None else q.zero_point.astype(jnp.int32)
+    if q.qtype.kind == 'uint' and q.qtype.bits == 8:
+        c = (c.astype(jnp.int32) - 128).astype(jnp.int8)
+        zp = zp - 128
+    return c.astype(jnp.int8), zp
+
+
+def scale_is_shared(q: QArray, axes: Any) -> bool:
+    """True when ``q``'s scale (and zero point) is one value along every axis in ``axes``.
+
+    Example:
+      >>> import jax.numpy as jnp, qarray
+      >>> scale_is_shared(qarray.quantize(jnp.ones((4, 8)), 'int8', channelwise_axes=(1,)), (0,))
+      True
+    """
+    return all(q.scale.shape[a] == 1 for a in axes)
+
+
+def is_exact_in(q: QArray, dtype: Any) -> bool:
+    """Whether every unscaled value (``code - zero_point`` or a code-book level) is exact in ``dtype``.
+
+    Integer values are at most 255 in magnitude and fp8 values fit any float
+    of 16 bits or more; nf4 levels need float32.
+
+    Example:
+      >>> import jax.numpy as jnp, qarray
+      >>> is_exact_in(qarray.quantize(jnp.ones(4), 'nf4'), jnp.bfloat16)
+      False
+    """
+    dt = jnp.dtype(dtype)
+    if q.qtype.kind == 'codebook':
+        return dt.itemsize >= 4
+    return dt.itemsize >= 2
+
+
+def values(q: QArray, dtype: Any, *, scaled: bool = True) -> jax.Array:
+    """``q``'s values in ``dtype``: dequantized (``scaled=True``) or ``code - zero_point`` / level.
+
+    With ``scaled=True`` this equals :func:`qarray.dequantize` bit for bit
+    (same arithmetic in float32, then one cast).
+
+    Example:
+      >>> import jax.numpy as jnp, qarray
+      >>> q = qarray.quantize(jnp.array([1., -2.]), 'int8')
+      >>> values(q, jnp.float32, scaled=False).tolist()
+      [64.0, -127.0]
+    """
+    dtype = jnp.dtype(dtype)
+    vshape, sshape = core.tiled_view(q.shape, q.scale.shape)
+    c = fast_codes(q).reshape(vshape)
+    if q.qtype.kind == 'codebook':
+        v = _codebook_lookup(c, q.qtype.codebook)
+    else:
+        v = c.astype(jnp.float32)
+        if q.zero_point is not None:
+            v = v - q.zero_point.reshape(sshape).astype(jnp.float32)
+    if scaled:
+        v = v * q.scale.reshape(sshape).astype(jnp.float32)
+    return v.astype(dtype).reshape(q.shape)
+
+
+def _codebook_lookup(c: jax.Array, codebook: np.ndarray) -> jax.Array:
+    """Code-book level per code as a select tree over the code's bits (vectorises; a gather does not)."""
+    levels = [jnp.float32(v) for v in codebook]
+    bits = int(np.log2(len(levels)))
+    for i in range(bits):
+        bit = (c >> i) & 1 if c.dtype == jnp.uint8 else (c.astype(jnp.uint8) >> i) & 1
+        set_ = bit.astype(bool)
+        levels = [jnp.where(set_, levels[2 * j + 1], levels[2 * j]) for j in range(len(levels) // 2)]
+    return levels[0]

@@ -1,0 +1,159 @@
+"""Shared helpers for the ops tests: float64 references and the error bound."""
+
+from __future__ import annotations
+
+import string
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+import qarray
+
+# Integer paths: exact int32 tile sums, then float32 scale products and a float32 sum over tiles.
+INT_RTOL = 1e-5
+# Float paths accumulate in float32 like the float op itself; same bound for the small K used here.
+FLOAT_RTOL = 1e-5
+
+
+def deq64(x) -> np.ndarray:
+    """An operand as float64 numpy (QArrays dequantized)."""
+    if isinstance(x, qarray.QArray):
+        x = jax.jit(qarray.dequantize, static_argnums=1)(x, jnp.float32)
+    return np.asarray(x, np.float64)
+
+
+def np_dot_general(a: np.ndarray, b: np.ndarray, dn) -> np.ndarray:
+    """lax.dot_general semantics in numpy (float64) via einsum letters."""
+    (lc, rc), (lb, rb) = dn
+    letters = iter(string.ascii_letters)
+    la = [None] * a.ndim
+    rb_ = [None] * b.ndim
+    for x, y in zip(lb, rb):
+        la[x] = rb_[y] = next(letters)
+    for x, y in zip(lc, rc):
+        la[x] = rb_[y] = next(letters)
+    for i in range(a.ndim):
+        la[i] = la[i] or next(letters)
+    for i in range(b.ndim):
+        rb_[i] = rb_[i] or next(letters)
+    out = [la[i] for i in lb] + [la[i] for i in range(a.ndim) if i not in lb and i not in lc] + \
+          [rb_[i] for i in range(b.ndim) if i not in rb and i not in rc]
+    return np.einsum(f"{''.join(la)},{''.join(rb_)}->{''.join(out)}", a, b)
+
+
+def assert_dot_close(out, lhs, rhs, dn, rtol=INT_RTOL):
+    """|out - ref| <= rtol * (|lhs| . |rhs|) elementwise, ref in float64 on dequantized operands."""
+    a, b = deq64(lhs), deq64(rhs)
+    ref = np_dot_general(a, b, dn)
+    bound = np_dot_general(np.abs(a), np.abs(b), dn)
+    assert out.shape == ref.shape, (out.shape, ref.shape)
+    err = np.abs(np.asarray(out, np.float64) - ref)
+    worst = np.max(err - rtol * bound - 1e-30) if err.size else -1
+    assert worst <= 0, f"max excess {worst}; max err {err.max()}, max ref {np.abs(ref).max()}"
+
+
+def conv64(a, b, **kw):
+    with jax.enable_x64(True):
+        return np.asarray(jax.lax.conv_general_dilated(jnp.asarray(a, jnp.float64), jnp.asarray(b, jnp.float64),
+                                                       **kw))
+
+
+def assert_conv_close(out, lhs, rhs, rtol=INT_RTOL, **kw):
+    a, b = deq64(lhs), deq64(rhs)
+    ref = conv64(a, b, **kw)
+    bound = conv64(np.abs(a), np.abs(b), **kw)
+    assert out.shape == ref.shape, (out.shape, ref.shape)
+    err = np.abs(np.asarray(out, np.float64) - ref)
+    assert np.all(err <= rtol * bound + 1e-30), f"max err {err.max()}, max ref {np.abs(ref).max()}"
+
+
+def rand(seed, shape, dtype=jnp.float32):
+    return jax.random.normal(jax.random.key(seed), shape, dtype)
+
+
+def primitive_names(jaxpr) -> list:
+    """All equations (recursively through sub-jaxprs) as (primitive name, eqn)."""
+    out = []
+    for eqn in jaxpr.eqns:
+        out.append((eqn.primitive.name, eqn))
+        for v in eqn.params.values():
+            subs = v if isinstance(v, (tuple, list)) else [v]
+            for s in subs:
+                if hasattr(s, 'jaxpr') and hasattr(s.jaxpr, 'eqns'):
+                    out.extend(primitive_names(s.jaxpr))
+                elif hasattr(s, 'eqns'):
+                    out.extend(primitive_names(s))
+    return out
+
+
+def quant(x, qtype, **kw):
+    """qarray.quantize as one compiled program (eager quantize dispatches dozens of tiny ops)."""
+    return jax.jit(lambda v: qarray.quantize(v, qtype, **kw))(x)
+
+
+def _np_pack(fields: np.ndarray, bits: int, axis: int) -> np.ndarray:
+    """Independent little-endian bit packing (value i -> stream bits [i*bits, (i+1)*bits))."""
+    f = np.moveaxis(fields.astype(np.uint8), axis, -1)
+    n = f.shape[-1]
+    bitplanes = ((f[..., None] >> np.arange(bits, dtype=np.uint8)) & 1).reshape(*f.shape[:-1], n * bits)
+    packed = np.packbits(bitplanes, axis=-1, bitorder='little')
+    return np.moveaxis(packed, -1, axis)
+
+
+def random_qarray(seed: int, shape, fmt: str, channelwise_axes=(), tiles=None, zero_point=False,
+                  pack_axis=-1, dtype=jnp.float32):
+    """A QArray with random codes/scales built in numpy, and its float64 value computed independently."""
+    from qarray import qtypes
+    rng = np.random.default_rng(seed)
+    qt = qtypes.get(fmt)
+    ndim = len(shape)
+    tiles = tiles or {}
+    scale_shape = tuple(shape[a] // tiles[a] if a in tiles else shape[a] if a in channelwise_axes else 1
+                        for a in range(ndim))
+    scale = rng.uniform(0.5, 2.0, scale_shape).astype(np.float32) * np.float32(0.01)
+    zp = None
+    if qt.kind == 'float':
+        codes = rng.normal(0, 30, shape).astype(qt.native_dtype)
+        values = codes.astype(np.float64)
+    elif qt.kind == 'codebook':
+        codes = rng.integers(0, 16, shape).astype(np.uint8)
+        values = qt.codebook.astype(np.float64)[codes]
+    else:
+        zero_point = zero_point or qt.kind == 'uint'
+        lo, hi = qt.asym_range if zero_point else (qt.qmin, qt.qmax)
+        codes = rng.integers(lo, hi + 1, shape).astype(qt.code_dtype)
+        if qt.kind == 'int' and qt.bits == 1:
+            codes = np.where(codes > 0, 1, -1).astype(np.int8)
+        values = codes.astype(np.float64)
+        if zero_point:
+            zp = rng.integers(lo, hi + 1, scale_shape).astype(qt.code_dtype)
+    full = lambda a: np.broadcast_to(  # noqa: E731
+        _repeat_tiles(a, shape), shape)
+    if zp is not None:
+        values = values - full(zp.astype(np.float64))
+    values = values * full(scale.astype(np.float64))
+    if qt.packed:
+        field = np.asarray(qt.to_field(jnp.asarray(codes))) if qt.kind == 'int' else codes
+        qvalue = _np_pack(np.asarray(field), qt.bits, pack_axis % ndim)
+        q = qarray.QArray(jnp.asarray(qvalue), jnp.asarray(scale), None if zp is None else jnp.asarray(zp),
+                          qtype=qt, dtype=dtype, packed_axis=pack_axis % ndim - ndim, packed_length=shape[pack_axis])
+    else:
+        q = qarray.QArray(jnp.asarray(codes), jnp.asarray(scale), None if zp is None else jnp.asarray(zp),
+                          qtype=qt, dtype=dtype)
+    return q, values
+
+
+def _repeat_tiles(a: np.ndarray, shape) -> np.ndarray:
+    for ax, (n, s) in enumerate(zip(shape, a.shape)):
+        if 1 < s < n:
+            a = np.repeat(a, n // s, axis=ax)
+    return a
+
+
+def assert_close_to(out, ref, bound, rtol):
+    out = np.asarray(out, np.float64)
+    assert out.shape == ref.shape, (out.shape, ref.shape)
+    err = np.abs(out - ref)
+    worst = np.max(err - rtol * bound) if err.size else -1
+    assert worst <= 1e-30, f"max excess {worst}; max err {err.max()}, max ref {np.abs(ref).max()}"
