@@ -404,10 +404,13 @@ def _check_input(x: Any, check_finite: bool) -> jax.Array:
     if not jnp.issubdtype(x.dtype, jnp.floating):
         raise TypeError(f"x must be a floating-point array; got dtype {x.dtype}.")
     if check_finite:
-        if isinstance(x, jax.core.Tracer):
-            jax.debug.callback(_raise_nonfinite, jnp.all(jnp.isfinite(x)))
+        all_finite = jnp.all(jnp.isfinite(x))
+        try:
+            concrete = bool(all_finite)
+        except jax.errors.ConcretizationTypeError:  # traced (jit, vmap, ...): check at run time
+            jax.debug.callback(_raise_nonfinite, all_finite)
         else:
-            _raise_nonfinite(jnp.all(jnp.isfinite(x)))
+            _raise_nonfinite(concrete)
     return x
 
 
@@ -444,12 +447,28 @@ def quantize(x: Any, qtype: Any, *, channelwise_axes: int | Sequence[int] = (),
       (1, 2)
     """
     x = _check_input(x, check_finite)
+    qt, cw, tile_map, scale_dtype = _resolve_args(x, qtype, channelwise_axes, tiles, calibration, scale_dtype)
+    if qt.packed:
+        _check_pack_axis(x, qt, pack_axis)
+    return _quantize_jit(x, qt, cw, tuple(sorted(tile_map.items())), calibration, scale_dtype, pack_axis)
+
+
+def _resolve_args(x, qtype, channelwise_axes, tiles, calibration, scale_dtype):
+    """Validate everything static up front, so errors name the argument before any tracing."""
     qt = qtypes.get(qtype)
     cw, tile_map = _normalize_layout(x.shape, channelwise_axes, tiles)
+    _calibration.parse(calibration)
     scale_dtype = jnp.dtype(scale_dtype or x.dtype)
     if not jnp.issubdtype(scale_dtype, jnp.floating):
-        raise TypeError(f"scale_dtype must be a floating dtype; got {scale_dtype}.")
-    codes_, scale, zp = _quantize_codes(x, qt, cw, tile_map, calibration, scale_dtype)
+        raise TypeError(f"scale_dtype must be a floating dtype (float32, bfloat16, float16); got {scale_dtype}.")
+    return qt, cw, tile_map, scale_dtype
+
+
+# One compiled program per (format, layout, shape): eager calls run as fast as jitted ones
+# and an outer jit simply inlines it.
+@functools.partial(jax.jit, static_argnums=(1, 2, 3, 4, 5, 6))
+def _quantize_jit(x, qt, cw, tile_items, calibration, scale_dtype, pack_axis) -> QArray:
+    codes_, scale, zp = _quantize_codes(x, qt, cw, dict(tile_items), calibration, scale_dtype)
     return _pack(codes_, scale, zp, qt, x, pack_axis)
 
 
@@ -483,13 +502,18 @@ def quantize_with_scale(x: Any, qtype: Any, scale: Any, zero_point: Any = None, 
     return _pack(c, scale, zero_point, qt, x, pack_axis)
 
 
+def _check_pack_axis(x, qt, pack_axis) -> None:
+    if x.ndim == 0:
+        raise ValueError(f"qtype {qt.name!r} is bit-packed and needs an array with at least one axis.")
+    if not isinstance(pack_axis, (int, np.integer)) or not -x.ndim <= pack_axis < x.ndim:
+        raise ValueError(f"pack_axis={pack_axis!r} is out of range for an array with {x.ndim} dims; "
+                         f"use an int in [{-x.ndim}, {x.ndim - 1}].")
+
+
 def _pack(codes_, scale, zp, qt, x, pack_axis) -> QArray:
     if not qt.packed:
         return QArray(codes_, scale, zp, qtype=qt, dtype=x.dtype)
-    if x.ndim == 0:
-        raise ValueError(f"qtype {qt.name!r} is bit-packed and needs an array with at least one axis.")
-    if not -x.ndim <= pack_axis < x.ndim:
-        raise ValueError(f"pack_axis={pack_axis} is out of range for an array with {x.ndim} dims.")
+    _check_pack_axis(x, qt, pack_axis)
     pa = pack_axis % x.ndim
     qvalue = packing.pack(qt.to_field(codes_), qt.bits, axis=pa)
     return QArray(qvalue, scale, zp, qtype=qt, dtype=x.dtype, packed_axis=pa - x.ndim,
@@ -506,6 +530,11 @@ def codes(q: QArray) -> jax.Array:
     """
     if q.packed_axis is None:
         return q.qvalue
+    return _unpack_codes_jit(q)
+
+
+@jax.jit
+def _unpack_codes_jit(q: QArray) -> jax.Array:
     fields = packing.unpack(q.qvalue, q.qtype.bits, q.packed_length, axis=q.packed_axis % q.ndim)
     return q.qtype.from_field(fields)
 
@@ -520,7 +549,11 @@ def dequantize(q: QArray, dtype: Any = None) -> jax.Array:
     """
     if not isinstance(q, QArray):
         raise TypeError(f"dequantize expects a QArray; got {type(q).__name__}.")
-    dtype = q.dtype if dtype is None else jnp.dtype(dtype)
+    return _dequantize_jit(q, q.dtype if dtype is None else jnp.dtype(dtype))
+
+
+@functools.partial(jax.jit, static_argnums=(1,))
+def _dequantize_jit(q: QArray, dtype) -> jax.Array:
     vshape, sshape = tiled_view(q.shape, q.scale.shape)
     zp = None if q.zero_point is None else q.zero_point.reshape(sshape)
     values = numerics.from_codes(codes(q).reshape(vshape), q.scale.reshape(sshape), zp, q.qtype, dtype)
@@ -542,17 +575,24 @@ def _straight_through_jvp(primals, tangents):
 
 def representable_range(scale: jax.Array, zero_point: jax.Array | None, qtype: Any
                         ) -> tuple[jax.Array, jax.Array]:
-    """Lowest and highest value a group can represent (the STE's pass-through range).
+    """The range of values that quantize without clipping (the STE's pass-through range).
+
+    For integer formats it reaches half a step beyond the extreme levels
+    (their rounding cells), so a value at the calibrated absmax — which lands
+    on ``qmax + 1/2`` — still gets a gradient. fp8 and nf4: their largest
+    level times ``scale``.
 
     Example:
       >>> import jax.numpy as jnp
       >>> lo, hi = representable_range(jnp.array(0.5), None, 'int8')
       >>> float(lo), float(hi)
-      (-63.5, 63.5)
+      (-63.75, 63.75)
     """
     qt = qtypes.get(qtype)
     s = scale.astype(jnp.float32)
     qa, qb = numerics.code_range(qt, zero_point is not None)
+    half = qt.step_in_scales / 2 if qt.is_integer else 0.0
+    qa, qb = qa - half, qb + half
     if zero_point is not None:
         zpf = zero_point.astype(jnp.float32)
         return (qa - zpf) * s, (qb - zpf) * s
@@ -578,11 +618,14 @@ def fake_quant(x: Any, qtype: Any, *, channelwise_axes: int | Sequence[int] = ()
     if ste not in ('clipped', 'plain'):
         raise ValueError(f"ste must be 'clipped' or 'plain'; got {ste!r}.")
     x = _check_input(x, False)
-    qt = qtypes.get(qtype)
-    cw, tile_map = _normalize_layout(x.shape, channelwise_axes, tiles)
-    scale_dtype = jnp.dtype(scale_dtype or x.dtype)
+    qt, cw, tile_map, scale_dtype = _resolve_args(x, qtype, channelwise_axes, tiles, calibration, scale_dtype)
+    return _fake_quant_jit(x, qt, cw, tuple(sorted(tile_map.items())), calibration, scale_dtype, ste)
+
+
+@functools.partial(jax.jit, static_argnums=(1, 2, 3, 4, 5, 6))
+def _fake_quant_jit(x, qt, cw, tile_items, calibration, scale_dtype, ste) -> jax.Array:
     xs = jax.lax.stop_gradient(x)
-    c, scale, zp = _quantize_codes(xs, qt, cw, tile_map, calibration, scale_dtype)
+    c, scale, zp = _quantize_codes(xs, qt, cw, dict(tile_items), calibration, scale_dtype)
     vshape, sshape = tiled_view(x.shape, scale.shape)
     zpv = None if zp is None else zp.reshape(sshape)
     y = numerics.from_codes(c.reshape(vshape), scale.reshape(sshape), zpv, qt, x.dtype).reshape(x.shape)

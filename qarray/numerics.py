@@ -5,10 +5,10 @@ ranges and unsigned formats, an integer ``zero_point``); values become codes
 by rounding half to even and clipping explicitly to the format's range.
 
 Example:
-  >>> import jax.numpy as jnp
+  >>> import jax.numpy as jnp, numpy as np
   >>> from qarray import qtypes
   >>> s, zp = scale_and_zero_point(jnp.array(-2.), jnp.array(2.), True, qtypes.get('int8'))
-  >>> float(s) == 2 / 127, zp is None
+  >>> float(s) == np.float32(2 / 127.5), zp is None
   (True, True)
 """
 
@@ -50,10 +50,21 @@ def scale_and_zero_point(lo: jnp.ndarray, hi: jnp.ndarray, symmetric: bool, qtyp
                          scale_dtype=jnp.float32) -> tuple[jnp.ndarray, jnp.ndarray | None]:
     """Scale (and zero point or None) that map ``[lo, hi]`` onto the format's codes.
 
-    The scale is always finite and positive for finite input (an all-zero
-    group gets the smallest normal scale, so it dequantizes to exact zeros);
-    a group whose range is NaN or infinite gets a NaN scale, so its values
-    dequantize to NaN instead of silently wrong finite numbers.
+    Symmetric: ``scale = |hi| * float32(1 / qtype.calibration_bound)`` (absmax
+    lands on the outer edge of the top code's rounding cell). Asymmetric (and
+    every uintB): ``scale = hi * c - lo * c`` with ``c = float32(1 / (qb - qa))``
+    over the range widened to contain 0, and an integer zero point so that 0
+    is a level. (Multiplies, not divisions: XLA rewrites a division by a
+    constant into one, so spelling it out keeps eager, jit and numpy equal.)
+
+    The scale is always finite, positive and normal in ``scale_dtype`` for
+    finite input: an all-zero (or subnormal) group gets the smallest normal
+    scale, so it dequantizes to exact zeros; a range beyond what
+    ``scale_dtype`` holds saturates at its largest finite value. A scale that
+    rounds down in a narrow ``scale_dtype`` is bumped one ulp up, so the range
+    is never clipped by the rounding. A group whose range is NaN or infinite
+    gets a NaN scale, so its values dequantize to NaN instead of silently
+    wrong finite numbers.
 
     Example:
       >>> import jax.numpy as jnp
@@ -66,28 +77,29 @@ def scale_and_zero_point(lo: jnp.ndarray, hi: jnp.ndarray, symmetric: bool, qtyp
     hi = jnp.asarray(hi, jnp.float32)
     if uses_zero_point(qtype, symmetric):
         if symmetric:
-            lo = -hi
+            lo = -jnp.abs(hi)
+            hi = jnp.abs(hi)
         qa, qb = code_range(qtype, True)
         lo0, hi0 = jnp.minimum(lo, 0.0), jnp.maximum(hi, 0.0)  # zero must be a level
-        raw = (hi0 - lo0) / (qb - qa)
+        inv_n = np.float32(1.0 / (qb - qa))  # a multiply, as XLA would rewrite the division anyway
+        raw = hi0 * inv_n - lo0 * inv_n  # scale each end first: hi0 - lo0 can overflow float32
         scale = _finite_positive(raw, scale_dtype)
-        s32 = scale.astype(jnp.float32)
-        zp = jnp.clip(jnp.round(qa - lo0 / s32), qa, qb)
+        zp = jnp.clip(jnp.round(qa - lo0 / scale.astype(jnp.float32)), qa, qb)
         zp = jnp.where(jnp.isfinite(zp), zp, 0).astype(qtype.code_dtype)
         return scale, zp
-    raw = jnp.abs(hi) / float(qtype.qmax)
-    scale = _finite_positive(raw, scale_dtype)
-    # A scale rounded down by a narrow scale dtype would clip the range's top; bump it one ulp.
-    low = scale.astype(jnp.float32) < raw
-    scale = jnp.where(low, jnp.nextafter(scale, jnp.asarray(jnp.inf, scale.dtype)), scale)
-    return scale, None
+    raw = jnp.abs(hi) * np.float32(1.0 / qtype.calibration_bound)
+    return _finite_positive(raw, scale_dtype), None
 
 
 def _finite_positive(raw: jnp.ndarray, scale_dtype) -> jnp.ndarray:
-    tiny = np.finfo(np.dtype(scale_dtype)).tiny if np.dtype(scale_dtype) != np.dtype('bfloat16') \
-        else float(jnp.finfo(jnp.bfloat16).tiny)
-    scale = raw.astype(scale_dtype)
-    scale = jnp.where(scale > 0, scale, jnp.asarray(tiny, scale_dtype))
+    """``raw`` (float32) in ``scale_dtype``: never rounded down, within [tiny, max]; NaN if raw is not finite."""
+    info = jnp.finfo(scale_dtype)
+    tiny, big = jnp.asarray(info.tiny, scale_dtype), jnp.asarray(info.max, scale_dtype)
+    scale = jnp.clip(raw, float(info.tiny), float(info.max)).astype(scale_dtype)
+    # Rounding to a narrow dtype may land below raw, which would clip the range's top: bump one ulp.
+    up = jnp.nextafter(scale, big)
+    scale = jnp.where(scale.astype(jnp.float32) < raw, up, scale)
+    scale = jnp.clip(scale, tiny, big)
     return jnp.where(jnp.isfinite(raw), scale, jnp.asarray(jnp.nan, scale_dtype))
 
 
@@ -95,7 +107,10 @@ def to_codes(x: jnp.ndarray, scale: jnp.ndarray, zero_point: jnp.ndarray | None,
              qtype: QType) -> jnp.ndarray:
     """Round (half to even) and clip ``x / scale`` to codes in ``qtype.code_dtype``.
 
-    ``scale``/``zero_point`` must broadcast against ``x``. For nf4 the code is
+    ``scale``/``zero_point`` must broadcast against ``x``. ``x / scale`` is
+    computed in float32 as ``x * (1 / scale)`` with the reciprocal taken once
+    per group (XLA rewrites the division that way under ``jit`` anyway; doing
+    it explicitly keeps eager and jitted codes identical). For nf4 the code is
     the index of the nearest code-book level.
 
     Example:
@@ -104,14 +119,13 @@ def to_codes(x: jnp.ndarray, scale: jnp.ndarray, zero_point: jnp.ndarray | None,
       >>> to_codes(jnp.array([0.5, 1.5, 300.]), jnp.array(1.), None, qtypes.get('int8')).tolist()
       [0, 2, 127]
     """
-    y = x.astype(jnp.float32) / scale.astype(jnp.float32)
+    y = _divide_by_scale(x, scale)
     if qtype.kind == 'float':
         m = qtype.qmax
         return jnp.clip(y, -m, m).astype(qtype.native_dtype)
     if qtype.kind == 'codebook':
         cb = qtype.codebook
         mids = (cb[1:] + cb[:-1]) / 2  # nearest level = number of midpoints below y
-        y = jnp.clip(y, -1.0, 1.0)
         idx = sum((y > float(m)).astype(jnp.uint8) for m in mids)
         return jnp.asarray(idx, jnp.uint8)
     if qtype.kind == 'int' and qtype.bits == 1:
@@ -123,6 +137,18 @@ def to_codes(x: jnp.ndarray, scale: jnp.ndarray, zero_point: jnp.ndarray | None,
     q = jnp.clip(q, qa, qb)
     q = jnp.where(jnp.isnan(q), 0.0, q)  # NaN groups carry a NaN scale instead
     return q.astype(qtype.code_dtype)
+
+
+def _divide_by_scale(x: jnp.ndarray, scale: jnp.ndarray) -> jnp.ndarray:
+    """``x / scale`` in float32 as ``x * (1 / scale)``, the reciprocal once per group.
+
+    A scale above 2**100 (only for data near float32's limit) would have a
+    subnormal reciprocal, which XLA flushes to zero; both operands are then
+    pre-scaled by 2**-64, which is exact.
+    """
+    s = scale.astype(jnp.float32)
+    pre = jnp.where(s > 2.0**100, jnp.float32(2.0**-64), jnp.float32(1.0))
+    return (x.astype(jnp.float32) * pre) * (1.0 / (s * pre))
 
 
 def from_codes(codes: jnp.ndarray, scale: jnp.ndarray, zero_point: jnp.ndarray | None,
@@ -141,4 +167,8 @@ def from_codes(codes: jnp.ndarray, scale: jnp.ndarray, zero_point: jnp.ndarray |
         v = codes.astype(jnp.float32)
         if zero_point is not None:
             v = v - zero_point.astype(jnp.float32)
-    return (v * scale.astype(jnp.float32)).astype(dtype)
+    v = v * scale.astype(jnp.float32)
+    if jnp.dtype(dtype).itemsize < 4:  # a level just past a narrow dtype's max must not become inf
+        big = float(jnp.finfo(dtype).max)
+        v = jnp.clip(v, -big, big)
+    return v.astype(dtype)

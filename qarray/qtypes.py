@@ -4,13 +4,17 @@ Integer ranges (documented choice)
 ----------------------------------
 * Signed ``intB`` for B >= 2 uses the *symmetric* range ``[-(2**(B-1)-1),
   2**(B-1)-1]`` under symmetric calibration (int8: [-127, 127], int4: [-7, 7]).
-  Symmetry keeps ``-x`` exactly representable, makes absmax map to the top
-  code on both sides, and rules out the one product (-128 * -128) that would
-  overflow an int16 intermediate. Under asymmetric calibration (with a zero
-  point) the full two's-complement range ``[-2**(B-1), 2**(B-1)-1]`` is used,
-  since symmetry buys nothing there.
+  Symmetry keeps ``-x`` exactly representable and rules out the one product
+  (-128 * -128) that would overflow an int16 intermediate. The calibrated
+  absmax maps to ``qmax + 1/2`` (:attr:`QType.calibration_bound`), the outer
+  edge of the top code's rounding cell, not to ``qmax`` itself: every value
+  still rounds to within half a step, and the step is ``qmax / (qmax + 1/2)``
+  times smaller (7 % for int4, 14 % for int3) than mapping absmax to ``qmax``.
+  Under asymmetric calibration (with a zero point) the full two's-complement
+  range ``[-2**(B-1), 2**(B-1)-1]`` is used, since symmetry buys nothing there.
 * ``int1`` is a binary format: codes are {-1, +1} (one sign bit), so a value
-  is ``±scale``. Its step between levels is ``2 * scale``.
+  is ``±scale``. Its step between levels is ``2 * scale``; absmax maps to 2,
+  so ``scale = absmax / 2`` and every value is within ``scale`` of a level.
 * ``uintB`` has codes ``[0, 2**B - 1]`` and always carries a zero point.
 * ``float8_e4m3fn`` (alias ``fp8``) and ``float8_e5m2`` are stored natively and
   saturate at their finite maximum (448 and 57344); they never produce inf/NaN
@@ -108,6 +112,22 @@ class QType:
         raise ValueError(
             f"qtype {self.name!r} has no zero point; asymmetric calibration needs an "
             "integer format (intB or uintB).")
+
+    @property
+    def calibration_bound(self) -> float:
+        """Where a symmetric range's absmax lands in code units: ``scale = absmax / bound``.
+
+        Integers: ``qmax`` plus half a step (the edge of the top code's rounding
+        cell, so nothing rounds more than half a step away). fp8 and nf4: their
+        largest level (``qmax``), beyond which values saturate.
+
+        Example:
+          >>> get('int4').calibration_bound, get('int1').calibration_bound
+          (7.5, 2.0)
+        """
+        if self.kind == 'int':
+            return self.qmax + self.step_in_scales / 2
+        return float(self.qmax)
 
     @property
     def step_in_scales(self) -> int:

@@ -1,0 +1,188 @@
+"""Quantize / dequantize speed, storage and error: qarray vs Qwix 0.1.8, side by side.
+
+Each row quantizes the same 4096x4096 float32 N(0, 1) matrix with both
+libraries under ``jax.jit``; timings are medians over interleaved runs (qarray,
+Qwix, qarray, ...) after a warm-up, so machine noise hits both equally.
+Stored bytes are the real device buffer sizes (values + scales + zero
+points); errors are against the float64 input.
+
+Run: ``python benchmarks/quantize_bench.py [--size 4096] [--runs 7] [--write]``
+(``--write`` replaces the "## Quantize (issue 2)" section of benchmarks/RESULTS.md).
+
+Example:
+  >>> rows = run(size=256, runs=1)
+  >>> rows[0]['row']
+  'int8 per-channel'
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import statistics
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+import qarray
+
+SECTION = '## Quantize (issue 2)'
+
+# (row label, qarray kwargs, qwix qtype, qwix kwargs). The weight is (in, out) = (K, N):
+# per-channel means one scale per output column; "tiles t" means runs of t values
+# along the last axis, every row channelwise (qarray's tiles=t, Qwix's tiled_axes={1: t}).
+ROWS = [
+    ('int8 per-channel', dict(qtype='int8', channelwise_axes=(1,)),
+     jnp.int8, dict(channelwise_axes=(1,))),
+    ('int4 tiles 128', dict(qtype='int4', tiles=128), jnp.int4, dict(channelwise_axes=(0,), tiled_axes={1: 128})),
+    ('nf4 tiles 64', dict(qtype='nf4', tiles=64), 'nf4', dict(channelwise_axes=(0,), tiled_axes={1: 64})),
+    ('int3 tiles 128', dict(qtype='int3', tiles=128), 'int3', dict(channelwise_axes=(0,), tiled_axes={1: 128})),
+]
+
+
+def device_bytes(tree) -> int:
+    """Bytes the leaves of ``tree`` occupy on the device (what the buffers really take).
+
+    Example:
+      >>> device_bytes(jnp.zeros((4,), jnp.float32))
+      16
+    """
+    total = 0
+    for leaf in jax.tree.leaves(tree):
+        try:
+            total += leaf.addressable_data(0).on_device_size_in_bytes()
+        except Exception:  # backends without the query: fall back to the logical size
+            total += leaf.nbytes
+    return total
+
+
+def _median_ms(fns, arg, runs: int) -> list[float]:
+    """Median wall time (ms) of each fn(arg), runs interleaved across fns after one warm-up each."""
+    times = [[] for _ in fns]
+    for f in fns:
+        jax.block_until_ready(f(arg))
+        jax.block_until_ready(f(arg))
+    for _ in range(runs):
+        for i, f in enumerate(fns):
+            t0 = time.perf_counter()
+            jax.block_until_ready(f(arg))
+            times[i].append((time.perf_counter() - t0) * 1e3)
+    return [statistics.median(t) for t in times]
+
+
+def _errors(recon, ref64: np.ndarray) -> tuple[float, float]:
+    err = np.asarray(recon, np.float64) - ref64
+    return float(np.linalg.norm(err) / np.linalg.norm(ref64)), float(np.abs(err).max())
+
+
+def run(size: int = 4096, runs: int = 7, seed: int = 0) -> list[dict]:
+    """Benchmark every row; returns one dict per row with both libraries' numbers.
+
+    Example:
+      >>> run(size=128, runs=1)[-1]['row']
+      'int3 tiles 128'
+    """
+    import qwix  # the [bench] extra
+
+    w = jax.random.normal(jax.random.key(seed), (size, size), jnp.float32)
+    w64 = np.asarray(w, np.float64)
+    out = []
+    for label, qa_kw, qw_qtype, qw_kw in ROWS:
+        qa_kw = dict(qa_kw)
+        if 'tiles' in qa_kw:
+            qa_kw['tiles'] = min(qa_kw['tiles'], size)
+        qw_kw = dict(qw_kw)
+        if 'tiled_axes' in qw_kw:
+            qw_kw['tiled_axes'] = {a: min(t, size) for a, t in qw_kw['tiled_axes'].items()}
+        qa_q = jax.jit(lambda x, kw=qa_kw: qarray.quantize(x, **kw))
+        qw_q = jax.jit(lambda x, kw=qw_kw, t=qw_qtype: qwix.quantize(x, t, **kw))
+        qa_d = jax.jit(qarray.dequantize)
+        qw_d = jax.jit(qwix.dequantize)
+        qa_rt = jax.jit(lambda x, kw=qa_kw: qarray.dequantize(qarray.quantize(x, **kw)))
+        qw_rt = jax.jit(lambda x, kw=qw_kw, t=qw_qtype: qwix.dequantize(qwix.quantize(x, t, **kw)))
+        qa_stored, qw_stored = qa_q(w), qw_q(w)
+        t_q = _median_ms([qa_q, qw_q], w, runs)
+        t_d = [_median_ms([qa_d], qa_stored, runs)[0], _median_ms([qw_d], qw_stored, runs)[0]]
+        t_rt = _median_ms([qa_rt, qw_rt], w, runs)
+        qa_err = _errors(qa_rt(w), w64)
+        qw_err = _errors(qw_rt(w), w64)
+        out.append(dict(row=label, qa_q=t_q[0], qw_q=t_q[1], qa_d=t_d[0], qw_d=t_d[1], qa_rt=t_rt[0],
+                        qw_rt=t_rt[1], qa_bytes=device_bytes(qa_stored), qw_bytes=device_bytes(qw_stored),
+                        qa_rel=qa_err[0], qw_rel=qw_err[0], qa_max=qa_err[1], qw_max=qw_err[1]))
+    return out
+
+
+def to_markdown(rows: list[dict], size: int, runs: int) -> str:
+    """The RESULTS.md section for ``rows``.
+
+    Example:
+      >>> to_markdown([], 8, 1).splitlines()[0]
+      '## Quantize (issue 2)'
+    """
+    import qwix  # noqa: F401
+    from importlib.metadata import version
+    lines = [
+        SECTION, '',
+        f'quantize / dequantize of a {size}x{size} float32 N(0,1) matrix under `jax.jit`, qarray vs '
+        f'Qwix {version("qwix")}, same data, same run (median of {runs} interleaved runs after warm-up). '
+        f'Machine: {os.cpu_count()}-core {platform.machine()} CPU (shared), jax {jax.__version__} '
+        f'({jax.default_backend()}). Produced by `python benchmarks/quantize_bench.py --write`.',
+        '',
+        '"q+dq" is one jitted quantize-then-dequantize program; "stored" is the real device '
+        'buffer size of values + scales (+ zero points); rel err = ||dq - x|| / ||x|| against float64.',
+        '',
+        '| row | q+dq ms qarray | q+dq ms Qwix | speed-up | quantize ms qarray / Qwix | dequantize ms qarray / Qwix '
+        '| stored MiB qarray | stored MiB Qwix | rel err qarray | rel err Qwix | max abs err qarray / Qwix |',
+        '|---|---|---|---|---|---|---|---|---|---|---|',
+    ]
+    mib = 2.0**20
+    for r in rows:
+        lines.append(
+            f"| {r['row']} | {r['qa_rt']:.1f} | {r['qw_rt']:.1f} | {r['qw_rt'] / r['qa_rt']:.2f}x "
+            f"| {r['qa_q']:.1f} / {r['qw_q']:.1f} | {r['qa_d']:.1f} / {r['qw_d']:.1f} "
+            f"| {r['qa_bytes'] / mib:.2f} | {r['qw_bytes'] / mib:.2f} | {r['qa_rel']:.5f} | {r['qw_rel']:.5f} "
+            f"| {r['qa_max']:.4f} / {r['qw_max']:.4f} |")
+    return '\n'.join(lines) + '\n'
+
+
+def write_section(text: str, path: str) -> None:
+    """Replace (or append) this benchmark's section in ``path``, leaving other sections alone.
+
+    Example:
+      >>> import tempfile, os
+      >>> p = os.path.join(tempfile.mkdtemp(), 'R.md')
+      >>> write_section('## Quantize (issue 2)\\nx\\n', p); open(p).read()
+      '## Quantize (issue 2)\\nx\\n'
+    """
+    old = open(path).read() if os.path.exists(path) else ''
+    lines = old.splitlines(keepends=True)
+    start = next((i for i, l in enumerate(lines) if l.rstrip() == SECTION), None)
+    if start is None:
+        sep = '' if not old or old.endswith('\n\n') else ('\n' if old.endswith('\n') else '\n\n')
+        new = old + sep + text
+    else:
+        end = next((i for i in range(start + 1, len(lines)) if lines[i].startswith('## ')), len(lines))
+        tail = ''.join(lines[end:])
+        new = ''.join(lines[:start]) + text + ('\n' + tail if tail else '')
+    with open(path, 'w') as f:
+        f.write(new)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split('\n')[0])
+    p.add_argument('--size', type=int, default=4096)
+    p.add_argument('--runs', type=int, default=7)
+    p.add_argument('--write', action='store_true', help='write the table into benchmarks/RESULTS.md')
+    a = p.parse_args()
+    rows = run(a.size, a.runs)
+    text = to_markdown(rows, a.size, a.runs)
+    print(text)
+    if a.write:
+        write_section(text, os.path.join(os.path.dirname(os.path.abspath(__file__)), 'RESULTS.md'))
+
+
+if __name__ == '__main__':
+    main()
