@@ -1,0 +1,236 @@
+"""Quantization-aware training: the float model computes what its PTQ version will compute.
+
+:class:`QtProvider` (alias :class:`QatProvider`) takes the same rules as
+:class:`~flax_integration.providers.ptq.PtqProvider`. Params stay float (they
+are what trains); every matched op fake-quantizes its operands with the PTQ
+layouts, rounding and ranges, then runs the float op:
+
+* **weights**: ``qarray.fake_quant`` with the weight layout of the op (one
+  scale per output channel, tiled along the contracting axis with
+  ``tile_size``) and ``weight_calibration_method`` -- the forward value is
+  ``dequantize(quantize(w))`` bit for bit, exactly what
+  ``quantize_params`` will store;
+* **dynamic activations**: the same, with the per-token layout;
+* **static activations** (``act_static_scale=True``): the range comes from
+  the ``quant_stats`` collection -- ``{'lo', 'hi', 'count'}`` under
+  ``<op_id>_lhs`` / ``<op_id>_rhs``, the same names and shapes as
+  :class:`~flax_integration.providers.calibration.CalibrationProvider`, so
+  a QAT model can start from calibrated statistics and its statistics feed
+  ``quantize_params(qat_params, abstract_ptq_params, quant_stats)`` directly.
+  While training the statistics are updated first (the batch range is folded
+  into a running average: the plain mean of the batches seen for the first
+  ``1 / (1 - momentum)`` steps, an exponential moving average after that) and
+  the updated range quantizes the batch; at eval they are frozen.
+
+  Training vs eval: Linen updates when ``quant_stats`` is mutable
+  (``apply(..., mutable=['quant_stats'])``), and freezes otherwise. NNX
+  follows the BatchNorm convention: the modules get a
+  ``use_running_average`` attribute (False), so ``model.eval()`` freezes the
+  statistics and ``model.train()`` resumes updating them. A model whose
+  statistics were never updated (count 0) quantizes with the batch's own
+  range.
+
+Gradients are straight-through: the gradient of ``fake_quant(x)`` is 1 where
+``x`` lies inside the representable range of its scale (the calibrated range
+plus half a quantization step) and 0 outside (``ste='clipped'``, default), or 1
+everywhere (``ste='plain'``). Scales and statistics get no gradient.
+
+After training, ``quantize_params(qat_params, abstract_ptq_params,
+quant_stats)`` gives the PTQ params; the PTQ model's output equals the QAT
+model's eval output up to float rounding (the PTQ matmul may accumulate in
+integers where QAT sums dequantized floats).
+
+Example:
+  >>> import jax, jax.numpy as jnp
+  >>> from flax import linen as nn
+  >>> import flax_integration as fi
+  >>> rules = [fi.QuantizationRule(weight_qtype='int4', act_qtype='int8', act_static_scale=True)]
+  >>> qat = fi.quantize_model(nn.Dense(4), QtProvider(rules))
+  >>> v = qat.init(jax.random.key(0), jnp.ones((2, 8)))
+  >>> y, upd = qat.apply(v, jnp.ones((2, 8)), mutable=['quant_stats'])
+  >>> int(upd['quant_stats']['dot_general0_lhs']['count'])
+  1
+"""
+
+from __future__ import annotations
+
+from typing import Any, Sequence
+
+import jax
+import jax.numpy as jnp
+
+from qarray import core, qtypes
+from qarray.core import representable_range, tiled_view
+
+from flax_integration.providers.base import Op, Provider, act_range, range_to_scale
+from flax_integration.rules import QuantizationRule
+
+__all__ = ['QtProvider', 'QatProvider', 'fake_quant_with_scale', 'update_moving_average']
+
+_STE = ('clipped', 'plain')
+
+
+# --------------------------------------------------------------------------- numerics
+@jax.custom_jvp
+def _pass_inside(x, y, inside):
+    return y
+
+
+@_pass_inside.defjvp
+def _pass_inside_jvp(primals, tangents):
+    x, y, inside = primals
+    tx = tangents[0]
+    return y, jnp.where(inside, tx, jnp.zeros_like(tx))
+
+
+def fake_quant_with_scale(x: jax.Array, qtype: Any, scale: jax.Array, zero_point: jax.Array | None = None, *,
+                          ste: str = 'clipped') -> jax.Array:
+    """``dequantize(quantize_with_scale(x, qtype, scale, zero_point))`` with a straight-through gradient.
+
+    The static-scale counterpart of ``qarray.fake_quant``: the forward value is
+    bit-identical to the PTQ path with a stored scale; the gradient is 1 inside
+    the representable range of ``scale`` (``ste='clipped'``) or everywhere
+    (``ste='plain'``), and ``scale`` gets none.
+
+    Example:
+      >>> g = jax.grad(lambda v: fake_quant_with_scale(v, 'int8', jnp.full((1,), 0.01)).sum())
+      >>> g(jnp.array([0.5, 2.0])).tolist()
+      [1.0, 0.0]
+    """
+    if ste not in _STE:
+        raise ValueError(f"ste must be 'clipped' or 'plain'; got {ste!r}.")
+    xs = jax.lax.stop_gradient(x)
+    scale = jax.lax.stop_gradient(scale)
+    zero_point = None if zero_point is None else jax.lax.stop_gradient(zero_point)
+    y = core.dequantize(core.quantize_with_scale(xs, qtype, scale, zero_point), x.dtype)
+    if ste == 'plain':
+        inside = jnp.ones(x.shape, bool)
+    else:
+        vshape, sshape = tiled_view(x.shape, scale.shape)
+        zp = None if zero_point is None else jnp.broadcast_to(zero_point, scale.shape).reshape(sshape)
+        lo, hi = representable_range(scale.reshape(sshape), zp, qtypes.get(qtype))
+        xv = xs.reshape(vshape).astype(jnp.float32)
+        inside = ((xv >= lo) & (xv <= hi)).reshape(x.shape)
+    return _pass_inside(x, y, inside)
+
+
+def update_moving_average(stat: dict, lo: jax.Array, hi: jax.Array, momentum: float) -> dict:
+    """Fold one batch's range into ``{'lo', 'hi', 'count'}``: mean of the first batches, then an EMA.
+
+    The weight of the new batch is ``max(1 / count, 1 - momentum)``: with
+    ``momentum=0.99`` the first 100 batches are averaged equally (no bias
+    towards the zero initial value), later ones decay with a 100-step window
+    (activations drift while the weights train).
+
+    Example:
+      >>> s = {'lo': jnp.zeros(1), 'hi': jnp.zeros(1), 'count': jnp.zeros((), jnp.int32)}
+      >>> s = update_moving_average(s, jnp.array([-1.]), jnp.array([1.]), 0.5)
+      >>> s = update_moving_average(s, jnp.array([-3.]), jnp.array([3.]), 0.5)
+      >>> s = update_moving_average(s, jnp.array([-2.]), jnp.array([2.]), 0.5)
+      >>> s['hi'].tolist(), int(s['count'])
+      ([2.0], 3)
+    """
+    count = stat['count'] + 1
+    w = jnp.maximum(1.0 / count.astype(jnp.float32), 1.0 - momentum)
+    return {'lo': stat['lo'] + (lo - stat['lo']) * w, 'hi': stat['hi'] + (hi - stat['hi']) * w,
+            'count': count}
+
+
+# --------------------------------------------------------------------------- provider
+class QtProvider(Provider):
+    """QAT provider: fake quantization with the PTQ numerics and straight-through gradients.
+
+    Args:
+      rules: the same :class:`QuantizationRule` list as for PTQ.
+      ste: ``'clipped'`` (gradient 0 outside the quantization range) or ``'plain'``.
+      momentum: moving-average momentum of static-range statistics (see module docstring).
+
+    Example:
+      >>> import flax_integration as fi
+      >>> QtProvider([fi.QuantizationRule(weight_qtype='int8')], ste='plain').ste
+      'plain'
+    """
+
+    def __init__(self, rules: Sequence[QuantizationRule], *, ste: str = 'clipped', momentum: float = 0.99):
+        super().__init__(rules)
+        if ste not in _STE:
+            raise ValueError(f"ste must be 'clipped' or 'plain'; got {ste!r}.")
+        if not 0.0 <= momentum < 1.0:
+            raise ValueError(f"momentum must be in [0, 1); got {momentum!r}.")
+        self.ste = ste
+        self.momentum = float(momentum)
+
+    def process_op(self, op: Op) -> jax.Array:
+        rule = op.rule
+        operands = [self.plain_operand(x) for x in op.call.operands]
+        if rule is None:
+            return op.call.run(*operands)
+        w = op.weight
+        if w is not None and rule.weight_qtype is not None and not w.quantized:
+            operands[w.index] = self.fake_quant_weight(op, operands[w.index])
+        if rule.act_qtype is not None:
+            for i in op.act_indices():
+                operands[i] = self.fake_quant_activation(op, i, operands[i])
+        return op.call.run(*operands)
+
+    # --- weights ---------------------------------------------------------------------------
+    def fake_quant_weight(self, op: Op, value: jax.Array) -> jax.Array:
+        """The weight as PTQ will store it (dequantized), with the straight-through gradient."""
+        rule = op.rule
+        if op.call.per_channel_only and rule.tile_size is not None:
+            raise ValueError(f"{op.describe()}: tile_size={rule.tile_size} is not supported for "
+                             f"{op.call.name} (weights are per output channel); limit the rule with "
+                             "op_names=('dot_general', 'einsum') or drop tile_size.")
+        cw, tiles = op.call.layout(op.weight.index, 'weight', op.tile_size)
+        try:
+            return core.fake_quant(value, rule.weight_qtype, channelwise_axes=cw, tiles=tiles,
+                                   calibration=rule.weight_calibration_method, ste=self.ste)
+        except (ValueError, TypeError) as e:
+            raise type(e)(f"{op.describe()}, weight {op.weight.name!r} of shape {value.shape}: {e}") from None
+
+    # --- activations -----------------------------------------------------------------------
+    def fake_quant_activation(self, op: Op, i: int, x: Any) -> Any:
+        """Activation operand ``i`` as PTQ will quantize it: per token, or with the static range."""
+        rule = op.rule
+        if not jnp.issubdtype(jnp.result_type(x), jnp.floating):
+            return x
+        try:
+            if not rule.act_static_scale:
+                cw, tiles = op.call.layout(i, 'act', op.tile_size)
+                return core.fake_quant(x, rule.act_qtype, channelwise_axes=cw, tiles=tiles,
+                                       calibration=rule.act_calibration_method, ste=self.ste)
+            lo, hi = self._static_range(op, i, x)
+            scale, zp = range_to_scale(lo, hi, rule.act_qtype, rule.act_calibration_method, x.dtype)
+            return fake_quant_with_scale(x, rule.act_qtype, scale.astype(jnp.float32), zp, ste=self.ste)
+        except (ValueError, TypeError) as e:
+            raise type(e)(f"{op.describe()}, activation of shape {tuple(x.shape)}: {e}") from None
+
+    def _static_range(self, op: Op, i: int, x: jax.Array) -> tuple[jax.Array, jax.Array]:
+        """Range for a static-scale operand; updates ``quant_stats`` when training."""
+        rule, frame = op.rule, op.frame
+        cw, tiles = op.call.layout(i, 'static_act', op.tile_size, rule.act_batch_axes)
+        lo, hi = act_range(jax.lax.stop_gradient(x), rule.act_qtype, cw, tiles, rule.act_calibration_method)
+        name = op.act_name(i)
+        stat = frame.get_stat(name)
+        if stat is None:  # first sight (Linen init / NNX quantize_model): zeros, count 0, as calibration does
+            stat = {'lo': jnp.zeros_like(lo), 'hi': jnp.zeros_like(hi), 'count': jnp.zeros((), jnp.int32)}
+            frame.put_stat(name, stat)
+            if frame.kind == 'nnx' and not hasattr(frame.module, 'use_running_average'):
+                frame.module.use_running_average = False  # so model.eval() freezes the statistics
+        if frame.initializing:
+            return lo, hi
+        if self._training(frame):
+            stat = jax.tree.map(jax.lax.stop_gradient, update_moving_average(stat, lo, hi, self.momentum))
+            frame.put_stat(name, stat)
+            return stat['lo'], stat['hi']
+        never = stat['count'] == 0  # eval before any training step: the batch's own range
+        return jnp.where(never, lo, stat['lo']), jnp.where(never, hi, stat['hi'])
+
+    @staticmethod
+    def _training(frame: Any) -> bool:
+        if not frame.can_update_stats():
+            return False
+        return not (frame.kind == 'nnx' and getattr(frame.module, 'use_running_average', False))
+
+
+QatProvider = QtProvider

@@ -1,0 +1,91 @@
+"""Model-free quantize_params(params, rules); scoped, thread-local interception."""
+
+import threading
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import flax_integration as fi
+import qarray
+from flax_integration import interception
+from flax_integration.ops_bridge import ORIGINAL
+
+
+def test_model_free_quantizes_matching_leaves():
+    params = {'Dense_0': {'kernel': jax.random.normal(jax.random.key(0), (16, 8)), 'bias': jnp.ones(8)},
+              'blocks': [{'w': jnp.ones((8, 4))}]}
+    rules = [fi.QuantizationRule(module_path='Dense_0/kernel', weight_qtype='int4', tile_size=8),
+             fi.QuantizationRule(module_path='blocks/0/w', weight_qtype='int8')]
+    q = fi.quantize_params(params, rules)
+    k = q['Dense_0']['kernel']
+    assert isinstance(k, qarray.QArray) and k.tiles == {0: 8} and k.channelwise_axes == (1,)
+    W = params['Dense_0']['kernel']
+    for t in range(2):  # each 8-row tile has its own per-column scale, as quantizing that tile alone gives
+        alone = qarray.quantize(W[8 * t:8 * (t + 1)], 'int4', channelwise_axes=(1,)).scale
+        np.testing.assert_allclose(np.asarray(k.scale[t]), np.asarray(alone[0]), rtol=1e-6)
+    assert isinstance(q['blocks'][0]['w'], qarray.QArray)
+    assert q['Dense_0']['bias'] is params['Dense_0']['bias']
+
+
+def test_model_free_errors_name_the_path():
+    with pytest.raises(ValueError, match='Dense_0/bias'):
+        fi.quantize_params({'Dense_0': {'bias': jnp.ones(8)}}, [fi.QuantizationRule(weight_qtype='int8')])
+    with pytest.raises(ValueError, match='Dense_0/kernel'):
+        fi.quantize_params({'Dense_0': {'kernel': jnp.ones((6, 8))}},
+                           [fi.QuantizationRule(weight_qtype='int4', tile_size=4)])
+    with pytest.raises(ValueError, match='quant_stats'):
+        fi.quantize_params({'k': jnp.ones((4, 4))}, [fi.QuantizationRule(weight_qtype='int8')], {})
+
+
+def test_scope_restores_originals_and_routes_calls():
+    seen = []
+
+    def handler(call, frame):
+        seen.append(call.name)
+        return call.run_original()
+
+    with interception.scope(handler):
+        assert jax.lax.dot_general is not ORIGINAL['dot_general']
+        jnp.dot(jnp.ones((2, 3)), jnp.ones((3, 2)))
+        jnp.matmul(jnp.ones((4, 2, 3)), jnp.ones((4, 3, 2)))
+        jax.lax.conv_general_dilated(jnp.ones((1, 1, 4, 4)), jnp.ones((1, 1, 3, 3)), (1, 1), 'SAME')
+    assert seen == ['dot_general', 'dot_general', 'conv_general_dilated']
+    for name, (mod, attr, _) in interception.PATCHED.items():
+        assert getattr(mod, attr) is ORIGINAL[name]
+
+
+def test_other_threads_are_not_intercepted():
+    entered, release = threading.Event(), threading.Event()
+    calls = []
+
+    def handler(call, frame):
+        calls.append(threading.current_thread().name)
+        return call.run_original()
+
+    def inside():
+        with interception.scope(handler):
+            entered.set()
+            release.wait(10)
+            jnp.einsum('ij,jk->ik', jnp.ones((2, 2)), jnp.ones((2, 2)))
+
+    t = threading.Thread(target=inside, name='scoped')
+    t.start()
+    entered.wait(10)
+    out = jnp.einsum('ij,jk->ik', jnp.ones((2, 2)), jnp.ones((2, 2)))  # main thread: not routed
+    release.set()
+    t.join()
+    assert calls == ['scoped'] and float(out[0, 0]) == 2.0
+
+
+def test_provider_is_not_reentered():
+    depth = []
+
+    def handler(call, frame):
+        depth.append(call.name)
+        return jnp.einsum('ij,jk->ik', *[interception._dequantized(o) for o in call.operands])
+
+    with interception.scope(handler):
+        jnp.einsum('ij,jk->ik', jnp.ones((2, 2)), jnp.ones((2, 2)))
+    assert depth == ['einsum']
