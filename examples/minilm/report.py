@@ -23,6 +23,13 @@ def _f(v: Any, spec: str) -> str:
     return '-' if v is None else format(v, spec)
 
 
+def _ms(r: dict, key: str) -> str:
+    v, f = r.get(key), r.get('float_ms')
+    if v is None:
+        return '-'
+    return f"{v:.0f} ({v / f:.2f}x)" if f else f"{v:.0f}"
+
+
 def markdown_table(rows: Sequence[dict[str, Any]]) -> str:
     """A markdown table; Qwix columns appear when any row has Qwix numbers.
 
@@ -34,7 +41,7 @@ def markdown_table(rows: Sequence[dict[str, Any]]) -> str:
     head = ['scheme', 'linear MiB', 'total MiB', 'mean cos', 'Spearman', 'ms / batch']
     if qwix:
         head = ['scheme', 'linear MiB', 'Qwix linear MiB (CPU buffer / packed)', 'total MiB', 'Qwix total MiB',
-                'mean cos', 'Qwix mean cos', 'Spearman', 'Qwix Spearman', 'ms / batch', 'Qwix ms / batch']
+                'mean cos', 'Qwix mean cos', 'Spearman', 'Qwix Spearman', 'ms / batch (x float)', 'Qwix ms / batch (x float)']
     lines = ['| ' + ' | '.join(head) + ' |', '|' + '|'.join('---' for _ in head) + '|']
     for r in rows:
         if qwix:
@@ -42,7 +49,7 @@ def markdown_table(rows: Sequence[dict[str, Any]]) -> str:
             qlin = (f"{_mib(r['qwix_linear_bytes'])} / {_mib(r['qwix_linear_bytes_packed'])}" if has else '-')
             cells = [r['scheme'], _mib(r['linear_bytes']), qlin, _mib(r['bytes']), _mib(r.get('qwix_bytes')),
                      _f(r['cos'], '.6f'), _f(r.get('qwix_cos'), '.6f'), _f(r['spearman'], '.4f'),
-                     _f(r.get('qwix_spearman'), '.4f'), _f(r.get('ms'), '.0f'), _f(r.get('qwix_ms'), '.0f')]
+                     _f(r.get('qwix_spearman'), '.4f'), _ms(r, 'ms'), _ms(r, 'qwix_ms')]
         else:
             cells = [r['scheme'], _mib(r['linear_bytes']), _mib(r['bytes']), _f(r['cos'], '.6f'),
                      _f(r['spearman'], '.4f'), _f(r.get('ms'), '.0f')]

@@ -82,14 +82,15 @@ def by_name(name: str) -> Scheme:
     raise ValueError(f"scheme must be one of {[s.name for s in SCHEMES]}; got {name!r}.")
 
 
-def qarray_rules(scheme: Scheme) -> list[Any]:
+def qarray_rules(scheme: Scheme, fi: Any = None) -> list[Any]:
     """``flax_integration`` rules for ``scheme`` (one rule on the 36 linear layers).
 
     Example:
       >>> qarray_rules(SCHEMES[0])[0].act_qtype  # doctest: +SKIP
       'int8'
     """
-    import flax_integration as fi
+    if fi is None:
+        import flax_integration as fi
     return [fi.QuantizationRule(module_path=LINEAR_PATHS, weight_qtype=scheme.weight_qtype,
                                 act_qtype=scheme.act_qtype, tile_size=scheme.tile_size,
                                 act_static_scale=scheme.act_static,

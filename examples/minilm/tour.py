@@ -28,9 +28,9 @@ def minilm_section(title: str = "MiniLM-L6 (all-MiniLM-L6-v2, 22.7M params): qua
         print(f"{title}: skipped ({reason}).")
         return
     try:
-        import flax_integration
-        flax_integration.quantize_model
-    except (ImportError, AttributeError) as e:
+        from examples.minilm.evaluate import _fi
+        _fi()
+    except ImportError as e:
         print(f"{title}: skipped (flax_integration is not importable: {e}).")
         return
     from examples.minilm import evaluate, report, schemes

