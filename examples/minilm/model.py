@@ -103,8 +103,8 @@ def mean_pool_normalize(hidden: jax.Array, mask: jax.Array) -> jax.Array:
     Example:
       >>> import jax.numpy as jnp
       >>> h = jnp.array([[[3., 0.], [0., 4.], [9., 9.]]])
-      >>> mean_pool_normalize(h, jnp.array([[1, 1, 0]])).round(2).tolist()
-      [[0.6, 0.8]]
+      >>> [round(float(v), 2) for v in mean_pool_normalize(h, jnp.array([[1, 1, 0]]))[0]]
+      [0.6, 0.8]
     """
     m = mask.astype(hidden.dtype)[..., None]
     pooled = (hidden * m).sum(axis=1) / jnp.maximum(m.sum(axis=1), 1e-9)
