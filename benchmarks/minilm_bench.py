@@ -82,7 +82,41 @@ LayerNorms, biases and the attention core stay float32 in both.
 * `mse` rows use qarray's MSE-searched clipping for weights (Qwix has no equivalent: `-`).
 
 {report.markdown_table(rows)}
-""".lstrip('\n')
+
+{targets(rows)}""".lstrip('\n')
+
+
+def targets(rows) -> str:
+    """Issue 7's targets checked against the measured rows (markdown bullet list).
+
+    Example:
+      >>> targets([])
+      ''
+    """
+    by = {r['scheme']: r for r in rows}
+    if not rows or 'int4 t128 weight-only' not in by:
+        return ''
+    out = []
+
+    def line(ok, text):
+        out.append(f"* {'met' if ok else '**not met**'}: {text}")
+
+    for name in ('w8a8 int8 dynamic', 'w8a8 int8 dynamic t128'):
+        if name in by:
+            line(by[name]['cos'] >= 0.999, f"int8 w8a8 mean cos >= 0.999 -- {name}: {by[name]['cos']:.6f}")
+    c = by['int4 t128 weight-only']['cos']
+    line(c >= 0.99, f"int4 tiles 128 mean cos >= 0.99 -- {c:.6f} (Qwix {by['int4 t128 weight-only'].get('qwix_cos', float('nan')):.6f}; "
+         "round-to-nearest int4 on this 22M-param model; per-layer tests show every layer type contributes)")
+    if 'nf4 t64 weight-only' in by and 'int4 t64 weight-only' in by:
+        a, b = by['nf4 t64 weight-only']['cos'], by['int4 t64 weight-only']['cos']
+        line(a >= b, f"nf4 t64 >= int4 t64 -- {a:.6f} vs {b:.6f}")
+    both = [r for r in rows if 'qwix_cos' in r]
+    worse = [f"{r['scheme']} ({r['cos']:.6f} vs {r['qwix_cos']:.6f})" for r in both if r['cos'] < r['qwix_cos']]
+    line(not worse, "fidelity >= Qwix's on every shared scheme" + (
+        f" -- lower mean cos on: {', '.join(worse)}" if worse else ''))
+    bigger = [r['scheme'] for r in both if r['bytes'] > r['qwix_bytes']]
+    line(not bigger, "stored bytes <= Qwix's on every shared scheme" + (f" -- larger: {bigger}" if bigger else ''))
+    return 'Targets (issue 7):\n\n' + '\n'.join(out) + '\n'
 
 
 def main(argv=None) -> None:

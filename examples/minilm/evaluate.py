@@ -142,25 +142,16 @@ def build_float(params: Any) -> Built:
 
 
 def _fi() -> Any:
-    """``flax_integration``; while its ``__init__`` is not yet written, the same names from its submodules."""
-    import types
-    import flax_integration as fi
-    if hasattr(fi, 'quantize_model'):
-        return fi
-    # Workaround (remove once flax_integration/__init__.py exports these names).
-    from flax_integration.model import quantize_model
-    from flax_integration.providers.ptq import PtqProvider
-    from flax_integration.quantize_params import quantize_params
-    from flax_integration.rules import QuantizationRule
-    return types.SimpleNamespace(quantize_model=quantize_model, PtqProvider=PtqProvider,
-                                 quantize_params=quantize_params, QuantizationRule=QuantizationRule)
+    """``flax_integration`` (imported lazily: the float model and the metrics do not need it)."""
+    import flax_integration
+    return flax_integration
 
 
 def build_qarray(scheme: Scheme, params: Any, data: EvalData) -> Built:
     """Quantize with ``flax_integration``: ``quantize_model`` + ``PtqProvider``, then ``quantize_params``.
 
-    Static schemes first run the float model under ``CalibrationProvider`` on the held-out sentences
-    (one batch) to collect the ``quant_stats`` that ``quantize_params`` turns into scales.
+    Static schemes first run ``flax_integration.calibrate`` (the float model under the same rules) on the
+    held-out sentences, one batch, to collect the ``quant_stats`` that ``quantize_params`` turns into scales.
 
     Example:
       >>> build_qarray(SCHEMES[0], weights.load_params(), eval_data())  # doctest: +SKIP
@@ -172,12 +163,8 @@ def build_qarray(scheme: Scheme, params: Any, data: EvalData) -> Built:
     abstract = jax.eval_shape(qmodel.init, jax.random.key(0), data.ids[:2], data.mask[:2])
     quant_stats = None
     if scheme.act_static:
-        from flax_integration.providers.calibration import CalibrationProvider
-        cmodel = fi.quantize_model(model, CalibrationProvider(rules))
-        init = cmodel.init(jax.random.key(0), data.calib_ids[:2], data.calib_mask[:2])
-        _, upd = cmodel.apply({'params': params['params'], 'quant_stats': init['quant_stats']}, data.calib_ids,
-                              data.calib_mask, mutable=['quant_stats'])
-        quant_stats = upd['quant_stats']
+        quant_stats = fi.calibrate(model, params['params'], [(data.calib_ids, data.calib_mask)], rules=rules,
+                                   progress=False)
     qparams = fi.quantize_params(params['params'], abstract['params'], quant_stats)
     return Built(jax.jit(qmodel.apply), {'params': qparams})
 
