@@ -1,0 +1,517 @@
+"""ODML providers: quantization-aware training for LiteRT numerics, and the conversion annotations.
+
+LiteRT's int8 kernels fix the numerics: weights symmetric int8 (narrow range
+[-127, 127], zero point 0), one scale per output channel for conv,
+fully-connected and matmul; activations one (scale, zero point) per tensor,
+asymmetric by default; fixed parameters on softmax / sigmoid / tanh outputs.
+Quantization parameters belong to *tensors*, so both providers decide per
+tensor, not per op:
+
+* every dot_general / einsum / conv (and ``jnp.dot``/``jnp.matmul``) weight
+  is fake-quantized per output channel;
+* an activation tensor is annotated once, where it is first consumed by an
+  annotated op (a conv's input, a residual add's operand) or where an op in
+  :mod:`~flax_integration.providers.odml_ops` produces it (relu's output,
+  concat's output, ...), and the model's outputs are annotated last; a conv /
+  dense output is therefore annotated *after* its bias add and activation,
+  which lets LiteRT fuse them;
+* a tensor that is already annotated is never annotated again (a reshape
+  passes its input's annotation on).
+
+:class:`OdmlQatProvider` fake-quantizes with a straight-through gradient and
+keeps a running average of each activation's (min, max) in ``quant_stats``
+(names ``<op_id>_lhs`` for an op input, ``relu0_out``, ``output0`` for the
+model output, in the module that runs the op). :class:`OdmlConversionProvider`
+computes the same numbers ahead of time from the trained params and
+``quant_stats`` and emits each fake quant as a ``quant.fake_quant`` composite
+that the LiteRT converter turns into int8 tensors; its JAX numerics equal the
+QAT model's forward pass. :func:`flax_integration.litert.export_litert` runs
+the whole path.
+
+What converts fully to int8: chains of conv / dense / matmul with bias, the
+activations in ``odml_ops`` (relu, relu6, leaky_relu; softmax, sigmoid, tanh
+with fixed ranges), reshape, max/avg pooling (``flax`` pooling functions),
+``jnp.concatenate``, ``jnp.mean``, and ``+``/``*`` between activations.
+Anything else between annotated tensors (e.g. ``jnp.maximum(x, 0)`` as relu,
+``x.mean()`` as a method, gelu) still converts, but runs in float between a
+DEQUANTIZE and a QUANTIZE.
+
+Example:
+  >>> import jax, jax.numpy as jnp
+  >>> from flax import linen as nn
+  >>> from flax_integration.model import quantize_model
+  >>> from flax_integration.rules import QuantizationRule
+  >>> qat = quantize_model(nn.Dense(4), OdmlQatProvider([QuantizationRule(weight_qtype='int8', act_qtype='int8')]))
+  >>> v = qat.init(jax.random.key(0), jnp.ones((2, 8)))
+  >>> sorted(v['quant_stats'])
+  ['dot_general0_lhs', 'output0']
+"""
+
+from __future__ import annotations
+
+import weakref
+from typing import Any, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from qarray import core
+from qarray.core import QArray
+
+from flax_integration import interception
+from flax_integration.providers import odml_ops
+from flax_integration.providers.base import Op, Provider, act_range, is_symmetric, range_to_scale
+from flax_integration.providers.calibration import update_running_mean
+from flax_integration.providers.odml_ops import Annotation, ExtraOp, lookup, register, run_state
+from flax_integration.rules import QuantizationRule
+from flax_integration.wrappers import QuantizedParam, unbox_leaves
+
+__all__ = ['OdmlQatProvider', 'OdmlConversionProvider', 'WEIGHT_QTYPES', 'ACT_QTYPES']
+
+WEIGHT_QTYPES = ('int8', 'int4')   # LiteRT: int8 weights; int4 weights become INT4 tensors in int8 ops
+ACT_QTYPES = ('int8',)
+_COMPOSITE_DTYPE = {'int8': 'i8', 'int4': 'i4'}
+
+
+@jax.custom_jvp
+def _ste(x, y, inside):
+    return y
+
+
+@_ste.defjvp
+def _ste_jvp(primals, tangents):
+    x, y, inside = primals
+    return y, jnp.where(inside, tangents[0], jnp.zeros_like(tangents[0]))
+
+
+def _full_rank(v: Any, ndim: int) -> jax.Array:
+    return jnp.asarray(v).reshape((1,) * ndim)
+
+
+def _is_float_array(x: Any) -> bool:
+    return isinstance(x, jax.Array) and jnp.issubdtype(x.dtype, jnp.floating)
+
+
+def _check_rules(rules: Sequence[QuantizationRule]) -> None:
+    for r in rules:
+        if r.weight_qtype is not None and r.weight_qtype not in WEIGHT_QTYPES:
+            raise ValueError(f"weight_qtype: ODML (LiteRT) weights must be one of {WEIGHT_QTYPES}; got "
+                             f"{r.weight_qtype!r} in rule module_path={r.module_path!r}.")
+        if r.act_qtype is not None and r.act_qtype not in ACT_QTYPES:
+            raise ValueError(f"act_qtype: ODML (LiteRT) activations must be one of {ACT_QTYPES}; got "
+                             f"{r.act_qtype!r} in rule module_path={r.module_path!r}.")
+        if r.tile_size is not None:
+            raise ValueError(f"tile_size: LiteRT has no sub-channel scales; use tile_size=None (got "
+                             f"{r.tile_size!r} in rule module_path={r.module_path!r}).")
+        if r.weight_qtype is not None and not is_symmetric(r.weight_calibration_method):
+            raise ValueError(f"weight_calibration_method: LiteRT weights are symmetric; use a symmetric method "
+                             f"such as 'absmax' (got {r.weight_calibration_method!r}).")
+
+
+class OdmlQatProvider(Provider):
+    """QAT with LiteRT numerics (see module docstring).
+
+    Args:
+      rules: which modules to quantize; ``weight_qtype`` in ``('int8',
+        'int4')``, ``act_qtype`` ``'int8'`` or None (weight-only).
+      act_calibration_method: the per-batch range of each activation tensor
+        (``'minmax'``: asymmetric, LiteRT's default; ``'absmax'``: symmetric,
+        zero point 0). Applies to all activations (a rule's own
+        ``act_calibration_method`` is not used: its default is symmetric).
+      per_channel_weights: one scale per output channel (False: per tensor).
+
+    Example:
+      >>> p = OdmlQatProvider([QuantizationRule(weight_qtype='int8', act_qtype='int8')])
+      >>> p.act_calibration_method
+      'minmax'
+    """
+
+    def __init__(self, rules: Sequence[QuantizationRule], *, act_calibration_method: str = 'minmax',
+                 per_channel_weights: bool = True):
+        super().__init__(rules)
+        _check_rules(self.rules.rules)
+        try:
+            is_symmetric(act_calibration_method)
+        except (ValueError, TypeError) as e:
+            raise type(e)(f"act_calibration_method: {e}") from None
+        self.act_calibration_method = act_calibration_method
+        self.per_channel_weights = bool(per_channel_weights)
+        self.last_io: dict = {'inputs': {}, 'outputs': []}
+        odml_ops.acquire()  # the shims must be in place before a model looks up nn.relu & co.
+        weakref.finalize(self, odml_ops.release)
+
+    # --- run bookkeeping -------------------------------------------------------------------
+    def _enter(self, frame: Any) -> bool:
+        """Begin/continue this thread's run; returns the previous busy flag."""
+        odml_ops.begin_run(self)
+        st = run_state()
+        if st.root_frame is None:
+            frames = getattr(interception, '_state')().frames  # outermost frame = the model itself
+            st.root_frame = frames[0] if frames else frame
+        busy, st.busy = st.busy, True
+        return busy
+
+    def handle(self, call, frame):
+        if frame is None:
+            return call.run_original()
+        busy = self._enter(frame)
+        try:
+            return super().handle(call, frame)
+        finally:
+            run_state().busy = busy
+
+    def mark_inputs(self, inputs: Sequence[Any]) -> None:
+        """Name ``inputs`` as the model's inputs for the coming run (their parameters are recorded in
+        :attr:`last_io`); starts the run so ops before the first matmul are seen too."""
+        odml_ops.begin_run(self)
+        st = run_state()
+        st.io = {'inputs': {}, 'outputs': []}
+        for i, x in enumerate(inputs):
+            st.marked[id(x)] = i
+            st.keep.append(x)
+
+    def seed(self, x: jax.Array, scale: Any, zero_point: Any) -> None:
+        """Declare ``x`` as already annotated with ``(scale, zero_point)`` for the coming run."""
+        odml_ops.begin_run(self)
+        register(x, Annotation(x, scale, zero_point, None))
+
+    # --- matmuls and convolutions ----------------------------------------------------------
+    def process_op(self, op: Op) -> jax.Array:
+        operands = list(op.call.operands)
+        for x in operands:
+            if isinstance(x, (QuantizedParam, QArray)):
+                raise TypeError(f"{op.describe()}: ODML providers need float params (they fake-quantize); got "
+                                f"a quantized {type(x).__name__}. Use the float (or QAT-trained) params.")
+        rule = op.rule
+        if rule is None:
+            return op.call.run(*operands)
+        if op.weight is not None and rule.weight_qtype is not None:
+            operands[op.weight.index] = self.weight(op, operands[op.weight.index])
+        if rule.act_qtype is not None:
+            for i in op.act_indices():
+                operands[i] = self.annotate_input(op.frame, op.act_name(i), operands[i])
+        return op.call.run(*operands)
+
+    def weight_axis(self, op: Op) -> int | None:
+        """The output-channel axis of the weight (None: per tensor)."""
+        w = op.weight.index
+        shape = op.call.operands[w].shape
+        kept = [a for a in op.call.kept[w] if shape[a] > 1]
+        if not self.per_channel_weights or len(kept) != 1:
+            return None  # LiteRT has one quantized dimension; several output axes share one scale
+        return kept[0]
+
+    def weight(self, op: Op, w: jax.Array) -> jax.Array:
+        """Fake-quantized weight (straight-through gradient)."""
+        axis = self.weight_axis(op)
+        return core.fake_quant(w, op.rule.weight_qtype, channelwise_axes=() if axis is None else (axis,),
+                               calibration=op.rule.weight_calibration_method)
+
+    # --- activations -----------------------------------------------------------------------
+    def annotate_input(self, frame: Any, name: str, x: Any) -> Any:
+        """``x`` as annotated: its existing annotation, or a new one named ``name`` in ``frame``."""
+        if not _is_float_array(x):
+            return x
+        ann = lookup(x)
+        if ann is not None:
+            return ann.value
+        return self.annotate(frame, name, x).value
+
+    def annotate(self, frame: Any, name: str, x: jax.Array, qparams: tuple | None = None) -> Annotation:
+        """Annotate ``x`` with the parameters of statistic ``name`` (or the given ``(scale, zp)``)."""
+        scale, zp = self.act_qparams(frame, name, x) if qparams is None else qparams
+        ann = register(x, Annotation(self.fake_quant_act(x, scale, zp), scale, zp, x))
+        st = run_state()
+        if id(x) in st.marked:
+            st.io['inputs'][st.marked[id(x)]] = (scale, zp)
+        return ann
+
+    def batch_range(self, x: jax.Array) -> tuple[jax.Array, jax.Array]:
+        """Per-tensor (lo, hi) of one batch, shape (1,)."""
+        lo, hi = act_range(jax.lax.stop_gradient(x), 'int8', (), None, self.act_calibration_method)
+        return lo.reshape(1), hi.reshape(1)
+
+    def act_qparams(self, frame: Any, name: str, x: jax.Array) -> tuple[jax.Array, jax.Array | None]:
+        """(scale, zero point) from the running average in ``quant_stats`` (updated when mutable)."""
+        lo, hi = self.batch_range(x)
+        stat = frame.get_stat(name)
+        if stat is None:
+            stat = {'lo': jnp.zeros_like(lo), 'hi': jnp.zeros_like(hi), 'count': jnp.zeros((), jnp.int32)}
+            frame.put_stat(name, stat)
+        stat = unbox_leaves(stat)
+        if frame.can_update_stats():
+            stat = update_running_mean(stat, lo, hi)
+            frame.put_stat(name, stat)
+        seen = stat['count'] > 0  # before any statistics (init): this batch's range
+        lo, hi = jnp.where(seen, stat['lo'], lo), jnp.where(seen, stat['hi'], hi)
+        return range_to_scale(lo, hi, 'int8', self.act_calibration_method)
+
+    def fake_quant_act(self, x: jax.Array, scale: Any, zero_point: Any) -> jax.Array:
+        """Per-tensor int8 fake quant with a clipped straight-through gradient."""
+        s = _full_rank(scale, x.ndim).astype(jnp.float32)
+        z = None if zero_point is None else _full_rank(zero_point, x.ndim)
+        xs = jax.lax.stop_gradient(x)
+        y = core.dequantize(core.quantize_with_scale(xs, 'int8', s, z), x.dtype)
+        lo, hi = core.representable_range(s, z, 'int8')
+        return _ste(x, y, (xs >= lo) & (xs <= hi))
+
+    def fixed_qparams(self, name: str) -> tuple[Any, Any]:
+        s, z = odml_ops.FIXED_QPARAMS[name]
+        return jnp.full((1,), s, jnp.float32), jnp.full((1,), z, jnp.int8)
+
+    # --- other ops (relu, softmax, pooling, concat, add, ...) ------------------------------
+    def process_extra_op(self, e: ExtraOp) -> Any:
+        """Annotate around one intercepted non-matmul op (see ``odml_ops``)."""
+        busy = self._enter(e.frame)
+        try:
+            rule = self.rules.match(e.frame.path, None)
+            if rule is None or rule.act_qtype is None:
+                return e.original(*e.args, **e.kwargs)
+            return getattr(self, f'_extra_{e.kind}')(e)
+        finally:
+            run_state().busy = busy
+
+    def _extra_reshape(self, e: ExtraOp) -> Any:
+        x = e.args[0]
+        y = e.original(*e.args, **e.kwargs)
+        ann = lookup(x)
+        st = run_state()
+        if ann is not None and ann.value is x:  # an annotated tensor stays annotated
+            register(y, Annotation(y, ann.scale, ann.zero_point, None))
+        elif id(x) in st.marked:
+            st.marked[id(y)] = st.marked[id(x)]
+            st.keep.append(y)
+        return y
+
+    def _extra_act(self, e: ExtraOp) -> Any:
+        y = e.original(*e.args, **e.kwargs)
+        op_id = e.frame.next_op_id(e.name)
+        return self.annotate(e.frame, f'{op_id}_out', y).value
+
+    def _extra_fixed(self, e: ExtraOp) -> Any:
+        op_id = e.frame.next_op_id(e.name)
+        x = self.annotate_input(e.frame, f'{op_id}_in', e.args[0])
+        y = e.original(x, *e.args[1:], **e.kwargs)
+        return self.annotate(e.frame, f'{op_id}_out', y, self.fixed_qparams(e.name)).value
+
+    def _extra_same(self, e: ExtraOp) -> Any:
+        op_id = e.frame.next_op_id(e.name)
+        x = self.annotate_input(e.frame, f'{op_id}_in', e.args[0])
+        y = e.original(x, *e.args[1:], **e.kwargs)
+        ann = lookup(x)
+        if ann is None:
+            return y
+        return self.annotate(e.frame, f'{op_id}_out', y, (ann.scale, ann.zero_point)).value
+
+    def _extra_nary(self, e: ExtraOp) -> Any:
+        op_id = e.frame.next_op_id(e.name)
+        first = e.args[0]
+        if isinstance(first, (list, tuple)):
+            first = type(first)(self.annotate_input(e.frame, f'{op_id}_in{i}', a) for i, a in enumerate(first))
+        else:
+            first = self.annotate_input(e.frame, f'{op_id}_in0', first)
+        y = e.original(first, *e.args[1:], **e.kwargs)
+        if not _is_float_array(y):
+            return y
+        return self.annotate(e.frame, f'{op_id}_out', y).value
+
+    def _extra_binary(self, e: ExtraOp) -> Any:
+        args = list(e.args[:2])
+        if len(e.args) != 2 or e.kwargs or not all(_is_float_array(a) for a in args):
+            return e.original(*e.args, **e.kwargs)  # a constant operand (bias, scalar): not an activation op
+        shape = jnp.broadcast_shapes(args[0].shape, args[1].shape)
+        known = [lookup(a) is not None for a in args]
+        if not any(known) or any(not k and a.shape != shape for a, k in zip(args, known)):
+            return e.original(*args)
+        op_id = e.frame.next_op_id(e.name)
+        args = [self.annotate_input(e.frame, f'{op_id}_in{i}', a) for i, a in enumerate(args)]
+        y = e.original(*args)
+        return self.annotate(e.frame, f'{op_id}_out', y).value
+
+    # --- model output ----------------------------------------------------------------------
+    def _output_rule(self) -> QuantizationRule | None:
+        return next((r for r in self.rules.rules if r.act_qtype is not None), None)
+
+    def process_model_output(self, output: Any) -> Any:
+        """Annotate each float output (``output0``, ``output1``, ... in the root module); ends the run."""
+        st = run_state()
+        if st.provider is not self:
+            return output
+        busy, st.busy = st.busy, True
+        try:
+            leaves, tree = jax.tree.flatten(output)
+            if self._output_rule() is not None and st.root_frame is not None:
+                outs = []
+                for i, leaf in enumerate(leaves):
+                    if not _is_float_array(leaf):
+                        outs.append(leaf)
+                        continue
+                    ann = lookup(leaf)
+                    if ann is None or ann.value is not leaf:
+                        ann = self.annotate(st.root_frame, f'output{i}', leaf)
+                    st.io['outputs'].append((ann.scale, ann.zero_point))
+                    outs.append(ann.value)
+                leaves = outs
+            self.last_io = {'inputs': dict(st.io['inputs']), 'outputs': list(st.io['outputs'])}
+            return jax.tree.unflatten(tree, leaves)
+        finally:
+            st.busy = busy
+            odml_ops.end_run()
+
+
+# --------------------------------------------------------------------------- conversion
+def _composite_attrs(qtype: str, scale: np.ndarray, zero_point: np.ndarray | None, narrow_range: bool,
+                     axis: int | None) -> dict:
+    # The converter needs exactly these types: 1-D float32 scale, 1-D int64 zero point, a Python bool,
+    # and the (JAX-layout) axis only when there is more than one scale.
+    attrs = dict(dtype=_COMPOSITE_DTYPE[qtype], narrow_range=bool(narrow_range),
+                 scale=np.asarray(scale, np.float32).reshape(-1))
+    if zero_point is not None:
+        attrs['zero_point'] = np.asarray(zero_point, np.int64).reshape(-1)
+    if axis is not None and attrs['scale'].size > 1:
+        attrs['quantization_dimension'] = int(axis)
+    if not np.all(np.isfinite(attrs['scale'])) or np.any(attrs['scale'] <= 0):
+        raise ValueError(f"scale: every scale must be finite and positive for LiteRT; got {attrs['scale']}.")
+    return attrs
+
+
+def fake_quant_composite(x: jax.Array, qtype: str, scale: np.ndarray, zero_point: np.ndarray | None, *,
+                         narrow_range: bool, axis: int | None = None) -> jax.Array:
+    """``quant.fake_quant`` composite: LiteRT reads the attributes; JAX runs the fake quant.
+
+    ``scale``/``zero_point`` are static (numpy): one value, or one per index of ``axis``.
+
+    Example:
+      >>> y = fake_quant_composite(jnp.array([0.3, -1.0]), 'int8', np.array([0.1]), np.array([0]),
+      ...                          narrow_range=False)
+      >>> [round(v, 4) for v in y.tolist()]
+      [0.3, -1.0]
+    """
+    attrs = _composite_attrs(qtype, scale, zero_point, narrow_range, axis)
+    shape = [1] * x.ndim
+    if axis is not None and attrs['scale'].size > 1:
+        shape[axis] = attrs['scale'].size
+    s = np.asarray(scale, np.float32).reshape(shape)
+    z = None if zero_point is None else np.asarray(zero_point).reshape(shape)
+
+    def body(v, **_attrs):
+        return core.dequantize(core.quantize_with_scale(v, qtype, s, z), v.dtype)
+
+    return jax.lax.composite(body, name='quant.fake_quant')(x, **attrs)
+
+
+def _nested(tree: Any, parts: Sequence[str]) -> Any:
+    for p in parts:
+        if tree is None or not hasattr(tree, 'get'):
+            return None
+        tree = tree.get(p)
+    return tree
+
+
+def _pure(tree: Any) -> Any:
+    if tree is None:
+        return None
+    from flax import nnx
+    if isinstance(tree, nnx.Module):
+        tree = nnx.state(tree)
+    if isinstance(tree, nnx.State):
+        tree = nnx.to_pure_dict(tree)
+    return unbox_leaves(tree)
+
+
+class OdmlConversionProvider(OdmlQatProvider):
+    """Emits the QAT model's scales and zero points as ``quant.fake_quant`` composites for LiteRT.
+
+    Args:
+      rules: the same rules as for QAT.
+      params: the trained float params (Linen ``'params'`` dict; NNX state or
+        None to read weights from the model). Used when a weight is not a
+        concrete array at trace time.
+      quant_stats: the ``quant_stats`` collection from QAT (Linen: the
+        ``'quant_stats'`` entry of the variables; NNX: None to read the
+        model's own statistics, or a pure dict).
+      **kwargs: as :class:`OdmlQatProvider` (use the same values as in QAT).
+
+    Scales are computed at trace time with numpy, so params and statistics
+    must be concrete: close over them (``jax.jit(lambda x: model.apply(v, x))``)
+    rather than passing them as arguments.
+
+    Example:
+      >>> import jax, jax.numpy as jnp
+      >>> from flax import linen as nn
+      >>> from flax_integration.model import quantize_model
+      >>> rules = [QuantizationRule(weight_qtype='int8', act_qtype='int8')]
+      >>> v = quantize_model(nn.Dense(4), OdmlQatProvider(rules)).init(jax.random.key(0), jnp.ones((2, 8)))
+      >>> v['quant_stats'] = jax.tree.map(lambda a: a + 1, v['quant_stats'])  # pretend QAT ran
+      >>> conv = quantize_model(nn.Dense(4), OdmlConversionProvider(rules, v['params'], v['quant_stats']))
+      >>> 'quant.fake_quant' in jax.jit(lambda x: conv.apply({'params': v['params']}, x)).lower(
+      ...     jnp.ones((2, 8))).as_text()
+      True
+    """
+
+    def __init__(self, rules: Sequence[QuantizationRule], params: Any = None, quant_stats: Any = None, **kwargs):
+        super().__init__(rules, **kwargs)
+        self.params = _pure(params)
+        self.quant_stats = _pure(quant_stats)
+
+    def _concrete(self, x: Any) -> np.ndarray | None:
+        try:
+            return np.asarray(x)
+        except (jax.errors.TracerArrayConversionError, jax.errors.ConcretizationTypeError):
+            return None
+
+    def _stat(self, frame: Any, name: str) -> dict:
+        parts = [p for p in frame.path.split('/') if p]
+        stat = _nested(self.quant_stats, parts + [name]) if self.quant_stats is not None else None
+        if stat is None:
+            stat = frame.get_stat(name)
+        where = '/'.join(parts + [name])
+        if stat is None:
+            raise ValueError(f"quant_stats: no statistics for {where!r}. Pass the quant_stats of a QAT run "
+                             "(OdmlQatProvider with the same rules) or of a calibration pass.")
+        stat = {k: self._concrete(v) for k, v in unbox_leaves(stat).items()}
+        if any(v is None for v in stat.values()):
+            raise ValueError(f"quant_stats: {where!r} is traced; close over the statistics (do not pass them "
+                             "as jit arguments) when converting.")
+        if int(stat['count']) == 0:
+            raise ValueError(f"quant_stats: {where!r} has count 0; run QAT or calibration on at least one batch.")
+        return stat
+
+    def act_qparams(self, frame: Any, name: str, x: jax.Array) -> tuple[np.ndarray, np.ndarray | None]:
+        stat = self._stat(frame, name)
+        with jax.ensure_compile_time_eval():
+            s, z = range_to_scale(jnp.asarray(stat['lo'], jnp.float32).reshape(1),
+                                  jnp.asarray(stat['hi'], jnp.float32).reshape(1), 'int8',
+                                  self.act_calibration_method)
+            return np.asarray(s), None if z is None else np.asarray(z)
+
+    def fixed_qparams(self, name: str) -> tuple[Any, Any]:
+        s, z = odml_ops.FIXED_QPARAMS[name]
+        return np.full((1,), s, np.float32), np.full((1,), z, np.int8)
+
+    def fake_quant_act(self, x: jax.Array, scale: Any, zero_point: Any) -> jax.Array:
+        return fake_quant_composite(x, 'int8', np.asarray(scale), None if zero_point is None
+                                    else np.asarray(zero_point), narrow_range=False)
+
+    def _weight_value(self, op: Op, w: jax.Array) -> np.ndarray:
+        value = self._concrete(w)
+        if value is None and self.params is not None:
+            parts = [p for p in op.frame.path.split('/') if p] + [op.weight.name]
+            found = _nested(self.params, parts)
+            value = None if found is None else np.asarray(found, np.float32).astype(w.dtype)
+        if value is None:
+            raise ValueError(f"{op.describe()}: weight {op.weight.name!r} is traced and params has no "
+                             f"'{op.frame.path}/{op.weight.name}'. Pass params, or close over them when "
+                             "converting.")
+        return value
+
+    def weight(self, op: Op, w: jax.Array) -> jax.Array:
+        axis = self.weight_axis(op)
+        qtype = op.rule.weight_qtype
+        value = self._weight_value(op, w)
+        with jax.ensure_compile_time_eval():
+            q = core.quantize(jnp.asarray(value), qtype, channelwise_axes=() if axis is None else (axis,),
+                              calibration=op.rule.weight_calibration_method)
+            scale = np.asarray(q.scale)
+        return fake_quant_composite(w, qtype, scale, None, narrow_range=True, axis=axis)
