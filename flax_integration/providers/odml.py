@@ -90,7 +90,7 @@ def _full_rank(v: Any, ndim: int) -> jax.Array:
 
 
 def _is_float_array(x: Any) -> bool:
-    return isinstance(x, jax.Array) and jnp.issubdtype(x.dtype, jnp.floating)
+    return isinstance(x, (jax.Array, np.ndarray)) and jnp.issubdtype(x.dtype, jnp.floating)
 
 
 def _check_rules(rules: Sequence[QuantizationRule]) -> None:
