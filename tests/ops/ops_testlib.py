@@ -69,7 +69,8 @@ def assert_conv_close(out, lhs, rhs, rtol=INT_RTOL, **kw):
 
 
 def rand(seed, shape, dtype=jnp.float32):
-    return jax.random.normal(jax.random.key(seed), shape, dtype)
+    """Standard normal test data from numpy (jax.random would compile a kernel per shape)."""
+    return jnp.asarray(np.random.default_rng(seed).normal(size=shape).astype(np.float32), dtype)
 
 
 def primitive_names(jaxpr) -> list:
@@ -87,9 +88,64 @@ def primitive_names(jaxpr) -> list:
     return out
 
 
-def quant(x, qtype, **kw):
-    """qarray.quantize as one compiled program (eager quantize dispatches dozens of tiny ops)."""
-    return jax.jit(lambda v: qarray.quantize(v, qtype, **kw))(x)
+def quant(x, qtype, channelwise_axes=(), tiles=None, calibration='absmax', pack_axis=-1):
+    """An independent numpy quantizer (absmax / minmax) building a QArray directly.
+
+    Same layout rules as qarray.quantize (``tiles=int`` is block-wise on the last
+    axis); no JAX compile per shape, which keeps the ops tests fast.
+    """
+    from qarray import qtypes
+    dtype = jnp.asarray(x).dtype
+    x = np.asarray(x, np.float32)
+    qt = qtypes.get(qtype)
+    ndim = x.ndim
+    cw = tuple(a % ndim for a in ((channelwise_axes,) if isinstance(channelwise_axes, int) else channelwise_axes))
+    if isinstance(tiles, int):
+        tiles, cw = {ndim - 1: tiles}, tuple(range(ndim - 1))
+    tiles = {a % ndim: t for a, t in (tiles or {}).items()}
+    view, red, sshape = [], [], []
+    for a, n in enumerate(x.shape):
+        if a in tiles:
+            view += [n // tiles[a], tiles[a]]
+            red.append(len(view) - 1)
+            sshape.append(n // tiles[a])
+        else:
+            view.append(n)
+            if a not in cw:
+                red.append(len(view) - 1)
+            sshape.append(n if a in cw else 1)
+    xv = x.reshape(view)
+    zp = None
+    asym = qt.kind == 'uint' or calibration == 'minmax'
+    if asym:
+        qa, qb = qt.asym_range
+        lo = np.minimum(xv.min(axis=tuple(red), keepdims=True), 0)
+        hi = np.maximum(xv.max(axis=tuple(red), keepdims=True), 0)
+        scale = np.where(hi > lo, (hi - lo) / (qb - qa), 1.0).astype(np.float32)
+        zpv = np.clip(np.round(qa - lo / scale), qa, qb)
+        codes = np.clip(np.round(xv / scale) + zpv, qa, qb).astype(qt.code_dtype)
+        zp = zpv.astype(qt.code_dtype).reshape(sshape)
+    else:
+        absmax = np.abs(xv).max(axis=tuple(red), keepdims=True)
+        scale = np.where(absmax > 0, absmax / np.float32(qt.qmax), 1.0).astype(np.float32)
+        y = xv / scale
+        if qt.kind == 'float':
+            codes = np.clip(y, -qt.qmax, qt.qmax).astype(qt.native_dtype)
+        elif qt.kind == 'codebook':
+            codes = np.abs(y[..., None] - qt.codebook).argmin(-1).astype(np.uint8)
+        elif qt.bits == 1:
+            codes = np.where(y >= 0, 1, -1).astype(np.int8)
+        else:
+            codes = np.clip(np.round(y), -qt.qmax, qt.qmax).astype(np.int8)
+    codes = codes.reshape(x.shape)
+    scale = jnp.asarray(scale.reshape(sshape), dtype)
+    zp = None if zp is None else jnp.asarray(zp)
+    if qt.packed:
+        field = _np_field(codes, qt)
+        qvalue = _np_pack(field, qt.bits, pack_axis % ndim)
+        return qarray.QArray(jnp.asarray(qvalue), scale, zp, qtype=qt, dtype=dtype,
+                             packed_axis=pack_axis % ndim - ndim, packed_length=x.shape[pack_axis])
+    return qarray.QArray(jnp.asarray(codes), scale, zp, qtype=qt, dtype=dtype)
 
 
 def _np_pack(fields: np.ndarray, bits: int, axis: int) -> np.ndarray:
@@ -134,7 +190,7 @@ def random_qarray(seed: int, shape, fmt: str, channelwise_axes=(), tiles=None, z
         values = values - full(zp.astype(np.float64))
     values = values * full(scale.astype(np.float64))
     if qt.packed:
-        field = np.asarray(qt.to_field(jnp.asarray(codes))) if qt.kind == 'int' else codes
+        field = _np_field(codes, qt)
         qvalue = _np_pack(np.asarray(field), qt.bits, pack_axis % ndim)
         q = qarray.QArray(jnp.asarray(qvalue), jnp.asarray(scale), None if zp is None else jnp.asarray(zp),
                           qtype=qt, dtype=dtype, packed_axis=pack_axis % ndim - ndim, packed_length=shape[pack_axis])
@@ -157,3 +213,12 @@ def assert_close_to(out, ref, bound, rtol):
     err = np.abs(out - ref)
     worst = np.max(err - rtol * bound) if err.size else -1
     assert worst <= 1e-30, f"max excess {worst}; max err {err.max()}, max ref {np.abs(ref).max()}"
+
+
+def _np_field(codes: np.ndarray, qt) -> np.ndarray:
+    """Codes -> unsigned bit fields (two's complement for signed ints, bit = code > 0 for int1)."""
+    if qt.kind != 'int':
+        return codes.astype(np.uint8)
+    if qt.bits == 1:
+        return (codes > 0).astype(np.uint8)
+    return (codes.astype(np.int8).view(np.uint8) & np.uint8(2**qt.bits - 1)).astype(np.uint8)

@@ -19,8 +19,8 @@ MK = (((1,), (0,)), ((), ()))
 
 def test_int8_x_int8_per_token_per_channel():
     x, w = rand(0, (16, 256)), rand(1, (256, 32))
-    qx = qarray.quantize(x, 'int8', channelwise_axes=(0,))
-    qw = qarray.quantize(w, 'int8', channelwise_axes=(1,))
+    qx = quant(x, 'int8', channelwise_axes=(0,))
+    qw = quant(w, 'int8', channelwise_axes=(1,))
     assert ops.choose_path(qx, qw, MK) == 'int'
     assert_dot_close(ops.dot_general(qx, qw, MK), qx, qw, MK)
 
@@ -29,8 +29,8 @@ def test_int8_x_int8_per_token_per_channel():
 @pytest.mark.parametrize('zp', [False, True])
 def test_tiled_orders_agree(order, zp, monkeypatch):
     x, w = rand(2, (8, 256)), rand(3, (256, 16))
-    qx = qarray.quantize(x, 'int8', channelwise_axes=(0,), calibration='minmax' if zp else 'absmax')
-    qw = qarray.quantize(w, 'int4', tiles={0: 64}, channelwise_axes=(1,),
+    qx = quant(x, 'int8', channelwise_axes=(0,), calibration='minmax' if zp else 'absmax')
+    qw = quant(w, 'int4', tiles={0: 64}, channelwise_axes=(1,),
                          calibration='minmax' if zp else 'absmax')
     calls = []
     monkeypatch.setattr(scaled_dot, 'tile_order', lambda *a: calls.append(order) or order)
@@ -49,8 +49,8 @@ def test_tile_order_choice():
 
 def test_both_zero_points_and_uint8():
     x, w = rand(4, (6, 128)) + 1.0, rand(5, (128, 10)) - 0.5
-    qx = qarray.quantize(x, 'uint8', channelwise_axes=(0,))
-    qw = qarray.quantize(w, 'int8', channelwise_axes=(1,), calibration='minmax')
+    qx = quant(x, 'uint8', channelwise_axes=(0,))
+    qw = quant(w, 'int8', channelwise_axes=(1,), calibration='minmax')
     assert qx.zero_point is not None and qw.zero_point is not None
     assert ops.choose_path(qx, qw, MK) == 'int'
     assert_dot_close(ops.dot_general(qx, qw, MK), qx, qw, MK)
@@ -70,8 +70,8 @@ def test_static_activation_scale_and_blockwise_weight():
 def test_fp8(lhs_fmt, rhs_fmt, layout):
     x, w = rand(8, (8, 256)), rand(9, (256, 16))
     kw = {'tensor': {}, 'channel': {'channelwise_axes': (1,)}, 'tiles': {'tiles': {0: 128}}}[layout]
-    qx = qarray.quantize(x, lhs_fmt, **({} if layout == 'tensor' else {'channelwise_axes': (0,)}))
-    qw = qarray.quantize(w, rhs_fmt, **kw)
+    qx = quant(x, lhs_fmt, **({} if layout == 'tensor' else {'channelwise_axes': (0,)}))
+    qw = quant(w, rhs_fmt, **kw)
     assert ops.choose_path(qx, qw, MK) == 'fp8'
     # fp8 x fp8 products are exact in float32: only float32 accumulation error remains.
     assert_dot_close(ops.dot_general(qx, qw, MK), qx, qw, MK, rtol=FLOAT_RTOL)
@@ -88,7 +88,7 @@ def test_fp8(lhs_fmt, rhs_fmt, layout):
 @pytest.mark.parametrize('m', [1, 64])
 def test_weight_only(fmt, kw, m):
     x, w = rand(10, (m, 256)), rand(11, (256, 24))
-    qw = qarray.quantize(w, fmt, **kw)
+    qw = quant(w, fmt, **kw)
     assert ops.choose_path(x, qw, MK) == 'float'
     out = jax.jit(lambda a, b: ops.dot_general(a, b, MK))(x, qw)
     assert_dot_close(out, x, qw, MK, rtol=FLOAT_RTOL)
@@ -106,15 +106,15 @@ class WeightOnlyVariants(chex.TestCase):
 
     @chex.variants(with_jit=True, without_jit=True)
     def test_preferred_element_type(self):
-        qx = qarray.quantize(rand(14, (4, 128)), 'int8')
-        qw = qarray.quantize(rand(15, (128, 8)), 'int8', channelwise_axes=(1,))
+        qx = quant(rand(14, (4, 128)), 'int8')
+        qw = quant(rand(15, (128, 8)), 'int8', channelwise_axes=(1,))
         out = self.variant(lambda a, b: ops.dot_general(a, b, MK, preferred_element_type=jnp.bfloat16))(qx, qw)
         assert out.dtype == jnp.bfloat16
 
 
 def test_mixed_int8_activations_int4_weights():
-    qx = qarray.quantize(rand(16, (8, 128)), 'int8', channelwise_axes=(0,))
-    qw = qarray.quantize(rand(17, (128, 16)), 'int4', channelwise_axes=(1,))
+    qx = quant(rand(16, (8, 128)), 'int8', channelwise_axes=(0,))
+    qw = quant(rand(17, (128, 16)), 'int4', channelwise_axes=(1,))
     assert ops.choose_path(qx, qw, MK) == 'int'
     assert_dot_close(ops.dot_general(qx, qw, MK), qx, qw, MK)
 
@@ -126,8 +126,8 @@ def test_mixed_int8_activations_int4_weights():
     (('int8', {'tiles': {1: 16}}), ('int4', {'channelwise_axes': (1,)})),  # tiles below MIN_TILE
 ])
 def test_float_fallbacks(lhs, rhs):
-    qx = qarray.quantize(rand(18, (4, 128)), lhs[0], **lhs[1])
-    qw = qarray.quantize(rand(19, (128, 8)), rhs[0], **rhs[1])
+    qx = quant(rand(18, (4, 128)), lhs[0], **lhs[1])
+    qw = quant(rand(19, (128, 8)), rhs[0], **rhs[1])
     assert ops.choose_path(qx, qw, MK) == 'float'
     assert_dot_close(ops.dot_general(qx, qw, MK), qx, qw, MK, rtol=FLOAT_RTOL)
 
@@ -138,7 +138,7 @@ def test_plain_arrays_pass_through():
 
 
 def test_vmap():
-    qw = qarray.quantize(rand(22, (64, 8)), 'int8', channelwise_axes=(1,))
+    qw = quant(rand(22, (64, 8)), 'int8', channelwise_axes=(1,))
     xs = rand(23, (3, 4, 64))
     out = jax.vmap(lambda x: ops.dot_general(x, qw, MK))(xs)
     ref = jnp.einsum('bmk,kn->bmn', xs, qarray.dequantize(qw))

@@ -1,0 +1,90 @@
+"""einsum, dot and matmul against numpy float64 on dequantized operands."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import qarray
+from qarray import ops
+from ops_testlib import FLOAT_RTOL, INT_RTOL, assert_close_to, deq64, quant, rand
+
+
+def _einsum_check(sub, operands, rtol):
+    out = ops.einsum(sub, *operands)
+    arrays = [deq64(o) for o in operands]
+    ref = np.einsum(sub, *arrays)
+    bound = np.einsum(sub, *[np.abs(a) for a in arrays])
+    assert_close_to(out, np.asarray(ref), np.asarray(bound), rtol)
+
+
+@pytest.mark.parametrize('sub,shapes', [
+    ('mk,kn->mn', [(4, 128), (128, 6)]),
+    ('bmk,bkn->bmn', [(2, 4, 128), (2, 128, 6)]),
+    ('bsd,dnh->bsnh', [(2, 3, 128), (128, 4, 5)]),
+    ('bsnh,nhd->bsd', [(2, 3, 4, 64), (4, 64, 8)]),        # two contracting letters
+    ('...k,kn->...n', [(2, 3, 128), (128, 5)]),
+    ('ij,jk', [(3, 64), (64, 2)]),                          # implicit output
+    ('ij,ij->ij', [(3, 4), (3, 4)]),                        # batch only
+    ('ij,jk->', [(3, 64), (64, 2)]),                        # full contraction
+    ('ij,k->ijk', [(2, 3), (4,)]),                          # outer product
+    ('ij,jk,kl->il', [(3, 64), (64, 64), (64, 2)]),         # three operands
+    ('bqhd,bkhd->bhqk', [(2, 3, 2, 64), (2, 5, 2, 64)]),    # attention logits
+])
+@pytest.mark.parametrize('fmt', ['int8', 'int4'])
+def test_einsum_int_x_int(sub, shapes, fmt):
+    ops_ = [quant(rand(i, s), 'int8' if i == 0 else fmt) for i, s in enumerate(shapes)]
+    _einsum_check(sub, ops_, INT_RTOL)
+
+
+@pytest.mark.parametrize('sub,shapes', [
+    ('mk,nk->mn', [(4, 256), (6, 256)]),
+    ('bsd,dnh->bsnh', [(2, 3, 128), (128, 4, 5)]),
+    ('ii->i', [(4, 4)]),                        # diagonal: jnp.einsum fallback
+    ('ij,jk->ik', [(3, 64), (64, 2)]),
+    ('ab,cb->ca', [(3, 64), (2, 64)]),
+])
+def test_einsum_weight_only(sub, shapes):
+    ops_ = [rand(0, shapes[0])] + [quant(rand(i, s), 'nf4', tiles=64) if s[-1] % 64 == 0 else
+                                   quant(rand(i, s), 'int8') for i, s in enumerate(shapes[1:], 1)]
+    if len(shapes) == 1:
+        ops_ = [quant(rand(0, shapes[0]), 'int8')]
+    _einsum_check(sub, ops_, FLOAT_RTOL)
+
+
+def test_einsum_sums_a_letter_only_one_operand_has():
+    a, b = quant(rand(0, (3, 4, 64)), 'int8'), quant(rand(1, (64, 2)), 'int8')
+    _einsum_check('ixk,kj->ij', [a, b], FLOAT_RTOL)
+
+
+@pytest.mark.parametrize('ashape,bshape', [
+    ((4, 128), (128, 6)), ((2, 4, 128), (128, 6)), ((128,), (128, 6)), ((4, 128), (128,)), ((128,), (128,)),
+    ((4, 128), (3, 128, 6)), ((3, 4, 128), (3, 128, 6)), ((1, 4, 128), (3, 128, 6)),
+])
+def test_matmul_shapes(ashape, bshape):
+    a = quant(rand(0, ashape), 'int8')
+    b = quant(rand(1, bshape), 'int4')
+    out = ops.matmul(a, b)
+    ref = np.matmul(deq64(a), deq64(b))
+    assert_close_to(out, ref, np.matmul(np.abs(deq64(a)), np.abs(deq64(b))), INT_RTOL)
+    out2 = ops.matmul(rand(2, ashape), b)
+    assert out2.shape == ref.shape
+
+
+def test_matmul_operator_dispatch():
+    x = rand(0, (4, 128))
+    q = quant(rand(1, (128, 6)), 'int8', channelwise_axes=(1,))
+    np.testing.assert_allclose(x @ q, x @ qarray.dequantize(q), rtol=1e-5, atol=1e-5)
+    qt = q.T
+    np.testing.assert_allclose(qt @ x.T, qarray.dequantize(qt) @ x.T, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize('ashape,bshape', [((4, 128), (128, 6)), ((2, 128), (3, 128, 5)), ((128,), (128,)),
+                                           ((2, 3, 128), (128,)), ((), (3,))])
+def test_dot_shapes(ashape, bshape):
+    a = rand(0, ashape)
+    b = quant(rand(1, bshape), 'int8') if bshape else rand(1, bshape)
+    a_ = quant(a, 'int8') if ashape else a
+    out = ops.dot(a_, b)
+    ref = np.dot(deq64(a_), deq64(b))
+    np.testing.assert_allclose(np.asarray(out, np.float64), ref, rtol=1e-5, atol=1e-4)
