@@ -18,6 +18,7 @@ Example:
 
 from __future__ import annotations
 
+import functools
 from typing import Any, Callable
 
 import jax
@@ -77,27 +78,16 @@ def merge_params(train: Any, frozen: Any) -> Any:
                                   is_leaf=lambda x: x is None)
 
 
-def train_linen(model: Any, variables: dict, x: np.ndarray, y: np.ndarray, *, steps: int = 300,
-                batch: int = 64, lr: float = 3e-3, seed: int = 0, mutable: tuple[str, ...] = (),
-                trainable: Callable[[str, Any], bool] | None = None, rngs: dict | None = None,
-                losses: list | None = None) -> dict:
-    """Adam on softmax cross entropy; returns updated variables.
-
-    Example:
-      >>> train_linen.__name__
-      'train_linen'
-    """
-    trainable = trainable or (lambda path, leaf: True)
-    train, frozen = split_params(variables['params'], trainable)
-    others = {k: v for k, v in variables.items() if k != 'params'}
+@functools.lru_cache(maxsize=64)
+def _linen_step(model: Any, lr: float, mutable: tuple[str, ...], use_rngs: bool):
+    """One jitted Adam step per (model, lr, mutable, rngs): repeated trainings reuse the compiled program."""
     opt = optax.adam(lr)
-    opt_state = opt.init(train)
 
     @jax.jit
-    def step(train, others, opt_state, xb, yb, key):
+    def step(train, frozen, others, opt_state, xb, yb, key):
         def loss_fn(train):
             params = merge_params(train, frozen)
-            kw = {'rngs': {'dropout': key}} if rngs is not None else {}
+            kw = {'rngs': {'dropout': key}} if use_rngs else {}
             if mutable:
                 logits, upd = model.apply({'params': params, **others}, xb, mutable=list(mutable), **kw)
             else:
@@ -108,25 +98,43 @@ def train_linen(model: Any, variables: dict, x: np.ndarray, y: np.ndarray, *, st
         updates, opt_state = opt.update(grads, opt_state, train)
         return optax.apply_updates(train, updates), {**others, **upd}, opt_state, loss
 
+    return opt, step
+
+
+def train_linen(model: Any, variables: dict, x: np.ndarray, y: np.ndarray, *, steps: int = 300,
+                batch: int = 64, lr: float = 3e-3, seed: int = 0, mutable: tuple[str, ...] = (),
+                trainable: Callable[[str, Any], bool] | None = None, rngs: dict | None = None,
+                losses: list | None = None) -> dict:
+    """Adam on softmax cross entropy; returns updated variables.
+
+    Only the leaves ``trainable(path, leaf)`` accepts are differentiated and
+    enter the optimizer state; the others (e.g. packed QLoRA base weights) are
+    passed through unchanged. ``mutable`` collections (``'quant_stats'`` for
+    QAT) are updated by the forward pass; ``rngs`` (any dict) turns on a fresh
+    ``'dropout'`` rng per step.
+
+    Example:
+      >>> train_linen.__name__
+      'train_linen'
+    """
+    trainable = trainable or (lambda path, leaf: True)
+    train, frozen = split_params(variables['params'], trainable)
+    others = {k: v for k, v in variables.items() if k != 'params'}
+    opt, step = _linen_step(model, float(lr), tuple(mutable), rngs is not None)
+    opt_state = opt.init(train)
     key = jax.random.key(seed)
     for i, idx in enumerate(_batches(len(y), batch, steps, seed)):
-        train, others, opt_state, loss = step(train, others, opt_state, x[idx], y[idx],
+        train, others, opt_state, loss = step(train, frozen, others, opt_state, x[idx], y[idx],
                                               jax.random.fold_in(key, i))
         if losses is not None:
-            losses.append(float(loss))
+            losses.append(loss)
+    if losses is not None:
+        losses[:] = [float(l) for l in losses]  # one device sync at the end, not one per step
     return {'params': merge_params(train, frozen), **others}
 
 
-def train_nnx(model: nnx.Module, x: np.ndarray, y: np.ndarray, *, steps: int = 300, batch: int = 64,
-              lr: float = 3e-3, seed: int = 0, wrt: Any = nnx.Param, losses: list | None = None) -> nnx.Module:
-    """Adam on an NNX module in place; only variables matching ``wrt`` are optimised.
-
-    Example:
-      >>> train_nnx.__name__
-      'train_nnx'
-    """
-    optimizer = nnx.Optimizer(model, optax.adam(lr), wrt=wrt)
-
+@functools.lru_cache(maxsize=16)
+def _nnx_step(wrt: Any):
     @nnx.jit
     def step(model, optimizer, xb, yb):
         diff = nnx.DiffState(0, wrt)
@@ -134,8 +142,26 @@ def train_nnx(model: nnx.Module, x: np.ndarray, y: np.ndarray, *, steps: int = 3
         optimizer.update(model, grads)
         return loss
 
+    return step
+
+
+def train_nnx(model: nnx.Module, x: np.ndarray, y: np.ndarray, *, steps: int = 300, batch: int = 64,
+              lr: float = 3e-3, seed: int = 0, wrt: Any = nnx.Param, losses: list | None = None) -> nnx.Module:
+    """Adam on an NNX module in place; only variables matching ``wrt`` are optimised.
+
+    ``wrt=nnx.LoRAParam`` trains LoRA adapters only: the optimizer state holds
+    nothing else, and frozen (packed) weights get no gradient.
+
+    Example:
+      >>> train_nnx.__name__
+      'train_nnx'
+    """
+    optimizer = nnx.Optimizer(model, optax.adam(lr), wrt=wrt)
+    step = _nnx_step(wrt)
     for idx in _batches(len(y), batch, steps, seed):
         loss = step(model, optimizer, jnp.asarray(x[idx]), jnp.asarray(y[idx]))
         if losses is not None:
-            losses.append(float(loss))
+            losses.append(loss)
+    if losses is not None:
+        losses[:] = [float(l) for l in losses]
     return model

@@ -1,0 +1,302 @@
+"""QAT and QLoRA on scikit-learn's digits: the runnable proof of issue 5.
+
+``python -m examples.digits.qat_qlora`` (add ``--fast`` for the tour setting) prints:
+
+1. **QAT table** (Linen CNN, then the same for NNX): float accuracy, PTQ int8,
+   PTQ int4 (int4 weights, tiles of 16 on the dense layers, int4 static
+   activations), and QAT int4 -- the float model fine-tuned with
+   ``QtProvider`` under the int4 rules, then converted with
+   ``quantize_params`` and run as the PTQ model -- with the stored model bytes.
+2. **QLoRA**: a CNN trained on digits 0-4 is frozen as an nf4 base (tiles of
+   64 on the dense layers, per channel on the convolutions); rank-4 adapters
+   are trained on digits 5-9. It reports the adapter count, stored base bytes
+   vs float, and accuracy before/after; the optimizer state holds adapters
+   only, and the merged export is checked against the QLoRA forward.
+
+Example:
+  >>> rows = qat_rows(steps=5, qat_steps=5)
+  >>> [r['model'] for r in rows]
+  ['float', 'PTQ int8', 'PTQ int4', 'QAT int4']
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import time
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from flax import nnx
+
+from examples.digits import data, models, train
+from flax_integration.lora import lora_param_count, lora_trainable, merge_lora, with_base_weights
+from flax_integration.model import quantize_model
+from flax_integration.providers.calibration import QuantStat
+from flax_integration.providers.lora import LoraProvider, LoraRule
+from flax_integration.providers.ptq import PtqProvider
+from flax_integration.providers.qat import QtProvider
+from flax_integration.quantize_params import quantize_params
+from flax_integration.calibrate import calibrate
+from flax_integration.rules import QuantizationRule
+from flax_integration.wrappers import QuantizedParam
+
+__all__ = ['INT8_RULES', 'INT4_RULES', 'QLORA_RULES', 'param_bytes', 'qat_rows', 'qat_rows_nnx', 'qlora_run',
+           'qlora_run_nnx', 'digits_section', 'main']
+
+# PTQ int8: int8 weights (per channel), int8 static activations.
+INT8_RULES = [QuantizationRule(weight_qtype='int8', act_qtype='int8', act_static_scale=True)]
+# PTQ int4: int4 weights (dense: tiles of 16 along the contraction; conv: per channel), int4 static
+# symmetric (absmax) activations.
+INT4_RULES = [QuantizationRule(weight_qtype='int4', act_qtype='int4', act_static_scale=True, tile_size=16,
+                               op_names=('dot_general',)),
+              QuantizationRule(weight_qtype='int4', act_qtype='int4', act_static_scale=True)]
+# QLoRA: nf4 frozen base (dense: tiles of 64; conv: per channel), rank-4 adapters everywhere (alpha / rank = 8).
+QLORA_RULES = [LoraRule(rank=4, alpha=32.0, weight_qtype='nf4', tile_size=64, op_names=('dot_general',)),
+               LoraRule(rank=4, alpha=32.0, weight_qtype='nf4')]
+
+
+def param_bytes(tree: Any) -> int:
+    """Stored bytes of a param tree or NNX model (quantized leaves: packed values + scales).
+
+    Example:
+      >>> param_bytes({'w': jnp.ones((2, 3))})
+      24
+    """
+    if isinstance(tree, nnx.Module):
+        tree = nnx.state(tree, nnx.Param)
+    leaves = jax.tree.leaves(tree, is_leaf=lambda v: isinstance(v, QuantizedParam))
+    return sum(v.array.nbytes if isinstance(v, QuantizedParam) else int(v.nbytes) for v in leaves)
+
+
+def _accuracy(apply, x, y) -> float:
+    return models.accuracy(apply(jnp.asarray(x)), jnp.asarray(y))
+
+
+@functools.lru_cache(maxsize=32)
+def _forward(model):
+    """One compiled forward per Linen model (variables are an argument, so new params reuse it)."""
+    return jax.jit(lambda variables, x: model.apply(variables, x))
+
+
+# --------------------------------------------------------------------------- QAT, Linen
+def _ptq_linen(model, fp_params, rules, calib_x, stats=None):
+    """PTQ params (quantize_params) and the jitted PTQ forward."""
+    ptq = quantize_model(model, PtqProvider(rules))
+    abstract = jax.eval_shape(ptq.init, jax.random.key(0), calib_x[:1])['params']
+    if stats is None:
+        stats = calibrate(model, fp_params, [calib_x[i:i + 128] for i in range(0, len(calib_x), 128)],
+                          rules=rules, progress=False)
+    params = jax.jit(lambda f, s: quantize_params(f, abstract, s))(fp_params, stats)
+    fwd = _forward(ptq)
+    return params, lambda x: fwd({'params': params}, x)
+
+
+def qat_rows(steps: int = 400, qat_steps: int = 200, seed: int = 0, d: data.Digits | None = None) -> list[dict]:
+    """Linen: float, PTQ int8, PTQ int4 and QAT int4 test accuracy and bytes; one dict per row.
+
+    Example:
+      >>> qat_rows(steps=5, qat_steps=5)[0]['model']
+      'float'
+    """
+    d = d or data.load()
+    model = models.LinenCNN()
+    variables = model.init(jax.random.key(seed), d.x_train[:1])
+    fp = train.train_linen(model, variables, d.x_train, d.y_train, steps=steps, seed=seed)['params']
+    rows = [dict(model='float', acc=_accuracy(lambda x: _forward(model)({'params': fp}, x), d.x_test, d.y_test),
+                 bytes=param_bytes(fp))]
+    for name, rules in (('PTQ int8', INT8_RULES), ('PTQ int4', INT4_RULES)):
+        params, fwd = _ptq_linen(model, fp, rules, d.x_train)
+        rows.append(dict(model=name, acc=_accuracy(fwd, d.x_test, d.y_test), bytes=param_bytes(params)))
+    # QAT: start from the float weights and calibrated statistics, train under fake quantization.
+    qat = quantize_model(model, QtProvider(INT4_RULES))
+    stats = calibrate(model, fp, [d.x_train], rules=INT4_RULES, progress=False)
+    v = train.train_linen(qat, {'params': fp, 'quant_stats': stats}, d.x_train, d.y_train, steps=qat_steps,
+                          lr=1e-3, seed=seed + 1, mutable=('quant_stats',))
+    params, fwd = _ptq_linen(model, v['params'], INT4_RULES, d.x_train, stats=v['quant_stats'])
+    qat_eval = lambda x: _forward(qat)(v, x)
+    rows.append(dict(model='QAT int4', acc=_accuracy(fwd, d.x_test, d.y_test), bytes=param_bytes(params),
+                     qat_forward_acc=_accuracy(qat_eval, d.x_test, d.y_test),
+                     max_diff=float(jnp.max(jnp.abs(qat_eval(d.x_test) - fwd(d.x_test))))))
+    return rows
+
+
+# --------------------------------------------------------------------------- QAT, NNX
+def qat_rows_nnx(steps: int = 400, qat_steps: int = 200, seed: int = 0, d: data.Digits | None = None) -> list[dict]:
+    """NNX: the same table (float, PTQ int4 from calibration, QAT int4 converted to PTQ).
+
+    Example:
+      >>> qat_rows_nnx(steps=5, qat_steps=5)[-1]['model']
+      'QAT int4'
+    """
+    d = d or data.load()
+    x0 = jnp.asarray(d.x_train[:1])
+    fp = train.train_nnx(models.NnxCNN(rngs=nnx.Rngs(seed)), d.x_train, d.y_train, steps=steps, seed=seed)
+    rows = [dict(model='float', acc=_accuracy(fp, d.x_test, d.y_test), bytes=param_bytes(fp))]
+
+    def ptq_from(float_model, stats):
+        abstract = nnx.eval_shape(lambda: quantize_model(models.NnxCNN(rngs=nnx.Rngs(0)),
+                                                         PtqProvider(INT4_RULES), x0))
+        nnx.update(abstract, quantize_params(float_model, abstract, stats))
+        return abstract
+
+    calib = quantize_model(fp, _calibration_provider(INT4_RULES), x0)
+    stats = calibrate(calib, None, [jnp.asarray(d.x_train)], progress=False)
+    ptq = ptq_from(fp, stats)
+    rows.append(dict(model='PTQ int4', acc=_accuracy(ptq, d.x_test, d.y_test), bytes=param_bytes(ptq)))
+    qat = quantize_model(fp, QtProvider(INT4_RULES), x0)
+    s = nnx.state(qat, QuantStat)
+    nnx.replace_by_pure_dict(s, stats)
+    nnx.update(qat, s)  # start from the calibrated statistics
+    train.train_nnx(qat, d.x_train, d.y_train, steps=qat_steps, lr=1e-3, seed=seed + 1)
+    qat.eval()  # freezes the statistics
+    ptq = ptq_from(qat, nnx.state(qat, QuantStat))
+    rows.append(dict(model='QAT int4', acc=_accuracy(ptq, d.x_test, d.y_test), bytes=param_bytes(ptq),
+                     qat_forward_acc=_accuracy(qat, d.x_test, d.y_test)))
+    return rows
+
+
+def _calibration_provider(rules):
+    from flax_integration.providers.calibration import CalibrationProvider
+    return CalibrationProvider(rules)
+
+
+# --------------------------------------------------------------------------- QLoRA
+def _split(d: data.Digits) -> tuple[data.Digits, data.Digits]:
+    return data.subset(d, (0, 1, 2, 3, 4)), data.subset(d, (5, 6, 7, 8, 9))
+
+
+def qlora_run(steps: int = 300, lora_steps: int = 200, seed: int = 0, d: data.Digits | None = None) -> dict:
+    """Linen QLoRA: nf4 base trained on digits 0-4, rank-4 adapters trained on 5-9.
+
+    Example:
+      >>> r = qlora_run(steps=5, lora_steps=5)
+      >>> r['optimizer_leaves_are_adapters'], r['base_packed']
+      (True, True)
+    """
+    d = d or data.load()
+    old, new = _split(d)
+    model = models.LinenCNN()
+    v = model.init(jax.random.key(seed), d.x_train[:1])
+    fp = train.train_linen(model, v, old.x_train, old.y_train, steps=steps, seed=seed)['params']
+    lora = quantize_model(model, LoraProvider(QLORA_RULES, seed=seed))
+    params = with_base_weights(jax.jit(lora.init)(jax.random.key(seed + 1), d.x_train[:1])['params'], fp)
+    fwd = lambda p, x: _forward(lora)({'params': p}, x)
+    before = _accuracy(lambda x: fwd(params, x), new.x_test, new.y_test)
+    old_before = _accuracy(lambda x: fwd(params, x), old.x_test, old.y_test)
+    losses: list = []
+    trained = train.train_linen(lora, {'params': params}, new.x_train, new.y_train, steps=lora_steps, lr=1e-2,
+                                seed=seed + 2, trainable=lora_trainable, losses=losses)['params']
+    adapters, frozen = train.split_params(trained, lora_trainable)
+    opt_leaves = jax.tree.leaves(optax.adam(1e-3).init(adapters))
+    merged = merge_lora(lora, trained, d.x_test[:2])
+    after_fwd = fwd(trained, jnp.asarray(new.x_test))
+    merged_out = _forward(model)({'params': merged}, jnp.asarray(new.x_test))
+    kernels = [v for v in jax.tree.leaves(trained, is_leaf=lambda v: isinstance(v, QuantizedParam))
+               if isinstance(v, QuantizedParam)]
+    return dict(
+        adapter_params=lora_param_count(trained), base_params=sum(int(np.prod(k.shape)) for k in kernels),
+        base_float_bytes=sum(4 * int(np.prod(k.shape)) for k in kernels),
+        base_stored_bytes=sum(k.array.nbytes for k in kernels), float_model_bytes=param_bytes(fp),
+        qlora_model_bytes=param_bytes(trained),
+        acc_new_before=before, acc_new_after=models.accuracy(after_fwd, jnp.asarray(new.y_test)),
+        acc_old_before=old_before,
+        acc_old_after=_accuracy(lambda x: fwd(trained, x), old.x_test, old.y_test),
+        merged_max_diff=float(jnp.max(jnp.abs(merged_out - after_fwd))),
+        loss_first=float(np.mean(losses[:10])), loss_last=float(np.mean(losses[-10:])),
+        optimizer_leaves_are_adapters=all(l.size in {a.size for a in jax.tree.leaves(adapters)} or l.ndim == 0
+                                          for l in opt_leaves),
+        base_packed=all(k.array.qvalue.dtype == jnp.uint8 for k in kernels))
+
+
+def qlora_run_nnx(steps: int = 300, lora_steps: int = 200, seed: int = 0, d: data.Digits | None = None) -> dict:
+    """NNX QLoRA: the same experiment; only ``nnx.LoRAParam`` variables are optimised.
+
+    Example:
+      >>> qlora_run_nnx(steps=5, lora_steps=5)['adapter_params'] > 0
+      True
+    """
+    d = d or data.load()
+    old, new = _split(d)
+    x0 = jnp.asarray(d.x_train[:1])
+    fp = train.train_nnx(models.NnxCNN(rngs=nnx.Rngs(seed)), old.x_train, old.y_train, steps=steps, seed=seed)
+    lora = quantize_model(fp, LoraProvider(QLORA_RULES, seed=seed), x0)
+    before = _accuracy(lora, new.x_test, new.y_test)
+    losses: list = []
+    train.train_nnx(lora, new.x_train, new.y_train, steps=lora_steps, lr=1e-2, seed=seed + 2,
+                    wrt=nnx.LoRAParam, losses=losses)
+    return dict(adapter_params=lora_param_count(lora), acc_new_before=before,
+                acc_new_after=_accuracy(lora, new.x_test, new.y_test),
+                acc_old_after=_accuracy(lora, old.x_test, old.y_test), qlora_model_bytes=param_bytes(lora),
+                float_model_bytes=param_bytes(fp), loss_first=float(np.mean(losses[:10])),
+                loss_last=float(np.mean(losses[-10:])))
+
+
+# --------------------------------------------------------------------------- printing
+def _print_qat(rows, print_table) -> None:
+    for r in rows:
+        r.setdefault('qat_forward_acc', float('nan'))
+    print_table(rows, [('model', 'model', ''), ('acc', 'test acc %', '.2f'), ('bytes', 'param bytes', 'd'),
+                       ('qat_forward_acc', 'QAT forward acc %', '.2f')])
+
+
+def _print_qlora(r: dict) -> None:
+    print(f"  adapters: {r['adapter_params']} params (rank 4 on every layer); base kernels: "
+          f"{r.get('base_params', '-')} values, stored {r.get('base_stored_bytes', '-')} B nf4 vs "
+          f"{r.get('base_float_bytes', '-')} B float32; whole model {r['qlora_model_bytes']} B vs "
+          f"{r['float_model_bytes']} B float")
+    print(f"  accuracy on digits 5-9: {r['acc_new_before']:.2f}% before -> {r['acc_new_after']:.2f}% after "
+          f"(loss {r['loss_first']:.3f} -> {r['loss_last']:.3f}); digits 0-4 after: {r['acc_old_after']:.2f}%")
+    if 'merged_max_diff' in r:
+        print(f"  merge_lora export: max |float merged - QLoRA| = {r['merged_max_diff']:.2e}; optimizer state "
+              f"holds adapters only: {r['optimizer_leaves_are_adapters']}; base packed: {r['base_packed']}")
+
+
+def digits_section(print_table=None, fast: bool = True) -> None:
+    """The digits QAT/QLoRA section of the tour (fast setting: a few hundred Linen steps in total).
+
+    Example:
+      >>> digits_section.__name__
+      'digits_section'
+    """
+    if print_table is None:
+        from qarray.tour import print_table
+    t0 = time.perf_counter()
+    steps = dict(steps=250, qat_steps=150) if fast else dict(steps=600, qat_steps=400)
+    print("Digits (scikit-learn, 8x8): QAT int4 vs PTQ, Linen CNN"
+          + (" (fast setting)" if fast else ""))
+    _print_qat(qat_rows(**steps), print_table)
+    print("QLoRA: nf4 base trained on digits 0-4, rank-4 adapters fine-tuned on digits 5-9 (Linen)")
+    _print_qlora(qlora_run(steps=steps['steps'], lora_steps=steps['qat_steps']))
+    print(f"(digits section: {time.perf_counter() - t0:.1f} s)")
+
+
+def main(argv=None) -> None:
+    """Run the full example (Linen and NNX)."""
+    parser = argparse.ArgumentParser(description=__doc__.split('\n\n')[0])
+    parser.add_argument('--fast', action='store_true', help='the short tour setting (Linen only)')
+    args = parser.parse_args(argv)
+    from qarray.tour import print_table
+    if args.fast:
+        digits_section(print_table, fast=True)
+        return
+    t0 = time.perf_counter()
+    d = data.load()
+    print(f"digits: {len(d.y_train)} train / {len(d.y_test)} test images (jax {jax.__version__}, "
+          f"{jax.default_backend()})\n")
+    print("QAT vs PTQ, Linen CNN")
+    _print_qat(qat_rows(steps=600, qat_steps=400, d=d), print_table)
+    print("\nQAT vs PTQ, NNX CNN")
+    _print_qat(qat_rows_nnx(steps=600, qat_steps=400, d=d), print_table)
+    print("\nQLoRA, Linen")
+    _print_qlora(qlora_run(steps=600, lora_steps=400, d=d))
+    print("\nQLoRA, NNX")
+    _print_qlora(qlora_run_nnx(steps=600, lora_steps=400, d=d))
+    print(f"\n(done in {time.perf_counter() - t0:.1f} s)")
+
+
+if __name__ == '__main__':
+    main()

@@ -1,0 +1,304 @@
+"""LoRA and QLoRA: low-rank adapters on the matched ops; a frozen (optionally quantized) base.
+
+:class:`LoraRule` is a :class:`~flax_integration.rules.QuantizationRule` with
+``rank``, ``alpha`` and ``dropout``. For every ``dot_general`` / ``einsum`` /
+``conv_general_dilated`` whose module path it matches, and that has a weight
+operand ``W``, :class:`LoraProvider` adds two params next to ``W``:
+
+* ``<W>_lora_a``: shape ``(*contracting sizes of W, rank)`` -- "A (in x
+  rank)"; random (variance ``1 / fan_in``);
+* ``<W>_lora_b``: shape ``(rank, *output sizes of W)`` -- "B (rank x
+  out)"; zeros, so an untrained adapter changes nothing;
+
+and computes ``op(x, W) + op(dropout(x), A B) * alpha / rank``. For
+``dot_general`` and ``einsum`` the adapter term is evaluated factored, ``(x
+A) B`` (never the full ``in x out`` matrix); for convolutions (small kernels)
+and weights with batch axes the low-rank kernel ``A B`` is formed and run
+through the same op.
+
+**QLoRA**: when the rule also sets ``weight_qtype`` (e.g. ``'nf4'`` with
+``tile_size=64``, or ``'int4'``) the provider is a
+:class:`~flax_integration.providers.ptq.PtqProvider` for the base: ``W`` is
+stored as a packed :class:`~flax_integration.wrappers.QuantizedParam` and
+computed through ``qarray.ops``; it is never a float array in the params.
+Rules that are plain ``QuantizationRule`` act exactly as in PTQ.
+
+**Training only the adapters.** The adapters are ``nnx.LoRAParam`` variables
+(NNX) or params named ``*_lora_a`` / ``*_lora_b`` (Linen):
+
+* NNX: ``nnx.Optimizer(model, tx, wrt=nnx.LoRAParam)`` and
+  ``nnx.value_and_grad(..., argnums=nnx.DiffState(0, nnx.LoRAParam))``;
+* Linen: split the params with :func:`flax_integration.lora.lora_trainable`
+  (``examples/digits/train.py``'s ``train_linen(..., trainable=lora_trainable)``
+  does it), differentiate and optimise the adapter half only, so frozen
+  leaves never enter the optimizer state (``optax.multi_transform`` with
+  ``optax.set_to_zero()`` for the frozen label works too, but it still
+  computes their gradients: integer codes have none, so split instead).
+
+Dropout (``dropout > 0``) is applied to the adapter's input only. Linen: when
+an rng named ``'dropout'`` is passed to ``apply`` (none: no dropout). NNX: an
+``nnx.Dropout`` submodule ``<W>_lora_dropout``; ``model.eval()`` turns it off.
+
+Export: :func:`flax_integration.lora.merge_lora` folds ``A B alpha / rank``
+into the (dequantized) base weights.
+
+Example:
+  >>> import jax, jax.numpy as jnp
+  >>> from flax import linen as nn
+  >>> from flax_integration.model import quantize_model
+  >>> rules = [LoraRule(module_path='.*', rank=2, alpha=4.0, weight_qtype='nf4', tile_size=8)]
+  >>> m = quantize_model(nn.Dense(4), LoraProvider(rules))
+  >>> p = m.init(jax.random.key(0), jnp.ones((1, 16)))['params']
+  >>> p['kernel_lora_a'].shape, p['kernel_lora_b'].shape, p['kernel'].array.qtype.name
+  ((16, 2), (2, 4), 'nf4')
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import string
+import zlib
+from typing import Any, Sequence
+
+import jax
+import jax.numpy as jnp
+from flax import linen as nn
+from flax import nnx
+
+from flax_integration.providers.base import Op
+from flax_integration.providers.ptq import PtqProvider
+from flax_integration.rules import QuantizationRule
+from flax_integration.wrappers import QuantizedParam, unbox_leaves
+
+__all__ = ['LoraRule', 'LoraProvider', 'LORA_SUFFIXES', 'adapter_names', 'weight_name', 'low_rank_kernel']
+
+LORA_SUFFIXES = ('_lora_a', '_lora_b')
+
+
+@dataclasses.dataclass(frozen=True)
+class LoraRule(QuantizationRule):
+    """A rule that adds LoRA adapters (and, with ``weight_qtype``, quantizes the frozen base).
+
+    Attributes:
+      rank: adapter rank (positive int).
+      alpha: scaling numerator; the adapter output is multiplied by ``alpha / rank``
+        (default: ``rank``, i.e. a scale of 1).
+      dropout: dropout rate on the adapter input, in ``[0, 1)``.
+
+    Example:
+      >>> r = LoraRule(module_path='Dense_.*', rank=4, alpha=8.0)
+      >>> r.scaling
+      2.0
+    """
+
+    rank: int = 0
+    alpha: float | None = None
+    dropout: float = 0.0
+
+    def __post_init__(self):
+        super().__post_init__()
+        if not isinstance(self.rank, int) or isinstance(self.rank, bool) or self.rank <= 0:
+            raise ValueError(f"rank must be a positive int (e.g. LoraRule(rank=4)); got {self.rank!r}.")
+        alpha = float(self.rank) if self.alpha is None else self.alpha
+        if not isinstance(alpha, (int, float)) or isinstance(alpha, bool) or not math.isfinite(alpha):
+            raise ValueError(f"alpha must be a finite number or None (= rank); got {self.alpha!r}.")
+        object.__setattr__(self, 'alpha', float(alpha))
+        if not isinstance(self.dropout, (int, float)) or not 0.0 <= self.dropout < 1.0:
+            raise ValueError(f"dropout must be a number in [0, 1); got {self.dropout!r}.")
+
+    @property
+    def scaling(self) -> float:
+        """``alpha / rank``."""
+        return self.alpha / self.rank
+
+
+def adapter_names(weight_name: str) -> tuple[str, str]:
+    """Param names of the adapters of weight ``weight_name``.
+
+    Example:
+      >>> adapter_names('kernel')
+      ('kernel_lora_a', 'kernel_lora_b')
+    """
+    return weight_name + LORA_SUFFIXES[0], weight_name + LORA_SUFFIXES[1]
+
+
+class LoraProvider(PtqProvider):
+    """(Q)LoRA provider; see the module docstring.
+
+    Args:
+      rules: a list of :class:`LoraRule` (plain :class:`QuantizationRule` items act as PTQ).
+        Or leave it out and pass one rule's fields: ``LoraProvider(module_path='.*', rank=4)``.
+      seed: seeds the NNX adapter initialisation and dropout (Linen uses the ``'params'``
+        and ``'dropout'`` rngs given to ``init``/``apply``).
+
+    Example:
+      >>> LoraProvider(module_path='.*', rank=4, alpha=4.0).rules.rules[0].scaling
+      1.0
+    """
+
+    def __init__(self, rules: Sequence[QuantizationRule] | None = None, *, seed: int = 0, **rule_fields: Any):
+        if rules is None:
+            rules = [LoraRule(**rule_fields)]
+        elif rule_fields:
+            raise ValueError(f"pass either rules or one rule's fields, not both; got rules and "
+                             f"{sorted(rule_fields)}.")
+        super().__init__(rules)
+        self.seed = int(seed)
+
+    def process_op(self, op: Op) -> jax.Array:
+        out = super().process_op(op)
+        rule = op.rule
+        if not isinstance(rule, LoraRule) or op.weight is None:
+            return out
+        return out + self.lora_delta(op).astype(out.dtype)
+
+    # --- the adapter term ------------------------------------------------------------------
+    def lora_delta(self, op: Op) -> jax.Array:
+        """``op(dropout(x), A B) * alpha / rank`` for the op's weight."""
+        rule, wi = op.rule, op.weight.index
+        x = self.plain_operand(op.call.operands[1 - wi])
+        shape = tuple(op.weight.value.shape)
+        kept, contract = op.call.kept[wi], op.call.contract[wi]
+        if not kept:
+            raise ValueError(f"{op.describe()}: LoRA needs a weight with at least one output axis; weight "
+                             f"{op.weight.name!r} of shape {shape} is fully contracted. Narrow the rule's "
+                             "module_path or op_names.")
+        a, b = self.adapters(op, shape, kept, contract, x.dtype)
+        x = self._dropout(op, x)
+        run = (lambda xx, w: op.call.run(xx, w)) if wi == 1 else (lambda xx, w: op.call.run(w, xx))
+        if op.call.per_channel_only or self._has_batch_axes(op, x, shape, run):
+            delta = run(x, low_rank_kernel(a, b, shape, kept, contract).astype(x.dtype))
+        else:
+            delta = self._factored(x, a, b, shape, kept, contract, run)
+        return delta * rule.scaling
+
+    @staticmethod
+    def _has_batch_axes(op, x, shape, run) -> bool:
+        """Whether an output axis of the weight is shared with ``x`` (a dot_general batch axis)."""
+        w = jax.ShapeDtypeStruct(shape, x.dtype)
+        out = jax.eval_shape(lambda xx, ww: run(xx, ww), jax.ShapeDtypeStruct(x.shape, x.dtype), w)
+        return len(op.call.kept[0]) + len(op.call.kept[1]) > len(out.shape)
+
+    @staticmethod
+    def _factored(x, a, b, shape, kept, contract, run) -> jax.Array:
+        """``(x A) B`` through the op itself: A is laid out as a weight whose output axes are (rank, 1, ...)."""
+        rank = a.shape[-1]
+        # A in the weight's axis order: contracting axes in place, rank on the first output axis, 1 on the others.
+        order = [contract.index(j) if j in contract else len(contract) for j in range(len(shape))
+                 if j in contract or j == kept[0]]
+        probe = tuple(rank if j == kept[0] else (1 if j in kept else n) for j, n in enumerate(shape))
+        a_w = jnp.transpose(a, order).reshape(probe).astype(x.dtype)
+        # Where each output axis of the weight lands in the op's output (einsum may permute them).
+        marks = {k: 1_000_003 + 2 * n for n, k in enumerate(kept)}
+        mshape = tuple(marks.get(j, n) for j, n in enumerate(shape))
+        out_shape = jax.eval_shape(lambda xx, ww: run(xx, ww), jax.ShapeDtypeStruct(x.shape, x.dtype),
+                                   jax.ShapeDtypeStruct(mshape, x.dtype)).shape
+        pos = {k: out_shape.index(m) for k, m in marks.items()}
+        t = run(x, a_w)
+        t = jnp.squeeze(t, axis=tuple(pos[k] for k in kept[1:]))
+        letters = string.ascii_letters[:len(out_shape)]
+        r = 'Z' if 'Z' not in letters else '0'
+        t_sub = ''.join(r if j == pos[kept[0]] else c for j, c in enumerate(letters)
+                        if j not in {pos[k] for k in kept[1:]})
+        b_sub = r + ''.join(letters[pos[k]] for k in kept)
+        return jnp.einsum(f'{t_sub},{b_sub}->{letters}', t, b.astype(t.dtype))
+
+    # --- adapter storage -------------------------------------------------------------------
+    def adapters(self, op: Op, shape, kept, contract, dtype) -> tuple[jax.Array, jax.Array]:
+        """Get (or, at init, create) ``A`` and ``B`` for the op's weight."""
+        rank = op.rule.rank
+        a_shape = tuple(shape[j] for j in contract) + (rank,)
+        b_shape = (rank,) + tuple(shape[j] for j in kept)
+        name_a, name_b = adapter_names(weight_name(op))
+        pdtype = op.weight.value.dtype if jnp.issubdtype(op.weight.value.dtype, jnp.floating) else jnp.float32
+        fan_in = max(1, math.prod(a_shape[:-1]))
+        init_a = lambda key, s: jax.random.normal(key, s, pdtype) / math.sqrt(fan_in)
+        init_b = lambda key, s: jnp.zeros(s, pdtype)
+        if op.frame.kind == 'linen':
+            a = self._linen_param(op, name_a, init_a, a_shape)
+            b = self._linen_param(op, name_b, init_b, b_shape)
+        else:
+            a = self._nnx_param(op, name_a, init_a, a_shape)
+            b = self._nnx_param(op, name_b, init_b, b_shape)
+        for name, v, s in ((name_a, a, a_shape), (name_b, b, b_shape)):
+            if tuple(v.shape) != s:
+                raise ValueError(f"{op.describe()}: adapter {name!r} has shape {tuple(v.shape)} but rank "
+                                 f"{rank} on weight of shape {tuple(shape)} needs {s}.")
+        return a, b
+
+    def _key(self, op: Op, name: str) -> jax.Array:
+        return jax.random.fold_in(jax.random.key(self.seed), zlib.crc32(f'{op.path}/{name}'.encode()))
+
+    @staticmethod
+    def _linen_param(op: Op, name: str, init, shape) -> jax.Array:
+        scope = op.frame.module.scope
+        if scope.has_variable('params', name):  # read, not re-declare: one weight may feed several ops
+            return nn.meta.unbox(scope.get_variable('params', name))
+        return scope.param(name, init, shape)
+
+    def _nnx_param(self, op: Op, name: str, init, shape) -> jax.Array:
+        module = op.frame.module
+        v = vars(module).get(name)
+        if isinstance(v, nnx.Variable):
+            return v[...]
+        if not op.frame.initializing:
+            raise ValueError(f"{op.describe()}: adapter {name!r} is missing; build the model with "
+                             "quantize_model(model, LoraProvider(rules), *sample_inputs).")
+        value = init(self._key(op, name), shape)
+        setattr(module, name, nnx.LoRAParam(value))
+        return value
+
+    def _dropout(self, op: Op, x: jax.Array) -> jax.Array:
+        rate = op.rule.dropout
+        if rate <= 0:
+            return x
+        module = op.frame.module
+        if op.frame.kind == 'linen':
+            if op.frame.initializing or not module.has_rng('dropout'):
+                return x
+            keep = jax.random.bernoulli(module.make_rng('dropout'), 1.0 - rate, x.shape)
+            return jnp.where(keep, x / (1.0 - rate), jnp.zeros_like(x))
+        name = weight_name(op) + '_lora_dropout'
+        drop = vars(module).get(name)
+        if drop is None:
+            drop = nnx.Dropout(rate, rngs=nnx.Rngs(dropout=self._key(op, name)))
+            setattr(module, name, drop)
+        return drop(x)
+
+
+def weight_name(op: Op) -> str:
+    """The param name of the op's weight.
+
+    Works around the interception layer leaving ``Weight.name`` None for a
+    stored quantized param (Linen: ``self.param`` unboxes it into a new
+    container, so the lookup by object id misses; NNX: the frame lists only
+    ``nnx.Param`` attributes): the name is then found by the identity of its
+    array leaves. Falls back to the op id.
+    """
+    if op.weight.name is not None:
+        return op.weight.name
+    leaves = jax.tree.leaves(unbox_leaves(op.weight.value))
+    if op.frame is not None and leaves:
+        candidates = dict(op.frame.params())
+        if op.frame.kind == 'nnx':  # NNX frames list nnx.Param attributes only, not stored QuantizedParams
+            candidates.update({k: v for k, v in vars(op.frame.module).items() if isinstance(v, QuantizedParam)})
+        for name, v in candidates.items():
+            cand = jax.tree.leaves(unbox_leaves(v))
+            if len(cand) == len(leaves) and all(a is b for a, b in zip(cand, leaves)):
+                return name
+    return op.op_id
+
+
+def low_rank_kernel(a: jax.Array, b: jax.Array, shape: Sequence[int], kept: Sequence[int],
+                    contract: Sequence[int]) -> jax.Array:
+    """``A B`` laid out like the weight of shape ``shape`` (``kept``/``contract``: its axes).
+
+    Example:
+      >>> low_rank_kernel(jnp.ones((3, 2)), jnp.ones((2, 4)), (3, 4), (1,), (0,)).shape
+      (3, 4)
+    """
+    nat = jnp.tensordot(a, b, axes=1)  # axes: contract..., kept...
+    order = list(contract) + list(kept)
+    inverse = [order.index(j) for j in range(len(shape))]
+    return jnp.transpose(nat, inverse).reshape(tuple(shape))
