@@ -59,18 +59,24 @@ def device_bytes(tree) -> int:
     return total
 
 
-def _median_ms(fns, arg, runs: int) -> list[float]:
-    """Median wall time (ms) of each fn(arg), runs interleaved across fns after one warm-up each."""
-    times = [[] for _ in fns]
+def _median_ms(fns, arg, runs: int) -> list[tuple[float, float]]:
+    """(wall, CPU) median ms of each fn(arg), runs interleaved across fns after a warm-up.
+
+    CPU time (all threads of this process) is the steadier number on a shared
+    machine: other processes' load stretches wall time but not our CPU time.
+    """
+    wall = [[] for _ in fns]
+    cpu = [[] for _ in fns]
     for f in fns:
         jax.block_until_ready(f(arg))
         jax.block_until_ready(f(arg))
     for _ in range(runs):
         for i, f in enumerate(fns):
-            t0 = time.perf_counter()
+            t0, c0 = time.perf_counter(), time.process_time()
             jax.block_until_ready(f(arg))
-            times[i].append((time.perf_counter() - t0) * 1e3)
-    return [statistics.median(t) for t in times]
+            wall[i].append((time.perf_counter() - t0) * 1e3)
+            cpu[i].append((time.process_time() - c0) * 1e3)
+    return [(statistics.median(w), statistics.median(c)) for w, c in zip(wall, cpu)]
 
 
 def _errors(recon, ref64: np.ndarray) -> tuple[float, float]:
@@ -104,13 +110,15 @@ def run(size: int = 4096, runs: int = 7, seed: int = 0) -> list[dict]:
         qa_rt = jax.jit(lambda x, kw=qa_kw: qarray.dequantize(qarray.quantize(x, **kw)))
         qw_rt = jax.jit(lambda x, kw=qw_kw, t=qw_qtype: qwix.dequantize(qwix.quantize(x, t, **kw)))
         qa_stored, qw_stored = qa_q(w), qw_q(w)
-        t_q = _median_ms([qa_q, qw_q], w, runs)
-        t_d = [_median_ms([qa_d], qa_stored, runs)[0], _median_ms([qw_d], qw_stored, runs)[0]]
-        t_rt = _median_ms([qa_rt, qw_rt], w, runs)
+        (qa_q_w, qa_q_c), (qw_q_w, qw_q_c) = _median_ms([qa_q, qw_q], w, runs)
+        (qa_d_w, qa_d_c), = _median_ms([qa_d], qa_stored, runs)
+        (qw_d_w, qw_d_c), = _median_ms([qw_d], qw_stored, runs)
+        (qa_rt_w, qa_rt_c), (qw_rt_w, qw_rt_c) = _median_ms([qa_rt, qw_rt], w, runs)
         qa_err = _errors(qa_rt(w), w64)
         qw_err = _errors(qw_rt(w), w64)
-        out.append(dict(row=label, qa_q=t_q[0], qw_q=t_q[1], qa_d=t_d[0], qw_d=t_d[1], qa_rt=t_rt[0],
-                        qw_rt=t_rt[1], qa_bytes=device_bytes(qa_stored), qw_bytes=device_bytes(qw_stored),
+        out.append(dict(row=label, qa_q=qa_q_c, qw_q=qw_q_c, qa_d=qa_d_c, qw_d=qw_d_c, qa_rt=qa_rt_c,
+                        qw_rt=qw_rt_c, qa_rt_wall=qa_rt_w, qw_rt_wall=qw_rt_w,
+                        qa_bytes=device_bytes(qa_stored), qw_bytes=device_bytes(qw_stored),
                         qa_rel=qa_err[0], qw_rel=qw_err[0], qa_max=qa_err[1], qw_max=qw_err[1]))
     return out
 
@@ -131,19 +139,24 @@ def to_markdown(rows: list[dict], size: int, runs: int) -> str:
         f'Machine: {os.cpu_count()}-core {platform.machine()} CPU (shared), jax {jax.__version__} '
         f'({jax.default_backend()}). Produced by `python benchmarks/quantize_bench.py --write`.',
         '',
-        '"q+dq" is one jitted quantize-then-dequantize program; "stored" is the real device '
-        'buffer size of values + scales (+ zero points); rel err = ||dq - x|| / ||x|| against float64.',
+        '"q+dq" is one jitted quantize-then-dequantize program; "quantize" and "dequantize" are '
+        'separate jitted programs (dequantize reads the stored QArray). Times are CPU ms (all threads '
+        'of the process, median), steadier than wall time on this shared machine; q+dq wall ms is '
+        'given too. "stored" is the real device buffer size of values + scales (+ zero points); '
+        'rel err = ||dq - x|| / ||x|| against float64.',
         '',
-        '| row | q+dq ms qarray | q+dq ms Qwix | speed-up | quantize ms qarray / Qwix | dequantize ms qarray / Qwix '
-        '| stored MiB qarray | stored MiB Qwix | rel err qarray | rel err Qwix | max abs err qarray / Qwix |',
-        '|---|---|---|---|---|---|---|---|---|---|---|',
+        '| row | q+dq CPU ms qarray / Qwix | speed-up | quantize CPU ms qarray / Qwix '
+        '| dequantize CPU ms qarray / Qwix | q+dq wall ms qarray / Qwix | stored MiB qarray / Qwix '
+        '| rel err qarray / Qwix | max abs err qarray / Qwix |',
+        '|---|---|---|---|---|---|---|---|---|',
     ]
     mib = 2.0**20
     for r in rows:
         lines.append(
-            f"| {r['row']} | {r['qa_rt']:.1f} | {r['qw_rt']:.1f} | {r['qw_rt'] / r['qa_rt']:.2f}x "
+            f"| {r['row']} | {r['qa_rt']:.1f} / {r['qw_rt']:.1f} | {r['qw_rt'] / r['qa_rt']:.2f}x "
             f"| {r['qa_q']:.1f} / {r['qw_q']:.1f} | {r['qa_d']:.1f} / {r['qw_d']:.1f} "
-            f"| {r['qa_bytes'] / mib:.2f} | {r['qw_bytes'] / mib:.2f} | {r['qa_rel']:.5f} | {r['qw_rel']:.5f} "
+            f"| {r['qa_rt_wall']:.1f} / {r['qw_rt_wall']:.1f} "
+            f"| {r['qa_bytes'] / mib:.2f} / {r['qw_bytes'] / mib:.2f} | {r['qa_rel']:.5f} / {r['qw_rel']:.5f} "
             f"| {r['qa_max']:.4f} / {r['qw_max']:.4f} |")
     return '\n'.join(lines) + '\n'
 

@@ -392,7 +392,7 @@ def _quantize_codes(x, qt, cw, tile_map, calibration, scale_dtype):
     scale = jnp.broadcast_to(scale, [1 if i in reduce_axes else d for i, d in enumerate(view)])
     if zp is not None:
         zp = jnp.broadcast_to(zp, scale.shape)
-    q = numerics.to_codes(xv, scale, zp, qt)
+    q = numerics.to_codes(xv, scale, zp, qt, calibrated=True)
     return (q.reshape(x.shape), scale.reshape(scale_shape),
             None if zp is None else zp.reshape(scale_shape))
 

@@ -92,26 +92,34 @@ def scale_and_zero_point(lo: jnp.ndarray, hi: jnp.ndarray, symmetric: bool, qtyp
 
 
 def _finite_positive(raw: jnp.ndarray, scale_dtype) -> jnp.ndarray:
-    """``raw`` (float32) in ``scale_dtype``: never rounded down, within [tiny, max]; NaN if raw is not finite."""
+    """``raw`` (float32) in ``scale_dtype``: never rounded down, within [tiny, max]; NaN if raw is not finite.
+
+    Kept to a few ops: XLA:CPU fuses this per-group computation into the
+    per-element loop of whatever consumes the scale and recomputes it there.
+    """
     info = jnp.finfo(scale_dtype)
-    tiny, big = jnp.asarray(info.tiny, scale_dtype), jnp.asarray(info.max, scale_dtype)
-    scale = jnp.clip(raw, float(info.tiny), float(info.max)).astype(scale_dtype)
-    # Rounding to a narrow dtype may land below raw, which would clip the range's top: bump one ulp.
-    up = jnp.nextafter(scale, big)
-    scale = jnp.where(scale.astype(jnp.float32) < raw, up, scale)
-    scale = jnp.clip(scale, tiny, big)
+    if jnp.dtype(scale_dtype) == jnp.float32:
+        scale = jnp.maximum(raw, float(info.tiny))  # finite float32 raw is already <= max
+    else:
+        tiny, big = jnp.asarray(info.tiny, scale_dtype), jnp.asarray(info.max, scale_dtype)
+        scale = jnp.clip(raw, float(info.tiny), float(info.max)).astype(scale_dtype)
+        # Rounding to a narrow dtype may land below raw, which would clip the range's top: bump one ulp.
+        scale = jnp.where(scale.astype(jnp.float32) < raw, jnp.nextafter(scale, big), scale)
+        scale = jnp.clip(scale, tiny, big)
     return jnp.where(jnp.isfinite(raw), scale, jnp.asarray(jnp.nan, scale_dtype))
 
 
 def to_codes(x: jnp.ndarray, scale: jnp.ndarray, zero_point: jnp.ndarray | None,
-             qtype: QType) -> jnp.ndarray:
+             qtype: QType, *, calibrated: bool = False) -> jnp.ndarray:
     """Round (half to even) and clip ``x / scale`` to codes in ``qtype.code_dtype``.
 
     ``scale``/``zero_point`` must broadcast against ``x``. ``x / scale`` is
     computed in float32 as ``x * (1 / scale)`` with the reciprocal taken once
     per group (XLA rewrites the division that way under ``jit`` anyway; doing
     it explicitly keeps eager and jitted codes identical). For nf4 the code is
-    the index of the nearest code-book level.
+    the index of the nearest code-book level. ``calibrated=True`` promises the
+    scale came from :func:`scale_and_zero_point` (so it is bounded by the
+    format), which lets wide formats skip the guard for near-overflow scales.
 
     Example:
       >>> import jax.numpy as jnp
@@ -119,7 +127,7 @@ def to_codes(x: jnp.ndarray, scale: jnp.ndarray, zero_point: jnp.ndarray | None,
       >>> to_codes(jnp.array([0.5, 1.5, 300.]), jnp.array(1.), None, qtypes.get('int8')).tolist()
       [0, 2, 127]
     """
-    y = _divide_by_scale(x, scale)
+    y = _divide_by_scale(x, scale, not calibrated or _may_exceed_2_126(qtype, zero_point is not None))
     if qtype.kind == 'float':
         m = qtype.qmax
         return jnp.clip(y, -m, m).astype(qtype.native_dtype)
@@ -134,19 +142,37 @@ def to_codes(x: jnp.ndarray, scale: jnp.ndarray, zero_point: jnp.ndarray | None,
     q = jnp.round(y)
     if zero_point is not None:
         q = q + zero_point.astype(jnp.float32)
-    q = jnp.clip(q, qa, qb)
-    q = jnp.where(jnp.isnan(q), 0.0, q)  # NaN groups carry a NaN scale instead
-    return q.astype(qtype.code_dtype)
+    # A NaN group's codes are whatever the convert makes of NaN: its NaN scale decides the values.
+    return jnp.clip(q, qa, qb).astype(qtype.code_dtype)
 
 
-def _divide_by_scale(x: jnp.ndarray, scale: jnp.ndarray) -> jnp.ndarray:
+def _may_exceed_2_126(qtype: QType, has_zero_point: bool) -> bool:
+    """Whether a calibrated scale can exceed 2**126, past which its float32 reciprocal is subnormal.
+
+    Largest scales: ``float32_max / calibration_bound`` (symmetric) or
+    ``2 * float32_max / (qb - qa)`` (with a zero point). True for narrow
+    formats (int1..int3, nf4, uint1, uint2); int8, int4 and fp8 never get there.
+    """
+    fmax = float(np.finfo(np.float32).max)
+    if has_zero_point:
+        qa, qb = code_range(qtype, True)
+        biggest = 2 * fmax / (qb - qa)
+    else:
+        biggest = fmax / qtype.calibration_bound
+    return biggest * 1.01 > 2.0**126
+
+
+def _divide_by_scale(x: jnp.ndarray, scale: jnp.ndarray, huge_scales: bool = True) -> jnp.ndarray:
     """``x / scale`` in float32 as ``x * (1 / scale)``, the reciprocal once per group.
 
-    A scale above 2**100 (only for data near float32's limit) would have a
-    subnormal reciprocal, which XLA flushes to zero; both operands are then
-    pre-scaled by 2**-64, which is exact.
+    With ``huge_scales``, a scale above 2**100 (only for data near float32's
+    limit) would have a subnormal reciprocal, which XLA flushes to zero; both
+    operands are then pre-scaled by 2**-64, which is exact. Formats whose
+    scales cannot get there skip that extra multiply.
     """
     s = scale.astype(jnp.float32)
+    if not huge_scales:
+        return x.astype(jnp.float32) * (1.0 / s)
     pre = jnp.where(s > 2.0**100, jnp.float32(2.0**-64), jnp.float32(1.0))
     return (x.astype(jnp.float32) * pre) * (1.0 / (s * pre))
 

@@ -25,7 +25,7 @@ from qarray.qtypes import QType
 
 def _group_sse(x, axes, hi, qtype):
     scale, zp = numerics.scale_and_zero_point(-hi, hi, True, qtype)
-    xr = numerics.from_codes(numerics.to_codes(x, scale, zp, qtype), scale, zp, qtype)
+    xr = numerics.from_codes(numerics.to_codes(x, scale, zp, qtype, calibrated=True), scale, zp, qtype)
     return jnp.sum(jnp.square(x.astype(jnp.float32) - xr), axis=axes, keepdims=True)
 
 
