@@ -73,4 +73,26 @@ def main() -> None:
     print_table(rows, [('format', 'format', ''), ('tiles', 'tiles', ''), ('bytes', 'stored bytes', 'd'),
                        ('bits', 'bits/value', '.3f'), ('max_abs', 'max abs err', '.4f'),
                        ('rel', 'rel err', '.4f')])
+    for number, (module, function, what) in enumerate(_SECTIONS, start=2):
+        print(f"\n{number}. ", end='')
+        _run_section(module, function, what)
     print(f"\n(tour finished in {time.perf_counter() - t0:.1f} s)")
+
+
+# Later sections live next to the code they show; examples/ is importable from a repository checkout.
+_SECTIONS = [
+    ('flax_integration.tour', 'flax_section', 'Flax PTQ'),
+    ('examples.digits.qat_qlora', 'digits_section', 'digits QAT/QLoRA'),
+    ('examples.minilm.tour', 'minilm_section', 'MiniLM-L6'),
+]
+
+
+def _run_section(module: str, function: str, what: str) -> None:
+    import importlib
+
+    try:
+        section = getattr(importlib.import_module(module), function)
+    except ImportError as e:
+        print(f"{what}: skipped ({e}; the examples run from a repository checkout).")
+        return
+    section()
