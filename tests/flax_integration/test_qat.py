@@ -1,0 +1,213 @@
+"""QAT (QtProvider): PTQ-exact forward, straight-through gradients, quant_stats updates, Linen and NNX training."""
+
+import chex
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+from flax import linen as nn
+from flax import nnx
+from hypothesis import given, strategies as st
+
+from flax_integration.model import quantize_model
+from flax_integration.providers.calibration import QuantStat
+from flax_integration.providers.ptq import PtqProvider
+from flax_integration.providers.qat import QatProvider, QtProvider, fake_quant_with_scale, update_moving_average
+from flax_integration.quantize_params import quantize_params
+from flax_integration.rules import QuantizationRule
+from examples.digits import train
+
+
+class CNN(nn.Module):
+    @nn.compact
+    def __call__(self, x):
+        x = nn.relu(nn.Conv(4, (3, 3), strides=(2, 2))(x))
+        return nn.Dense(5)(x.reshape(x.shape[0], -1))
+
+
+class NnxCNN(nnx.Module):
+    def __init__(self, rngs):
+        self.conv = nnx.Conv(1, 4, (3, 3), strides=(2, 2), rngs=rngs)
+        self.fc = nnx.Linear(64, 5, rngs=rngs)
+
+    def __call__(self, x):
+        x = nnx.relu(self.conv(x))
+        return self.fc(x.reshape(x.shape[0], -1))
+
+
+X = jax.random.uniform(jax.random.key(1), (8, 8, 8, 1))
+Y = jnp.arange(8) % 5
+
+W4_STATIC = [QuantizationRule(weight_qtype='int4', act_qtype='int8', act_static_scale=True, tile_size=16,
+                              op_names=('dot_general',)),
+             QuantizationRule(weight_qtype='int4', act_qtype='int4', act_static_scale=True,
+                              act_calibration_method='minmax')]
+W8_DYNAMIC = [QuantizationRule(weight_qtype='int8', act_qtype='int8')]
+NF4_WEIGHT_ONLY = [QuantizationRule(weight_qtype='nf4', tile_size=16, op_names=('dot_general',)),
+                   QuantizationRule(weight_qtype='uint4', weight_calibration_method='minmax')]
+
+
+def _ptq_params(model, rules, params, stats):
+    ptq = quantize_model(model, PtqProvider(rules))
+    abstract = jax.eval_shape(ptq.init, jax.random.key(0), X)['params']
+    return ptq, quantize_params(params, abstract, stats)
+
+
+# --------------------------------------------------------------------------- numerics
+@given(st.integers(0, 2 ** 31 - 1), st.sampled_from(['int8', 'int4', 'int3']))
+def test_fake_quant_with_scale_matches_numpy(seed, qtype):
+    x = np.random.default_rng(seed).normal(size=(6, 8)).astype(np.float32)
+    s = np.float32(0.7 / {'int8': 127, 'int4': 7, 'int3': 3}[qtype])
+    qmax = {'int8': 127, 'int4': 7, 'int3': 3}[qtype]
+    y = fake_quant_with_scale(jnp.asarray(x), qtype, jnp.full((1, 1), s))
+    ref = np.clip(np.round(x.astype(np.float64) / s), -qmax, qmax) * s
+    np.testing.assert_allclose(np.asarray(y, np.float64), ref, rtol=1e-6, atol=1e-7)
+    g = jax.grad(lambda v: fake_quant_with_scale(v, qtype, jnp.full((1, 1), s)).sum())(jnp.asarray(x))
+    inside = np.abs(x.astype(np.float64)) <= (qmax + 0.5) * s
+    np.testing.assert_array_equal(np.asarray(g), inside.astype(np.float32))
+
+
+def test_fake_quant_with_scale_plain_ste_and_zero_point():
+    x = jnp.array([[-6.0, 0.1, 0.5, 9.0]])
+    s, zp = jnp.full((1, 1), 0.05), jnp.full((1, 1), 100, jnp.int32)
+    g = jax.grad(lambda v: fake_quant_with_scale(v, 'uint8', s, zp, ste='plain').sum())(x)
+    np.testing.assert_array_equal(np.asarray(g), np.ones((1, 4)))
+    y = fake_quant_with_scale(x, 'uint8', s, zp)
+    codes = np.clip(np.round(np.asarray(x, np.float64) / 0.05) + 100, 0, 255)
+    np.testing.assert_allclose(np.asarray(y), (codes - 100) * 0.05, rtol=1e-6)
+    g = jax.grad(lambda v: fake_quant_with_scale(v, 'uint8', s, zp).sum())(x)
+    np.testing.assert_array_equal(np.asarray(g), [[0.0, 1.0, 1.0, 0.0]])  # range (-5.025, 7.775)
+
+
+def test_moving_average_is_mean_then_ema():
+    his = np.array([1.0, 3.0, 2.0, 8.0, 4.0])
+    s = {'lo': jnp.zeros(1), 'hi': jnp.zeros(1), 'count': jnp.zeros((), jnp.int32)}
+    ref = 0.0
+    for n, h in enumerate(his, 1):
+        s = update_moving_average(s, jnp.array([-h]), jnp.array([h]), momentum=0.7)
+        ref += (h - ref) * max(1.0 / n, 0.3)
+    np.testing.assert_allclose(float(s['hi'][0]), ref, rtol=1e-6)
+    assert int(s['count']) == 5
+
+
+# --------------------------------------------------------------------------- Linen
+@pytest.mark.parametrize('jit', [False, True], ids=['eager', 'jit'])
+@pytest.mark.parametrize('rules', [W4_STATIC, W8_DYNAMIC, NF4_WEIGHT_ONLY], ids=['w4a8-static', 'w8a8', 'nf4'])
+def test_linen_qat_forward_equals_ptq_forward(rules, jit):
+    model = CNN()
+    qat = quantize_model(model, QtProvider(rules))
+    v = qat.init(jax.random.key(0), X)
+    if 'quant_stats' in v:  # one training-mode pass so the statistics are real
+        _, upd = qat.apply(v, X * 1.3, mutable=['quant_stats'])
+        v = {**v, **upd}
+    y_qat = (jax.jit(qat.apply) if jit else qat.apply)(v, X)
+    ptq, params = _ptq_params(model, rules, v['params'], v.get('quant_stats'))
+    y_ptq = ptq.apply({'params': params}, X)
+    chex.assert_trees_all_close(y_qat, y_ptq, atol=2e-5 * float(jnp.abs(y_ptq).max()))
+
+
+def test_linen_stats_update_when_mutable_and_freeze_otherwise():
+    rules = [QuantizationRule(weight_qtype='int8', act_qtype='int8', act_static_scale=True)]
+    qat = quantize_model(nn.Dense(3), QtProvider(rules, momentum=0.5))
+    x = jax.random.normal(jax.random.key(4), (4, 6))
+    v = qat.init(jax.random.key(0), x)
+    assert int(v['quant_stats']['dot_general0_lhs']['count']) == 0
+    his = []
+    for k in (1.0, 3.0, 2.0):
+        _, upd = qat.apply(v, k * x, mutable=['quant_stats'])
+        v = {**v, **upd}
+        his.append(k * float(jnp.abs(x).max()))
+    ref = 0.0
+    for n, h in enumerate(his, 1):
+        ref += (h - ref) * max(1.0 / n, 0.5)
+    s = v['quant_stats']['dot_general0_lhs']
+    assert int(s['count']) == 3
+    np.testing.assert_allclose(float(s['hi'][0, 0]), ref, rtol=1e-6)
+    # eval (quant_stats not mutable): the stored range quantizes the input, whatever the batch holds
+    scale = ref / 127.5  # symmetric int8: the calibrated absmax sits at the edge of the top code's cell
+    y = qat.apply(v, 10 * x)
+    xq = np.clip(np.round(10 * np.asarray(x, np.float64) / scale), -127, 127) * scale
+    wq = np.asarray(jax.jit(lambda w: __import__('qarray').fake_quant(w, 'int8', channelwise_axes=(1,)))(
+        v['params']['kernel']), np.float64)
+    np.testing.assert_allclose(np.asarray(y), xq @ wq + np.asarray(v['params']['bias']), rtol=1e-5, atol=1e-5)
+
+
+def test_linen_input_gradient_is_zero_outside_static_range():
+    rules = [QuantizationRule(act_qtype='int8', act_static_scale=True)]
+    model = nn.Dense(3, use_bias=False)
+    qat = quantize_model(model, QtProvider(rules))
+    x = jnp.array([[0.2, -0.5, 1.5, -3.0]])
+    v = qat.init(jax.random.key(0), x)
+    stats = {'dot_general0_lhs': {'lo': jnp.full((1, 1), -1.0), 'hi': jnp.full((1, 1), 1.0),
+                                  'count': jnp.ones((), jnp.int32)}}
+    g = jax.grad(lambda xx: qat.apply({'params': v['params'], 'quant_stats': stats}, xx).sum())(x)
+    w = np.asarray(v['params']['kernel'], np.float64)
+    inside = np.abs(np.asarray(x, np.float64)) <= 1.0  # range [-1, 1]: scale 1 / 127.5, cells included
+    np.testing.assert_allclose(np.asarray(g), inside * w.sum(1)[None, :], rtol=1e-6)
+    plain = quantize_model(model, QtProvider(rules, ste='plain'))
+    gp = jax.grad(lambda xx: plain.apply({'params': v['params'], 'quant_stats': stats}, xx).sum())(x)
+    np.testing.assert_allclose(np.asarray(gp), np.broadcast_to(w.sum(1), (1, 4)), rtol=1e-6)
+
+
+def test_linen_weight_gradient_is_straight_through():
+    rules = [QuantizationRule(weight_qtype='int4')]
+    model = nn.Dense(3, use_bias=False)
+    qat = quantize_model(model, QtProvider(rules))
+    x = jax.random.normal(jax.random.key(2), (5, 4))
+    p = qat.init(jax.random.key(0), x)['params']
+    g = jax.grad(lambda pp: qat.apply({'params': pp}, x).sum())(p)['kernel']
+    # every weight lies inside its absmax range: the gradient is the float one, x^T 1
+    np.testing.assert_allclose(np.asarray(g), np.asarray(x, np.float64).sum(0)[:, None] * np.ones((1, 3)),
+                               rtol=1e-5)
+
+
+def test_linen_qat_training_with_optax_under_jit():
+    qat = quantize_model(CNN(), QtProvider(W4_STATIC))
+    v = qat.init(jax.random.key(0), X)
+    x = np.asarray(jax.random.uniform(jax.random.key(3), (64, 8, 8, 1)))
+    y = np.arange(64) % 5
+    losses: list = []
+    v = train.train_linen(qat, v, x, y, steps=40, batch=32, lr=1e-2, mutable=('quant_stats',), losses=losses)
+    assert np.mean(losses[-5:]) < np.mean(losses[:5])
+    assert int(v['quant_stats']['Dense_0']['dot_general0_lhs']['count']) == 40
+    ptq, params = _ptq_params(CNN(), W4_STATIC, v['params'], v['quant_stats'])
+    chex.assert_trees_all_close(qat.apply(v, x[:8]), ptq.apply({'params': params}, x[:8]), atol=1e-4)
+
+
+# --------------------------------------------------------------------------- NNX
+def test_nnx_qat_train_eval_and_ptq_equivalence():
+    model = NnxCNN(nnx.Rngs(0))
+    qat = quantize_model(model, QtProvider(W4_STATIC), X)
+    assert isinstance(qat.fc.kernel, nnx.Param)  # QAT keeps float weights: they train
+    x = np.asarray(jax.random.uniform(jax.random.key(3), (64, 8, 8, 1)))
+    y = np.arange(64) % 5
+    losses: list = []
+    train.train_nnx(qat, x, y, steps=30, batch=32, lr=1e-2, losses=losses)
+    assert np.mean(losses[-5:]) < np.mean(losses[:5])
+    assert int(qat.fc.dot_general0_lhs.get_value()['count']) == 30
+    qat.eval()
+    before = nnx.to_pure_dict(nnx.state(qat, QuantStat))
+    y_qat = qat(X)
+    after = nnx.to_pure_dict(nnx.state(qat, QuantStat))
+    chex.assert_trees_all_equal(before, after)  # frozen at eval
+    abstract = nnx.eval_shape(lambda: quantize_model(NnxCNN(nnx.Rngs(0)), PtqProvider(W4_STATIC), X))
+    nnx.update(abstract, quantize_params(qat, abstract, nnx.state(qat, QuantStat)))
+    chex.assert_trees_all_close(y_qat, abstract(X), atol=1e-4)
+    qat.train()
+    qat(X)
+    assert int(qat.fc.dot_general0_lhs.get_value()['count']) == 31
+
+
+# --------------------------------------------------------------------------- errors
+def test_errors_name_the_argument():
+    with pytest.raises(ValueError, match='ste'):
+        QtProvider(W8_DYNAMIC, ste='round')
+    with pytest.raises(ValueError, match='momentum'):
+        QtProvider(W8_DYNAMIC, momentum=1.0)
+    with pytest.raises(ValueError, match='ste'):
+        fake_quant_with_scale(jnp.ones((1, 2)), 'int8', jnp.ones((1, 1)), ste='none')
+    with pytest.raises(ValueError, match='tile_size'):
+        quantize_model(CNN(), QtProvider([QuantizationRule(weight_qtype='int4', tile_size=4)])).init(
+            jax.random.key(0), X)
+    assert QatProvider is QtProvider
