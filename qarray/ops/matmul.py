@@ -1,6 +1,6 @@
 """``dot`` and ``matmul`` with ``jnp`` semantics, on top of :func:`dot_general`.
 
-``matmul``: 1-D operands are promoted and the added axis removed after; for
+``matmul``: a 1-D operand contracts directly (jnp's promote-then-squeeze); for
 N-D operands the leading (batch) axes broadcast. A QArray is never broadcast
 in memory: if its batch axes would need broadcasting it is dequantized first
 (a rare case; equal batch shapes and 2-D weights stay quantized). ``dot``: contracts the last axis of
@@ -29,11 +29,6 @@ from qarray.ops.operands import check_operand, describe
 __all__ = ['dot', 'matmul']
 
 
-def _expand(x: Any, axis: int) -> Any:
-    return x.reshape(x.shape[:axis] + (1,) + x.shape[axis:]) if isinstance(x, QArray) \
-        else jnp.expand_dims(x, axis)
-
-
 def matmul(a: Any, b: Any, *, precision: Any = None, preferred_element_type: Any = None) -> jax.Array:
     """``jnp.matmul`` where either operand may be a QArray.
 
@@ -46,14 +41,13 @@ def matmul(a: Any, b: Any, *, precision: Any = None, preferred_element_type: Any
     if a.ndim == 0 or b.ndim == 0:
         raise ValueError(f"matmul: operands must be at least 1-D (use * for scalars); a: {describe(a)}, "
                          f"b: {describe(b)}.")
-    a_vec, b_vec = a.ndim == 1, b.ndim == 1
-    if a_vec:
-        a = _expand(a, 0)
-    if b_vec:
-        b = _expand(b, 1)
-    if a.shape[-1] != b.shape[-2]:
+    k_b = b.shape[0] if b.ndim == 1 else b.shape[-2]
+    if a.shape[-1] != k_b:
         raise ValueError(f"matmul: contracting sizes differ: a's last axis has {a.shape[-1]}, b's second-to-last "
-                         f"has {b.shape[-2]}. a: {describe(a)}, b: {describe(b)}.")
+                         f"has {k_b}. a: {describe(a)}, b: {describe(b)}.")
+    if a.ndim == 1 or b.ndim == 1:  # a vector side adds no batch axes: a plain contraction has jnp's shape
+        return dot_general(a, b, (((a.ndim - 1,), (max(b.ndim - 2, 0),)), ((), ())), precision,
+                           preferred_element_type)
     if b.ndim == 2:  # the common x[..., K] @ w[K, N]: no batch axes at all
         out = dot_general(a, b, (((a.ndim - 1,), (0,)), ((), ())), precision, preferred_element_type)
     elif a.ndim == 2:  # a[M, K] @ b[..., K, N] -> [M, ..., N] -> move M into place
@@ -65,10 +59,6 @@ def matmul(a: Any, b: Any, *, precision: Any = None, preferred_element_type: Any
         nb = len(batch)
         out = dot_general(a, b, (((nb + 1,), (nb,)), (tuple(range(nb)), tuple(range(nb)))), precision,
                           preferred_element_type)
-    if b_vec:
-        out = out[..., 0]
-    if a_vec:
-        out = jnp.squeeze(out, -1 if b_vec else -2)
     return out
 
 

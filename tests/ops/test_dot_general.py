@@ -28,9 +28,9 @@ def test_int8_x_int8_per_token_per_channel():
 @pytest.mark.parametrize('order', ['batched', 'loop'])
 @pytest.mark.parametrize('zp', [False, True])
 def test_tiled_orders_agree(order, zp, monkeypatch):
-    x, w = rand(2, (8, 256)), rand(3, (256, 16))
+    x, w = rand(2, (8, 512)), rand(3, (512, 16))
     qx = quant(x, 'int8', channelwise_axes=(0,), calibration='minmax' if zp else 'absmax')
-    qw = quant(w, 'int4', tiles={0: 64}, channelwise_axes=(1,),
+    qw = quant(w, 'int4', tiles={0: 128}, channelwise_axes=(1,),
                          calibration='minmax' if zp else 'absmax')
     calls = []
     monkeypatch.setattr(scaled_dot, 'tile_order', lambda *a: calls.append(order) or order)
@@ -156,7 +156,7 @@ def problems(draw):
     nc = draw(st.integers(1, 2))
     nlf, nrf = draw(st.integers(0, 1)), draw(st.integers(0, 2))
     batch = [draw(st.sampled_from([1, 3])) for _ in range(nb)]
-    ksizes = [draw(st.sampled_from([64, 128]))] + [draw(st.sampled_from([2, 3])) for _ in range(nc - 1)]
+    ksizes = [draw(st.sampled_from([128, 256]))] + [draw(st.sampled_from([2, 3])) for _ in range(nc - 1)]
     if draw(st.booleans()):
         ksizes.reverse()
     lfree = [draw(st.sampled_from([1, 4])) for _ in range(nlf)]
@@ -181,9 +181,9 @@ def problems(draw):
             return None
         cw = tuple(a for a, (r, _) in enumerate(roles) if r != 'c' and shp[a] > 1 and draw(st.booleans()))
         tiles = {}
-        big = [a for a, (r, _) in enumerate(roles) if r == 'c' and shp[a] >= 64]
+        big = [a for a, (r, _) in enumerate(roles) if r == 'c' and shp[a] >= 128]
         if big and draw(st.booleans()):
-            tiles = {big[0]: draw(st.sampled_from([64, 32]))}
+            tiles = {big[0]: draw(st.sampled_from([128, 32]))}
         zp = fmt.startswith('int') and fmt != 'int1' and draw(st.booleans())
         return dict(channelwise_axes=cw, tiles=tiles, zero_point=zp,
                     pack_axis=draw(st.integers(-len(shp), -1)))
