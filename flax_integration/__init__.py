@@ -18,11 +18,17 @@ Example:
 
 from flax_integration.calibrate import calibrate
 from flax_integration.model import quantize_model
-from flax_integration.providers import CalibrationProvider, FloatParamError, Op, Provider, PtqProvider, QuantStat
+from flax_integration.litert import export_litert
+from flax_integration.lora import lora_param_count, lora_trainable, merge_lora, with_base_weights
+from flax_integration.providers import (CalibrationProvider, FloatParamError, LoraProvider, LoraRule,
+                                        OdmlConversionProvider, OdmlQatProvider, Op, Provider, PtqProvider,
+                                        QatProvider, QtProvider, QuantStat)
 from flax_integration.quantize_params import quantize_params
 from flax_integration.rules import QuantizationRule
 from flax_integration.wrappers import ActivationScale, QuantizedParam
 
 __all__ = ['QuantizationRule', 'quantize_model', 'quantize_params', 'calibrate', 'Provider', 'Op',
            'PtqProvider', 'CalibrationProvider', 'QuantStat', 'FloatParamError', 'QuantizedParam',
-           'ActivationScale']
+           'ActivationScale', 'QtProvider', 'QatProvider', 'LoraProvider', 'LoraRule', 'merge_lora',
+           'lora_trainable', 'with_base_weights', 'lora_param_count', 'OdmlQatProvider',
+           'OdmlConversionProvider', 'export_litert']

@@ -34,9 +34,9 @@ Providers here:
 * :class:`CalibrationProvider` -- float compute, collects activation ranges
   (running mean) for static scales.
 
-Planned extensions plug in the same way: QAT (``QtProvider``: ``process_op``
+The other providers plug in the same way: QAT (``QtProvider``: ``process_op``
 fake-quantizes weight and activations with ``qarray.fake_quant`` and runs
-``call.run_original`` on the results), LoRA (``LoraProvider``: adds
+``call.run(...)`` on the float results), LoRA (``LoraProvider``: adds
 ``op.frame.put_param('<name>_lora_a', ...)`` adapters and returns
 ``call.run(...) + x @ a @ b``), ODML (annotate operands, run float).
 
@@ -59,6 +59,11 @@ Example:
 
 from flax_integration.providers.base import FloatParamError, Op, Provider
 from flax_integration.providers.calibration import CalibrationProvider, QuantStat
+from flax_integration.providers.lora import LoraProvider, LoraRule
+from flax_integration.providers.odml import OdmlConversionProvider, OdmlQatProvider
 from flax_integration.providers.ptq import PtqProvider
+from flax_integration.providers.qat import QatProvider, QtProvider
 
-__all__ = ['Provider', 'Op', 'FloatParamError', 'PtqProvider', 'CalibrationProvider', 'QuantStat']
+__all__ = ['Provider', 'Op', 'FloatParamError', 'PtqProvider', 'CalibrationProvider', 'QuantStat',
+           'QtProvider', 'QatProvider', 'LoraProvider', 'LoraRule', 'OdmlQatProvider',
+           'OdmlConversionProvider']
