@@ -544,8 +544,9 @@ def dequantize(q: QArray, dtype: Any = None) -> jax.Array:
 
     Example:
       >>> import jax.numpy as jnp, qarray
-      >>> qarray.dequantize(qarray.quantize(jnp.array([0., 0.5, 1.]), 'int8')).tolist()
-      [0.0, 0.5, 1.0]
+      >>> q = qarray.quantize(jnp.array([0., 2., -7.5]), 'int4')  # scale = absmax / 7.5 = 1
+      >>> qarray.dequantize(q).tolist()   # -7.5 is half a step past the lowest level, -7
+      [0.0, 2.0, -7.0]
     """
     if not isinstance(q, QArray):
         raise TypeError(f"dequantize expects a QArray; got {type(q).__name__}.")

@@ -8,7 +8,7 @@ Example:
   >>> import jax.numpy as jnp, numpy as np
   >>> from qarray import qtypes
   >>> s, zp = scale_and_zero_point(jnp.array(-2.), jnp.array(2.), True, qtypes.get('int8'))
-  >>> float(s) == np.float32(2 / 127.5), zp is None
+  >>> bool(float(s) == np.float32(2 / 127.5)), zp is None
   (True, True)
 """
 
