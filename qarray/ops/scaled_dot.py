@@ -35,7 +35,28 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-__all__ = ['scaled_dot', 'tile_order']
+__all__ = ['scaled_dot', 'tile_order', 'LazyRows']
+
+
+class LazyRows:
+    """``rhs`` codes ``[B, K, N]`` made on demand per K range (e.g. unpacked from packed bytes per tile).
+
+    The tile loop then unpacks one tile at a time into cache instead of
+    writing and re-reading the whole unpacked weight.
+
+    Example:
+      >>> import jax.numpy as jnp
+      >>> r = LazyRows((1, 4, 2), lambda start, size: jnp.ones((1, size, 2), jnp.int8))
+      >>> r.rows(0, 2).shape, r.full().shape
+      ((1, 2, 2), (1, 4, 2))
+    """
+
+    def __init__(self, shape, rows_fn):
+        self.shape = tuple(shape)
+        self.rows = rows_fn
+
+    def full(self) -> jax.Array:
+        return self.rows(0, self.shape[1])
 
 _BMK_BKN = (((2,), (1,)), ((0,), (0,)))
 
@@ -50,10 +71,6 @@ def tile_order(b: int, m: int, k: int, n: int, s: int) -> str:
     if s == 1:
         return 'single'
     return 'batched' if b * s * m * n <= max(b * m * k, b * k * n) else 'loop'
-
-
-def _acc_type(a: jax.Array) -> Any:
-    return jnp.int32 if jnp.issubdtype(a.dtype, jnp.integer) else jnp.float32
 
 
 def _dot(a, b, dn, precision):
@@ -82,7 +99,7 @@ def scaled_dot(a: jax.Array, sa: jax.Array, za: jax.Array | None, b: jax.Array, 
 
     Args:
       a: ``[B, M, K]`` int8 or fp8 codes; ``sa``/``za``: ``[B|1, M|1, S]`` scale / int32 zero point.
-      b: ``[B, K, N]`` codes; ``sb``/``zb``: ``[B|1, S, N|1]``.
+      b: ``[B, K, N]`` codes (or :class:`LazyRows`); ``sb``/``zb``: ``[B|1, S, N|1]``.
       out_dtype: result dtype. precision: passed to every ``lax.dot_general``.
       order: force ``'batched'`` or ``'loop'`` for S > 1 (default: :func:`tile_order`).
 
@@ -99,6 +116,8 @@ def scaled_dot(a: jax.Array, sa: jax.Array, za: jax.Array | None, b: jax.Array, 
     t = k // s
     sa, sb = sa.astype(jnp.float32), sb.astype(jnp.float32)
     order = order or tile_order(bsz, m, k, n, s)
+    if isinstance(b, LazyRows) and (s == 1 or order == 'batched'):
+        b = b.full()
     if s == 1:
         return _single(a, sa, za, b, sb, zb, precision).astype(out_dtype)
     if order == 'batched':
@@ -142,7 +161,7 @@ def _loop(a, sa, za, b, sb, zb, s, t, precision):
 
     def body(i, out):
         at = lax.dynamic_slice_in_dim(a, i * t, t, axis=2)
-        bt = lax.dynamic_slice_in_dim(b, i * t, t, axis=1)
+        bt = b.rows(i * t, t) if isinstance(b, LazyRows) else lax.dynamic_slice_in_dim(b, i * t, t, axis=1)
         acc = _dot(at, bt, _BMK_BKN, precision)
         zai = None if za is None else lax.dynamic_slice_in_dim(za, i, 1, axis=2)
         zbi = None if zb is None else lax.dynamic_slice_in_dim(zb, i, 1, axis=1)

@@ -1,7 +1,5 @@
 """einsum, dot and matmul against numpy float64 on dequantized operands."""
 
-import jax
-import jax.numpy as jnp
 import numpy as np
 import pytest
 

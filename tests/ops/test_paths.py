@@ -4,7 +4,6 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-import qarray
 from qarray import ops
 from ops_testlib import primitive_names, quant, rand
 
