@@ -56,7 +56,7 @@ from qarray.core import QArray
 
 from flax_integration import op_calls
 from flax_integration.ops_bridge import ORIGINAL
-from flax_integration.wrappers import QuantizedParam
+from flax_integration.wrappers import QuantizedParam, unbox_leaves
 
 __all__ = ['PATCHED', 'scope', 'ModuleFrame', 'current_frame', 'push_frame', 'is_active',
            'late_dot_general', 'late_einsum', 'late_conv_general_dilated', 'Weight', 'find_weight']
@@ -210,7 +210,7 @@ class Weight:
     """
 
     index: int
-    name: str | None
+    name: str | None  # None only for a quantized operand that is not a stored param (e.g. reshaped in user code)
     value: Any
 
     @property
@@ -218,19 +218,38 @@ class Weight:
         return isinstance(self.value, (QuantizedParam, QArray))
 
 
+def _leaf_ids(x: Any) -> tuple[int, ...]:
+    """Identity of a quantized value: the ids of its array leaves (boxes and wrappers stripped)."""
+    return tuple(id(leaf) for leaf in jax.tree.leaves(unbox_leaves(x)))
+
+
 def find_weight(call: op_calls.OpCall, params: dict[str, Any], frame: ModuleFrame | None) -> Weight | None:
     """The operand that is a param of the running module (rhs preferred), or None.
 
-    ``params`` maps the module's param names to their (unboxed) values.
+    ``params`` maps the module's param names to their values. A float param is
+    recognised by object identity (or as the recorded cast of one). A stored
+    quantized param is recognised by its *leaves*: reading it rebuilds its
+    container (Linen's ``self.param`` unboxes ``nn.Partitioned`` leaves into a
+    new ``QuantizedParam``; NNX's ``param[...]`` unwraps ``nnx.Param`` leaves),
+    and ``astype`` from ``promote_dtype`` makes a new QArray, but the
+    ``qvalue`` / ``scale`` / ``zero_point`` arrays are the stored ones.
+
+    Example:
+      >>> import jax.numpy as jnp, qarray
+      >>> q = QuantizedParam(qarray.quantize(jnp.ones((4, 2)), 'int8'))
+      >>> call = op_calls.dot_general_call(jnp.ones((1, 4)), q.astype(jnp.bfloat16), (((1,), (0,)), ((), ())))
+      >>> w = find_weight(call, {'kernel': q}, None)
+      >>> w.index, w.name
+      (1, 'kernel')
     """
     by_id = {id(v): n for n, v in params.items()}
+    by_leaves = {_leaf_ids(v): n for n, v in params.items() if isinstance(v, (QuantizedParam, QArray))}
     if frame is not None:
         by_id.update({i: n for i, (n, _) in frame.derived.items()})
     for i in (1, 0):
         x = call.operands[i]
         if isinstance(x, (QuantizedParam, QArray)):
-            name = by_id.get(id(x))
-            return Weight(i, name, x)
+            return Weight(i, by_id.get(id(x), by_leaves.get(_leaf_ids(x))), x)
         if id(x) in by_id:
             return Weight(i, by_id[id(x)], x)
     return None

@@ -58,10 +58,10 @@ def _state():
 
 
 class NnxFrame(ModuleFrame):
-    """A running NNX module: params are its ``nnx.Param`` attributes."""
+    """A running NNX module: params are its ``nnx.Param`` and stored quantized (``QuantizedParam``) attributes."""
 
     def params(self) -> dict[str, Any]:
-        return {k: v[...] for k, v in vars(self.module).items() if isinstance(v, nnx.Param)}
+        return {k: v[...] for k, v in vars(self.module).items() if isinstance(v, (nnx.Param, QuantizedParam))}
 
     @property
     def initializing(self) -> bool:

@@ -69,7 +69,6 @@ from flax import nnx
 from flax_integration.providers.base import Op
 from flax_integration.providers.ptq import PtqProvider
 from flax_integration.rules import QuantizationRule
-from flax_integration.wrappers import QuantizedParam, unbox_leaves
 
 __all__ = ['LoraRule', 'LoraProvider', 'LORA_SUFFIXES', 'adapter_names', 'weight_name', 'low_rank_kernel']
 
@@ -268,26 +267,18 @@ class LoraProvider(PtqProvider):
 
 
 def weight_name(op: Op) -> str:
-    """The param name of the op's weight.
+    """The param name of the op's weight (adapters are named after it).
 
-    Works around the interception layer leaving ``Weight.name`` None for a
-    stored quantized param (Linen: ``self.param`` unboxes it into a new
-    container, so the lookup by object id misses; NNX: the frame lists only
-    ``nnx.Param`` attributes): the name is then found by the identity of its
-    array leaves. Falls back to the op id.
+    The interception layer names every stored param, float or quantized; a
+    quantized operand that is not a stored param (e.g. a weight reshaped in
+    user code) has no name, and its adapters are named after the op instead.
+
+    Example:
+      >>> from flax_integration.interception import Weight
+      >>> weight_name(Op(None, None, None, Weight(1, 'kernel', None), 'dot_general0'))
+      'kernel'
     """
-    if op.weight.name is not None:
-        return op.weight.name
-    leaves = jax.tree.leaves(unbox_leaves(op.weight.value))
-    if op.frame is not None and leaves:
-        candidates = dict(op.frame.params())
-        if op.frame.kind == 'nnx':  # NNX frames list nnx.Param attributes only, not stored QuantizedParams
-            candidates.update({k: v for k, v in vars(op.frame.module).items() if isinstance(v, QuantizedParam)})
-        for name, v in candidates.items():
-            cand = jax.tree.leaves(unbox_leaves(v))
-            if len(cand) == len(leaves) and all(a is b for a, b in zip(cand, leaves)):
-                return name
-    return op.op_id
+    return op.weight.name if op.weight.name is not None else op.op_id
 
 
 def low_rank_kernel(a: jax.Array, b: jax.Array, shape: Sequence[int], kept: Sequence[int],

@@ -89,3 +89,47 @@ def test_provider_is_not_reentered():
     with interception.scope(handler):
         jnp.einsum('ij,jk->ik', jnp.ones((2, 2)), jnp.ones((2, 2)))
     assert depth == ['einsum']
+
+
+class _NameRecorder(fi.PtqProvider):
+    """PTQ that records, per op, the weight operand's param name and whether it was quantized."""
+
+    def __init__(self, rules):
+        super().__init__(rules)
+        self.seen = []
+
+    def process_op(self, op):
+        self.seen.append((op.path, op.weight.name if op.weight else None, bool(op.weight and op.weight.quantized)))
+        return super().process_op(op)
+
+
+def test_stored_quantized_params_are_named_at_apply_linen():
+    from flax import linen as nn
+
+    class Net(nn.Module):
+        @nn.compact
+        def __call__(self, x):  # a boxed (nn.Partitioned) kernel and a plain one; bf16 promotion casts both
+            x = nn.Dense(8, kernel_init=nn.with_partitioning(nn.initializers.lecun_normal(), (None, 'model')),
+                         dtype=jnp.bfloat16)(x)
+            return nn.Dense(4, use_bias=False)(x)
+
+    rules = [fi.QuantizationRule(weight_qtype='int4')]
+    x = jnp.ones((2, 16))
+    p = _NameRecorder(rules)
+    m = fi.quantize_model(Net(), p)
+    v = m.init(jax.random.key(0), x)
+    p.seen.clear()
+    m.apply(v, x)
+    assert p.seen == [('Dense_0', 'kernel', True), ('Dense_1', 'kernel', True)]
+
+
+def test_stored_quantized_params_are_named_at_apply_nnx():
+    from flax import nnx
+    rules = [fi.QuantizationRule(weight_qtype='int8')]
+    p = _NameRecorder(rules)
+    m = fi.quantize_model(nnx.Linear(16, 4, rngs=nnx.Rngs(0)), p, jnp.ones((2, 16)))
+    assert p.seen == [('', 'kernel', False)]  # quantize time: the float kernel becomes the stored param
+    p.seen.clear()
+    m(jnp.ones((2, 16)))
+    nnx.jit(lambda mod, x: mod(x))(m, jnp.ones((2, 16)))
+    assert p.seen == [('', 'kernel', True)] * 2
