@@ -60,9 +60,8 @@ def test_pack_works_inside_jit():
         chex.assert_trees_all_equal(back, f)
 
 
-@pytest.mark.parametrize('name, bits', [(f'int{b}', b) for b in range(1, 8)] +
-                         [(f'uint{b}', b) for b in range(1, 8)] + [('nf4', 4)])
-@pytest.mark.parametrize('n', [1, 37])
+@pytest.mark.parametrize('name, bits, n', [(f'int{b}', b, 37) for b in range(1, 8)] +
+                         [(f'uint{b}', b, 37) for b in range(1, 8)] + [('nf4', 4, 37), ('int3', 3, 1), ('nf4', 4, 1)])
 def test_quantized_storage_is_bit_packed_on_cpu(name, bits, n):
     x = jax.random.normal(jax.random.key(n), (4, n))
     q = qarray.quantize(x, name, calibration='minmax' if name.startswith('uint') else 'absmax')
