@@ -221,6 +221,19 @@ def test_nonfinite_group_dequantizes_to_nan(cal, jit):
         assert np.all(np.isfinite(deq[[0, 2]]))
 
 
+@pytest.mark.parametrize('cal', ['absmax', 'minmax', 'rms', 'mse'])
+def test_nonfinite_group_is_nan_on_large_groups(cal):
+    # XLA's vectorised CPU max drops NaN on larger arrays; the policy must not depend on it.
+    x = np.random.default_rng(1).normal(size=(128, 256)).astype(np.float32)
+    x[5, 7] = np.nan
+    name = 'uint4' if cal == 'minmax' else 'int4'
+    q = qarray.quantize(x.T, name, tiles=64, calibration=cal)  # groups of 64 along the rows of x
+    scale = np.asarray(q.scale)
+    assert np.isnan(scale[7, 0]) and np.isnan(scale).sum() == 1
+    deq = np.asarray(qarray.dequantize(q))
+    assert np.all(np.isnan(deq[7, :64])) and np.isfinite(np.delete(deq, 7, axis=0)).all()
+
+
 def test_check_finite_raises_eagerly_and_under_jit():
     x = jnp.array([1.0, jnp.nan])
     with pytest.raises(ValueError, match='x contains NaN or Inf and check_finite=True'):

@@ -16,7 +16,7 @@ from qarray.calibration.registry import Range, register
 from qarray.qtypes import QType
 
 
-@register('absmax', usage='absmax', propagates_nonfinite=True)
+@register('absmax', usage='absmax')
 def absmax(x: jnp.ndarray, axes: tuple[int, ...], qtype: QType) -> Range:
     """Symmetric range ``[-max|x|, max|x|]``.
 
@@ -29,7 +29,7 @@ def absmax(x: jnp.ndarray, axes: tuple[int, ...], qtype: QType) -> Range:
     return Range(-hi, hi, True)
 
 
-@register('minmax', usage='minmax', propagates_nonfinite=True)
+@register('minmax', usage='minmax')
 def minmax(x: jnp.ndarray, axes: tuple[int, ...], qtype: QType) -> Range:
     """Asymmetric range ``[min x, max x]`` (the quantizer adds a zero point).
 
@@ -41,8 +41,7 @@ def minmax(x: jnp.ndarray, axes: tuple[int, ...], qtype: QType) -> Range:
     return Range(jnp.min(x, axis=axes, keepdims=True), jnp.max(x, axis=axes, keepdims=True), False)
 
 
-@register('rms', max_args=1, usage='rms[,k] (k*RMS, capped at absmax; k defaults to 3)',
-          propagates_nonfinite=True)
+@register('rms', max_args=1, usage='rms[,k] (k*RMS, capped at absmax; k defaults to 3)')
 def rms(x: jnp.ndarray, axes: tuple[int, ...], qtype: QType, k: float = 3.0) -> Range:
     """Symmetric range ``k * sqrt(mean(x**2))``, never wider than absmax.
 

@@ -30,8 +30,7 @@ def _group_sse(x, axes, hi, qtype):
 
 
 @register('mse', max_args=2,
-          usage='mse[,steps[,min_ratio]] (clip ratios in [min_ratio, 1]; defaults 64, 0.3)',
-          propagates_nonfinite=True)
+          usage='mse[,steps[,min_ratio]] (clip ratios in [min_ratio, 1]; defaults 64, 0.3)')
 def mse(x: jnp.ndarray, axes: tuple[int, ...], qtype: QType, steps: float = 64,
         min_ratio: float = 0.3) -> Range:
     """Symmetric range ``ratio * absmax`` with the ratio minimising squared error per group.

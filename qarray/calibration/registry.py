@@ -4,11 +4,11 @@ A method maps data and the axes to reduce over to a :class:`Range`. Methods
 register themselves with the number of float arguments they accept, so a
 bad spec fails at parse time with a message listing what is valid.
 
-NaN/Inf: a group holding NaN or ±Inf must get a non-finite range (the
-quantizer then gives it a NaN scale). Methods whose reductions already
-propagate non-finite values (max, min, mean) register with
-``propagates_nonfinite=True``; for every other method :func:`calibrate`
-enforces it with one extra ``isfinite`` reduction.
+NaN/Inf: a group holding NaN or ±Inf gets a NaN range (the quantizer then
+gives it a NaN scale). :func:`calibrate` enforces this for every method with
+one ``isfinite`` reduction that XLA fuses into the method's own pass; it does
+not trust the method's reductions, because XLA's vectorised CPU ``max``
+drops NaN on larger arrays.
 
 Example:
   >>> parse('percentile,99.9')
@@ -50,18 +50,13 @@ class _Method:
     min_args: int
     max_args: int
     usage: str
-    propagates_nonfinite: bool
 
 
 _METHODS: dict[str, _Method] = {}
 
 
-def register(name: str, *, min_args: int = 0, max_args: int = 0, usage: str = '',
-             propagates_nonfinite: bool = False) -> Callable:
+def register(name: str, *, min_args: int = 0, max_args: int = 0, usage: str = '') -> Callable:
     """Decorator adding a calibration method ``fn(x, axes, qtype, *args) -> Range``.
-
-    ``propagates_nonfinite=True`` promises that a group with NaN/Inf already
-    gets a non-finite range, which skips the extra check in :func:`calibrate`.
 
     Example:
       >>> @register('half_absmax', usage='half_absmax')
@@ -71,7 +66,7 @@ def register(name: str, *, min_args: int = 0, max_args: int = 0, usage: str = ''
     """
 
     def wrap(fn: CalibrationFn) -> CalibrationFn:
-        _METHODS[name] = _Method(fn, min_args, max_args, usage or name, propagates_nonfinite)
+        _METHODS[name] = _Method(fn, min_args, max_args, usage or name)
         return fn
 
     return wrap
@@ -121,8 +116,6 @@ def calibrate(spec: str, x: jnp.ndarray, axes: tuple[int, ...], qtype: QType) ->
     name, args = parse(spec)
     method = _METHODS[name]
     rng = method.fn(x, tuple(axes), qtype, *args)
-    if method.propagates_nonfinite:
-        return rng
     finite = jnp.all(jnp.isfinite(x), axis=tuple(axes), keepdims=True)
     nan = jnp.asarray(jnp.nan, jnp.float32)
     return Range(jnp.where(finite, rng.lo, nan), jnp.where(finite, rng.hi, nan), rng.symmetric)
