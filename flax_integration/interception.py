@@ -58,7 +58,8 @@ from flax_integration import op_calls
 from flax_integration.ops_bridge import ORIGINAL
 from flax_integration.wrappers import QuantizedParam, unbox_leaves
 
-__all__ = ['PATCHED', 'scope', 'ModuleFrame', 'current_frame', 'push_frame', 'is_active',
+__all__ = ['PATCHED', 'scope', 'ModuleFrame', 'current_frame', 'root_frame', 'running_provider', 'push_frame',
+           'is_active',
            'late_dot_general', 'late_einsum', 'late_conv_general_dilated', 'Weight', 'find_weight']
 
 # (module, attribute, op canonicalizer) -- the only global names swapped, and only inside a scope.
@@ -78,6 +79,7 @@ _installed = 0
 def _state():
     if not hasattr(_local, 'handlers'):
         _local.handlers, _local.frames, _local.busy = [], [], False
+        _local.depths = []  # per scope: how many frames were open when it began
     return _local
 
 
@@ -107,6 +109,35 @@ def current_frame() -> ModuleFrame | None:
     """The innermost running module on this thread, or None."""
     frames = _state().frames
     return frames[-1] if frames else None
+
+
+def root_frame() -> ModuleFrame | None:
+    """The frame of the model that the innermost :func:`scope` runs (its first frame), or None.
+
+    A quantized model opens its scope, then pushes its own frame: this is that
+    frame, even when the model is called from inside another quantized model.
+
+    Example:
+      >>> with scope(lambda call, frame: call.run_original()), push_frame(ModuleFrame(None, '', 'linen')) as f:
+      ...     with push_frame(ModuleFrame(None, 'Dense_0', 'linen')):
+      ...         root_frame() is f
+      True
+    """
+    st = _state()
+    start = st.depths[-1] if st.depths else 0
+    return st.frames[start] if len(st.frames) > start else None
+
+
+def running_provider() -> Any:
+    """The provider whose model runs innermost on this thread (the owner of the innermost
+    scope's handler, ``provider.handle``), or None outside a quantized model.
+
+    Example:
+      >>> running_provider() is None
+      True
+    """
+    handlers = _state().handlers
+    return getattr(handlers[-1], '__self__', None) if handlers else None
 
 
 @contextlib.contextmanager
@@ -176,11 +207,13 @@ def scope(handler: Callable[[op_calls.OpCall, ModuleFrame | None], Any]) -> Iter
     st = _state()
     _install(True)
     st.handlers.append(handler)
+    st.depths.append(len(st.frames))
     busy, st.busy = st.busy, False
     try:
         yield
     finally:
         st.handlers.pop()
+        st.depths.pop()
         st.busy = busy
         _install(False)
 

@@ -2,8 +2,10 @@
 
 :func:`quantize_linen` returns a copy of the model whose class is a thin
 subclass: its ``__call__`` (and any other listed method) runs the original
-inside :func:`flax_integration.interception.scope` and
-:func:`flax.linen.intercept_methods`. The method interceptor pushes a
+inside the provider's :meth:`~flax_integration.providers.base.Provider.model_run`
+context, :func:`flax_integration.interception.scope` and
+:func:`flax.linen.intercept_methods`, with the provider's model-entry hooks
+(``process_model_inputs`` / ``process_model_output``) around it. The method interceptor pushes a
 :class:`LinenFrame` for every submodule call and, for that call only,
 
 * routes the module's default ``promote_dtype`` to a version that lets
@@ -195,12 +197,14 @@ def _wrap_method(method, provider):
 
         runs[id(provider)] = True
         try:
-            with interception.scope(provider.handle), nn.intercept_methods(hook), \
-                    _module_call(self, counters):
-                out = method(self, *args, **kwargs)
+            with provider.model_run():
+                with interception.scope(provider.handle), nn.intercept_methods(hook), \
+                        _module_call(self, counters):
+                    args, kwargs = provider.process_model_inputs(args, kwargs)
+                    out = method(self, *args, **kwargs)
+                return provider.process_model_output(out)
         finally:
             del runs[id(provider)]
-        return provider.process_model_output(out)
 
     return wrapper
 

@@ -224,29 +224,17 @@ def litert_function(model: Any, params: Any, sample_inputs: Sequence[Any], *,
     else:
         raise TypeError(f"model must be a flax.linen.Module or flax.nnx.Module; got {type(model).__name__}.")
 
-    def traced(*xs):
-        provider.mark_inputs(xs)
-        return call(*xs)
-
-    jax.eval_shape(traced, *sample_inputs)  # learn the boundary parameters
+    jax.eval_shape(call, *sample_inputs)  # learn the boundary parameters (the model annotates its inputs)
     in_q = [provider.last_io['inputs'].get(i) for i in range(len(sample_inputs))]
     out_q = list(provider.last_io['outputs'])
 
     def fn(*xs):
-        xs = list(xs)
-        for i, qp in enumerate(in_q):
-            if qp is None:
-                continue
-            s, z = qp
-            if int8_io:
-                xs[i] = _boundary_composite('quant.dequantize', xs[i], s, z, sample_inputs[i].dtype)
-            else:
-                from flax_integration.providers.odml import fake_quant_composite
-                xs[i] = fake_quant_composite(xs[i], 'int8', s, z, narrow_range=False)
-        provider.mark_inputs(xs)
-        for i, qp in enumerate(in_q):
-            if qp is not None:
-                provider.seed(xs[i], *qp)  # annotated once, here, so a leading reshape stays int8
+        if int8_io:  # int8 codes in: dequantize at the boundary and tell the model the input is annotated
+            xs = list(xs)
+            for i, qp in enumerate(in_q):
+                if qp is not None:
+                    xs[i] = _boundary_composite('quant.dequantize', xs[i], *qp, sample_inputs[i].dtype)
+                    provider.seed(xs[i], *qp)
         out = call(*xs)
         if not int8_io:
             return out

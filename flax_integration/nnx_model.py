@@ -5,6 +5,9 @@
 * every submodule gets its path (``qarray_path``) and the provider
   (``qarray_provider``) as static attributes, and a ``__call__`` that marks it
   as the running module (its class becomes a cached subclass of the same name);
+  the outermost such call is a model run: it enters the provider's
+  ``model_run`` context and calls its ``process_model_inputs`` /
+  ``process_model_output`` hooks;
 * op attributes that NNX layers bind at definition time (``dot_general``,
   ``einsum_op``, ``conv_general_dilated``) are replaced by late-bound
   equivalents, and the default ``promote_dtype`` by one that lets quantized
@@ -132,11 +135,13 @@ def _tracked_class(cls: type) -> type:
         st.runs[id(provider)] = counters
         try:
             frame = NnxFrame(self, path, 'nnx', counters=counters.setdefault(path, {}))
-            with interception.scope(provider.handle), interception.push_frame(frame):
-                out = original_call(self, *args, **kwargs)
+            with provider.model_run():
+                with interception.scope(provider.handle), interception.push_frame(frame):
+                    args, kwargs = provider.process_model_inputs(args, kwargs)
+                    out = original_call(self, *args, **kwargs)
+                return provider.process_model_output(out)
         finally:
             del st.runs[id(provider)]
-        return provider.process_model_output(out)
 
     return type(cls.__name__, (cls,), {'__call__': __call__, '_qarray_base': cls,
                                        '__module__': cls.__module__, '__qualname__': cls.__qualname__})

@@ -28,6 +28,12 @@ implements::
   collection), for Linen and NNX alike.
 * ``op.op_id`` / ``op.act_name(i)`` -- stable names for per-op variables.
 
+A provider may also watch whole model runs (outermost call of the quantized
+model, Linen or NNX): ``model_run()`` (a context manager around the run, e.g.
+to install patches for this run only), ``process_model_inputs(args, kwargs)``
+(at entry; ``interception.root_frame()`` is the model's frame there) and
+``process_model_output(output)``.
+
 Providers here:
 
 * :class:`PtqProvider` -- weights stored quantized, activations dynamic or static.

@@ -10,9 +10,10 @@ Example:
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import warnings
-from typing import Any, Sequence
+from typing import Any, ContextManager, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -76,8 +77,17 @@ class Op:
 class Provider:
     """Base class: holds the rules and turns an intercepted call into an :class:`Op`.
 
-    Subclasses implement :meth:`process_op`; they may also override
-    :meth:`process_model_output` (called on the model's return value).
+    Subclasses implement :meth:`process_op`. Three optional hooks see a whole
+    run of the quantized model (the outermost call of ``__call__`` or another
+    quantized method, Linen and NNX alike, ``init`` included), in this order:
+
+    * :meth:`model_run` -- a context manager entered before the model starts
+      and left after its output is processed (also on an exception): set up
+      and tear down per-run state here, e.g. install patches for this run only;
+    * :meth:`process_model_inputs` -- at model entry, inside the interception
+      scope with the model's own frame pushed (see
+      :func:`~flax_integration.interception.root_frame`): may return new inputs;
+    * :meth:`process_model_output` -- on the model's return value.
 
     Example:
       >>> p = Provider([QuantizationRule(module_path='enc.*', weight_qtype='int8')])
@@ -101,6 +111,25 @@ class Provider:
     def process_op(self, op: Op) -> jax.Array:
         """Compute ``op``; the one method a provider must implement."""
         raise NotImplementedError
+
+    def model_run(self) -> ContextManager[None]:
+        """Context around one run of the quantized model (a no-op by default).
+
+        Example:
+          >>> with Provider([]).model_run():
+          ...     pass
+        """
+        return contextlib.nullcontext()
+
+    def process_model_inputs(self, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
+        """Hook on the quantized model's inputs at entry; returns ``(args, kwargs)`` to run with (unchanged
+        by default).
+
+        Example:
+          >>> Provider([]).process_model_inputs((1,), {'train': True})
+          ((1,), {'train': True})
+        """
+        return args, kwargs
 
     def process_model_output(self, output: Any) -> Any:
         """Hook on the quantized model's output (identity by default)."""

@@ -16,7 +16,9 @@ tensor, not per op:
   dense output is therefore annotated *after* its bias add and activation,
   which lets LiteRT fuse them;
 * a tensor that is already annotated is never annotated again (a reshape
-  passes its input's annotation on).
+  passes its input's annotation on); a model input whose first use is a
+  reshape (an MLP flattening an image) is annotated before it, as
+  ``input<i>`` in the model's own module, so the reshape stays int8.
 
 :class:`OdmlQatProvider` fake-quantizes with a straight-through gradient and
 keeps a running average of each activation's (min, max) in ``quant_stats``
@@ -49,8 +51,7 @@ Example:
 
 from __future__ import annotations
 
-import weakref
-from typing import Any, Sequence
+from typing import Any, ContextManager, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -63,7 +64,7 @@ from flax_integration import interception
 from flax_integration.providers import odml_ops
 from flax_integration.providers.base import Op, Provider, act_range, is_symmetric, range_to_scale
 from flax_integration.providers.calibration import update_running_mean
-from flax_integration.providers.odml_ops import Annotation, ExtraOp, lookup, register, run_state
+from flax_integration.providers.odml_ops import Annotation, ExtraOp, lookup, register
 from flax_integration.rules import QuantizationRule
 from flax_integration.wrappers import QuantizedParam, unbox_leaves
 
@@ -121,6 +122,22 @@ class OdmlQatProvider(Provider):
         ``act_calibration_method`` is not used: its default is symmetric).
       per_channel_weights: one scale per output channel (False: per tensor).
 
+    Which rule fields apply. Used: ``module_path``, ``op_names``,
+    ``weight_qtype``, ``act_qtype`` and ``weight_calibration_method`` (must be
+    symmetric). **Ignored: the rule's ``act_calibration_method``** -- every
+    activation is calibrated with this provider's ``act_calibration_method``
+    (default ``'minmax'``, asymmetric with a zero point, as LiteRT's int8
+    kernels expect), so a rule's default ``'absmax'`` does not silently make
+    ODML activations symmetric; pass ``act_calibration_method='absmax'`` here
+    for symmetric activations. Also ignored: ``act_static_scale`` and
+    ``act_batch_axes`` (ODML activations are always one static scale per
+    tensor, from the running average in ``quant_stats``). ``tile_size`` is
+    rejected (LiteRT has no sub-channel scales).
+
+    Runs: the ``odml_ops`` shims (relu, pooling, ``+`` ...) are installed only
+    while a model quantized with this provider runs (:meth:`model_run`), and
+    the model's float inputs are marked at entry (:meth:`process_model_inputs`).
+
     Example:
       >>> p = OdmlQatProvider([QuantizationRule(weight_qtype='int8', act_qtype='int8')])
       >>> p.act_calibration_method
@@ -138,43 +155,48 @@ class OdmlQatProvider(Provider):
         self.act_calibration_method = act_calibration_method
         self.per_channel_weights = bool(per_channel_weights)
         self.last_io: dict = {'inputs': {}, 'outputs': []}
-        odml_ops.acquire()  # the shims must be in place before a model looks up nn.relu & co.
-        weakref.finalize(self, odml_ops.release)
 
     # --- run bookkeeping -------------------------------------------------------------------
-    def _enter(self, frame: Any) -> bool:
-        """Begin/continue this thread's run; returns the previous busy flag."""
-        odml_ops.begin_run(self)
-        st = run_state()
-        if st.root_frame is None:
-            frames = getattr(interception, '_state')().frames  # outermost frame = the model itself
-            st.root_frame = frames[0] if frames else frame
-        busy, st.busy = st.busy, True
-        return busy
+    def model_run(self) -> ContextManager[odml_ops.Run]:
+        """One model run: the ``odml_ops`` shims are installed for its duration, with a fresh registry."""
+        return odml_ops.model_run(self)
+
+    def process_model_inputs(self, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
+        """Mark the model's float inputs (leaf ``i`` of ``(args, kwargs)`` is input ``i``).
+
+        An input is annotated where it is first consumed (named after that
+        op), or, when that is a reshape (an MLP flattening an image), before
+        the reshape as ``input<i>`` in the model's own module, so the reshape
+        runs in int8. The parameters of each annotated input are reported in
+        :attr:`last_io`.
+        """
+        run = odml_ops.current_run()
+        if run is not None and run.provider is self:
+            run.root_frame = interception.root_frame()
+            for i, x in enumerate(jax.tree.leaves((args, kwargs))):
+                if not _is_float_array(x):
+                    continue
+                run.marked[id(x)] = i
+                run.keep.append(x)
+                ann = lookup(x)
+                if ann is not None:  # seeded: annotated outside the model
+                    run.io['inputs'][i] = (ann.scale, ann.zero_point)
+        return args, kwargs
 
     def handle(self, call, frame):
         if frame is None:
             return call.run_original()
-        busy = self._enter(frame)
-        try:
+        run = odml_ops.current_run()
+        if run is None or run.provider is not self:  # called outside a model run (a bare scope): one op's run
+            with self.model_run():
+                return self.handle(call, frame)
+        with odml_ops.provider_code():
             return super().handle(call, frame)
-        finally:
-            run_state().busy = busy
-
-    def mark_inputs(self, inputs: Sequence[Any]) -> None:
-        """Name ``inputs`` as the model's inputs for the coming run (their parameters are recorded in
-        :attr:`last_io`); starts the run so ops before the first matmul are seen too."""
-        odml_ops.begin_run(self)
-        st = run_state()
-        st.io = {'inputs': {}, 'outputs': []}
-        for i, x in enumerate(inputs):
-            st.marked[id(x)] = i
-            st.keep.append(x)
 
     def seed(self, x: jax.Array, scale: Any, zero_point: Any) -> None:
-        """Declare ``x`` as already annotated with ``(scale, zero_point)`` for the coming run."""
-        odml_ops.begin_run(self)
-        register(x, Annotation(x, scale, zero_point, None))
+        """Declare ``x`` as already annotated with ``(scale, zero_point)`` in this provider's next (or
+        current) model run on this thread, e.g. a model input quantized outside the model."""
+        odml_ops.seed(self, x, Annotation(x, scale, zero_point, None))
 
     # --- matmuls and convolutions ----------------------------------------------------------
     def process_op(self, op: Op) -> jax.Array:
@@ -222,9 +244,9 @@ class OdmlQatProvider(Provider):
         """Annotate ``x`` with the parameters of statistic ``name`` (or the given ``(scale, zp)``)."""
         scale, zp = self.act_qparams(frame, name, x) if qparams is None else qparams
         ann = register(x, Annotation(self.fake_quant_act(x, scale, zp), scale, zp, x))
-        st = run_state()
-        if id(x) in st.marked:
-            st.io['inputs'][st.marked[id(x)]] = (scale, zp)
+        run = odml_ops.current_run()
+        if run is not None and id(x) in run.marked:
+            run.io['inputs'][run.marked[id(x)]] = (scale, zp)
         return ann
 
     def batch_range(self, x: jax.Array) -> tuple[jax.Array, jax.Array]:
@@ -263,25 +285,21 @@ class OdmlQatProvider(Provider):
     # --- other ops (relu, softmax, pooling, concat, add, ...) ------------------------------
     def process_extra_op(self, e: ExtraOp) -> Any:
         """Annotate around one intercepted non-matmul op (see ``odml_ops``)."""
-        busy = self._enter(e.frame)
-        try:
-            rule = self.rules.match(e.frame.path, None)
-            if rule is None or rule.act_qtype is None:
-                return e.original(*e.args, **e.kwargs)
-            return getattr(self, f'_extra_{e.kind}')(e)
-        finally:
-            run_state().busy = busy
+        rule = self.rules.match(e.frame.path, None)
+        if rule is None or rule.act_qtype is None:
+            return e.original(*e.args, **e.kwargs)
+        return getattr(self, f'_extra_{e.kind}')(e)
 
     def _extra_reshape(self, e: ExtraOp) -> Any:
-        x = e.args[0]
-        y = e.original(*e.args, **e.kwargs)
+        x, run = e.args[0], odml_ops.current_run()
         ann = lookup(x)
-        st = run_state()
+        if ann is None and _is_float_array(x) and id(x) in run.marked:
+            # a model input reshaped before any op annotated it: annotate it first, so the reshape is int8
+            ann = self.annotate(run.root_frame or e.frame, f'input{run.marked[id(x)]}', x)
+            x = ann.value
+        y = e.original(x, *e.args[1:], **e.kwargs)
         if ann is not None and ann.value is x:  # an annotated tensor stays annotated
             register(y, Annotation(y, ann.scale, ann.zero_point, None))
-        elif id(x) in st.marked:
-            st.marked[id(y)] = st.marked[id(x)]
-            st.keep.append(y)
         return y
 
     def _extra_act(self, e: ExtraOp) -> Any:
@@ -334,14 +352,13 @@ class OdmlQatProvider(Provider):
         return next((r for r in self.rules.rules if r.act_qtype is not None), None)
 
     def process_model_output(self, output: Any) -> Any:
-        """Annotate each float output (``output0``, ``output1``, ... in the root module); ends the run."""
-        st = run_state()
-        if st.provider is not self:
+        """Annotate each float output (``output0``, ``output1``, ... in the root module)."""
+        run = odml_ops.current_run()
+        if run is None or run.provider is not self:
             return output
-        busy, st.busy = st.busy, True
-        try:
+        with odml_ops.provider_code():
             leaves, tree = jax.tree.flatten(output)
-            if self._output_rule() is not None and st.root_frame is not None:
+            if self._output_rule() is not None and run.root_frame is not None:
                 outs = []
                 for i, leaf in enumerate(leaves):
                     if not _is_float_array(leaf):
@@ -349,15 +366,12 @@ class OdmlQatProvider(Provider):
                         continue
                     ann = lookup(leaf)
                     if ann is None or ann.value is not leaf:
-                        ann = self.annotate(st.root_frame, f'output{i}', leaf)
-                    st.io['outputs'].append((ann.scale, ann.zero_point))
+                        ann = self.annotate(run.root_frame, f'output{i}', leaf)
+                    run.io['outputs'].append((ann.scale, ann.zero_point))
                     outs.append(ann.value)
                 leaves = outs
-            self.last_io = {'inputs': dict(st.io['inputs']), 'outputs': list(st.io['outputs'])}
+            self.last_io = {'inputs': dict(run.io['inputs']), 'outputs': list(run.io['outputs'])}
             return jax.tree.unflatten(tree, leaves)
-        finally:
-            st.busy = busy
-            odml_ops.end_run()
 
 
 # --------------------------------------------------------------------------- conversion

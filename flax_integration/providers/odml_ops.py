@@ -20,12 +20,14 @@ uses, so their outputs can be annotated too (see :data:`OPS`):
   annotated activation and the others are full-size activations (so a bias add
   inside Dense, or a scale by a constant, stays as it is).
 
-Scope and threads: the names in :data:`OPS` are swapped for shims while an
-ODML provider exists (reference counted under a lock: :func:`acquire` when a
-provider is made, :func:`release` when it is garbage collected). They must be
-in place before a model starts, because module code looks ``nn.relu`` up
-before it calls the layer whose op starts the run. A shim forwards to the
-provider only on the thread that runs an ODML model, inside an intercepted
+Scope and threads: the names in :data:`OPS` are swapped for shims only while
+a model quantized with an ODML provider runs: the provider's ``model_run``
+hook (entered by ``quantize_model``'s wrapper at model entry, before any
+module code looks ``nn.relu`` up) is :func:`model_run`, which installs them
+reference counted under a lock across threads (like
+``interception.scope``) and restores the originals when the last run on any
+thread ends. A shim forwards to the provider only on a thread that runs an
+ODML model, while that provider's model is the innermost running quantized
 model, and never re-entrantly (the provider's own arithmetic reaches the
 original functions); everywhere else it calls the original unchanged.
 
@@ -33,17 +35,18 @@ Example:
   >>> import jax.numpy as jnp
   >>> sorted({kind for _, kind in OPS.values()})
   ['act', 'binary', 'fixed', 'nary', 'reshape', 'same']
-  >>> acquire(); is_installed() and jax.nn.relu is not ORIGINAL['relu']
+  >>> with model_run(None):
+  ...     jax.nn.relu is not ORIGINAL['relu']
   True
-  >>> release()
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import importlib
 import threading
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 import jax
 import jax.numpy as jnp
@@ -52,8 +55,8 @@ from jax._src.array import ArrayImpl
 
 from flax_integration import interception
 
-__all__ = ['OPS', 'ORIGINAL', 'FIXED_QPARAMS', 'ExtraOp', 'Annotation', 'run_state', 'begin_run', 'end_run',
-           'acquire', 'release', 'is_installed', 'lookup', 'register']
+__all__ = ['OPS', 'ORIGINAL', 'FIXED_QPARAMS', 'ExtraOp', 'Annotation', 'Run', 'current_run', 'model_run',
+           'provider_code', 'seed', 'acquire', 'release', 'is_installed', 'lookup', 'register']
 
 # name -> (original function, kind)
 ORIGINAL: dict[str, Callable] = {
@@ -138,25 +141,37 @@ class ExtraOp:
     frame: Any
 
 
-class _RunState(threading.local):
+@dataclasses.dataclass(eq=False)
+class Run:
+    """One run of an ODML model on one thread: the tensors annotated so far and the model's boundary.
+
+    ``keep`` holds every array whose ``id`` is a key of ``registry`` or
+    ``marked``, so no id is reused while the run lasts.
+    """
+
+    provider: Any
+    registry: dict = dataclasses.field(default_factory=dict)   # id(array) -> Annotation
+    keep: list = dataclasses.field(default_factory=list)
+    marked: dict = dataclasses.field(default_factory=dict)     # id(model input) -> input position
+    root_frame: Any = None                                     # the model's own frame (stats of outputs)
+    io: dict = dataclasses.field(default_factory=lambda: {'inputs': {}, 'outputs': []})
+
+
+class _ThreadState(threading.local):
     def __init__(self):
-        self.provider = None       # the ODML provider running a model on this thread
-        self.busy = False          # inside the provider: shims call the originals
-        self.registry: dict[int, Annotation] = {}
-        self.keep: list = []       # arrays whose ids are registry keys
-        self.marked: dict[int, int] = {}   # id(model input or its reshape) -> input position
-        self.root_frame = None
-        self.io: dict = {'inputs': {}, 'outputs': []}
+        self.runs: list[Run] = []    # innermost last (an ODML model may call another one)
+        self.busy = False            # inside the provider: shims call the originals
+        self.pending: list = []      # (provider, array, Annotation) seeded before the next run
 
 
-_state = _RunState()
+_thread = _ThreadState()
 _lock = threading.Lock()
 _installed = 0
 
 
-def run_state() -> _RunState:
-    """This thread's ODML run state (registry of annotated tensors, boundary parameters)."""
-    return _state
+def current_run() -> Run | None:
+    """This thread's innermost ODML run, or None outside one."""
+    return _thread.runs[-1] if _thread.runs else None
 
 
 def is_installed() -> bool:
@@ -164,28 +179,19 @@ def is_installed() -> bool:
     return _installed > 0
 
 
-def _running_provider() -> Any:
-    """The provider whose model runs innermost on this thread (None outside a quantized model)."""
-    handlers = getattr(interception, '_state')().handlers
-    return getattr(handlers[-1], '__self__', None) if handlers else None
-
-
 def _shim(name: str) -> Callable:
     original = ORIGINAL[name]
     op_name, kind = OPS[name]
 
     def shim(*args, **kwargs):
-        st = _state
-        if st.provider is None or st.busy or _running_provider() is not st.provider:
+        run = current_run()
+        if run is None or _thread.busy or interception.running_provider() is not run.provider:
             return original(*args, **kwargs)
         frame = interception.current_frame()
         if frame is None:
             return original(*args, **kwargs)
-        st.busy = True
-        try:
-            return st.provider.process_extra_op(ExtraOp(op_name, kind, original, args, kwargs, frame))
-        finally:
-            st.busy = False
+        with provider_code():
+            return run.provider.process_extra_op(ExtraOp(op_name, kind, original, args, kwargs, frame))
 
     shim.__wrapped__ = original
     shim.__qarray_odml_shim__ = True
@@ -236,32 +242,68 @@ def release() -> None:
     _install(False)
 
 
-def begin_run(provider: Any) -> None:
-    """Start (or continue) this thread's ODML run for ``provider``.
+@contextlib.contextmanager
+def model_run(provider: Any) -> Iterator[Run]:
+    """One run of ``provider``'s model on this thread: the shims are installed for its duration
+    (reference counted across threads) and it gets a fresh registry of annotated tensors, which
+    starts with the tensors seeded for ``provider`` (:func:`seed`) and is dropped at the end.
 
-    Idempotent within a run. A run that ended in an exception leaves its
-    state behind; the next run on the thread takes it over (its registry
-    holds only arrays of the failed run, kept alive, so no id is reused).
+    Example:
+      >>> with model_run(None) as run:
+      ...     is_installed() and current_run() is run
+      True
     """
-    _state.provider = provider
+    run = Run(provider)
+    keep = []
+    for p, x, ann in _thread.pending:
+        if p is provider:
+            _record(run, x, ann)
+        else:
+            keep.append((p, x, ann))
+    _thread.pending = keep
+    acquire()
+    _thread.runs.append(run)
+    try:
+        yield run
+    finally:
+        _thread.runs.remove(run)
+        release()
 
 
-def end_run() -> None:
-    """End this thread's ODML run: the registry of annotated tensors is cleared."""
-    st = _state
-    st.provider = None
-    st.registry, st.keep, st.marked, st.root_frame = {}, [], {}, None
+@contextlib.contextmanager
+def provider_code() -> Iterator[None]:
+    """Mark this thread as running provider code: shims call the original functions inside."""
+    prev, _thread.busy = _thread.busy, True
+    try:
+        yield
+    finally:
+        _thread.busy = prev
+
+
+def seed(provider: Any, x: Any, ann: Annotation) -> None:
+    """Declare ``x`` annotated by ``ann`` in ``provider``'s next run on this thread (or its current one)."""
+    run = current_run()
+    if run is not None and run.provider is provider:
+        _record(run, x, ann)
+    else:
+        _thread.pending.append((provider, x, ann))
 
 
 def lookup(x: Any) -> Annotation | None:
     """The annotation of ``x`` (or of the array it was annotated from) in this run, or None."""
-    return _state.registry.get(id(x))
+    run = current_run()
+    return None if run is None else run.registry.get(id(x))
+
+
+def _record(run: Run, x: Any, ann: Annotation) -> None:
+    run.registry[id(x)] = ann
+    run.registry[id(ann.value)] = ann
+    run.keep += [x, ann.value]
 
 
 def register(x: Any, ann: Annotation) -> Annotation:
-    """Record that ``x`` (and ``ann.value``) are annotated by ``ann``."""
-    st = _state
-    st.registry[id(x)] = ann
-    st.registry[id(ann.value)] = ann
-    st.keep += [x, ann.value]
+    """Record that ``x`` (and ``ann.value``) are annotated by ``ann`` (in this thread's run)."""
+    run = current_run()
+    if run is not None:
+        _record(run, x, ann)
     return ann

@@ -132,17 +132,67 @@ def test_fake_quant_composite_numerics_match_numpy():
     np.testing.assert_allclose(np.asarray(y), np_fq(np.asarray(x, np.float64), np.float32(0.02), -30), atol=1e-6)
 
 
-def test_shims_pass_through_outside_models_and_on_other_threads():
+def _all_original():
+    return all(vars(owner).get(attr) is orig for owner, attr, orig, _ in odml_ops._TARGETS)
+
+
+class Probe(nn.Module):
+    """Dense + relu; calls ``hook`` in the middle of the run (to look at the shims from inside)."""
+    hook: object = None
+
+    @nn.compact
+    def __call__(self, x):
+        h = nn.relu(nn.Dense(4)(x))
+        self.hook()
+        return h
+
+
+def test_shims_are_installed_only_while_an_odml_model_runs():
     p = OdmlQatProvider(RULES)
-    assert odml_ops.is_installed() and jax.nn.relu is not odml_ops.ORIGINAL['relu']
-    x = jnp.array([-1.0, 2.0])
-    out = {}
-    t = threading.Thread(target=lambda: out.setdefault('v', jax.nn.relu(x) + x * 2.0))
-    t.start()
-    t.join()
-    np.testing.assert_array_equal(np.asarray(out['v']), [-2.0, 6.0])
+    assert not odml_ops.is_installed() and _all_original()  # a provider alone patches nothing
+    x = jnp.array([[-1.0, 2.0]])
+    seen = {}
+
+    def hook():
+        seen['inside'] = odml_ops.is_installed() and jax.nn.relu is not odml_ops.ORIGINAL['relu']
+        t = threading.Thread(target=lambda: seen.setdefault('thread', jax.nn.relu(x) + x * 2.0))
+        t.start()
+        t.join()
+
+    qat = quantize_model(Probe(hook), p)
+    v = qat.init(jax.random.key(0), x)
+    assert seen['inside'] and _all_original() and not odml_ops.is_installed()
+    np.testing.assert_array_equal(np.asarray(seen['thread']), [[-2.0, 6.0]])  # other thread: originals
+    assert sorted(v['quant_stats']) == ['Dense_0', 'relu0_out']  # nothing from the other thread's relu
     np.testing.assert_array_equal(np.asarray(jax.nn.relu(x).reshape(2, 1)), [[0.0], [2.0]])
-    del p
+
+    def boom():
+        raise RuntimeError('boom')
+
+    with pytest.raises(RuntimeError, match='boom'):
+        quantize_model(Probe(boom), p).apply(v, x)
+    assert _all_original() and odml_ops.current_run() is None  # restored after an exception too
+
+
+def test_shims_are_reference_counted_across_threads():
+    entered, release = threading.Event(), threading.Event()
+    states = []
+
+    def waiting_hook():
+        entered.set()
+        release.wait(30)
+
+    x = jnp.ones((1, 2))
+    slow = quantize_model(Probe(waiting_hook), OdmlQatProvider(RULES))
+    t = threading.Thread(target=lambda: states.append(slow.init(jax.random.key(0), x)))
+    t.start()
+    entered.wait(30)
+    fast = quantize_model(Probe(lambda: None), OdmlQatProvider(RULES))
+    fast.init(jax.random.key(0), x)  # a second run starts and ends on this thread while the first is inside
+    still = odml_ops.is_installed() and not _all_original()
+    release.set()
+    t.join()
+    assert still and states and not odml_ops.is_installed() and _all_original()
 
 
 @pytest.mark.parametrize('kwargs, field', [
@@ -180,3 +230,39 @@ def test_quantized_params_are_rejected():
     v['params']['Dense_0']['kernel'] = QuantizedParam(qarray.quantize(k, 'int8', channelwise_axes=(1,)))
     with pytest.raises(TypeError, match='float params'):
         quantize_model(DenseNet(), OdmlQatProvider(RULES)).apply(v, x)
+
+
+class FlatDense(nn.Module):
+    @nn.compact
+    def __call__(self, x):
+        return nn.Dense(3)(x.reshape(x.shape[0], -1))
+
+
+def test_model_input_is_annotated_before_a_leading_reshape():
+    x = jnp.asarray(np.random.default_rng(3).uniform(-1, 2, (4, 2, 3)), jnp.float32)
+    qat = quantize_model(FlatDense(), OdmlQatProvider(RULES))
+    v = qat.init(jax.random.key(0), x)
+    # the input is annotated at the reshape (input0); the Dense reads the reshaped, already annotated tensor
+    assert sorted(v['quant_stats']) == ['input0', 'output0']
+    _, upd = qat.apply(v, x, mutable=['quant_stats'])
+    provider = OdmlConversionProvider(RULES, v['params'], upd['quant_stats'])
+    text = _lowered(quantize_model(FlatDense(), provider), v['params'], x)
+    first = next(line for line in text.splitlines() if 'stablehlo.composite "quant.fake_quant"' in line)
+    assert 'tensor<4x2x3xf32>' in first  # the first fake quant is on the model input, before the reshape
+    s, z = provider.last_io['inputs'][0]
+    np.testing.assert_allclose(s, np_act_qparams(x.min(), x.max())[0], rtol=1e-6)
+    assert int(np.asarray(z).reshape(())) == np_act_qparams(x.min(), x.max())[1]
+
+
+def test_rule_act_calibration_method_is_ignored_provider_setting_applies():
+    x = jnp.asarray(np.random.default_rng(4).uniform(0.1, 1.0, (4, 5)), jnp.float32)
+    rules = [QuantizationRule(weight_qtype='int8', act_qtype='int8', act_calibration_method='absmax')]
+    p = OdmlQatProvider(rules)  # provider default 'minmax': asymmetric, whatever the rule says
+    quantize_model(DenseNet(), p).init(jax.random.key(0), x)
+    s, z = p.last_io['inputs'][0]
+    ref_s, ref_z = np_act_qparams(x.min(), x.max())
+    np.testing.assert_allclose(np.asarray(s).reshape(()), ref_s, rtol=1e-6)
+    assert int(np.asarray(z).reshape(())) == ref_z == -128
+    p = OdmlQatProvider(rules, act_calibration_method='absmax')
+    quantize_model(DenseNet(), p).init(jax.random.key(0), x)
+    assert p.last_io['inputs'][0][1] is None  # symmetric: no zero point

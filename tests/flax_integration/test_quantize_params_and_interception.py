@@ -133,3 +133,63 @@ def test_stored_quantized_params_are_named_at_apply_nnx():
     m(jnp.ones((2, 16)))
     nnx.jit(lambda mod, x: mod(x))(m, jnp.ones((2, 16)))
     assert p.seen == [('', 'kernel', True)] * 2
+
+
+class _HookRecorder(fi.Provider):
+    """Float provider that records the model-run hooks and doubles the (first) model input."""
+
+    def __init__(self):
+        super().__init__([])
+        self.events = []
+
+    def model_run(self):
+        import contextlib
+
+        @contextlib.contextmanager
+        def run():
+            self.events.append('enter')
+            try:
+                yield
+            finally:
+                self.events.append('exit')
+        return run()
+
+    def process_model_inputs(self, args, kwargs):
+        frame = interception.root_frame()
+        self.events.append(('inputs', frame.path, interception.running_provider() is self))
+        return (args[0] * 2.0,) + tuple(args[1:]), kwargs
+
+    def process_op(self, op):
+        self.events.append(('op', op.path, interception.root_frame().path))
+        return op.call.run_original()
+
+    def process_model_output(self, output):
+        self.events.append('output')
+        return output
+
+
+def test_model_entry_hooks_linen_and_nnx():
+    from flax import linen as nn
+    from flax import nnx
+
+    class Net(nn.Module):
+        @nn.compact
+        def __call__(self, x):
+            return nn.Dense(2, use_bias=False)(x)
+
+    x = jnp.ones((1, 3))
+    p = _HookRecorder()
+    m = fi.quantize_model(Net(), p)
+    v = m.init(jax.random.key(0), x)
+    p.events.clear()
+    y = m.apply(v, x)
+    np.testing.assert_allclose(np.asarray(y), 2.0 * np.asarray(Net().apply(v, x)), rtol=1e-6)  # inputs replaced
+    assert p.events == ['enter', ('inputs', '', True), ('op', 'Dense_0', ''), 'output', 'exit']
+    assert interception.root_frame() is None and interception.running_provider() is None
+
+    p = _HookRecorder()
+    lin = nnx.Linear(3, 2, use_bias=False, rngs=nnx.Rngs(0))
+    q = fi.quantize_model(lin, p, x)
+    p.events.clear()
+    np.testing.assert_allclose(np.asarray(q(x)), 2.0 * np.asarray(lin(x)), rtol=1e-6)
+    assert p.events == ['enter', ('inputs', '', True), ('op', '', ''), 'output', 'exit']
