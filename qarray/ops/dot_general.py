@@ -13,8 +13,10 @@ Paths (chosen from static shapes and formats, tested each):
   nf4 x anything, and scales the integer dot cannot factor). QArrays are
   dequantized inside the same jitted program as the matmul, so XLA fuses the
   unpack/convert; a scale that is shared along the contracting axes is
-  applied to the output instead of the operand when the output is the smaller
-  of the two (decode shapes), else folded into the operand.
+  applied to the output instead of the operand when the output has no more
+  elements than that operand (``M <= K`` for ``x[M, K] @ w[K, N]``, so always
+  for decode shapes), else folded into the operand. Tile scales on a
+  contracting axis are folded into the operand.
 
 Choices the integer dot cannot factor fall back to ``'float'`` (documented):
 a scale that varies along a contracting axis with tiles smaller than
