@@ -15,7 +15,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from qarray import core, qtypes
+from qarray import core
 
 # (format, tiles) rows of the format table: every format, with the tiling a user would pick.
 FORMAT_ROWS = [(f'int{b}', 128) for b in range(1, 8)] + [('int8', None)] + \

@@ -46,9 +46,10 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
+from qarray import core
 from qarray.core import QArray
 from qarray.ops import layout, registry
-from qarray.ops.operands import (check_operand, describe, fast_codes, float_dtype, int_codes, is_exact_in,
+from qarray.ops.operands import (check_operand, describe, float_dtype, int_codes, is_exact_in,
                                  result_dtype, scale_is_shared, values)
 from qarray.ops.scaled_dot import LazyRows, scaled_dot
 
@@ -163,7 +164,7 @@ def _scaled(lhs, rhs, dn, precision, out_dtype, path):
         lcodes, lz = int_codes(lhs)
         rcodes, rz = int_codes(rhs)
     else:
-        lcodes, lz, rcodes, rz = fast_codes(lhs), None, fast_codes(rhs), None
+        lcodes, lz, rcodes, rz = core.codes(lhs), None, core.codes(rhs), None
     lgroups, rgroups = (lb, lf, lc), (rb, rc, rf)
     a, sa, cl = layout.canonical(lcodes, lhs.scale, lgroups, 2)
     b, sb, cr = layout.canonical(rcodes, rhs.scale, rgroups, 1)
@@ -192,7 +193,7 @@ def _packed_rows(q: QArray, axis: int, start, size: int) -> jax.Array:
     """int8 codes of rows ``[start, start + size)`` along ``axis``, unpacked from just those bytes."""
     rows = QArray(lax.dynamic_slice_in_dim(q.qvalue, start, size, axis=axis), q.scale, None, qtype=q.qtype,
                   dtype=q.dtype, packed_axis=q.packed_axis, packed_length=q.packed_length)
-    return fast_codes(rows).astype(jnp.int8).reshape(1, size, -1)
+    return core.codes(rows).astype(jnp.int8).reshape(1, size, -1)
 
 
 def _float(lhs, rhs, dn, precision, out_dtype, pet):

@@ -1,16 +1,15 @@
 """What the ops need to know about one operand: its values, codes and scales.
 
 An operand is a plain array or a :class:`~qarray.core.QArray`. This module
-gives the ops layer fast access to a QArray's codes (bit fields split with one
-broadcast shift, no per-value loop), its values with or without the scale
-applied, a one-line description of its layout for error messages, and the
+gives the ops layer a QArray's integer codes ready for an int8 dot, its values
+with or without the scale applied, a one-line description of its layout for error messages, and the
 output dtype rule shared by every op.
 
 Example:
   >>> import jax.numpy as jnp, qarray
   >>> q = qarray.quantize(jnp.arange(8.).reshape(2, 4), 'int4')
-  >>> bool((fast_codes(q) == qarray.codes(q)).all())
-  True
+  >>> int_codes(q)[0].dtype
+  dtype('int8')
 """
 
 from __future__ import annotations
@@ -20,12 +19,11 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jax import lax
 
 from qarray import core
 from qarray.core import QArray
 
-__all__ = ['describe', 'check_operand', 'float_dtype', 'result_dtype', 'fast_codes', 'int_codes',
+__all__ = ['describe', 'check_operand', 'float_dtype', 'result_dtype', 'int_codes',
            'values', 'scale_is_shared', 'is_exact_in']
 
 
@@ -100,39 +98,6 @@ def result_dtype(lhs: Any, rhs: Any, preferred_element_type: Any) -> np.dtype:
     return jnp.dtype(jnp.result_type(float_dtype(lhs), float_dtype(rhs)))
 
 
-def fast_codes(q: QArray) -> jax.Array:
-    """Unpacked codes in logical shape, like :func:`qarray.codes` but cheaper for 1/2/4-bit formats.
-
-    Each byte holds ``8 // bits`` fields; one broadcast shift against a small
-    constant splits them all, which XLA fuses into the consumer. Signed fields
-    are sign-extended with an arithmetic shift.
-
-    Example:
-      >>> import jax.numpy as jnp, qarray
-      >>> fast_codes(qarray.quantize(jnp.array([-1., 0., 1.]), 'int2')).tolist()
-      [-1, 0, 1]
-    """
-    if q.packed_axis is None:
-        return q.qvalue
-    bits, qt = q.qtype.bits, q.qtype
-    if 8 % bits:
-        return core.codes(q)
-    per = 8 // bits
-    axis = q.packed_axis % q.ndim
-    b = jnp.expand_dims(q.qvalue, axis + 1)
-    shifts = (np.arange(per) * bits).reshape([per if i == axis + 1 else 1 for i in range(q.ndim + 1)])
-    if qt.kind == 'int' and bits > 1:  # move the field to the top, then shift back arithmetically
-        up = lax.shift_left(b, jnp.asarray(8 - bits - shifts, jnp.uint8))
-        v = lax.shift_right_arithmetic(lax.bitcast_convert_type(up, jnp.int8), jnp.int8(8 - bits))
-    else:
-        v = lax.shift_right_logical(b, jnp.asarray(shifts, jnp.uint8)) & jnp.uint8(2**bits - 1)
-        if qt.kind == 'int':  # int1: bit 1 -> +1, bit 0 -> -1
-            v = v.astype(jnp.int8) * 2 - 1
-    shape = list(q.qvalue.shape)
-    shape[axis] *= per
-    return lax.slice_in_dim(v.reshape(shape), 0, q.packed_length, axis=axis)
-
-
 def int_codes(q: QArray) -> tuple[jax.Array, jax.Array | None]:
     """int8 codes and int32 zero point of an integer QArray, ready for an int8 dot.
 
@@ -146,7 +111,7 @@ def int_codes(q: QArray) -> tuple[jax.Array, jax.Array | None]:
       >>> c.dtype, (c.astype(int) - z).tolist() == (q.qvalue.astype(int) - q.zero_point).tolist()
       (dtype('int8'), True)
     """
-    c = fast_codes(q)
+    c = core.codes(q)
     zp = None if q.zero_point is None else q.zero_point.astype(jnp.int32)
     if q.qtype.kind == 'uint' and q.qtype.bits == 8:
         c = (c.astype(jnp.int32) - 128).astype(jnp.int8)
@@ -196,7 +161,7 @@ def values(q: QArray, dtype: Any, *, scaled: bool = True) -> jax.Array:
     """
     dtype = jnp.dtype(dtype)
     vshape, sshape = core.tiled_view(q.shape, q.scale.shape)
-    c = fast_codes(q).reshape(vshape)
+    c = core.codes(q).reshape(vshape)
     if q.qtype.kind == 'codebook':
         v = _codebook_lookup(c, q.qtype.codebook)
     else:
