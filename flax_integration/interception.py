@@ -276,7 +276,8 @@ def find_weight(call: op_calls.OpCall, params: dict[str, Any], frame: ModuleFram
       (1, 'kernel')
     """
     by_id = {id(v): n for n, v in params.items()}
-    by_leaves = {_leaf_ids(v): n for n, v in params.items() if isinstance(v, (QuantizedParam, QArray))}
+    known = list(params.items()) + (list(frame.derived.values()) if frame is not None else [])
+    by_leaves = {_leaf_ids(v): n for n, v in known if isinstance(v, (QuantizedParam, QArray))}
     if frame is not None:
         by_id.update({i: n for i, (n, _) in frame.derived.items()})
     for i in (1, 0):

@@ -60,7 +60,7 @@ class LinenFrame(ModuleFrame):
     def params(self) -> dict[str, Any]:
         scope = self.module.scope
         own = scope.variables().get('params', {}) if scope is not None else {}
-        return {k: nn.meta.unbox(v) for k, v in own.items()
+        return {k: _unbox_plain(v) for k, v in own.items()
                 if not isinstance(v, dict) and not hasattr(v, 'items')}
 
     @property
@@ -129,6 +129,7 @@ def promote_dtype_keep_quantized(original, args: Sequence[Any], dtype=None, inex
     frame = interception.current_frame()
     if frame is not None:
         names = {id(v): n for n, v in frame.params().items()}
+        names.update({i: n for i, (n, _) in frame.derived.items()})
         for a, o in zip(args, out):
             if a is not None and o is not None and o is not a and id(a) in names:
                 frame.derived[id(o)] = (names[id(a)], o)
@@ -137,6 +138,28 @@ def promote_dtype_keep_quantized(original, args: Sequence[Any], dtype=None, inex
 
 def _linen_promote(*args, dtype=None, inexact=True):
     return promote_dtype_keep_quantized(flax.linen.dtypes.promote_dtype, args, dtype, inexact)
+
+
+def _record(module: nn.Module, name: str, value: Any) -> Any:
+    """Remember that ``value`` (what ``self.param`` returned) is param ``name``: unboxing a box with a
+    mesh (``nn.with_partitioning(..., mesh=...)``, or any box under a global mesh) applies a sharding
+    constraint, so the module computes with a new array, not the stored one."""
+    frame = interception.current_frame()
+    if frame is not None and frame.module is module:
+        frame.derived[id(value)] = (name, value)
+    return value
+
+
+def _unbox_plain(v: Any) -> Any:
+    """Unbox without applying sharding constraints (only the values are needed, not new arrays)."""
+    def one(b):
+        if not isinstance(b, nn.meta.AxisMetadata):
+            return b
+        try:
+            return b.unbox(apply_constraint=False)
+        except TypeError:  # an AxisMetadata without that option
+            return b.unbox()
+    return jax.tree.map(one, v, is_leaf=lambda b: isinstance(b, nn.meta.AxisMetadata))
 
 
 def _param_shim(module: nn.Module):
@@ -154,8 +177,8 @@ def _param_shim(module: nn.Module):
                     raise ValueError(f"module {'/'.join(scope.path) or '<root>'!r}: quantized param {name!r} "
                                      f"has shape {tuple(plain.shape)} but the module declares {expected_shape}.")
                 leaves_like = lambda *_a, **_k: jax.tree.map(lambda l: jnp.zeros(l.shape, l.dtype), stored)
-                return original(name, leaves_like, unbox=unbox)
-        return original(name, init_fn, *init_args, unbox=unbox, **init_kwargs)
+                return _record(module, name, original(name, leaves_like, unbox=unbox))
+        return _record(module, name, original(name, init_fn, *init_args, unbox=unbox, **init_kwargs))
 
     return param
 

@@ -9,8 +9,12 @@
 
 Both are registered as JAX pytrees and as NNX data, and their leaves may be
 boxed (``nn.Partitioned``, ``nnx.Param``) to carry sharding annotations:
-:func:`box_like` copies a float param's annotation onto each leaf, dropping
-mesh axes from scale axes that are shared (size 1) or tiled.
+:func:`box_like` copies a float param's annotation onto each leaf by the
+layout rule of :mod:`qarray.sharding` (values, the packed axis included, keep
+the float param's mesh axes; scales keep them on per-channel and tiled axes).
+Without known mesh sizes the names are kept as they are: choose shard sizes
+that hold whole bytes and whole tiles, or use
+:func:`qarray.sharding.tree_shardings` with the mesh.
 
 Example:
   >>> import jax.numpy as jnp, qarray
@@ -28,7 +32,9 @@ import jax
 import jax.numpy as jnp
 from flax import linen as nn
 from flax import nnx
+from jax.sharding import PartitionSpec
 
+from qarray import sharding
 from qarray.core import QArray
 
 __all__ = ['QuantizedParam', 'ActivationScale', 'box_like', 'unbox_leaves']
@@ -148,35 +154,79 @@ def _leaf_names(names: Any, leaf_shape: tuple[int, ...], full_shape: tuple[int, 
     return tuple(n if s == f and s > 1 else None for n, s, f in zip(names, leaf_shape, full_shape))
 
 
+class _AnySize(dict):
+    """Mesh sizes when none is known: every named axis counts as one shard."""
+
+    def __missing__(self, key: Any) -> int:
+        return 1
+
+
+def _mesh_sizes(mesh: Any, names: tuple) -> dict:
+    """Sizes of the mesh axes ``names`` refer to: from ``mesh`` (the box's), else the ambient mesh
+    (``jax.set_mesh``); ``_AnySize`` when unknown or when the names are logical (not mesh axes)."""
+    if mesh is None:
+        mesh = jax.sharding.get_abstract_mesh()
+    shape = dict(getattr(mesh, 'shape', None) or {})
+    used = {n for e in names if e is not None for n in (e if isinstance(e, tuple) else (e,))}
+    return shape if shape and used <= set(shape) else _AnySize()
+
+
+def _tree_names(tree: Any, names: Any, full_shape: tuple[int, ...], mesh: Any) -> Any:
+    """Per-leaf mesh-axis names for ``tree`` (a QArray: by :func:`qarray.sharding.partition_specs`)."""
+    names = tuple(names)
+    if isinstance(tree, QArray) and len(names) == tree.ndim:
+        specs = sharding.partition_specs(tree, PartitionSpec(*names), _mesh_sizes(mesh, names))
+        return jax.tree.map(tuple, specs, is_leaf=lambda s: isinstance(s, PartitionSpec))
+    return jax.tree.map(lambda leaf: _leaf_names(names, leaf.shape, full_shape), tree)
+
+
 def box_like(original: Any, tree: Any, full_shape: tuple[int, ...]) -> Any:
     """Box each array leaf of ``tree`` the way ``original`` (a float param) was boxed.
 
     ``original`` is an ``nn.meta.AxisMetadata`` box (Linen), an ``nnx.Variable``
-    (NNX), or a plain array (no boxing). Leaves shaped like ``full_shape``
-    (values) keep the annotation; smaller leaves (scales) keep it only on
-    per-channel axes.
+    (NNX), or a plain array (no boxing). For a QArray the mesh-axis names
+    follow :func:`qarray.sharding.partition_specs`: values keep the float
+    param's names (the bit-packed axis too); scales keep them on per-channel
+    axes and on tiled axes, and drop them on shared (size 1) axes.
+
+    Where the mesh sizes are known -- the box's ``mesh``, or the mesh set with
+    ``jax.set_mesh`` while the model is quantized -- the packed axis keeps its
+    mesh axis only when every shard holds whole bytes, and a tiled scale axis
+    only when the tile divides the shard. Where they are not (plain names, or
+    logical names such as ``nn.LogicallyPartitioned``'s), the names are kept,
+    and the user must pick a mesh on which each shard of a packed axis holds
+    whole bytes (e.g. int4: an even shard length) and each shard of a tiled
+    axis whole tiles -- or compute the layout for the actual mesh with
+    :func:`qarray.sharding.tree_shardings` (float model's partition specs in,
+    per-leaf specs out).
 
     Example:
       >>> import jax.numpy as jnp, qarray
       >>> box = nn.Partitioned(jnp.ones((4, 8)), names=('a', 'b'))
-      >>> q = qarray.quantize(jnp.ones((4, 8)), 'int8', channelwise_axes=(1,))
-      >>> box_like(box, q, (4, 8)).scale.names
-      (None, 'b')
+      >>> q = qarray.quantize(jnp.ones((4, 8)), 'int4', channelwise_axes=(1,))
+      >>> boxed = box_like(box, q, (4, 8))
+      >>> boxed.qvalue.names, boxed.scale.names
+      (('a', 'b'), (None, 'b'))
     """
     if isinstance(original, nn.meta.AxisMetadata):
-        def box(leaf):
-            names = getattr(original, 'names', None)
-            if names is not None and dataclasses.is_dataclass(original):
-                return dataclasses.replace(original, value=leaf,
-                                           names=_leaf_names(names, leaf.shape, full_shape))
-            return original.replace_boxed(leaf)
-        return jax.tree.map(box, tree)
+        names = getattr(original, 'names', None)
+        if names is None or not dataclasses.is_dataclass(original):
+            return jax.tree.map(original.replace_boxed, tree)
+        per_leaf = _per_leaf(tree, _tree_names(tree, names, full_shape, getattr(original, 'mesh', None)))
+        return _rebuild(tree, lambda i, leaf: dataclasses.replace(original, value=leaf, names=per_leaf[i]))
     if isinstance(original, nnx.Variable):
         meta = dict(original.get_metadata())
-
-        def box(leaf):
-            upd = {k: _leaf_names(meta[k], leaf.shape, full_shape) for k in _NNX_SHARDING_KEYS
-                   if k in meta and not callable(meta[k])}
-            return original.replace(leaf, **upd)
-        return jax.tree.map(box, tree)
+        keys = [k for k in _NNX_SHARDING_KEYS if k in meta and meta[k] is not None and not callable(meta[k])]
+        per_key = {k: _per_leaf(tree, _tree_names(tree, meta[k], full_shape, meta.get('mesh'))) for k in keys}
+        return _rebuild(tree, lambda i, leaf: original.replace(leaf, **{k: per_key[k][i] for k in keys}))
     return tree
+
+
+def _per_leaf(tree: Any, names_tree: Any) -> list:
+    """``names_tree`` (shaped like ``tree``, tuples at its leaves) as a list in ``tree``'s leaf order."""
+    return jax.tree.structure(tree).flatten_up_to(names_tree)
+
+
+def _rebuild(tree: Any, make: Any) -> Any:
+    leaves, treedef = jax.tree.flatten(tree)
+    return treedef.unflatten([make(i, leaf) for i, leaf in enumerate(leaves)])

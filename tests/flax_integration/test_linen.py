@@ -232,6 +232,63 @@ def test_partitioned_metadata_carries_to_values_and_scales(x16):
     assert out.shape == (8, 64)
 
 
+class ShardedPair(nn.Module):
+    """A column-parallel then a row-parallel Dense, annotated with mesh axis names (optionally a mesh)."""
+    mesh: object = None
+
+    @nn.compact
+    def __call__(self, x):
+        init = nn.initializers.lecun_normal()
+        x = nn.Dense(12, use_bias=False, kernel_init=nn.with_partitioning(init, (None, 'model'), mesh=self.mesh))(x)
+        return nn.Dense(8, use_bias=False, kernel_init=nn.with_partitioning(init, ('model', None), mesh=self.mesh))(x)
+
+
+def _names(abstract):
+    return {k: (abstract[k]['kernel'].array.qvalue.names, abstract[k]['kernel'].array.scale.names)
+            for k in ('Dense_0', 'Dense_1')}
+
+
+def test_packed_and_tiled_axes_keep_mesh_names_without_a_mesh(x16):
+    # int4 packs along the output axis: a column-parallel kernel keeps its 'model' axis on the packed bytes
+    # (the user picks a mesh whose shards hold whole bytes); the tiled input axis of the scale keeps 'model'.
+    ptq = fi.quantize_model(ShardedPair(), fi.PtqProvider([fi.QuantizationRule(weight_qtype='int4', tile_size=4)]))
+    abstract = jax.eval_shape(ptq.init, jax.random.key(0), x16)['params']
+    assert _names(abstract) == {'Dense_0': ((None, 'model'), (None, 'model')),
+                                'Dense_1': (('model', None), ('model', None))}
+
+
+@pytest.mark.parametrize('model_axis, expected', [
+    (2, {'Dense_0': ((None, 'model'), (None, 'model')), 'Dense_1': (('model', None), (None, None))}),
+    (4, {'Dense_0': ((None, None), (None, 'model')), 'Dense_1': (('model', None), (None, None))})])
+def test_mesh_in_the_box_applies_the_qarray_sharding_rule(x16, model_axis, expected):
+    # Dense_0 (16, 12) int4 packed along 12: shards of 12 / 2 = 6 values are 3 bytes (kept); of 3 values, 1.5
+    # bytes (replicated). Dense_1 (12, 8) tiled by 4 along 12: 3 scale rows, which no 2- or 4-way split holds.
+    mesh = jax.sharding.AbstractMesh((2, model_axis), ('data', 'model'))
+    ptq = fi.quantize_model(ShardedPair(mesh), fi.PtqProvider([fi.QuantizationRule(weight_qtype='int4',
+                                                                                   tile_size=4)]))
+    abstract = jax.eval_shape(ptq.init, jax.random.key(0), x16)['params']
+    assert all(isinstance(abstract[k]['kernel'], fi.QuantizedParam) for k in ('Dense_0', 'Dense_1'))
+    assert _names(abstract) == expected
+    float_specs = {'Dense_0': (None, 'model'), 'Dense_1': ('model', None)}
+    for k, spec in float_specs.items():  # the same layout qarray.sharding.partition_specs gives for that mesh
+        plain = jax.tree.map(lambda b: b.value, abstract[k]['kernel'].array,
+                             is_leaf=lambda b: isinstance(b, nn.Partitioned))
+        specs = qarray.sharding.partition_specs(plain, jax.sharding.PartitionSpec(*spec), mesh)
+        assert (tuple(specs.qvalue), tuple(specs.scale)) == expected[k]
+
+
+def test_boxes_with_a_concrete_mesh_are_still_quantized_and_run(x16):
+    # unboxing a box with a mesh applies a sharding constraint (a new array): the weight is still found
+    mesh = jax.make_mesh((1,), ('model',), axis_types=(jax.sharding.AxisType.Auto,))
+    fp = ShardedPair(mesh).init(jax.random.key(0), x16)
+    ptq = fi.quantize_model(ShardedPair(mesh), fi.PtqProvider([fi.QuantizationRule(weight_qtype='int8')]))
+    v = ptq.init(jax.random.key(0), x16)
+    assert isinstance(v['params']['Dense_0']['kernel'], fi.QuantizedParam)
+    out = jax.jit(ptq.apply)(v, x16)
+    ref = ShardedPair(mesh).apply(fp, x16)
+    assert float(jnp.max(jnp.abs(out - ref))) < 0.05 * float(jnp.max(jnp.abs(ref)))
+
+
 def test_unused_rules_are_reported(x16):
     p = fi.PtqProvider([fi.QuantizationRule(module_path='Dense_0', weight_qtype='int8'),
                         fi.QuantizationRule(module_path='Densse_1', weight_qtype='int8')])

@@ -148,3 +148,19 @@ def test_nnx_unused_rules(x16):
     q = fi.quantize_model(MLP(nnx.Rngs(0)), p, x16)
     assert isinstance(q.l2.kernel, nnx.Param)
     assert [r.module_path for r in p.unused_rules()] == ['l3']
+
+
+def test_packed_int4_and_tiled_scales_keep_their_mesh_axes(x16):
+    def names(v):
+        meta = v.get_metadata()
+        return tuple(meta[next(k for k in ('out_sharding', 'sharding', 'sharding_names') if k in meta)])
+
+    rules = [fi.QuantizationRule(weight_qtype='int4', tile_size=8)]
+    init = nnx.with_partitioning(nnx.initializers.lecun_normal(), ('a', 'b'))
+    # NNX needs the mesh to create annotated variables; on it (1 x 1) every shard holds whole bytes and tiles
+    with jax.set_mesh(jax.make_mesh((1, 1), ('a', 'b'))):
+        lin = nnx.Linear(16, 8, rngs=nnx.Rngs(0), kernel_init=init)
+        q = fi.quantize_model(lin, fi.PtqProvider(rules), x16)
+    arr = q.kernel.array
+    assert names(arr.qvalue) == ('a', 'b') and names(arr.scale) == ('a', 'b')
+    assert float(jnp.max(jnp.abs(q(x16) - lin(x16)))) < 0.2
