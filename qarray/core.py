@@ -36,8 +36,8 @@ import numpy as np
 from qarray import calibration as _calibration
 from qarray import numerics, packing, qtypes
 
-__all__ = ['QArray', 'quantize', 'quantize_with_scale', 'dequantize', 'fake_quant', 'codes',
-           'tiled_view', 'representable_range']
+__all__ = ['QArray', 'quantize', 'quantize_with_scale', 'dequantize', 'fake_quant', 'fake_quant_with_scale',
+           'codes', 'group_view', 'tiled_view', 'representable_range', 'straight_through']
 
 
 # --------------------------------------------------------------------------- QArray
@@ -372,20 +372,39 @@ def tiled_view(shape: Sequence[int], scale_shape: Sequence[int]) -> tuple[tuple[
 
 
 # --------------------------------------------------------------------------- quantize
-def _quantize_codes(x, qt, cw, tile_map, calibration, scale_dtype):
-    """Codes (logical shape), scale and zero point (rank of x), plus the view shapes."""
+def group_view(shape: Sequence[int], channelwise_axes: Sequence[int], tiles: Mapping[int, int] | None
+               ) -> tuple[list[int], tuple[int, ...], tuple[int, ...]]:
+    """How ``shape`` splits into scale groups: ``(view, reduce_axes, scale_shape)``.
+
+    Each tiled axis becomes ``(tiles, tile)`` in ``view``; calibration reduces
+    ``view`` over ``reduce_axes`` (tile axes and axes neither channelwise nor
+    tiled), and the result reshapes to ``scale_shape`` (the rank of ``shape``).
+
+    Example:
+      >>> group_view((4, 256), channelwise_axes=(0,), tiles={1: 128})
+      ([4, 2, 128], (2,), (4, 2))
+    """
     view, reduce_axes, scale_shape = [], [], []
-    for a, n in enumerate(x.shape):
-        if a in tile_map:
-            t = tile_map[a]
+    tiles = tiles or {}
+    for a, n in enumerate(shape):
+        if a in tiles:
+            t = tiles[a]
+            if n % t:
+                raise ValueError(f"tile {t} does not divide axis {a} of size {n} (shape {tuple(shape)}).")
             view += [n // t, t]
             reduce_axes.append(len(view) - 1)
             scale_shape.append(n // t)
         else:
             view.append(n)
-            if a not in cw:
+            if a not in channelwise_axes:
                 reduce_axes.append(len(view) - 1)
-            scale_shape.append(n if a in cw else 1)
+            scale_shape.append(n if a in channelwise_axes else 1)
+    return view, tuple(reduce_axes), tuple(scale_shape)
+
+
+def _quantize_codes(x, qt, cw, tile_map, calibration, scale_dtype):
+    """Codes (logical shape), scale and zero point (rank of x), plus the view shapes."""
+    view, reduce_axes, scale_shape = group_view(x.shape, cw, tile_map)
     xv = x.reshape(view).astype(jnp.float32)
     rng = _calibration.calibrate(calibration, xv, tuple(reduce_axes), qt)
     scale, zp = numerics.scale_and_zero_point(rng.lo, rng.hi, rng.symmetric, qt, scale_dtype)
@@ -589,11 +608,22 @@ def _dequantize_jit(q: QArray, dtype) -> jax.Array:
 
 # --------------------------------------------------------------------------- fake quant
 @jax.custom_jvp
-def _straight_through(x, y, inside):
+def straight_through(x: jax.Array, y: jax.Array, inside: jax.Array) -> jax.Array:
+    """Returns ``y``; its gradient w.r.t. ``x`` is 1 where ``inside`` and 0 elsewhere.
+
+    The straight-through estimator every fake-quant path shares (``y`` and
+    ``inside`` carry no gradient).
+
+    Example:
+      >>> import jax, jax.numpy as jnp
+      >>> g = jax.grad(lambda v: straight_through(v, jnp.round(v), v < 1).sum())
+      >>> g(jnp.array([0.4, 1.6])).tolist()
+      [1.0, 0.0]
+    """
     return y
 
 
-@_straight_through.defjvp
+@straight_through.defjvp
 def _straight_through_jvp(primals, tangents):
     x, y, inside = primals
     tx = tangents[0]
@@ -642,8 +672,7 @@ def fake_quant(x: Any, qtype: Any, *, channelwise_axes: int | Sequence[int] = ()
       >>> g(jnp.array([0.5, 2.0])).tolist()
       [1.0, 0.0]
     """
-    if ste not in ('clipped', 'plain'):
-        raise ValueError(f"ste must be 'clipped' or 'plain'; got {ste!r}.")
+    _check_ste(ste)
     x = _check_input(x, False)
     qt, cw, tile_map, scale_dtype = _resolve_args(x, qtype, channelwise_axes, tiles, calibration, scale_dtype)
     return _fake_quant_jit(x, qt, cw, tuple(sorted(tile_map.items())), calibration, scale_dtype, ste)
@@ -656,10 +685,43 @@ def _fake_quant_jit(x, qt, cw, tile_items, calibration, scale_dtype, ste) -> jax
     vshape, sshape = tiled_view(x.shape, scale.shape)
     zpv = None if zp is None else zp.reshape(sshape)
     y = numerics.from_codes(c.reshape(vshape), scale.reshape(sshape), zpv, qt, x.dtype).reshape(x.shape)
+    return straight_through(x, y, _pass_mask(xs, scale, zp, qt, ste))
+
+
+def _check_ste(ste: str) -> None:
+    if ste not in ('clipped', 'plain'):
+        raise ValueError(f"ste must be 'clipped' or 'plain'; got {ste!r}.")
+
+
+def _pass_mask(xs, scale, zero_point, qt, ste) -> jax.Array:
+    """Where the gradient passes: everywhere ('plain') or inside the representable range ('clipped')."""
     if ste == 'plain':
-        inside = jnp.ones(x.shape, bool)
-    else:
-        lo, hi = representable_range(scale.reshape(sshape), zpv, qt)
-        xv = xs.reshape(vshape).astype(jnp.float32)
-        inside = ((xv >= lo) & (xv <= hi)).reshape(x.shape)
-    return _straight_through(x, y, inside)
+        return jnp.ones(xs.shape, bool)
+    vshape, sshape = tiled_view(xs.shape, scale.shape)
+    zp = None if zero_point is None else jnp.broadcast_to(zero_point, scale.shape).reshape(sshape)
+    lo, hi = representable_range(scale.reshape(sshape), zp, qt)
+    xv = xs.reshape(vshape).astype(jnp.float32)
+    return ((xv >= lo) & (xv <= hi)).reshape(xs.shape)
+
+
+def fake_quant_with_scale(x: Any, qtype: Any, scale: Any, zero_point: Any = None, *,
+                          ste: str = 'clipped') -> jax.Array:
+    """``dequantize(quantize_with_scale(x, ...))`` with a straight-through gradient (static scales).
+
+    The static-range counterpart of :func:`fake_quant`: the forward value is
+    bit-identical to quantizing with the stored scale; the gradient is as in
+    :func:`fake_quant`, and ``scale``/``zero_point`` get none.
+
+    Example:
+      >>> import jax, jax.numpy as jnp
+      >>> g = jax.grad(lambda v: fake_quant_with_scale(v, 'int8', jnp.full((1,), 0.01)).sum())
+      >>> g(jnp.array([0.5, 2.0])).tolist()
+      [1.0, 0.0]
+    """
+    _check_ste(ste)
+    x = _check_input(x, False)
+    xs = jax.lax.stop_gradient(x)
+    scale = jax.lax.stop_gradient(jnp.asarray(scale))
+    zero_point = None if zero_point is None else jax.lax.stop_gradient(jnp.asarray(zero_point))
+    y = dequantize(quantize_with_scale(xs, qtype, scale, zero_point), x.dtype)
+    return straight_through(x, y, _pass_mask(xs, scale, zero_point, qtypes.get(qtype), ste))

@@ -20,7 +20,6 @@ import jax.numpy as jnp
 
 from qarray import calibration as _calibration
 from qarray import core, numerics, qtypes
-from qarray.core import QArray
 
 from flax_integration import interception
 from flax_integration.op_calls import OpCall
@@ -177,25 +176,6 @@ class Provider:
 
 
 # --- activation ranges (shared by PTQ static init and calibration) -----------------------------
-def _view(shape, cw, tiles):
-    view, reduce_axes, scale_shape = [], [], []
-    tiles = tiles or {}
-    for a, n in enumerate(shape):
-        if a in tiles:
-            t = tiles[a]
-            if n % t:
-                raise ValueError(f"tile_size={t} does not divide axis {a} of size {n} (shape {tuple(shape)}).")
-            view += [n // t, t]
-            reduce_axes.append(len(view) - 1)
-            scale_shape.append(n // t)
-        else:
-            view.append(n)
-            if a not in cw:
-                reduce_axes.append(len(view) - 1)
-            scale_shape.append(n if a in cw else 1)
-    return view, tuple(reduce_axes), tuple(scale_shape)
-
-
 def act_range(x: jax.Array, qtype: str, cw, tiles, calibration: str) -> tuple[jax.Array, jax.Array]:
     """Calibrated ``(lo, hi)`` of ``x`` in scale shape (rank of ``x``).
 
@@ -204,7 +184,7 @@ def act_range(x: jax.Array, qtype: str, cw, tiles, calibration: str) -> tuple[ja
       >>> hi.tolist()
       [[3.0]]
     """
-    view, reduce_axes, scale_shape = _view(x.shape, cw, tiles)
+    view, reduce_axes, scale_shape = core.group_view(x.shape, cw, tiles)
     r = _calibration.calibrate(calibration, x.reshape(view).astype(jnp.float32), reduce_axes,
                                qtypes.get(qtype))
     lo = jnp.broadcast_to(r.lo, [1 if i in reduce_axes else d for i, d in enumerate(view)])

@@ -75,17 +75,6 @@ ACT_QTYPES = ('int8',)
 _COMPOSITE_DTYPE = {'int8': 'i8', 'int4': 'i4'}
 
 
-@jax.custom_jvp
-def _ste(x, y, inside):
-    return y
-
-
-@_ste.defjvp
-def _ste_jvp(primals, tangents):
-    x, y, inside = primals
-    return y, jnp.where(inside, tangents[0], jnp.zeros_like(tangents[0]))
-
-
 def _full_rank(v: Any, ndim: int) -> jax.Array:
     return jnp.asarray(v).reshape((1,) * ndim)
 
@@ -273,10 +262,7 @@ class OdmlQatProvider(Provider):
         """Per-tensor int8 fake quant with a clipped straight-through gradient."""
         s = _full_rank(scale, x.ndim).astype(jnp.float32)
         z = None if zero_point is None else _full_rank(zero_point, x.ndim)
-        xs = jax.lax.stop_gradient(x)
-        y = core.dequantize(core.quantize_with_scale(xs, 'int8', s, z), x.dtype)
-        lo, hi = core.representable_range(s, z, 'int8')
-        return _ste(x, y, (xs >= lo) & (xs <= hi))
+        return core.fake_quant_with_scale(x, 'int8', s, z)
 
     def fixed_qparams(self, name: str) -> tuple[Any, Any]:
         s, z = odml_ops.FIXED_QPARAMS[name]

@@ -59,61 +59,15 @@ from typing import Any, Sequence
 import jax
 import jax.numpy as jnp
 
-from qarray import core, qtypes
-from qarray.core import representable_range, tiled_view
+from qarray import core
+from qarray.core import fake_quant_with_scale  # re-exported: the static-scale fake quant QAT uses
 
 from flax_integration.providers.base import Op, Provider, act_range, range_to_scale
 from flax_integration.rules import QuantizationRule
 
 __all__ = ['QtProvider', 'QatProvider', 'fake_quant_with_scale', 'update_moving_average']
 
-_STE = ('clipped', 'plain')
-
-
 # --------------------------------------------------------------------------- numerics
-@jax.custom_jvp
-def _pass_inside(x, y, inside):
-    return y
-
-
-@_pass_inside.defjvp
-def _pass_inside_jvp(primals, tangents):
-    x, y, inside = primals
-    tx = tangents[0]
-    return y, jnp.where(inside, tx, jnp.zeros_like(tx))
-
-
-def fake_quant_with_scale(x: jax.Array, qtype: Any, scale: jax.Array, zero_point: jax.Array | None = None, *,
-                          ste: str = 'clipped') -> jax.Array:
-    """``dequantize(quantize_with_scale(x, qtype, scale, zero_point))`` with a straight-through gradient.
-
-    The static-scale counterpart of ``qarray.fake_quant``: the forward value is
-    bit-identical to the PTQ path with a stored scale; the gradient is 1 inside
-    the representable range of ``scale`` (``ste='clipped'``) or everywhere
-    (``ste='plain'``), and ``scale`` gets none.
-
-    Example:
-      >>> g = jax.grad(lambda v: fake_quant_with_scale(v, 'int8', jnp.full((1,), 0.01)).sum())
-      >>> g(jnp.array([0.5, 2.0])).tolist()
-      [1.0, 0.0]
-    """
-    if ste not in _STE:
-        raise ValueError(f"ste must be 'clipped' or 'plain'; got {ste!r}.")
-    xs = jax.lax.stop_gradient(x)
-    scale = jax.lax.stop_gradient(scale)
-    zero_point = None if zero_point is None else jax.lax.stop_gradient(zero_point)
-    y = core.dequantize(core.quantize_with_scale(xs, qtype, scale, zero_point), x.dtype)
-    if ste == 'plain':
-        inside = jnp.ones(x.shape, bool)
-    else:
-        vshape, sshape = tiled_view(x.shape, scale.shape)
-        zp = None if zero_point is None else jnp.broadcast_to(zero_point, scale.shape).reshape(sshape)
-        lo, hi = representable_range(scale.reshape(sshape), zp, qtypes.get(qtype))
-        xv = xs.reshape(vshape).astype(jnp.float32)
-        inside = ((xv >= lo) & (xv <= hi)).reshape(x.shape)
-    return _pass_inside(x, y, inside)
-
-
 def update_moving_average(stat: dict, lo: jax.Array, hi: jax.Array, momentum: float) -> dict:
     """Fold one batch's range into ``{'lo', 'hi', 'count'}``: mean of the first batches, then an EMA.
 
@@ -153,7 +107,7 @@ class QtProvider(Provider):
 
     def __init__(self, rules: Sequence[QuantizationRule], *, ste: str = 'clipped', momentum: float = 0.99):
         super().__init__(rules)
-        if ste not in _STE:
+        if ste not in ('clipped', 'plain'):
             raise ValueError(f"ste must be 'clipped' or 'plain'; got {ste!r}.")
         if not 0.0 <= momentum < 1.0:
             raise ValueError(f"momentum must be in [0, 1); got {momentum!r}.")
