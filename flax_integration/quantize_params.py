@@ -40,6 +40,7 @@ from flax import nnx
 
 from qarray import core
 from qarray.core import QArray
+from qarray.paths import path_name
 
 from flax_integration.providers.base import range_to_scale
 from flax_integration.rules import QuantizationRule, RuleSet
@@ -221,23 +222,11 @@ def _array_dict(q: QArray) -> dict:
     return d
 
 
-def _path_str(path) -> str:
-    parts = []
-    for k in path:
-        for attr in ('key', 'name', 'idx'):
-            if hasattr(k, attr):
-                parts.append(str(getattr(k, attr)))
-                break
-        else:
-            parts.append(str(k))
-    return '/'.join(parts)
-
-
 def _model_free(params: Any, rules: Sequence[QuantizationRule]) -> Any:
     rs = RuleSet(rules)
 
     def quantize_leaf(path, leaf):
-        name = _path_str(path)
+        name = path_name(path)
         rule = rs.match(name)
         if rule is None or rule.weight_qtype is None:
             return leaf

@@ -8,13 +8,13 @@ Example:
   (128, 256)
 """
 
-from qarray import calibration, io, ops, packing, qtypes, sharding
+from qarray import calibration, io, ops, packing, paths, qtypes, sharding
 from qarray.core import (QArray, codes, dequantize, fake_quant, fake_quant_with_scale, quantize,
                          quantize_with_scale)
 from qarray.ops import conv_general_dilated, dot, dot_general, einsum, matmul
 from qarray.qtypes import QType
 
 __all__ = ['QArray', 'QType', 'quantize', 'quantize_with_scale', 'dequantize', 'fake_quant', 'fake_quant_with_scale', 'codes',
-           'calibration', 'packing', 'qtypes', 'io', 'sharding',
+           'calibration', 'packing', 'qtypes', 'io', 'sharding', 'paths',
            'ops', 'dot_general', 'einsum', 'dot', 'matmul', 'conv_general_dilated']
 __version__ = '0.1.0'

@@ -27,6 +27,8 @@ from typing import Any, Callable, Sequence
 import jax
 import numpy as np
 
+from qarray.paths import path_name
+
 from examples.minilm import metrics, sentences, weights
 from examples.minilm.model import LINEAR_PATHS, MiniLM
 from examples.minilm.schemes import Scheme, qarray_rules, qwix_rules
@@ -107,16 +109,6 @@ def tree_bytes(tree: Any, *, packed: bool = False) -> int:
     return int(sum(_leaf_bits(l) if packed else _leaf_bytes(l) for l in leaves))
 
 
-def _path_str(path) -> str:
-    parts = []
-    for k in path:
-        for attr in ('key', 'name', 'idx'):
-            if hasattr(k, attr):
-                parts.append(str(getattr(k, attr)))
-                break
-    return '/'.join(parts)
-
-
 def linear_bytes(params: Any, *, packed: bool = False) -> int:
     """Bytes of the 36 linear layers' kernels (with their scales), excluding biases and embeddings.
 
@@ -128,7 +120,7 @@ def linear_bytes(params: Any, *, packed: bool = False) -> int:
     rx = re.compile(r'(.*/)?' + LINEAR_PATHS + r'/kernel(/.*)?')
     flat = jax.tree_util.tree_flatten_with_path(params)[0]
     return int(sum((_leaf_bits(l) if packed else _leaf_bytes(l)) for p, l in flat
-                   if hasattr(l, 'shape') and rx.fullmatch(_path_str(p))))
+                   if hasattr(l, 'shape') and rx.fullmatch(path_name(p))))
 
 
 def build_float(params: Any) -> Built:

@@ -22,6 +22,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from qarray.core import QArray
+from qarray.paths import path_name  # re-exported
 
 __all__ = ['CheckpointError', 'FORMAT_VERSION', 'path_name', 'flatten', 'describe', 'leaf_meta',
            'check', 'abstract_leaf', 'nest']
@@ -32,24 +33,6 @@ PARTS = ('qvalue', 'scale', 'zero_point')
 
 class CheckpointError(ValueError):
     """A checkpoint does not match what the caller expects (names the param)."""
-
-
-def _key_name(key: Any) -> str:
-    for attr in ('key', 'name', 'idx'):
-        if hasattr(key, attr):
-            return str(getattr(key, attr))
-    return str(key)
-
-
-def path_name(path: tuple) -> str:
-    """'/'-joined name of a pytree key path, e.g. ``Dense_0/kernel``.
-
-    Example:
-      >>> import jax
-      >>> path_name(jax.tree_util.tree_flatten_with_path({'a': [0, 1]})[0][1][0])
-      'a/1'
-    """
-    return '/'.join(_key_name(k) for k in path)
 
 
 def _is_qarray(x: Any) -> bool:
