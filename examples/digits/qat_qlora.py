@@ -72,8 +72,23 @@ def param_bytes(tree: Any) -> int:
     return sum(v.array.nbytes if isinstance(v, QuantizedParam) else int(v.nbytes) for v in leaves)
 
 
+# Every evaluation runs in fixed chunks of EVAL_BATCH rows (the last one zero-padded): one compiled
+# forward per model whatever the split size. The quantized forwards are per-example (static activation
+# scales, weight-only LoRA), so padding rows never change the real rows' outputs.
+EVAL_BATCH = 256
+
+
+def _logits(apply, x) -> np.ndarray:
+    """``apply`` over ``x`` in (EVAL_BATCH, 8, 8, 1) chunks, the last one zero-padded; logits of the real rows."""
+    x = np.asarray(x)
+    xp = np.concatenate([x, np.zeros((-len(x) % EVAL_BATCH,) + x.shape[1:], x.dtype)])
+    out = [np.asarray(apply(jnp.asarray(xp[i:i + EVAL_BATCH]))) for i in range(0, len(xp), EVAL_BATCH)]
+    return np.concatenate(out)[:len(x)]
+
+
 def _accuracy(apply, x, y) -> float:
-    return models.accuracy(apply(jnp.asarray(x)), jnp.asarray(y))
+    """Test accuracy in percent (argmax on the host)."""
+    return float(np.mean(_logits(apply, x).argmax(-1) == np.asarray(y)) * 100)
 
 
 @functools.lru_cache(maxsize=32)
@@ -82,63 +97,114 @@ def _forward(model):
     return jax.jit(lambda variables, x: model.apply(variables, x))
 
 
+@functools.lru_cache(maxsize=32)
+def _init(model):
+    """One compiled ``init`` per Linen model (eager init would compile every initializer op)."""
+    return jax.jit(model.init)
+
+
+_nnx_forward = nnx.jit(lambda m, x: m(x))  # cached per model structure by nnx.jit
+
+
+def _calibration_batches(x: np.ndarray) -> list:
+    return [jnp.asarray(x[i:i + 128]) for i in range(0, len(x) - 127, 128)]  # full batches of 128
+
+
+# --------------------------------------------------------------------------- QAT recipe
+# QAT fine-tunes the trained float weights (Adam, cosine decay from QAT_LR to 0: the weights settle
+# instead of ending on a noisy constant-rate step) with the activation ranges frozen at the int4
+# calibration statistics, i.e. the ranges PTQ deploys. Letting the ranges keep updating during QAT
+# makes them drift low (they average activations of the fake-quantized net, which upstream clipping
+# shrinks: fc2's input range fell 7-9 %), and with a learning rate near 0 that drift alone cost up to
+# 0.9 points after conversion (NNX, seed 1).
+QAT_LR = 1e-3
+QAT_SCHEDULE = 'cosine'
+FAST = dict(steps=250, qat_steps=300)
+FULL = dict(steps=250, qat_steps=600)
+
+
 # --------------------------------------------------------------------------- QAT, Linen
 @functools.lru_cache(maxsize=16)
 def _ptq_tools(model, rules: tuple):
-    """PTQ model, jitted ``quantize_params`` and jitted forward for ``rules`` (compiled once, reused)."""
+    """Calibration model, jitted ``quantize_params`` and jitted PTQ forward for ``rules`` (built once)."""
+    calib = quantize_model(model, _calibration_provider(list(rules)))
     ptq = quantize_model(model, PtqProvider(list(rules)))
     abstract = jax.eval_shape(ptq.init, jax.random.key(0), jnp.zeros((1, 8, 8, 1)))['params']
-    return jax.jit(lambda f, s: quantize_params(f, abstract, s)), _forward(ptq)
+    return calib, jax.jit(lambda f, s: quantize_params(f, abstract, s)), _forward(ptq)
+
+
+@functools.lru_cache(maxsize=16)
+def _qat_model(model, rules: tuple):
+    """The QAT model for ``rules`` (one per float model, so its compiled train step is reused)."""
+    return quantize_model(model, QtProvider(list(rules)))
+
+
+def _zero_stats(calib) -> dict:
+    shapes = jax.eval_shape(calib.init, jax.random.key(0), jnp.zeros((1, 8, 8, 1)))['quant_stats']
+    return jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), shapes)
 
 
 def _ptq_linen(model, fp_params, rules, calib_x, stats=None):
     """PTQ params (calibration + quantize_params), a forward function and the statistics used."""
-    if stats is None:
-        batches = [jnp.asarray(calib_x[i:i + 128]) for i in range(0, len(calib_x) - 127, 128)]  # full batches
-        stats = calibrate(model, fp_params, batches, rules=rules, progress=False)
-    to_ptq, fwd = _ptq_tools(model, tuple(rules))
+    calib, to_ptq, fwd = _ptq_tools(model, tuple(rules))
+    if stats is None:  # starting from zero statistics, the calibration step compiles once (not twice)
+        stats = calibrate(calib, fp_params, _calibration_batches(calib_x), quant_stats=_zero_stats(calib),
+                          progress=False)
     params = to_ptq(fp_params, stats)
     return params, (lambda x: fwd({'params': params}, x)), stats
 
 
-def qat_rows(steps: int = 400, qat_steps: int = 200, seed: int = 0, d: data.Digits | None = None,
-             check_qat_forward: bool = True) -> list[dict]:
+def qat_rows(steps: int = FULL['steps'], qat_steps: int = FULL['qat_steps'], seed: int = 0,
+             d: data.Digits | None = None, check_qat_forward: bool = True, int8: bool = True,
+             qat_lr: float = QAT_LR, qat_schedule: str = QAT_SCHEDULE, qat_batch: int = 64,
+             freeze_stats: bool = True) -> list[dict]:
     """Linen: float, PTQ int8, PTQ int4 and QAT int4 test accuracy and bytes; one dict per row.
 
-    QAT starts from the float weights and the int4 calibration statistics;
-    its row is the converted PTQ model (``quantize_params``). With
+    QAT starts from the trained float weights and the int4 calibration
+    statistics and fine-tunes with Adam (``qat_lr``, ``qat_schedule``), the
+    statistics frozen unless ``freeze_stats=False`` (see the QAT recipe
+    note); its row is the converted PTQ model (``quantize_params``). With
     ``check_qat_forward`` the QAT forward itself is also evaluated.
 
     Example:
-      >>> qat_rows(steps=5, qat_steps=5)[0]['model']
-      'float'
+      >>> [r['model'] for r in qat_rows(steps=5, qat_steps=5)]
+      ['float', 'PTQ int8', 'PTQ int4', 'QAT int4']
     """
     d = d or data.load()
     model = models.LinenCNN()
-    variables = model.init(jax.random.key(seed), d.x_train[:1])
+    variables = _init(model)(jax.random.key(seed), d.x_train[:1])
     fp = train.train_linen(model, variables, d.x_train, d.y_train, steps=steps, seed=seed)['params']
     rows = [dict(model='float', acc=_accuracy(lambda x: _forward(model)({'params': fp}, x), d.x_test, d.y_test),
                  bytes=param_bytes(fp))]
     stats = None
-    for name, rules in (('PTQ int8', INT8_RULES), ('PTQ int4', INT4_RULES)):
+    for name, rules in (('PTQ int8', INT8_RULES),) * int8 + (('PTQ int4', INT4_RULES),):
         params, fwd, stats = _ptq_linen(model, fp, rules, d.x_train)
         rows.append(dict(model=name, acc=_accuracy(fwd, d.x_test, d.y_test), bytes=param_bytes(params)))
-    qat = quantize_model(model, QtProvider(INT4_RULES))
+    qat = _qat_model(model, tuple(INT4_RULES))
     v = train.train_linen(qat, {'params': fp, 'quant_stats': stats}, d.x_train, d.y_train, steps=qat_steps,
-                          lr=1e-3, seed=seed + 1, mutable=('quant_stats',))
+                          batch=qat_batch, lr=qat_lr, schedule=qat_schedule, seed=seed + 1,
+                          mutable=() if freeze_stats else ('quant_stats',))  # not mutable: frozen
     params, fwd, _ = _ptq_linen(model, v['params'], INT4_RULES, None, stats=v['quant_stats'])
     row = dict(model='QAT int4', acc=_accuracy(fwd, d.x_test, d.y_test), bytes=param_bytes(params))
     if check_qat_forward:
-        qat_out = _forward(qat)(v, jnp.asarray(d.x_test))
-        row.update(qat_forward_acc=models.accuracy(qat_out, jnp.asarray(d.y_test)),
-                   max_diff=float(jnp.max(jnp.abs(qat_out - fwd(d.x_test)))))
+        qat_fwd = lambda x: _forward(qat)(v, x)
+        qat_out = _logits(qat_fwd, d.x_test)
+        row.update(qat_forward_acc=float(np.mean(qat_out.argmax(-1) == d.y_test) * 100),
+                   max_diff=float(np.max(np.abs(qat_out - _logits(fwd, d.x_test)))))
     rows.append(row)
     return rows
 
 
 # --------------------------------------------------------------------------- QAT, NNX
-def qat_rows_nnx(steps: int = 400, qat_steps: int = 200, seed: int = 0, d: data.Digits | None = None) -> list[dict]:
+def qat_rows_nnx(steps: int = FULL['steps'], qat_steps: int = FULL['qat_steps'], seed: int = 0,
+                 d: data.Digits | None = None, qat_lr: float = QAT_LR, qat_schedule: str = QAT_SCHEDULE, qat_batch: int = 64,
+                 freeze_stats: bool = True) -> list[dict]:
     """NNX: the same table (float, PTQ int4 from calibration, QAT int4 converted to PTQ).
+
+    Calibration uses the same batches as the Linen path; QAT trains a copy of
+    the float model (``quantize_model`` copies) with the same recipe, the
+    statistics frozen through ``use_running_average`` unless
+    ``freeze_stats=False``; ``qat.eval()`` freezes them for conversion.
 
     Example:
       >>> qat_rows_nnx(steps=5, qat_steps=5)[-1]['model']
@@ -147,7 +213,8 @@ def qat_rows_nnx(steps: int = 400, qat_steps: int = 200, seed: int = 0, d: data.
     d = d or data.load()
     x0 = jnp.asarray(d.x_train[:1])
     fp = train.train_nnx(models.NnxCNN(rngs=nnx.Rngs(seed)), d.x_train, d.y_train, steps=steps, seed=seed)
-    rows = [dict(model='float', acc=_accuracy(fp, d.x_test, d.y_test), bytes=param_bytes(fp))]
+    run = lambda m: (lambda x: _nnx_forward(m, x))
+    rows = [dict(model='float', acc=_accuracy(run(fp), d.x_test, d.y_test), bytes=param_bytes(fp))]
 
     def ptq_from(float_model, stats):
         abstract = nnx.eval_shape(lambda: quantize_model(models.NnxCNN(rngs=nnx.Rngs(0)),
@@ -156,16 +223,18 @@ def qat_rows_nnx(steps: int = 400, qat_steps: int = 200, seed: int = 0, d: data.
         return abstract
 
     calib = quantize_model(fp, _calibration_provider(INT4_RULES), x0)
-    stats = calibrate(calib, None, [jnp.asarray(d.x_train)], progress=False)
+    stats = calibrate(calib, None, _calibration_batches(d.x_train), progress=False)
     ptq = ptq_from(fp, stats)
-    rows.append(dict(model='PTQ int4', acc=_accuracy(ptq, d.x_test, d.y_test), bytes=param_bytes(ptq)))
-    qat = quantize_model(fp, QtProvider(INT4_RULES), x0)
+    rows.append(dict(model='PTQ int4', acc=_accuracy(run(ptq), d.x_test, d.y_test), bytes=param_bytes(ptq)))
+    qat = quantize_model(fp, QtProvider(INT4_RULES), x0)  # a copy holding fp's trained weights
     _load_stats(qat, stats)  # start from the calibrated statistics
-    train.train_nnx(qat, d.x_train, d.y_train, steps=qat_steps, lr=1e-3, seed=seed + 1)
+    qat.set_attributes(use_running_average=freeze_stats)  # True: the calibrated ranges stay (BatchNorm flag)
+    train.train_nnx(qat, d.x_train, d.y_train, steps=qat_steps, batch=qat_batch, lr=qat_lr, schedule=qat_schedule,
+                    seed=seed + 1)
     qat.eval()  # freezes the statistics
     ptq = ptq_from(qat, nnx.state(qat, QuantStat))
-    rows.append(dict(model='QAT int4', acc=_accuracy(ptq, d.x_test, d.y_test), bytes=param_bytes(ptq),
-                     qat_forward_acc=_accuracy(qat, d.x_test, d.y_test)))
+    rows.append(dict(model='QAT int4', acc=_accuracy(run(ptq), d.x_test, d.y_test), bytes=param_bytes(ptq),
+                     qat_forward_acc=_accuracy(run(qat), d.x_test, d.y_test)))
     return rows
 
 
@@ -202,7 +271,7 @@ def qlora_run(steps: int = 300, lora_steps: int = 200, seed: int = 0, d: data.Di
     d = d or data.load()
     old, new = _split(d)
     model = models.LinenCNN()
-    v = model.init(jax.random.key(seed), d.x_train[:1])
+    v = _init(model)(jax.random.key(seed), d.x_train[:1])
     fp = train.train_linen(model, v, old.x_train, old.y_train, steps=steps, seed=seed)['params']
     lora = quantize_model(model, LoraProvider(QLORA_RULES, seed=seed))
     # init + quantizing the pretrained base: one compiled program
@@ -215,13 +284,13 @@ def qlora_run(steps: int = 300, lora_steps: int = 200, seed: int = 0, d: data.Di
     trained = train.train_linen(lora, {'params': params}, new.x_train, new.y_train, steps=lora_steps, lr=1e-2,
                                 seed=seed + 2, trainable=lora_trainable, losses=losses)['params']
     adapters, frozen = train.split_params(trained, lora_trainable)
-    opt_leaves = jax.tree.leaves(optax.adam(1e-3).init(adapters))
-    after_fwd = fwd(trained, jnp.asarray(new.x_test))
+    opt_leaves = jax.tree.leaves(train._ADAM.init(adapters))  # the state train_linen optimised
+    after_fwd = _logits(lambda x: fwd(trained, x), new.x_test)
     merged_diff = float('nan')
     if check_merge:  # traced once: the merge runs the model, so jit compiles it as one program
         merged = jax.jit(lambda p: merge_lora(lora, p, d.x_test[:2]))(trained)
-        merged_diff = float(jnp.max(jnp.abs(_forward(model)({'params': merged}, jnp.asarray(new.x_test))
-                                            - after_fwd)))
+        merged_out = _logits(lambda x: _forward(model)({'params': merged}, x), new.x_test)
+        merged_diff = float(np.max(np.abs(merged_out - after_fwd)))
     kernels = [v for v in jax.tree.leaves(trained, is_leaf=lambda v: isinstance(v, QuantizedParam))
                if isinstance(v, QuantizedParam)]
     return dict(
@@ -229,7 +298,7 @@ def qlora_run(steps: int = 300, lora_steps: int = 200, seed: int = 0, d: data.Di
         base_float_bytes=sum(4 * int(np.prod(k.shape)) for k in kernels),
         base_stored_bytes=sum(k.array.nbytes for k in kernels), float_model_bytes=param_bytes(fp),
         qlora_model_bytes=param_bytes(trained),
-        acc_new_before=before, acc_new_after=models.accuracy(after_fwd, jnp.asarray(new.y_test)),
+        acc_new_before=before, acc_new_after=float(np.mean(after_fwd.argmax(-1) == new.y_test) * 100),
         acc_old_before=old_before,
         acc_old_after=_accuracy(lambda x: fwd(trained, x), old.x_test, old.y_test),
         merged_max_diff=merged_diff,
@@ -251,13 +320,14 @@ def qlora_run_nnx(steps: int = 300, lora_steps: int = 200, seed: int = 0, d: dat
     x0 = jnp.asarray(d.x_train[:1])
     fp = train.train_nnx(models.NnxCNN(rngs=nnx.Rngs(seed)), old.x_train, old.y_train, steps=steps, seed=seed)
     lora = quantize_model(fp, LoraProvider(QLORA_RULES, seed=seed), x0)
-    before = _accuracy(lora, new.x_test, new.y_test)
+    run = lambda x: _nnx_forward(lora, x)
+    before = _accuracy(run, new.x_test, new.y_test)
     losses: list = []
     train.train_nnx(lora, new.x_train, new.y_train, steps=lora_steps, lr=1e-2, seed=seed + 2,
                     wrt=nnx.LoRAParam, losses=losses)
     return dict(adapter_params=lora_param_count(lora), acc_new_before=before,
-                acc_new_after=_accuracy(lora, new.x_test, new.y_test),
-                acc_old_after=_accuracy(lora, old.x_test, old.y_test), qlora_model_bytes=param_bytes(lora),
+                acc_new_after=_accuracy(run, new.x_test, new.y_test),
+                acc_old_after=_accuracy(run, old.x_test, old.y_test), qlora_model_bytes=param_bytes(lora),
                 float_model_bytes=param_bytes(fp), loss_first=float(np.mean(losses[:10])),
                 loss_last=float(np.mean(losses[-10:])))
 
@@ -287,7 +357,7 @@ def _print_qlora(r: dict) -> None:
 
 
 def digits_section(print_table=None, fast: bool = True) -> None:
-    """The digits QAT/QLoRA section of the tour (fast setting: a few hundred Linen steps in total).
+    """The digits QAT/QLoRA section of the tour (fast setting: Linen, seed 0, a few hundred steps each).
 
     Example:
       >>> digits_section.__name__
@@ -296,20 +366,21 @@ def digits_section(print_table=None, fast: bool = True) -> None:
     if print_table is None:
         from qarray.tour import print_table
     t0 = time.perf_counter()
-    steps = dict(steps=250, qat_steps=150) if fast else dict(steps=600, qat_steps=400)
-    print("Digits (scikit-learn, 8x8): QAT int4 vs PTQ, Linen CNN"
-          + (" (fast setting)" if fast else ""))
+    steps = FAST if fast else FULL
+    print(f"Digits (scikit-learn, 8x8): QAT int4 vs PTQ, Linen CNN (float {steps['steps']} steps, "
+          f"QAT {steps['qat_steps']} steps{', fast setting' if fast else ''})")
     d = data.load()
     _print_qat(qat_rows(**steps, d=d, check_qat_forward=not fast), print_table)
     print("QLoRA: nf4 base trained on digits 0-4, rank-4 adapters fine-tuned on digits 5-9 (Linen)")
-    _print_qlora(qlora_run(steps=steps['steps'], lora_steps=steps['qat_steps'], d=d, check_merge=not fast))
+    _print_qlora(qlora_run(steps=steps['steps'], lora_steps=150, d=d, check_merge=not fast))
     print(f"(digits section: {time.perf_counter() - t0:.1f} s)")
 
 
 def main(argv=None) -> None:
-    """Run the full example (Linen and NNX)."""
+    """Run the full example (Linen and NNX, seeds 0-2)."""
     parser = argparse.ArgumentParser(description=__doc__.split('\n\n')[0])
     parser.add_argument('--fast', action='store_true', help='the short tour setting (Linen only)')
+    parser.add_argument('--float-steps', type=int, default=FULL['steps'], help='float training steps')
     args = parser.parse_args(argv)
     from qarray.tour import print_table
     if args.fast:
@@ -317,15 +388,16 @@ def main(argv=None) -> None:
         return
     t0 = time.perf_counter()
     d = data.load()
+    full = dict(FULL, steps=args.float_steps)
     print(f"digits: {len(d.y_train)} train / {len(d.y_test)} test images (jax {jax.__version__}, "
-          f"{jax.default_backend()})\n")
+          f"{jax.default_backend()}); float {full['steps']} steps (Adam 3e-3), QAT {full['qat_steps']} steps "
+          f"(Adam {QAT_LR:g}, {QAT_SCHEDULE} decay, calibrated ranges frozen)\n")
     for seed in (0, 1, 2):
-        print(f"QAT vs PTQ, Linen CNN, seed {seed} (float 250 steps, QAT 150 steps)")
-        _print_qat(qat_rows(steps=250, qat_steps=150, seed=seed, d=d), print_table)
-    print("\nQAT vs PTQ, Linen CNN, longer float training (600 steps, QAT 400)")
-    _print_qat(qat_rows(steps=600, qat_steps=400, d=d), print_table)
-    print("\nQAT vs PTQ, NNX CNN (float 250 steps, QAT 150 steps)")
-    _print_qat(qat_rows_nnx(steps=250, qat_steps=150, d=d), print_table)
+        print(f"QAT vs PTQ, Linen CNN, seed {seed}")
+        _print_qat(qat_rows(**full, seed=seed, d=d), print_table)
+    for seed in (0, 1, 2):
+        print(f"\nQAT vs PTQ, NNX CNN, seed {seed}")
+        _print_qat(qat_rows_nnx(**full, seed=seed, d=d), print_table)
     print("\nQLoRA, Linen")
     _print_qlora(qlora_run(steps=250, lora_steps=150, d=d))
     print("\nQLoRA, NNX")

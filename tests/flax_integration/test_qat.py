@@ -213,3 +213,38 @@ def test_errors_name_the_argument():
         quantize_model(CNN(), QtProvider([QuantizationRule(weight_qtype='int4', tile_size=4)])).init(
             jax.random.key(0), X)
     assert QatProvider is QtProvider
+
+
+# --------------------------------------------------------------------------- training helpers (examples.digits.train)
+def test_lr_schedule_cosine_matches_formula_and_rejects_unknown():
+    ref = 0.01 * 0.5 * (1 + np.cos(np.pi * np.arange(7, dtype=np.float64) / 7))
+    np.testing.assert_allclose(train.lr_schedule(0.01, 7, 'cosine'), ref, rtol=1e-6)
+    np.testing.assert_array_equal(train.lr_schedule(0.5, 3), np.full(3, 0.5, np.float32))
+    with pytest.raises(ValueError, match='schedule'):
+        train.lr_schedule(0.1, 3, 'linear')
+
+
+def test_train_linen_constant_rate_equals_optax_adam():
+    model = nn.Dense(5)
+    x = np.asarray(jax.random.normal(jax.random.key(5), (32, 6)))
+    y = np.arange(32) % 5
+    v = model.init(jax.random.key(0), x[:1])
+    got = train.train_linen(model, v, x, y, steps=3, batch=8, lr=1e-2, seed=3)['params']
+    opt, p = optax.adam(1e-2), v['params']
+    state = opt.init(p)
+    for idx in np.random.default_rng(3).integers(0, 32, (3, 8)):
+        g = jax.grad(lambda pp: train.cross_entropy(model.apply({'params': pp}, x[idx]), y[idx]))(p)
+        upd, state = opt.update(g, state, p)
+        p = optax.apply_updates(p, upd)
+    chex.assert_trees_all_close(got, p, rtol=1e-5, atol=1e-7)
+
+
+def test_nnx_use_running_average_freezes_stats_while_training():
+    qat = quantize_model(NnxCNN(nnx.Rngs(0)), QtProvider(W4_STATIC), X)
+    qat(X)  # one training-mode pass: count 1
+    qat.set_attributes(use_running_average=True)  # frozen, as the digits QAT recipe trains
+    before = nnx.to_pure_dict(nnx.state(qat, QuantStat))
+    kernel = np.asarray(qat.fc.kernel[...])
+    train.train_nnx(qat, np.asarray(X), np.asarray(Y), steps=3, batch=8, lr=1e-2)
+    chex.assert_trees_all_equal(before, nnx.to_pure_dict(nnx.state(qat, QuantStat)))
+    assert np.abs(np.asarray(qat.fc.kernel[...]) - kernel).max() > 0  # the weights did train
