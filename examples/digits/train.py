@@ -56,12 +56,10 @@ def split_params(params: Any, trainable: Callable[[str, Any], bool]) -> tuple[An
       ({'a': 1.0, 'b': None}, {'a': None, 'b': 2.0})
     """
     from qarray import QArray
-
-    def path_str(path):
-        return '/'.join(str(getattr(k, 'key', getattr(k, 'name', k))) for k in path)
+    from qarray.paths import path_name
 
     is_leaf = lambda x: isinstance(x, QArray)
-    flags = jax.tree_util.tree_map_with_path(lambda p, l: trainable(path_str(p), l), params, is_leaf=is_leaf)
+    flags = jax.tree_util.tree_map_with_path(lambda p, l: trainable(path_name(p), l), params, is_leaf=is_leaf)
     train = jax.tree_util.tree_map(lambda f, l: l if f else None, flags, params, is_leaf=is_leaf)
     frozen = jax.tree_util.tree_map(lambda f, l: None if f else l, flags, params, is_leaf=is_leaf)
     return train, frozen
