@@ -73,23 +73,29 @@ def main() -> None:
     print_table(rows, [('format', 'format', ''), ('tiles', 'tiles', ''), ('bytes', 'stored bytes', 'd'),
                        ('bits', 'bits/value', '.3f'), ('max_abs', 'max abs err', '.4f'),
                        ('rel', 'rel err', '.4f')])
-    for number, (module, function, what) in enumerate(_SECTIONS, start=2):
+    for number, section in enumerate(_SECTIONS, start=2):
         print(f"\n{number}. ", end='')
-        _run_section(module, function, what)
+        _run_section(*section)
     print(f"\n(tour finished in {time.perf_counter() - t0:.1f} s)")
 
 
 # Later sections live next to the code they show; examples/ is importable from a repository checkout.
+# (module, function, title, packages the section needs beyond the runtime dependencies)
 _SECTIONS = [
-    ('flax_integration.tour', 'flax_section', 'Flax PTQ'),
-    ('examples.digits.qat_qlora', 'digits_section', 'digits QAT/QLoRA'),
-    ('examples.minilm.tour', 'minilm_section', 'MiniLM-L6'),
+    ('flax_integration.tour', 'flax_section', 'Flax PTQ', ()),
+    ('examples.digits.qat_qlora', 'digits_section', 'digits QAT/QLoRA', ('optax', 'sklearn')),
+    ('examples.minilm.tour', 'minilm_section', 'MiniLM-L6', ('tokenizers', 'safetensors')),
 ]
 
 
-def _run_section(module: str, function: str, what: str) -> None:
+def _run_section(module: str, function: str, what: str, needs: tuple[str, ...]) -> None:
     import importlib
+    import importlib.util
 
+    missing = [m for m in needs if importlib.util.find_spec(m) is None]
+    if missing:
+        print(f"{what}: skipped (needs {', '.join(missing)}: pip install -e '.[examples]').")
+        return
     try:
         section = getattr(importlib.import_module(module), function)
     except ImportError as e:
