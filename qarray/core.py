@@ -326,7 +326,8 @@ def _normalize_layout(shape: tuple[int, ...], channelwise_axes: Any,
         if ndim == 0:
             raise ValueError("tiles needs an array with at least one axis.")
         tile_map = {ndim - 1: int(tiles)}
-        cw = tuple(range(ndim - 1))  # block-wise: every run of `tiles` values has its own scale
+        if ndim - 1 not in cw:  # (a tiled last axis in channelwise_axes is reported below)
+            cw = tuple(range(ndim - 1))  # block-wise: every run of `tiles` values has its own scale
     elif isinstance(tiles, Mapping):
         tile_map = {}
         for a, t in tiles.items():

@@ -506,6 +506,8 @@ def test_error_messages():
         (TypeError, 'x is already a QArray', lambda: qarray.quantize(qarray.quantize(x, 'int8'), 'int8')),
         (ValueError, r'Unknown qtype .*valid qtypes are', lambda: qarray.quantize(x, 'int12')),
         (ValueError, r'tiles\[1\]=4 does not divide axis 1 of size 6', lambda: qarray.quantize(x, 'int8', tiles=4)),
+        (ValueError, r'axis 1 is both in channelwise_axes and tiles',
+         lambda: qarray.quantize(jnp.ones((4, 8)), 'int4', channelwise_axes=(1,), tiles=4)),
         (ValueError, r'tiles\[0\] must be a positive int; got 0', lambda: qarray.quantize(x, 'int8', tiles={0: 0})),
         (ValueError, r'tiles\[0\] must be a positive int; got 2.0', lambda: qarray.quantize(x, 'int8', tiles={0: 2.0})),
         (TypeError, r'tiles must be None, an int .* or a dict \{axis: tile\}; got', lambda: qarray.quantize(x, 'int8', tiles=[2])),
