@@ -159,14 +159,20 @@ class Provider:
         """A QuantizedParam becomes its QArray; everything else is returned as is."""
         return unbox_leaves(x.array) if isinstance(x, QuantizedParam) else x
 
-    def quantize_weight_value(self, op: Op, value: jax.Array) -> QuantizedParam:
-        """Quantize a float weight the way ``op.rule`` says (layout from the op)."""
+    @staticmethod
+    def weight_layout(op: Op) -> tuple[tuple[int, ...], dict[int, int] | None]:
+        """``(channelwise_axes, tiles)`` of ``op``'s weight: per output channel, tiles on the contraction."""
         rule = op.rule
         if op.call.per_channel_only and rule.tile_size is not None:
             raise ValueError(f"{op.describe()}: tile_size={rule.tile_size} is not supported for "
                              f"{op.call.name} (weights are per output channel); limit the rule with "
                              "op_names=('dot_general', 'einsum') or drop tile_size.")
-        cw, tiles = op.call.layout(op.weight.index, 'weight', op.tile_size)
+        return op.call.layout(op.weight.index, 'weight', op.tile_size)
+
+    def quantize_weight_value(self, op: Op, value: jax.Array) -> QuantizedParam:
+        """Quantize a float weight the way ``op.rule`` says (layout from the op)."""
+        rule = op.rule
+        cw, tiles = self.weight_layout(op)
         try:
             q = core.quantize(value, rule.weight_qtype, channelwise_axes=cw, tiles=tiles,
                               calibration=rule.weight_calibration_method)

@@ -131,11 +131,7 @@ class QtProvider(Provider):
     def fake_quant_weight(self, op: Op, value: jax.Array) -> jax.Array:
         """The weight as PTQ will store it (dequantized), with the straight-through gradient."""
         rule = op.rule
-        if op.call.per_channel_only and rule.tile_size is not None:
-            raise ValueError(f"{op.describe()}: tile_size={rule.tile_size} is not supported for "
-                             f"{op.call.name} (weights are per output channel); limit the rule with "
-                             "op_names=('dot_general', 'einsum') or drop tile_size.")
-        cw, tiles = op.call.layout(op.weight.index, 'weight', op.tile_size)
+        cw, tiles = self.weight_layout(op)
         try:
             return core.fake_quant(value, rule.weight_qtype, channelwise_axes=cw, tiles=tiles,
                                    calibration=rule.weight_calibration_method, ste=self.ste)

@@ -12,10 +12,10 @@ import qarray
 from examples.digits import train
 from flax_integration.lora import lora_param_count, lora_trainable, merge_lora, with_base_weights
 from flax_integration.model import quantize_model
+from tiny_models import CNN, NnxCNN
 from flax_integration.providers.lora import LoraProvider, LoraRule
 from flax_integration.providers.ptq import PtqProvider
 from flax_integration.quantize_params import quantize_params
-from flax_integration.rules import QuantizationRule
 from flax_integration.wrappers import QuantizedParam
 
 
@@ -29,23 +29,6 @@ class Raw(nn.Module):
         y = jnp.einsum('btd,ndh->bnth', x, w)
         z = jnp.einsum('btd,hd->bht', x, v)
         return y, z, nn.Dense(4, name='dense')(x)
-
-
-class CNN(nn.Module):
-    @nn.compact
-    def __call__(self, x):
-        x = nn.relu(nn.Conv(4, (3, 3), strides=(2, 2))(x))
-        return nn.Dense(5)(x.reshape(x.shape[0], -1))
-
-
-class NnxCNN(nnx.Module):
-    def __init__(self, rngs):
-        self.conv = nnx.Conv(1, 4, (3, 3), strides=(2, 2), rngs=rngs)
-        self.fc = nnx.Linear(64, 5, rngs=rngs)
-
-    def __call__(self, x):
-        x = nnx.relu(self.conv(x))
-        return self.fc(x.reshape(x.shape[0], -1))
 
 
 X3 = jax.random.normal(jax.random.key(1), (2, 4, 16))

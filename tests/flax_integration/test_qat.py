@@ -11,29 +11,13 @@ from flax import nnx
 from hypothesis import given, settings, strategies as st
 
 from flax_integration.model import quantize_model
+from tiny_models import CNN, NnxCNN
 from flax_integration.providers.calibration import QuantStat
 from flax_integration.providers.ptq import PtqProvider
 from flax_integration.providers.qat import QatProvider, QtProvider, fake_quant_with_scale, update_moving_average
 from flax_integration.quantize_params import quantize_params
 from flax_integration.rules import QuantizationRule
 from examples.digits import train
-
-
-class CNN(nn.Module):
-    @nn.compact
-    def __call__(self, x):
-        x = nn.relu(nn.Conv(4, (3, 3), strides=(2, 2))(x))
-        return nn.Dense(5)(x.reshape(x.shape[0], -1))
-
-
-class NnxCNN(nnx.Module):
-    def __init__(self, rngs):
-        self.conv = nnx.Conv(1, 4, (3, 3), strides=(2, 2), rngs=rngs)
-        self.fc = nnx.Linear(64, 5, rngs=rngs)
-
-    def __call__(self, x):
-        x = nnx.relu(self.conv(x))
-        return self.fc(x.reshape(x.shape[0], -1))
 
 
 X = jax.random.uniform(jax.random.key(1), (8, 8, 8, 1))
