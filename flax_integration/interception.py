@@ -59,7 +59,6 @@ from flax_integration.ops_bridge import ORIGINAL
 from flax_integration.wrappers import QuantizedParam, unbox_leaves
 
 __all__ = ['PATCHED', 'scope', 'ModuleFrame', 'current_frame', 'root_frame', 'running_provider', 'push_frame',
-           'is_active',
            'late_dot_general', 'late_einsum', 'late_conv_general_dilated', 'Weight', 'find_weight']
 
 # (module, attribute, op canonicalizer) -- the only global names swapped, and only inside a scope.
@@ -149,11 +148,6 @@ def push_frame(frame: ModuleFrame) -> Iterator[ModuleFrame]:
         yield frame
     finally:
         st.frames.pop()
-
-
-def is_active() -> bool:
-    """Whether this thread is inside a :func:`scope`."""
-    return bool(_state().handlers)
 
 
 def _shim(name: str) -> Callable:

@@ -1,11 +1,9 @@
-"""Where intercepted ops are computed: ``qarray.ops`` (the quantized ops).
+"""Where intercepted ops are computed, and the unpatched jax functions.
 
-``ORIGINAL`` keeps the unpatched jax functions, captured when this module is
-first imported, so the interception layer can always reach them.
-
-Until ``qarray.ops`` exists (it is built in parallel), a private fallback
-dequantizes QArray operands and calls the float op; it is numerically the
-weight-only path and is only used when ``qarray.ops`` cannot be imported.
+Quantized operands go to ``qarray.ops`` (re-exported here as ``dot_general``,
+``einsum``, ``conv_general_dilated``). ``ORIGINAL`` keeps the jax functions as
+they were when this module was first imported, so the interception layer can
+always reach them while the public names are swapped.
 
 Example:
   >>> import jax.numpy as jnp, qarray
@@ -16,14 +14,11 @@ Example:
 
 from __future__ import annotations
 
-from typing import Any
-
 import jax
-import jax.numpy as jnp
 
-from qarray.core import QArray
+from qarray.ops import conv_general_dilated, dot_general, einsum
 
-__all__ = ['ORIGINAL', 'dot_general', 'einsum', 'conv_general_dilated', 'using_fallback']
+__all__ = ['ORIGINAL', 'dot_general', 'einsum', 'conv_general_dilated']
 
 ORIGINAL = {
     'dot_general': jax.lax.dot_general,
@@ -32,48 +27,3 @@ ORIGINAL = {
     'dot': jax.numpy.dot,
     'matmul': jax.numpy.matmul,
 }
-
-
-def _ops():
-    try:
-        from qarray import ops
-    except ImportError:
-        return None
-    return ops if hasattr(ops, 'dot_general') else None
-
-
-def using_fallback() -> bool:
-    """True while ``qarray.ops`` is unavailable and the dequantizing fallback is used."""
-    return _ops() is None
-
-
-def _deq(x: Any) -> Any:
-    return x.__jax_array__() if isinstance(x, QArray) else x
-
-
-def dot_general(lhs, rhs, dimension_numbers, precision=None, preferred_element_type=None) -> jax.Array:
-    """``qarray.ops.dot_general`` (arrays or QArrays on either side)."""
-    ops = _ops()
-    if ops is not None:
-        return ops.dot_general(lhs, rhs, dimension_numbers, precision=precision,
-                               preferred_element_type=preferred_element_type)
-    return ORIGINAL['dot_general'](_deq(lhs), _deq(rhs), dimension_numbers, precision=precision,
-                                   preferred_element_type=preferred_element_type)
-
-
-def einsum(subscripts, lhs, rhs, precision=None, preferred_element_type=None) -> jax.Array:
-    """``qarray.ops.einsum`` with two operands."""
-    ops = _ops()
-    if ops is not None:
-        return ops.einsum(subscripts, lhs, rhs, precision=precision,
-                          preferred_element_type=preferred_element_type)
-    return ORIGINAL['einsum'](subscripts, _deq(lhs), _deq(rhs), precision=precision,
-                              preferred_element_type=preferred_element_type)
-
-
-def conv_general_dilated(lhs, rhs, window_strides, padding, **kwargs) -> jax.Array:
-    """``qarray.ops.conv_general_dilated``."""
-    ops = _ops()
-    if ops is not None:
-        return ops.conv_general_dilated(lhs, rhs, window_strides, padding, **kwargs)
-    return ORIGINAL['conv_general_dilated'](_deq(lhs), _deq(rhs), window_strides, padding, **kwargs)

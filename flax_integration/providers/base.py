@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import warnings
 from typing import Any, ContextManager, Sequence
 
@@ -198,6 +199,7 @@ def act_range(x: jax.Array, qtype: str, cw, tiles, calibration: str) -> tuple[ja
     return lo.reshape(scale_shape), hi.reshape(scale_shape)
 
 
+@functools.lru_cache(maxsize=None)  # depends only on the spec; called on every traced op
 def is_symmetric(calibration: str) -> bool:
     """Whether a calibration spec gives symmetric ranges (no zero point).
 

@@ -33,7 +33,7 @@ from flax import nnx
 
 from flax_integration.providers.base import Op, Provider, act_range
 
-__all__ = ['CalibrationProvider', 'QuantStat', 'update_running_mean']
+__all__ = ['CalibrationProvider', 'QuantStat', 'update_moving_average']
 
 
 class QuantStat(nnx.Variable):
@@ -46,18 +46,26 @@ except Exception:  # already registered (e.g. by another library): NNX keeps the
     pass
 
 
-def update_running_mean(stat: dict, lo: jax.Array, hi: jax.Array) -> dict:
-    """Fold one batch's range into the running mean ``{'lo', 'hi', 'count'}``.
+def update_moving_average(stat: dict, lo: jax.Array, hi: jax.Array, momentum: float = 1.0) -> dict:
+    """Fold one batch's range into ``{'lo', 'hi', 'count'}``: mean of the first batches, then an EMA.
+
+    The new batch weighs ``max(1 / count, 1 - momentum)``. ``momentum=1.0`` (the
+    calibration default) is the plain running mean; QAT's ``0.99`` averages the
+    first 100 batches equally (no bias towards the zero initial value) and then
+    decays with a 100-step window, since activations drift while weights train.
 
     Example:
       >>> s = {'lo': jnp.zeros(1), 'hi': jnp.zeros(1), 'count': jnp.zeros((), jnp.int32)}
-      >>> s = update_running_mean(s, jnp.array([-1.]), jnp.array([1.]))
-      >>> s = update_running_mean(s, jnp.array([-3.]), jnp.array([3.]))
+      >>> s = update_moving_average(s, jnp.array([-1.]), jnp.array([1.]))
+      >>> s = update_moving_average(s, jnp.array([-3.]), jnp.array([3.]))
       >>> s['hi'].tolist(), int(s['count'])
       ([2.0], 2)
+      >>> s = update_moving_average(s, jnp.array([-8.]), jnp.array([8.]), momentum=0.5)
+      >>> s['hi'].tolist()
+      [5.0]
     """
     count = stat['count'] + 1
-    w = 1.0 / count.astype(jnp.float32)
+    w = jnp.maximum(1.0 / count.astype(jnp.float32), 1.0 - momentum)
     return {'lo': stat['lo'] + (lo - stat['lo']) * w, 'hi': stat['hi'] + (hi - stat['hi']) * w,
             'count': count}
 
@@ -99,4 +107,4 @@ class CalibrationProvider(Provider):
             if op.frame.initializing:
                 return
         if op.frame.can_update_stats():
-            op.frame.put_stat(name, update_running_mean(stat, lo, hi))
+            op.frame.put_stat(name, update_moving_average(stat, lo, hi))

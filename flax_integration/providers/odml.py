@@ -63,7 +63,7 @@ from qarray.core import QArray
 from flax_integration import interception
 from flax_integration.providers import odml_ops
 from flax_integration.providers.base import Op, Provider, act_range, is_symmetric, range_to_scale
-from flax_integration.providers.calibration import update_running_mean
+from flax_integration.providers.calibration import update_moving_average
 from flax_integration.providers.odml_ops import Annotation, ExtraOp, lookup, register
 from flax_integration.rules import QuantizationRule
 from flax_integration.wrappers import QuantizedParam, unbox_leaves
@@ -252,7 +252,7 @@ class OdmlQatProvider(Provider):
             frame.put_stat(name, stat)
         stat = unbox_leaves(stat)
         if frame.can_update_stats():
-            stat = update_running_mean(stat, lo, hi)
+            stat = update_moving_average(stat, lo, hi)
             frame.put_stat(name, stat)
         seen = stat['count'] > 0  # before any statistics (init): this batch's range
         lo, hi = jnp.where(seen, stat['lo'], lo), jnp.where(seen, stat['hi'], hi)

@@ -60,35 +60,13 @@ import jax
 import jax.numpy as jnp
 
 from qarray import core
-from qarray.core import fake_quant_with_scale  # re-exported: the static-scale fake quant QAT uses
+from qarray.core import fake_quant_with_scale
 
+from flax_integration.providers.calibration import update_moving_average
 from flax_integration.providers.base import Op, Provider, act_range, range_to_scale
 from flax_integration.rules import QuantizationRule
 
-__all__ = ['QtProvider', 'QatProvider', 'fake_quant_with_scale', 'update_moving_average']
-
-# --------------------------------------------------------------------------- numerics
-def update_moving_average(stat: dict, lo: jax.Array, hi: jax.Array, momentum: float) -> dict:
-    """Fold one batch's range into ``{'lo', 'hi', 'count'}``: mean of the first batches, then an EMA.
-
-    The weight of the new batch is ``max(1 / count, 1 - momentum)``: with
-    ``momentum=0.99`` the first 100 batches are averaged equally (no bias
-    towards the zero initial value), later ones decay with a 100-step window
-    (activations drift while the weights train).
-
-    Example:
-      >>> s = {'lo': jnp.zeros(1), 'hi': jnp.zeros(1), 'count': jnp.zeros((), jnp.int32)}
-      >>> s = update_moving_average(s, jnp.array([-1.]), jnp.array([1.]), 0.5)
-      >>> s = update_moving_average(s, jnp.array([-3.]), jnp.array([3.]), 0.5)
-      >>> s = update_moving_average(s, jnp.array([-2.]), jnp.array([2.]), 0.5)
-      >>> s['hi'].tolist(), int(s['count'])
-      ([2.0], 3)
-    """
-    count = stat['count'] + 1
-    w = jnp.maximum(1.0 / count.astype(jnp.float32), 1.0 - momentum)
-    return {'lo': stat['lo'] + (lo - stat['lo']) * w, 'hi': stat['hi'] + (hi - stat['hi']) * w,
-            'count': count}
-
+__all__ = ['QtProvider', 'QatProvider']
 
 # --------------------------------------------------------------------------- provider
 class QtProvider(Provider):
