@@ -507,6 +507,12 @@ def quantize_with_scale(x: Any, qtype: Any, scale: Any, zero_point: Any = None, 
     """
     x = _check_input(x, False)
     qt = qtypes.get(qtype)
+    c, scale, zero_point = _codes_with_scale(x, qt, scale, zero_point)
+    return _pack(c, scale, zero_point, qt, x, pack_axis)
+
+
+def _codes_with_scale(x, qt, scale, zero_point):
+    """Codes of ``x`` (logical shape) for a given scale / zero point, both checked and broadcast."""
     scale = jnp.asarray(scale)
     if scale.ndim != x.ndim or any(n % s for n, s in zip(x.shape, scale.shape)):
         raise ValueError(f"scale of shape {scale.shape} does not fit x of shape {x.shape}: it needs the rank "
@@ -519,7 +525,7 @@ def quantize_with_scale(x: Any, qtype: Any, scale: Any, zero_point: Any = None, 
     vshape, sshape = tiled_view(x.shape, scale.shape)
     zpv = None if zero_point is None else zero_point.reshape(sshape)
     c = numerics.to_codes(x.reshape(vshape), scale.reshape(sshape), zpv, qt).reshape(x.shape)
-    return _pack(c, scale, zero_point, qt, x, pack_axis)
+    return c, scale, zero_point
 
 
 def _check_pack_axis(x, qt, pack_axis) -> None:
@@ -601,10 +607,15 @@ def dequantize(q: QArray, dtype: Any = None) -> jax.Array:
 
 @functools.partial(jax.jit, static_argnums=(1,))
 def _dequantize_jit(q: QArray, dtype) -> jax.Array:
-    vshape, sshape = tiled_view(q.shape, q.scale.shape)
-    zp = None if q.zero_point is None else q.zero_point.reshape(sshape)
-    values = numerics.from_codes(codes(q).reshape(vshape), q.scale.reshape(sshape), zp, q.qtype, dtype)
-    return values.reshape(q.shape)
+    return _values(codes(q), q.scale, q.zero_point, q.qtype, dtype)
+
+
+def _values(codes_: jax.Array, scale: jax.Array, zero_point: jax.Array | None, qt, dtype) -> jax.Array:
+    """Codes in logical shape -> values, scales broadcast over their tiles."""
+    vshape, sshape = tiled_view(codes_.shape, scale.shape)
+    zp = None if zero_point is None else zero_point.reshape(sshape)
+    values = numerics.from_codes(codes_.reshape(vshape), scale.reshape(sshape), zp, qt, dtype)
+    return values.reshape(codes_.shape)
 
 
 # --------------------------------------------------------------------------- fake quant
@@ -683,10 +694,7 @@ def fake_quant(x: Any, qtype: Any, *, channelwise_axes: int | Sequence[int] = ()
 def _fake_quant_jit(x, qt, cw, tile_items, calibration, scale_dtype, ste) -> jax.Array:
     xs = jax.lax.stop_gradient(x)
     c, scale, zp = _quantize_codes(xs, qt, cw, dict(tile_items), calibration, scale_dtype)
-    vshape, sshape = tiled_view(x.shape, scale.shape)
-    zpv = None if zp is None else zp.reshape(sshape)
-    y = numerics.from_codes(c.reshape(vshape), scale.reshape(sshape), zpv, qt, x.dtype).reshape(x.shape)
-    return straight_through(x, y, _pass_mask(xs, scale, zp, qt, ste))
+    return straight_through(x, _values(c, scale, zp, qt, x.dtype), _pass_mask(xs, scale, zp, qt, ste))
 
 
 def _check_ste(ste: str) -> None:
@@ -724,5 +732,6 @@ def fake_quant_with_scale(x: Any, qtype: Any, scale: Any, zero_point: Any = None
     xs = jax.lax.stop_gradient(x)
     scale = jax.lax.stop_gradient(jnp.asarray(scale))
     zero_point = None if zero_point is None else jax.lax.stop_gradient(jnp.asarray(zero_point))
-    y = dequantize(quantize_with_scale(xs, qtype, scale, zero_point), x.dtype)
-    return straight_through(x, y, _pass_mask(xs, scale, zero_point, qtypes.get(qtype), ste))
+    qt = qtypes.get(qtype)
+    c, scale, zero_point = _codes_with_scale(xs, qt, scale, zero_point)  # no pack/unpack round trip
+    return straight_through(x, _values(c, scale, zero_point, qt, x.dtype), _pass_mask(xs, scale, zero_point, qt, ste))

@@ -150,8 +150,7 @@ def is_exact_in(q: QArray, dtype: Any) -> bool:
 def values(q: QArray, dtype: Any, *, scaled: bool = True) -> jax.Array:
     """``q``'s values in ``dtype``: dequantized (``scaled=True``) or ``code - zero_point`` / level.
 
-    With ``scaled=True`` this equals :func:`qarray.dequantize` bit for bit
-    (same arithmetic in float32, then one cast).
+    With ``scaled=True`` this is :func:`qarray.dequantize`.
 
     Example:
       >>> import jax.numpy as jnp, qarray
@@ -160,6 +159,8 @@ def values(q: QArray, dtype: Any, *, scaled: bool = True) -> jax.Array:
       [64.0, -127.0]
     """
     dtype = jnp.dtype(dtype)
+    if scaled:  # the one dequantization (incl. the clip to a narrow dtype's finite range)
+        return core.dequantize(q, dtype)
     vshape, sshape = core.tiled_view(q.shape, q.scale.shape)
     c = core.codes(q).reshape(vshape)
     if q.qtype.kind == 'codebook':
@@ -168,8 +169,6 @@ def values(q: QArray, dtype: Any, *, scaled: bool = True) -> jax.Array:
         v = c.astype(jnp.float32)
         if q.zero_point is not None:
             v = v - q.zero_point.reshape(sshape).astype(jnp.float32)
-    if scaled:
-        v = v * q.scale.reshape(sshape).astype(jnp.float32)
     return v.astype(dtype).reshape(q.shape)
 
 
