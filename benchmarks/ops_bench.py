@@ -43,10 +43,10 @@ compiled HLO is identical to Qwix's, so their qarray/qwix ratio shows this machi
 percent either way between runs). Weight-only rows -> unpack + convert (+ tile scale) in one XLA fusion
 next to a float32 dot (per-channel scales go on the output when it is the smaller array); on this CPU
 that is float32 matmul + dequantizing 16M weights (XLA CPU cannot fuse a convert into its dot), the same
-work Qwix does, and the rows tie within that noise (a focused interleaved re-run gave int4 101 vs 104 ms,
-nf4 101 vs 106 ms, qarray vs Qwix). int4 x int8 tiles -> a loop over the 32 K-tiles, each an int8 x int8
+work Qwix does (Qwix reads int4 as one byte per value; qarray unpacks nibbles), so these rows are within a
+few percent of Qwix's either way. int4 x int8 tiles -> a loop over the 32 K-tiles, each an int8 x int8
 -> int32 dot (int4 bytes unpacked per tile) whose scaled result is added into one [512, 4096] float32
-accumulator, never the [32, 512, 4096] intermediate that Qwix materialises (hence its ~5x slower row).'''
+accumulator, never the [32, 512, 4096] intermediate that Qwix materialises (hence its much slower row).'''
 
 
 def _qwix():
@@ -157,7 +157,7 @@ def main() -> None:
     tbl = table(rows, ms)
     load = os.getloadavg()[0] if hasattr(os, 'getloadavg') else float('nan')
     cpu = platform.processor() or platform.machine()
-    text = (f"{SECTION}\n\n`python benchmarks/ops_bench.py` — {os.cpu_count()}-core {cpu} CPU, jax {jax.__version__} "
+    text = (f"{SECTION}\n\n`python benchmarks/ops_bench.py --rounds {a.rounds}` — {os.cpu_count()}-core {cpu} CPU, jax {jax.__version__} "
             f"(backend {jax.default_backend()}), load average at start {load:.1f} (machine shared with other jobs; "
             f"ratios come from the same interleaved run). Best of {a.rounds} rounds x 2 calls; "
             "operands quantized beforehand, so each time is the op alone.\n\n" + tbl + '\n\n' + NOTES + '\n')

@@ -90,7 +90,7 @@ def test_orbax_round_trip_every_format(tree, tmp_path):
 def test_orbax_save_refuses_to_overwrite_unless_forced(tmp_path):
     t = {'w': qarray.quantize(jnp.ones((2, 8)), 'int4')}
     qio.save(tmp_path / 'c', t)
-    with pytest.raises(Exception):
+    with pytest.raises(ValueError, match='already exists'):
         qio.save(tmp_path / 'c', t)
     t2 = {'w': qarray.quantize(2 * jnp.ones((2, 8)), 'int4')}
     qio.save(tmp_path / 'c', t2, force=True)
