@@ -28,6 +28,7 @@ Example:
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import functools
 import threading
 from typing import Any, Sequence
@@ -75,7 +76,7 @@ class LinenFrame(ModuleFrame):
         scope = self.module.scope
         original = self.get_param(name)
         if original is not None and isinstance(value, QuantizedParam):
-            value = QuantizedParam(box_like(original, value.array, value.array.shape), value.calibration)
+            value = dataclasses.replace(value, array=box_like(original, value.array, value.array.shape))
         scope.put_variable('params', name, value)
 
     def get_stat(self, name: str) -> Any:

@@ -31,6 +31,7 @@ Example:
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import functools
 import threading
 from typing import Any
@@ -78,9 +79,9 @@ class NnxFrame(ModuleFrame):
         original = vars(self.module).get(name)
         if isinstance(value, QuantizedParam):
             if isinstance(original, nnx.Variable):
-                value = QuantizedParam(box_like(original, value.array, value.array.shape), value.calibration)
+                value = dataclasses.replace(value, array=box_like(original, value.array, value.array.shape))
             else:
-                value = QuantizedParam(jax.tree.map(nnx.Param, value.array), value.calibration)
+                value = dataclasses.replace(value, array=jax.tree.map(nnx.Param, value.array))
         else:
             value = jax.tree.map(nnx.Param, value)
         setattr(self.module, name, value)

@@ -31,6 +31,7 @@ Example:
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any, Mapping, Sequence
 
 import jax
@@ -38,7 +39,8 @@ import jax.numpy as jnp
 from flax import linen as nn
 from flax import nnx
 
-from qarray import core
+from qarray import core, gptq
+from qarray import rotation as rotation_lib
 from qarray.core import QArray
 from qarray.paths import path_name
 
@@ -49,8 +51,14 @@ from flax_integration.wrappers import ActivationScale, QuantizedParam, unbox_lea
 __all__ = ['quantize_params', 'quantize_like']
 
 
-def quantize_like(value: jax.Array, abstract: QuantizedParam, path: str = '') -> QuantizedParam:
+def quantize_like(value: jax.Array, abstract: QuantizedParam, path: str = '', hessian: Any = None
+                  ) -> QuantizedParam:
     """Quantize ``value`` exactly as the (abstract) quantized param ``abstract`` was.
+
+    The layout (format, channel and tile axes, packing) comes from ``abstract``'s
+    QArray; a rotation recorded in ``abstract`` is applied first; a param
+    marked for GPTQ is rounded by :func:`qarray.gptq.gptq_quantize` with
+    ``hessian`` (the calibration statistic, required then).
 
     Example:
       >>> import jax.numpy as jnp, qarray
@@ -66,11 +74,40 @@ def quantize_like(value: jax.Array, abstract: QuantizedParam, path: str = '') ->
     sshape = tuple(a.scale.shape)
     cw = tuple(i for i, (n, s) in enumerate(zip(shape, sshape)) if s == n and n > 1)
     tiles = {i: n // s for i, (n, s) in enumerate(zip(shape, sshape)) if 1 < s < n}
-    q = core.quantize(value, a.qtype, channelwise_axes=cw, tiles=tiles or None, calibration=abstract.calibration,
-                      scale_dtype=a.scale.dtype, pack_axis=a.packed_axis if a.packed_axis is not None else -1)
+    pack_axis = a.packed_axis if a.packed_axis is not None else -1
+    if abstract.rotation is not None:
+        axis, block = abstract.rotation
+        value = rotation_lib.rotate(value, axis, block=block)
+    if abstract.gptq_stats is None:
+        q = core.quantize(value, a.qtype, channelwise_axes=cw, tiles=tiles or None,
+                          calibration=abstract.calibration, scale_dtype=a.scale.dtype, pack_axis=pack_axis)
+    else:
+        q = _gptq_like(value, a, abstract, cw, tiles, pack_axis, hessian, path)
     q = QArray(q.qvalue, q.scale, q.zero_point, qtype=q.qtype, dtype=a.dtype, packed_axis=q.packed_axis,
                packed_length=q.packed_length)
-    return QuantizedParam(_rebox(abstract.array, q), abstract.calibration)
+    return dataclasses.replace(abstract, array=_rebox(abstract.array, q))
+
+
+def _gptq_like(value, a: QArray, abstract: QuantizedParam, cw, tiles, pack_axis, hessian, path: str) -> QArray:
+    if hessian is None:
+        raise ValueError(f"param {path!r} is quantized with weight_algorithm='gptq', which needs its Hessian "
+                         f"statistic {abstract.gptq_stats!r}: run calibrate(model, params, batches, rules=rules) "
+                         "and pass the result as quantize_params(..., quant_stats).")
+    hessian = unbox_leaves(hessian)
+    if not isinstance(hessian['count'], jax.core.Tracer) and int(hessian['count']) == 0:
+        raise ValueError(f"quant_stats {abstract.gptq_stats!r} for param {path!r} have count 0: run calibrate(...) "
+                         "on at least one batch.")
+    h = jnp.asarray(hessian['hessian'], jnp.float32)
+    axis = [i for i in range(len(a.shape)) if i not in cw]
+    if len(axis) != 1:
+        raise ValueError(f"param {path!r}: GPTQ needs exactly one contracting axis; the quantized layout has "
+                         f"{axis}.")
+    axis = axis[0]
+    if abstract.rotation is not None:  # the weight is rotated: so are the activations it sees
+        h = rotation_lib.rotate_hessian(h, block=abstract.rotation[1])
+    return gptq.gptq_quantize(value, h, a.qtype, axis=axis, tile_size=tiles.get(axis),
+                              calibration=abstract.calibration, damping=abstract.gptq_damping,
+                              scale_dtype=a.scale.dtype, pack_axis=pack_axis)
 
 
 def _rebox(abstract_tree: Any, concrete: Any) -> Any:
@@ -101,6 +138,13 @@ def _stat_scale(stat: Mapping, abstract: ActivationScale, path: str) -> Activati
         out = ActivationScale(_rebox(abstract.scale, scale), None if zp is None else _rebox(abstract.scale, zp),
                               abstract.qtype, abstract.calibration)
     return out
+
+
+def _hessian(quant_stats: Any, path: tuple, abstract: QuantizedParam) -> Any:
+    """The GPTQ statistic of a param (it sits next to the param, under ``abstract.gptq_stats``)."""
+    if abstract.gptq_stats is None or quant_stats is None:
+        return None
+    return _lookup(quant_stats, tuple(path[:-1]) + (abstract.gptq_stats,))
 
 
 def _is_special(x: Any) -> bool:
@@ -157,7 +201,8 @@ def _quantize_tree(fp: Any, abstract: Any, quant_stats: Any, allow_extra: bool) 
             if isinstance(value, QuantizedParam):  # already quantized
                 _set(out, path, value)
             else:
-                _set(out, path, quantize_like(jnp.asarray(value), abs_leaf, name))
+                _set(out, path, quantize_like(jnp.asarray(value), abs_leaf, name,
+                                              _hessian(quant_stats, path, abs_leaf)))
         else:
             _set(out, path, _rebox(abs_leaf, value) if isinstance(abs_leaf, nn.meta.AxisMetadata) else value)
         del plain
@@ -189,7 +234,7 @@ def _nnx_quantize(fp: Any, abs_model: nnx.Module, quant_stats: Any, allow_extra:
             value = _lookup(fp, path)
             if value is None:
                 raise ValueError(f"param {name!r} of the quantized model is missing from fp_params.")
-            q = quantize_like(jnp.asarray(value), node, name)
+            q = quantize_like(jnp.asarray(value), node, name, _hessian(quant_stats, path, node))
             _set(filled, path, {'array': _array_dict(unbox_leaves(q.array))})
             covered.add(path)
         elif isinstance(node, ActivationScale):
@@ -230,6 +275,11 @@ def _model_free(params: Any, rules: Sequence[QuantizationRule]) -> Any:
         rule = rs.match(name)
         if rule is None or rule.weight_qtype is None:
             return leaf
+        if rule.transforms_weights:
+            raise ValueError(f"param {name!r}: rule module_path={rule.module_path!r} sets "
+                             f"weight_algorithm={rule.weight_algorithm!r}, rotation={rule.rotation!r}; those need the "
+                             "model (activations are rotated at run time, GPTQ needs calibration statistics): use "
+                             "quantize_params(fp_params, abstract_quantized_params, quant_stats).")
         x = jnp.asarray(leaf)
         if x.ndim < 2 or not jnp.issubdtype(x.dtype, jnp.floating):
             raise ValueError(f"param {name!r} (shape {x.shape}, dtype {x.dtype}) matches rule "

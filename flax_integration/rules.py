@@ -25,10 +25,12 @@ from typing import Sequence
 from qarray import calibration as _calibration
 from qarray import qtypes
 
-__all__ = ['QuantizationRule', 'RuleSet', 'OP_NAMES']
+__all__ = ['QuantizationRule', 'RuleSet', 'OP_NAMES', 'WEIGHT_ALGORITHMS', 'ROTATIONS']
 
 # The op kinds a rule can target; user calls to jnp.dot / jnp.matmul count as 'dot_general'.
 OP_NAMES = ('dot_general', 'einsum', 'conv_general_dilated')
+WEIGHT_ALGORITHMS = ('rtn', 'gptq')
+ROTATIONS = (None, 'hadamard')
 
 
 @dataclasses.dataclass(frozen=True)
@@ -61,6 +63,21 @@ class QuantizationRule:
         non-contracting axes (say, per attention head).
       op_names: the op kinds this rule applies to (subset of
         ``('dot_general', 'einsum', 'conv_general_dilated')``).
+      weight_algorithm: how weights are rounded: ``'rtn'`` (round to nearest,
+        the default) or ``'gptq'`` -- column by column along the contracting
+        axis, each column's rounding error spread over the columns not yet
+        rounded so the layer's output on calibration activations moves least
+        (:func:`qarray.gptq.gptq_quantize`). GPTQ needs activation statistics:
+        run :func:`flax_integration.calibrate` with these rules and pass its
+        ``quant_stats`` to ``quantize_params``. PTQ only.
+      rotation: None, or ``'hadamard'``: the weight is stored rotated along its
+        contracting axis by a block Hadamard matrix with fixed random signs
+        (:mod:`qarray.rotation`) and the activation is rotated the same way at
+        run time, so the product is unchanged but outliers are spread over
+        each block -- fewer large values for the scales to cover, for the
+        weight and the activation alike. PTQ (and its calibration) only.
+      gptq_damping: GPTQ's damping, a fraction of the mean Hessian diagonal
+        added to the diagonal (larger is more stable, less exact).
 
     Example:
       >>> QuantizationRule(module_path='.*', weight_qtype='int4', tile_size=32).tile_size
@@ -76,6 +93,9 @@ class QuantizationRule:
     act_static_scale: bool = False
     act_batch_axes: tuple[int, ...] | None = None
     op_names: tuple[str, ...] = OP_NAMES
+    weight_algorithm: str = 'rtn'
+    rotation: str | None = None
+    gptq_damping: float = 0.01
 
     def __post_init__(self):
         if not isinstance(self.module_path, str):
@@ -109,9 +129,29 @@ class QuantizationRule:
             if not all(isinstance(a, int) and not isinstance(a, bool) for a in axes):
                 raise TypeError(f"act_batch_axes must be None or a tuple of ints; got {self.act_batch_axes!r}.")
             object.__setattr__(self, 'act_batch_axes', tuple(axes))
+        if self.weight_algorithm not in WEIGHT_ALGORITHMS:
+            raise ValueError(f"weight_algorithm must be one of {WEIGHT_ALGORITHMS}; got {self.weight_algorithm!r}.")
+        if self.rotation not in ROTATIONS:
+            raise ValueError(f"rotation must be one of {ROTATIONS}; got {self.rotation!r}.")
+        if (self.weight_algorithm != 'rtn' or self.rotation is not None) and self.weight_qtype is None:
+            raise ValueError(f"weight_algorithm={self.weight_algorithm!r}, rotation={self.rotation!r} act on "
+                             "quantized weights; set weight_qtype (e.g. 'int4').")
+        if not isinstance(self.gptq_damping, (int, float)) or isinstance(self.gptq_damping, bool) or not (
+                self.gptq_damping >= 0):
+            raise ValueError(f"gptq_damping must be a number >= 0; got {self.gptq_damping!r}.")
         if self.act_static_scale and self.act_qtype is None:
             raise ValueError("act_static_scale=True needs act_qtype (the format of the activations); "
                              "got act_qtype=None.")
+
+    @property
+    def transforms_weights(self) -> bool:
+        """True when the rule asks for GPTQ or a rotation (supported by PTQ and its calibration only).
+
+        Example:
+          >>> QuantizationRule(weight_qtype='int4', rotation='hadamard').transforms_weights
+          True
+        """
+        return self.weight_algorithm != 'rtn' or self.rotation is not None
 
 
 class RuleSet:

@@ -34,6 +34,7 @@ from flax import linen as nn
 from flax import nnx
 from jax.sharding import PartitionSpec
 
+from qarray import rotation as rotation_lib
 from qarray import sharding
 from qarray.core import QArray
 
@@ -72,7 +73,16 @@ class QuantizedParam:
 
     Array-like enough for module code: ``shape``, ``ndim``, ``dtype``,
     ``param[...]`` (NNX reads), ``astype``/``reshape``/``T`` (stay quantized),
-    and ``__jax_array__`` (dequantizes) for non-matmul uses.
+    and ``__jax_array__`` (dequantizes, and undoes a rotation) for non-matmul uses.
+
+    Static metadata (so ``quantize_params`` can redo it from abstract params):
+
+    * ``calibration``: the weight calibration spec;
+    * ``rotation``: None, or ``(axis, block)``: ``array`` holds the weight
+      rotated along ``axis`` by :func:`qarray.rotation.rotate` with that block
+      (the model rotates the activation to match);
+    * ``gptq_stats``: None, or the name of the Hessian statistic (next to this
+      param in ``quant_stats``) that GPTQ rounding uses; ``gptq_damping`` its damping.
 
     Example:
       >>> import jax.numpy as jnp, qarray
@@ -83,6 +93,9 @@ class QuantizedParam:
 
     array: QArray
     calibration: str = dataclasses.field(default='absmax', metadata=dict(static=True))
+    rotation: tuple[int, int] | None = dataclasses.field(default=None, metadata=dict(static=True))
+    gptq_stats: str | None = dataclasses.field(default=None, metadata=dict(static=True))
+    gptq_damping: float = dataclasses.field(default=0.01, metadata=dict(static=True))
 
     def __getitem__(self, key: Any) -> 'QuantizedParam':
         return _unwrap_variables(self, key)
@@ -103,20 +116,32 @@ class QuantizedParam:
         a = self.array
         q = QArray(a.qvalue, a.scale, a.zero_point, qtype=a.qtype, dtype=dtype,
                    packed_axis=a.packed_axis, packed_length=a.packed_length)
-        return QuantizedParam(q, self.calibration)
+        return dataclasses.replace(self, array=q)
 
     def reshape(self, *shape: Any) -> 'QuantizedParam':
-        return QuantizedParam(unbox_leaves(self.array).reshape(*shape), self.calibration)
+        if self.rotation is not None:
+            raise ValueError(f"a weight stored rotated along axis {self.rotation[0]} cannot be reshaped (the "
+                             "rotation follows that axis); use it as stored or quantize without rotation.")
+        return dataclasses.replace(self, array=unbox_leaves(self.array).reshape(*shape))
 
     def transpose(self, *axes: int) -> 'QuantizedParam':
-        return QuantizedParam(unbox_leaves(self.array).transpose(*axes), self.calibration)
+        array = unbox_leaves(self.array).transpose(*axes)
+        rotation = self.rotation
+        if rotation is not None:  # the rotated axis moves with the transpose
+            order = list(axes[0] if len(axes) == 1 and isinstance(axes[0], (tuple, list)) else axes) or list(
+                range(self.ndim))[::-1]
+            rotation = (order.index(rotation[0]), rotation[1])
+        return dataclasses.replace(self, array=array, rotation=rotation)
 
     @property
     def T(self) -> 'QuantizedParam':
         return self.transpose()
 
     def __jax_array__(self) -> jax.Array:
-        return unbox_leaves(self.array).__jax_array__()
+        value = unbox_leaves(self.array).__jax_array__()
+        if self.rotation is not None:
+            value = rotation_lib.unrotate(value, self.rotation[0], block=self.rotation[1])
+        return value
 
 
 @jax.tree_util.register_dataclass

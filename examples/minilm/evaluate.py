@@ -33,7 +33,7 @@ from examples.minilm import metrics, sentences, weights
 from examples.minilm.model import LINEAR_PATHS, MiniLM
 from examples.minilm.schemes import Scheme, qarray_rules, qwix_rules
 
-__all__ = ['EvalData', 'Built', 'eval_data', 'tree_bytes', 'linear_bytes', 'build_float', 'build_qarray',
+__all__ = ['EvalData', 'Built', 'eval_data', 'calibration_batches', 'tree_bytes', 'linear_bytes', 'build_float', 'build_qarray',
            'build_qwix', 'fidelity', 'time_interleaved', 'run_table']
 
 
@@ -74,6 +74,22 @@ def eval_data(length: int = 24, latency_batch: int = 32, latency_length: int = 6
     cids, cmask = tok(sentences.CALIBRATION, length)
     lids, lmask = tok(sentences.latency_batch(latency_batch), latency_length)
     return EvalData(ids, mask, idx, [g for _, _, g in pairs], cids, cmask, lids, lmask)
+
+
+def calibration_batches(length: int = 24) -> list[tuple[np.ndarray, np.ndarray]]:
+    """The held-out calibration sentences as unpadded batches: one batch per token count.
+
+    GPTQ's Hessian counts every position, so padding positions would weigh in
+    as if they were text; grouping the sentences by length avoids padding.
+
+    Example:
+      >>> sum(ids.shape[0] for ids, _ in calibration_batches())  # doctest: +SKIP
+      32
+    """
+    tok = weights.load_tokenizer()
+    ids, mask = tok(sentences.CALIBRATION, length)
+    lengths = mask.sum(axis=1)
+    return [(ids[lengths == n][:, :n], mask[lengths == n][:, :n]) for n in sorted(set(lengths.tolist()))]
 
 
 @dataclasses.dataclass
@@ -142,8 +158,8 @@ def _fi() -> Any:
 def build_qarray(scheme: Scheme, params: Any, data: EvalData) -> Built:
     """Quantize with ``flax_integration``: ``quantize_model`` + ``PtqProvider``, then ``quantize_params``.
 
-    Static schemes first run ``flax_integration.calibrate`` (the float model under the same rules) on the
-    held-out sentences, one batch, to collect the ``quant_stats`` that ``quantize_params`` turns into scales.
+    Static and GPTQ schemes first run ``flax_integration.calibrate`` (the float model under the same rules) on
+    the held-out sentences to collect the ``quant_stats`` (ranges, Hessians) that ``quantize_params`` uses.
 
     Example:
       >>> build_qarray(SCHEMES[0], weights.load_params(), eval_data())  # doctest: +SKIP
@@ -154,9 +170,12 @@ def build_qarray(scheme: Scheme, params: Any, data: EvalData) -> Built:
     qmodel = fi.quantize_model(model, fi.PtqProvider(rules))
     abstract = jax.eval_shape(qmodel.init, jax.random.key(0), data.ids[:2], data.mask[:2])
     quant_stats = None
-    if scheme.act_static:
-        quant_stats = fi.calibrate(model, params['params'], [(data.calib_ids, data.calib_mask)], rules=rules,
-                                   progress=False)
+    if scheme.act_static or scheme.weight_algorithm == 'gptq':
+        # Static ranges: one padded batch, as Qwix gets. GPTQ: unpadded batches (its Hessian counts every
+        # position). A scheme needing both gets its ranges from the unpadded batches too.
+        batches = (calibration_batches() if scheme.weight_algorithm == 'gptq'
+                   else [(data.calib_ids, data.calib_mask)])
+        quant_stats = fi.calibrate(model, params['params'], batches, rules=rules, progress=False)
     qparams = fi.quantize_params(params['params'], abstract['params'], quant_stats)
     return Built(jax.jit(qmodel.apply), {'params': qparams})
 

@@ -30,6 +30,10 @@ class Scheme:
       tile_size: sub-channel tile along the contracting axis (weights and activations).
       act_static: activation scales calibrated ahead of time on held-out sentences.
       weight_calibration: qarray calibration spec for weights (Qwix always uses absmax here).
+      weight_algorithm: ``'rtn'`` (round to nearest) or ``'gptq'`` (Hessian-aware rounding from
+        calibration activations; Qwix: ``qwix.contrib.gptq``).
+      rotation: None or ``'hadamard'`` (block Hadamard rotation of weights and activations; Qwix has no
+        rule-level equivalent).
 
     Example:
       >>> Scheme('x', 'int4', tile_size=128).weight_only
@@ -42,6 +46,8 @@ class Scheme:
     tile_size: int | None = None
     act_static: bool = False
     weight_calibration: str = 'absmax'
+    weight_algorithm: str = 'rtn'
+    rotation: str | None = None
 
     @property
     def weight_only(self) -> bool:
@@ -54,15 +60,23 @@ SCHEMES: list[Scheme] = [
     Scheme('w8a8 int8 dynamic t128', 'int8', 'int8', tile_size=128),
     Scheme('w8a8 int8 static', 'int8', 'int8', act_static=True),
     Scheme('w8a8 int8 static t128', 'int8', 'int8', tile_size=128, act_static=True),
+    Scheme('w8a8 int8 dynamic hadamard', 'int8', 'int8', rotation='hadamard'),
+    Scheme('w8a8 int8 static hadamard', 'int8', 'int8', act_static=True, rotation='hadamard'),
     Scheme('w8a8 fp8 dynamic', 'float8_e4m3fn', 'float8_e4m3fn'),
     Scheme('int8 weight-only', 'int8'),
     Scheme('fp8 weight-only', 'float8_e4m3fn'),
     Scheme('int4 t128 weight-only', 'int4', tile_size=128),
     Scheme('int4 t128 mse weight-only', 'int4', tile_size=128, weight_calibration='mse'),
+    Scheme('int4 t128 gptq weight-only', 'int4', tile_size=128, weight_algorithm='gptq'),
+    Scheme('int4 t128 gptq hadamard weight-only', 'int4', tile_size=128, weight_algorithm='gptq',
+           rotation='hadamard'),
     Scheme('int4 t64 weight-only', 'int4', tile_size=64),
     Scheme('nf4 t64 weight-only', 'nf4', tile_size=64),
+    Scheme('nf4 t64 gptq hadamard weight-only', 'nf4', tile_size=64, weight_algorithm='gptq', rotation='hadamard'),
     Scheme('int3 t64 weight-only', 'int3', tile_size=64),
     Scheme('int3 t64 mse weight-only', 'int3', tile_size=64, weight_calibration='mse'),
+    Scheme('int3 t64 gptq hadamard weight-only', 'int3', tile_size=64, weight_algorithm='gptq',
+           rotation='hadamard'),
 ]
 
 # The few rows `python -m qarray` computes live (it must stay fast on 2 cores).
@@ -94,7 +108,8 @@ def qarray_rules(scheme: Scheme, fi: Any = None) -> list[Any]:
     return [fi.QuantizationRule(module_path=LINEAR_PATHS, weight_qtype=scheme.weight_qtype,
                                 act_qtype=scheme.act_qtype, tile_size=scheme.tile_size,
                                 act_static_scale=scheme.act_static,
-                                weight_calibration_method=scheme.weight_calibration)]
+                                weight_calibration_method=scheme.weight_calibration,
+                                weight_algorithm=scheme.weight_algorithm, rotation=scheme.rotation)]
 
 
 def _qwix_qtype(name: str) -> Any:
@@ -104,7 +119,8 @@ def _qwix_qtype(name: str) -> Any:
 
 
 def qwix_rules(scheme: Scheme) -> list[Any] | None:
-    """Qwix 0.1.8 rules for ``scheme``, or None where Qwix has no equivalent (mse weight calibration).
+    """Qwix 0.1.8 plain-PTQ rules for ``scheme``, or None where plain Qwix PTQ has no equivalent (mse weight
+    calibration, rotations; GPTQ rows are built by :mod:`examples.minilm.qwix_contrib`).
 
     Static scales average over batch and sequence (``act_batch_axes=(0, 1)``) so
     one per-tensor scale serves every sequence length, as in ``flax_integration``.
@@ -113,7 +129,7 @@ def qwix_rules(scheme: Scheme) -> list[Any] | None:
       >>> qwix_rules(by_name('int4 t128 mse weight-only')) is None  # doctest: +SKIP
       True
     """
-    if scheme.weight_calibration != 'absmax':
+    if scheme.weight_calibration != 'absmax' or scheme.rotation is not None or scheme.weight_algorithm != 'rtn':
         return None
     import qwix
     kw = dict(module_path=LINEAR_PATHS, weight_qtype=_qwix_qtype(scheme.weight_qtype),

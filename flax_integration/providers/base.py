@@ -21,13 +21,14 @@ import jax.numpy as jnp
 
 from qarray import calibration as _calibration
 from qarray import core, numerics, qtypes
+from qarray import rotation as rotation_lib
 
 from flax_integration import interception
 from flax_integration.op_calls import OpCall
 from flax_integration.rules import QuantizationRule, RuleSet
 from flax_integration.wrappers import QuantizedParam, unbox_leaves
 
-__all__ = ['Provider', 'Op', 'FloatParamError', 'act_range', 'range_to_scale', 'is_symmetric']
+__all__ = ['Provider', 'Op', 'FloatParamError', 'act_range', 'range_to_scale', 'is_symmetric', 'hessian_name']
 
 
 class FloatParamError(ValueError):
@@ -95,6 +96,9 @@ class Provider:
       ['enc.*']
     """
 
+    # Whether rules with weight_algorithm='gptq' or a rotation are understood (PTQ and its calibration).
+    supports_weight_transforms: bool = False
+
     def __init__(self, rules: Sequence[QuantizationRule]):
         self.rules = RuleSet(rules)
 
@@ -105,6 +109,11 @@ class Provider:
             return call.run_original()
         op_id = frame.next_op_id(call.name)
         rule = self.rules.match(frame.path, call.name)
+        if rule is not None and rule.transforms_weights and not self.supports_weight_transforms:
+            raise ValueError(
+                f"{type(self).__name__}: the rule module_path={rule.module_path!r} sets "
+                f"weight_algorithm={rule.weight_algorithm!r}, rotation={rule.rotation!r}; only PtqProvider and "
+                "CalibrationProvider support those. Use weight_algorithm='rtn', rotation=None here.")
         weight = interception.find_weight(call, frame.params(), frame)
         return self.process_op(Op(call, frame, rule, weight, op_id))
 
@@ -170,16 +179,63 @@ class Provider:
                              "op_names=('dot_general', 'einsum') or drop tile_size.")
         return op.call.layout(op.weight.index, 'weight', op.tile_size)
 
+    @staticmethod
+    def transform_axes(op: Op) -> tuple[int, int]:
+        """``(weight axis, activation axis)`` of the one contraction GPTQ and rotations act on.
+
+        Example:
+          >>> from flax_integration.op_calls import dot_general_call
+          >>> call = dot_general_call(jnp.ones((2, 8)), jnp.ones((8, 4)), (((1,), (0,)), ((), ())))
+          >>> Provider.transform_axes(Op(call, None, None, interception.Weight(1, 'kernel', None), 'dot_general0'))
+          (0, 1)
+        """
+        wi = op.weight.index
+        wc, ac = op.call.contract[wi], op.call.contract[1 - wi]
+        if op.call.per_channel_only or len(wc) != 1:
+            raise ValueError(
+                f"{op.describe()}: weight_algorithm='gptq' and rotation need a weight with exactly one contracting "
+                f"axis (a dot_general/einsum projection); this {op.call.name} contracts weight axes {wc}. Narrow "
+                "the rule with module_path or op_names=('dot_general', 'einsum').")
+        return wc[0], ac[0]
+
+    @staticmethod
+    def stored_rotation(op: Op) -> tuple[int, int] | None:
+        """``(axis, block)`` the op's stored weight is rotated by, or None."""
+        value = op.weight.value
+        if not isinstance(value, QuantizedParam) and op.weight.name is not None:
+            value = unbox_leaves(op.frame.get_param(op.weight.name))
+        return value.rotation if isinstance(value, QuantizedParam) else None
+
     def quantize_weight_value(self, op: Op, value: jax.Array) -> QuantizedParam:
-        """Quantize a float weight the way ``op.rule`` says (layout from the op)."""
+        """Quantize a float weight the way ``op.rule`` says (layout from the op), rotated first if the rule
+        says so. GPTQ rules are rounded to nearest here (no statistics yet); ``quantize_params`` with
+        ``quant_stats`` applies GPTQ."""
         rule = op.rule
         cw, tiles = self.weight_layout(op)
+        rotation, gptq_stats = None, None
         try:
+            if rule.transforms_weights:
+                axis, _ = self.transform_axes(op)
+                if rule.weight_algorithm == 'gptq':
+                    gptq_stats = hessian_name(op)
+                if rule.rotation is not None:
+                    rotation = (axis, rotation_lib.block_size(value.shape[axis]))
+                    value = rotation_lib.rotate(value, axis, block=rotation[1])
             q = core.quantize(value, rule.weight_qtype, channelwise_axes=cw, tiles=tiles,
                               calibration=rule.weight_calibration_method)
         except (ValueError, TypeError) as e:
             raise type(e)(f"{op.describe()}, weight {op.weight.name!r} of shape {value.shape}: {e}") from None
-        return QuantizedParam(q, rule.weight_calibration_method)
+        return QuantizedParam(q, rule.weight_calibration_method, rotation, gptq_stats, rule.gptq_damping)
+
+
+def hessian_name(op: Op) -> str:
+    """Name of the GPTQ Hessian statistic of ``op``'s activation operand (``'dot_general0_hessian'``).
+
+    Example:
+      >>> hessian_name(Op(None, None, None, None, 'einsum1'))
+      'einsum1_hessian'
+    """
+    return f"{op.op_id}_hessian"
 
 
 # --- activation ranges (shared by PTQ static init and calibration) -----------------------------

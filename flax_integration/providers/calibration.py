@@ -9,6 +9,13 @@ collection (Linen) or as :class:`QuantStat` variables (NNX) under
 
     quant_stats = {'Dense_0': {'dot_general0_lhs': {'lo': ..., 'hi': ..., 'count': ...}}}
 
+For every op with a weight whose rule has ``weight_algorithm='gptq'``, the
+token-weighted mean of ``x x^T`` over the activation's contracting axis is
+kept under ``<op_id>_hessian`` as ``{'hessian': [K, K], 'tokens', 'count'}``
+(padding tokens count like any other: feed unpadded batches where that
+matters). With ``rotation`` the ranges are those of the rotated activation,
+as PTQ will quantize it; the Hessian is kept unrotated.
+
 Shapes depend only on the contracting axis (and tiles), never on batch size
 or sequence length. The model computes in float. Give the statistics to
 ``quantize_params(fp_params, abstract_ptq_params, quant_stats)``; the
@@ -31,7 +38,10 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from flax_integration.providers.base import Op, Provider, act_range
+from qarray import gptq
+from qarray import rotation as rotation_lib
+
+from flax_integration.providers.base import Op, Provider, act_range, hessian_name
 
 __all__ = ['CalibrationProvider', 'QuantStat', 'update_moving_average']
 
@@ -80,11 +90,15 @@ class CalibrationProvider(Provider):
       True
     """
 
+    supports_weight_transforms = True
+
     def process_op(self, op: Op) -> jax.Array:
         rule = op.rule
         if rule is not None and rule.act_static_scale:
             for i in op.act_indices():
                 self._observe(op, i)
+        if rule is not None and rule.weight_algorithm == 'gptq' and op.weight is not None:
+            self._observe_hessian(op)
         return op.call.run_original()
 
     def _observe(self, op: Op, i: int) -> None:
@@ -92,6 +106,9 @@ class CalibrationProvider(Provider):
         if not jnp.issubdtype(jnp.result_type(x), jnp.floating):
             return
         rule = op.rule
+        if rule.rotation is not None and op.weight is not None:  # PTQ quantizes the rotated activation
+            axis = self.transform_axes(op)[1]
+            x = rotation_lib.rotate(x, axis, block=rotation_lib.block_size(x.shape[axis]))
         cw, tiles = op.call.layout(i, 'static_act', op.tile_size, rule.act_batch_axes)
         try:
             lo, hi = act_range(jax.lax.stop_gradient(x), rule.act_qtype, cw, tiles,
@@ -108,3 +125,24 @@ class CalibrationProvider(Provider):
                 return
         if op.frame.can_update_stats():
             op.frame.put_stat(name, update_moving_average(stat, lo, hi))
+
+    def _observe_hessian(self, op: Op) -> None:
+        """Fold this batch into the token-weighted mean of ``x x^T`` over the contracting axis (for GPTQ)."""
+        _, axis = self.transform_axes(op)
+        x = jax.lax.stop_gradient(op.call.operands[1 - op.weight.index])
+        if not jnp.issubdtype(jnp.result_type(x), jnp.floating):
+            return
+        tokens = jnp.float32(x.size // x.shape[axis])
+        h = gptq.hessian(x, axis) / tokens
+        name = hessian_name(op)
+        stat = op.frame.get_stat(name)
+        if stat is None:
+            stat = {'hessian': jnp.zeros_like(h), 'tokens': jnp.zeros((), jnp.float32),
+                    'count': jnp.zeros((), jnp.int32)}
+            op.frame.put_stat(name, stat)
+            if op.frame.initializing:
+                return
+        if op.frame.can_update_stats():
+            total = stat['tokens'] + tokens
+            op.frame.put_stat(name, {'hessian': stat['hessian'] + (h - stat['hessian']) * (tokens / total),
+                                     'tokens': total, 'count': stat['count'] + 1})

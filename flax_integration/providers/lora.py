@@ -136,6 +136,8 @@ class LoraProvider(PtqProvider):
       1.0
     """
 
+    supports_weight_transforms = False  # the adapter path would see the unrotated input
+
     def __init__(self, rules: Sequence[QuantizationRule] | None = None, *, seed: int = 0, **rule_fields: Any):
         if rules is None:
             rules = [LoraRule(**rule_fields)]

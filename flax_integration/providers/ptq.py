@@ -12,6 +12,11 @@
   ``<op_id>_lhs_scale`` / ``<op_id>_rhs_scale``, set from calibration
   statistics by ``quantize_params(..., quant_stats)`` (at ``init`` it is taken
   from the init batch so the model runs before calibration).
+* **GPTQ and rotations** (rules with ``weight_algorithm='gptq'`` or
+  ``rotation='hadamard'``): a rotated weight is stored rotated along its
+  contracting axis and the activation is rotated to match before it is
+  quantized; GPTQ rounding happens in ``quantize_params`` from the Hessian
+  statistics ``calibrate`` collects (``init`` rounds to nearest).
 * Float weights fed to a PTQ model where a rule says they are quantized raise
   :class:`~flax_integration.providers.base.FloatParamError` instead of
   silently running in float.
@@ -34,6 +39,7 @@ import jax
 import jax.numpy as jnp
 
 from qarray import core
+from qarray import rotation as rotation_lib
 
 from flax_integration.providers.base import FloatParamError, Op, Provider, act_range, range_to_scale
 from flax_integration.wrappers import ActivationScale, QuantizedParam, unbox_leaves
@@ -50,6 +56,8 @@ class PtqProvider(Provider):
       32
     """
 
+    supports_weight_transforms = True
+
     def process_op(self, op: Op) -> jax.Array:
         rule = op.rule
         operands = [self.plain_operand(x) for x in op.call.operands]
@@ -57,6 +65,10 @@ class PtqProvider(Provider):
             return op.call.run(*operands)
         if op.weight is not None:
             operands[op.weight.index] = self.weight(op)
+            rotation = self.stored_rotation(op)
+            if rotation is not None:  # the weight is stored rotated: rotate the activation to match
+                a = 1 - op.weight.index
+                operands[a] = rotation_lib.rotate(operands[a], self.transform_axes(op)[1], block=rotation[1])
         if rule.act_qtype is not None:
             for i in op.act_indices():
                 operands[i] = self.activation(op, i, operands[i])

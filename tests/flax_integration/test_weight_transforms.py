@@ -1,0 +1,225 @@
+"""GPTQ and Hadamard rotations through flax_integration (rules -> calibrate -> quantize_params -> PTQ run).
+
+References are NumPy float64: the dense rotation matrix built from scipy's Hadamard matrix, Gram matrices
+summed by hand, and layer outputs computed from dequantized weights.
+"""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import scipy.linalg
+from flax import linen as nn
+from flax import nnx
+
+import flax_integration as fi
+import qarray
+from flax_integration.providers.calibration import CalibrationProvider
+from flax_integration.wrappers import QuantizedParam
+from qarray import rotation
+
+K, N = 64, 32
+
+
+class MLP(nn.Module):
+    @nn.compact
+    def __call__(self, x):
+        x = nn.Dense(N)(x)
+        return nn.Dense(8)(jax.nn.gelu(x))
+
+
+class NnxMLP(nnx.Module):
+    def __init__(self, rngs):
+        self.a = nnx.Linear(K, N, rngs=rngs)
+        self.b = nnx.Linear(N, 8, rngs=rngs)
+
+    def __call__(self, x):
+        return self.b(jax.nn.gelu(self.a(x)))
+
+
+def _inputs(seed, n=256, outliers=True):
+    """Correlated activations with a few large channels (the pattern that hurts per-token scales)."""
+    rng = np.random.default_rng(seed)
+    x = rng.standard_normal((n, K)) @ (np.eye(K) + 0.5 * rng.standard_normal((K, K)) / np.sqrt(K))
+    if outliers:
+        x[:, [3, 17, 40]] *= 25.0
+    return jnp.asarray(x, jnp.float32)
+
+
+def _dense_rotation(k):
+    """R with rotate(x, -1) == x @ R, built independently: diag(signs) @ blockdiag(H_block / sqrt(block))."""
+    block = rotation.block_size(k)
+    h = scipy.linalg.hadamard(block) / np.sqrt(block)
+    return np.diag(np.asarray(rotation.signs(k), np.float64)) @ np.kron(np.eye(k // block), h)
+
+
+def _float_setup(seed=0):
+    model = MLP()
+    params = model.init(jax.random.key(seed), _inputs(0)[:2])['params']
+    return model, params
+
+
+def _ptq(rules, params, quant_stats=None, x=None):
+    qm = fi.quantize_model(MLP(), fi.PtqProvider(rules))
+    abstract = jax.eval_shape(qm.init, jax.random.key(0), _inputs(0)[:2])['params']
+    qp = fi.quantize_params(params, abstract, quant_stats)
+    return qm, qp
+
+
+def _first_layer_error(qm, qp, params, x):
+    """Mean squared error of the whole model output vs float, on x."""
+    ref = MLP().apply({'params': params}, x)
+    out = qm.apply({'params': qp}, x)
+    return float(jnp.mean((out - ref) ** 2))
+
+
+def test_rotated_weight_is_stored_rotated_and_output_matches_float64_reference():
+    model, params = _float_setup()
+    rules = [fi.QuantizationRule(module_path='Dense_0', weight_qtype='int4', tile_size=16, rotation='hadamard')]
+    qm, qp = _ptq(rules, params)
+    kernel = qp['Dense_0']['kernel']
+    assert isinstance(kernel, QuantizedParam) and kernel.rotation == (0, 64)
+    w = np.asarray(params['Dense_0']['kernel'], np.float64)
+    r = _dense_rotation(K)
+    # Stored codes are those of R^T W (the rotated weight), quantized as usual.
+    expect = qarray.quantize(jnp.asarray(r.T @ w, jnp.float32), 'int4', channelwise_axes=(1,), tiles={0: 16})
+    np.testing.assert_array_equal(np.asarray(qarray.codes(kernel.array)), np.asarray(qarray.codes(expect)))
+    # __jax_array__ undoes the rotation: R @ deq, close to W within the int4 step.
+    deq_rot = np.asarray(qarray.dequantize(kernel.array), np.float64)
+    np.testing.assert_allclose(np.asarray(jnp.asarray(kernel), np.float64), r @ deq_rot, atol=1e-5)
+    # The model output is x @ (R deq) + b: the activation is rotated at run time.
+    x = _inputs(1)[:16]
+    h = np.asarray(x, np.float64) @ (r @ deq_rot) + np.asarray(params['Dense_0']['bias'])
+    h = np.asarray(jax.nn.gelu(jnp.asarray(h, jnp.float32)), np.float64)
+    ref = h @ np.asarray(params['Dense_1']['kernel'], np.float64) + np.asarray(params['Dense_1']['bias'])
+    np.testing.assert_allclose(np.asarray(qm.apply({'params': qp}, x)), ref, rtol=2e-4, atol=2e-4)
+
+
+def test_rotation_lowers_w8a8_error_on_outlier_channels():
+    model, params = _float_setup()
+    x = _inputs(2)
+    errs = {}
+    for rot in (None, 'hadamard'):
+        rules = [fi.QuantizationRule(weight_qtype='int8', act_qtype='int8', rotation=rot)]
+        qm, qp = _ptq(rules, params)
+        errs[rot] = _first_layer_error(qm, qp, params, x)
+    assert errs['hadamard'] < 0.5 * errs[None], errs
+
+
+def test_static_ranges_are_collected_on_the_rotated_activation():
+    model, params = _float_setup()
+    rules = [fi.QuantizationRule(module_path='Dense_0', weight_qtype='int8', act_qtype='int8',
+                                 act_static_scale=True, rotation='hadamard')]
+    x = _inputs(3)[:32]
+    stats = fi.calibrate(model, params, [x], rules=rules, progress=False)
+    hi = float(np.asarray(stats['Dense_0']['dot_general0_lhs']['hi']).max())
+    expect = np.abs(np.asarray(x, np.float64) @ _dense_rotation(K)).max()
+    np.testing.assert_allclose(hi, expect, rtol=1e-5)
+    assert hi < 0.5 * float(jnp.abs(x).max())  # the outlier channels are spread out
+    qm, qp = _ptq(rules, params, stats)
+    assert _first_layer_error(qm, qp, params, x) < 1e-2
+
+
+def _gptq_rules(rotation_=None, tile=16, qtype='int4', path='Dense_.*'):
+    return [fi.QuantizationRule(module_path=path, weight_qtype=qtype, tile_size=tile,
+                                weight_algorithm='gptq', rotation=rotation_)]
+
+
+def test_hessian_statistic_is_the_token_weighted_mean_gram_matrix():
+    model, params = _float_setup()
+    a, b = _inputs(4)[:40], _inputs(5)[:24].reshape(2, 12, K)  # batches of different sizes and ranks
+    stats = fi.calibrate(model, params, [a, b], rules=_gptq_rules(), progress=False)
+    s = stats['Dense_0']['dot_general0_hessian']
+    flat = np.concatenate([np.asarray(a, np.float64), np.asarray(b, np.float64).reshape(-1, K)])
+    np.testing.assert_allclose(np.asarray(s['hessian']), flat.T @ flat / len(flat), rtol=2e-4, atol=1e-3)
+    assert float(s['tokens']) == 64 and int(s['count']) == 2
+    assert stats['Dense_1']['dot_general0_hessian']['hessian'].shape == (N, N)
+
+
+@pytest.mark.parametrize('rot', [None, 'hadamard'])
+def test_gptq_params_match_core_gptq_and_beat_round_to_nearest(rot):
+    model, params = _float_setup()
+    x = _inputs(6, n=512, outliers=False)
+    stats = fi.calibrate(model, params, [x], rules=_gptq_rules(rot), progress=False)
+    qm, qp = _ptq(_gptq_rules(rot), params, stats)
+    h = stats['Dense_0']['dot_general0_hessian']['hessian']
+    w = params['Dense_0']['kernel']
+    if rot is not None:
+        w, h = rotation.rotate(w, 0, block=K), rotation.rotate_hessian(h, block=K)
+    core = qarray.gptq.gptq_quantize(w, h, 'int4', axis=0, tile_size=16)
+    np.testing.assert_array_equal(np.asarray(qarray.codes(qp['Dense_0']['kernel'].array)),
+                                  np.asarray(qarray.codes(core)))
+    rules_rtn = [fi.QuantizationRule(module_path='Dense_.*', weight_qtype='int4', tile_size=16, rotation=rot)]
+    qm_rtn, qp_rtn = _ptq(rules_rtn, params)
+    # Output error of the first layer on the calibration activations: GPTQ's objective.
+    xf = np.asarray(x, np.float64)
+    def layer_err(p):
+        return np.mean((xf @ np.asarray(jnp.asarray(p['Dense_0']['kernel']), np.float64)
+                        - xf @ np.asarray(params['Dense_0']['kernel'], np.float64)) ** 2)
+    assert layer_err(qp) < 0.8 * layer_err(qp_rtn)
+    assert _first_layer_error(qm, qp, params, x) < _first_layer_error(qm_rtn, qp_rtn, params, x)
+
+
+def test_gptq_without_statistics_raises():
+    model, params = _float_setup()
+    with pytest.raises(ValueError, match="weight_algorithm='gptq'.*calibrate"):
+        _ptq(_gptq_rules(), params)
+
+
+def test_nnx_gptq_with_rotation_end_to_end():
+    x = _inputs(7, n=256, outliers=False)
+    rules = _gptq_rules('hadamard', path='.*')
+    float_model = NnxMLP(nnx.Rngs(0))
+    calib = fi.quantize_model(NnxMLP(nnx.Rngs(0)), CalibrationProvider(rules), x[:2])
+    stats = fi.calibrate(calib, None, [x], progress=False)
+    assert stats['a']['dot_general0_hessian']['hessian'].shape == (K, K)
+    abstract = nnx.eval_shape(lambda: fi.quantize_model(NnxMLP(nnx.Rngs(0)), fi.PtqProvider(rules), x[:2]))
+    state = fi.quantize_params(float_model, abstract, stats)
+    nnx.update(abstract, state)
+    assert abstract.a.kernel.rotation == (0, 64)
+    rtn = fi.quantize_model(NnxMLP(nnx.Rngs(0)), fi.PtqProvider(
+        [fi.QuantizationRule(module_path='.*', weight_qtype='int4', tile_size=16)]), x[:2])
+    ref = float_model(x)
+    err_gptq = float(jnp.mean((abstract(x) - ref) ** 2))
+    err_rtn = float(jnp.mean((rtn(x) - ref) ** 2))
+    assert err_gptq < err_rtn, (err_gptq, err_rtn)
+
+
+def test_rotated_param_transpose_follows_the_axis_and_reshape_raises():
+    q = QuantizedParam(qarray.quantize(jnp.ones((8, 4, 2)), 'int8', channelwise_axes=(1, 2)), rotation=(0, 8))
+    assert q.transpose(2, 0, 1).rotation == (1, 8)
+    assert q.T.rotation == (2, 8)
+    assert q.astype(jnp.bfloat16).rotation == (0, 8)
+    with pytest.raises(ValueError, match='cannot be reshaped'):
+        q.reshape(8, 8)
+
+
+def test_unsupported_providers_and_layouts_raise():
+    model, params = _float_setup()
+    rules = [fi.QuantizationRule(weight_qtype='int8', rotation='hadamard')]
+    qat = fi.quantize_model(MLP(), fi.QtProvider(rules))
+    with pytest.raises(ValueError, match='only PtqProvider and CalibrationProvider'):
+        qat.init(jax.random.key(0), _inputs(0)[:2])
+
+    class Conv(nn.Module):
+        @nn.compact
+        def __call__(self, x):
+            return nn.Conv(4, (3, 3))(x)
+    conv = fi.quantize_model(Conv(), fi.PtqProvider(rules))
+    with pytest.raises(ValueError, match='exactly one contracting axis'):
+        conv.init(jax.random.key(0), jnp.ones((1, 6, 6, 2)))
+    with pytest.raises(ValueError, match='need the model'):
+        fi.quantize_params(params, [fi.QuantizationRule(module_path='.*/kernel', weight_qtype='int4',
+                                                        weight_algorithm='gptq')])
+
+
+@pytest.mark.parametrize('kwargs, match', [
+    (dict(weight_qtype='int4', weight_algorithm='awq'), 'weight_algorithm must be one of'),
+    (dict(weight_qtype='int4', rotation='random'), 'rotation must be one of'),
+    (dict(weight_algorithm='gptq'), 'set weight_qtype'),
+    (dict(rotation='hadamard', act_qtype='int8'), 'set weight_qtype'),
+    (dict(weight_qtype='int4', gptq_damping=-0.1), 'gptq_damping must be a number >= 0'),
+])
+def test_rule_validation(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        fi.QuantizationRule(**kwargs)
