@@ -8,7 +8,7 @@ Example:
   (128, 256)
 """
 
-from qarray import calibration, io, ops, packing, paths, qtypes, sharding
+from qarray import calibration, gptq, io, ops, packing, paths, qtypes, rotation, sharding
 from qarray.core import (QArray, codes, dequantize, fake_quant, fake_quant_with_scale, quantize,
                          quantize_with_scale)
 from qarray.ops import conv_general_dilated, dot, dot_general, einsum, matmul
@@ -16,5 +16,6 @@ from qarray.qtypes import QType
 
 __all__ = ['QArray', 'QType', 'quantize', 'quantize_with_scale', 'dequantize', 'fake_quant', 'fake_quant_with_scale', 'codes',
            'calibration', 'packing', 'qtypes', 'io', 'sharding', 'paths',
+           'rotation', 'gptq',
            'ops', 'dot_general', 'einsum', 'dot', 'matmul', 'conv_general_dilated']
 __version__ = '0.1.0'

@@ -1,0 +1,299 @@
+"""GPTQ: weight quantization that minimises the layer's output error on calibration data.
+
+Round-to-nearest minimises the weight error ``|W - Q|``; what matters is the
+output error on real activations ``x``, ``trace((W - Q)^T H (W - Q))`` with
+``H = x^T x``. GPTQ (Frantar et al., 2022) quantizes the contracting axis one
+input channel ``k`` at a time and spreads that channel's rounding error over
+the channels not yet quantized, weighted by the inverse Hessian, so later
+channels compensate for it. With ``U`` the upper Cholesky factor of
+``H^-1`` (``H^-1 = U^T U``), the update after channel ``k`` is::
+
+    e = (w_k - q_k) / U[k, k];   w_j -= e * U[k, j]   for j > k
+
+"Lazy batch" blocking applies the updates to the channels of the current
+block one by one and to all later channels with one matmul per block.
+
+With sub-channel tiles along the contracting axis, each tile's scale is
+calibrated from the error-updated weights when the loop reaches it (GPTQ
+group quantization); without tiles the per-channel scales come from the
+original weight. The result has exactly the layout of :func:`qarray.quantize`
+with every other axis channelwise, so it is a drop-in replacement.
+
+Example:
+  >>> import jax, qarray
+  >>> x = jax.random.normal(jax.random.key(0), (512, 64))
+  >>> w = jax.random.normal(jax.random.key(1), (64, 32))
+  >>> q = gptq_quantize(w, hessian(x), 'int4', tile_size=32)
+  >>> q.scale.shape == qarray.quantize(w, 'int4', channelwise_axes=1, tiles={0: 32}).scale.shape
+  True
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from qarray import calibration as _calibration
+from qarray import core, numerics, qtypes
+from qarray.core import QArray
+
+__all__ = ['hessian', 'gptq_quantize']
+
+_HIGHEST = jax.lax.Precision.HIGHEST
+
+
+def hessian(x: Any, axis: int = -1) -> jax.Array:
+    """Gram matrix ``[K, K]`` (float32) of activations ``x`` over every axis but ``axis``.
+
+    ``sum_n x_n x_n^T`` over all positions ``n``; GPTQ is invariant to its
+    scale, so sums over several batches can simply be added.
+
+    Example:
+      >>> import jax.numpy as jnp
+      >>> x = jnp.array([[[1., 2.]], [[3., 0.]]])   # [batch, seq, K=2]
+      >>> hessian(x).tolist()
+      [[10.0, 2.0], [2.0, 4.0]]
+    """
+    x = jnp.asarray(x)
+    if not jnp.issubdtype(x.dtype, jnp.floating):
+        raise TypeError(f"x must be a floating-point array of activations; got dtype {x.dtype}.")
+    if not isinstance(axis, (int, np.integer)) or isinstance(axis, bool) or not -x.ndim <= axis < x.ndim:
+        raise ValueError(f"axis={axis!r} is out of range for activations with {x.ndim} dims; "
+                         f"use an int in [{-x.ndim}, {x.ndim - 1}].")
+    return _hessian_jit(x, int(axis) % x.ndim)
+
+
+@functools.partial(jax.jit, static_argnums=(1,))
+def _hessian_jit(x, axis):
+    x2 = jnp.moveaxis(x, axis, -1).reshape(-1, x.shape[axis]).astype(jnp.float32)
+    return jnp.dot(x2.T, x2, precision=_HIGHEST)
+
+
+def gptq_quantize(w: Any, h: Any, qtype: Any, *, axis: int = 0, tile_size: int | None = None,
+                  calibration: str = 'absmax', damping: float = 0.01, block_size: int = 128,
+                  scale_dtype: Any = None, pack_axis: int = -1) -> QArray:
+    """Quantize weight ``w`` with GPTQ error compensation along its contracting ``axis``.
+
+    Args:
+      w: floating weight of rank >= 2 (e.g. a Dense kernel ``[K, N]`` or an
+        einsum weight ``[K, heads, dim]``); every axis but ``axis`` is an
+        output channel with its own scale.
+      h: ``[K, K]`` Hessian (Gram matrix) of the activations on that axis, see
+        :func:`hessian`.
+      qtype: any format :func:`qarray.quantize` takes.
+      axis: the contracting axis of ``w`` (length ``K``).
+      tile_size: sub-channel tile along ``axis`` (must divide ``K``); each
+        tile's scale is calibrated when GPTQ reaches it. None: per channel.
+      calibration: calibration spec, as for :func:`qarray.quantize`.
+      damping: ``damping * mean(diag(h))`` is added to the diagonal of ``h``
+        (stabilises the inverse); must be >= 0.
+      block_size: channels per lazy-batch block (rounded to a multiple of
+        ``tile_size``); affects speed only.
+      scale_dtype: dtype of scales (default ``w.dtype``).
+      pack_axis: axis along which sub-byte formats are bit-packed.
+
+    Returns:
+      A :class:`QArray` with the layout of ``qarray.quantize(w, qtype,
+      channelwise_axes=<other axes>, tiles={axis: tile_size} or None, ...)``.
+
+    Input channels never excited (``h[k, k] == 0``) keep their weights: they
+    are rounded to nearest and pass no error on. A ``ValueError`` is raised
+    when ``h`` is not positive definite even after damping (eagerly; under
+    ``jit`` at run time).
+
+    Example:
+      >>> import jax, qarray
+      >>> x = jax.random.normal(jax.random.key(0), (256, 64))
+      >>> w = jax.random.normal(jax.random.key(1), (64, 16))
+      >>> q = gptq_quantize(w, hessian(x), 'int8')
+      >>> q.scale.shape, q.qvalue.dtype
+      ((1, 16), dtype('int8'))
+    """
+    if isinstance(w, QArray):
+        raise TypeError("w is already a QArray; pass the float weight.")
+    w = jnp.asarray(w)
+    if not jnp.issubdtype(w.dtype, jnp.floating):
+        raise TypeError(f"w must be a floating-point weight; got dtype {w.dtype}.")
+    if w.ndim < 2:
+        raise ValueError(f"w must have rank >= 2 (a contracting axis and output channels); got shape {w.shape}.")
+    if not isinstance(axis, (int, np.integer)) or isinstance(axis, bool) or not -w.ndim <= axis < w.ndim:
+        raise ValueError(f"axis={axis!r} is out of range for w with {w.ndim} dims; "
+                         f"use an int in [{-w.ndim}, {w.ndim - 1}].")
+    axis = int(axis) % w.ndim
+    k = w.shape[axis]
+    h = jnp.asarray(h)
+    if h.shape != (k, k):
+        raise ValueError(f"h must be the [K, K] Hessian of the contracting axis {axis} of w (shape {w.shape}), "
+                         f"i.e. shape {(k, k)}; got h of shape {h.shape}.")
+    if tile_size is not None and (not isinstance(tile_size, (int, np.integer)) or isinstance(tile_size, bool)
+                                  or tile_size <= 0 or k % tile_size):
+        raise ValueError(f"tile_size={tile_size!r} must be None or a positive int dividing the length {k} "
+                         f"of axis {axis} of w.")
+    if not isinstance(block_size, (int, np.integer)) or isinstance(block_size, bool) or block_size <= 0:
+        raise ValueError(f"block_size must be a positive int (e.g. 128); got {block_size!r}.")
+    if not isinstance(damping, (int, float, np.floating, np.integer)) or not damping >= 0:
+        raise ValueError(f"damping must be a float >= 0 (e.g. 0.01); got {damping!r}.")
+    qt = qtypes.get(qtype)
+    _calibration.parse(calibration)
+    scale_dtype = jnp.dtype(scale_dtype or w.dtype)
+    if not jnp.issubdtype(scale_dtype, jnp.floating):
+        raise TypeError(f"scale_dtype must be a floating dtype (float32, bfloat16, float16); got {scale_dtype}.")
+    if qt.packed and (not isinstance(pack_axis, (int, np.integer)) or not -w.ndim <= pack_axis < w.ndim):
+        raise ValueError(f"pack_axis={pack_axis!r} is out of range for w with {w.ndim} dims; "
+                         f"use an int in [{-w.ndim}, {w.ndim - 1}].")
+
+    tile = int(tile_size) if tile_size is not None and tile_size < k else None
+    block = _block(k, tile, int(block_size))
+    q, factor_ok = _gptq_jit(w, h, jnp.float32(damping), axis, qt, calibration, tile, block, scale_dtype,
+                             int(pack_axis))
+    _check_factor(factor_ok)
+    return q
+
+
+def _block(k: int, tile: int | None, block_size: int) -> int:
+    """Lazy-batch block: at most ``k``, and a whole number of tiles."""
+    if tile is None:
+        return min(block_size, k)
+    return tile * max(1, min(block_size, k) // tile)
+
+
+def _check_factor(all_finite) -> None:
+    try:
+        ok = bool(all_finite)
+    except jax.errors.ConcretizationTypeError:  # traced (jit, vmap, ...): check at run time
+        jax.debug.callback(_raise_not_pd, all_finite)
+    else:
+        _raise_not_pd(ok)
+
+
+def _raise_not_pd(all_finite) -> None:
+    if not bool(all_finite):
+        raise ValueError("h is not positive definite after damping (its Cholesky factor is not finite); "
+                         "pass a larger damping (e.g. 0.01 or 0.1) or collect more calibration data.")
+
+
+def _inverse_cholesky(h: jax.Array, damping: jax.Array) -> jax.Array:
+    """Upper-triangular ``U`` with ``U^T U = inv(H_damped)`` (NaN if ``H_damped`` is not positive definite).
+
+    With ``J`` the reversal permutation, ``J H J = M M^T`` (lower ``M``) gives
+    ``H = V V^T`` with upper ``V = J M J``, so ``inv(H) = V^-T V^-1`` and
+    ``U = V^-1``: one Cholesky and one triangular inverse, no explicit inverse.
+    """
+    h = h.astype(jnp.float32)
+    diag = jnp.diagonal(h)
+    h = h + jnp.diag(jnp.where(diag == 0, 1.0, 0.0))  # dead channels: unit curvature, no coupling
+    h = h + jnp.eye(h.shape[0], dtype=h.dtype) * (damping * jnp.mean(jnp.diagonal(h)))
+    m = jnp.linalg.cholesky(h[::-1, ::-1])
+    v = m[::-1, ::-1]
+    eye = jnp.eye(h.shape[0], dtype=h.dtype)
+    u = jax.scipy.linalg.solve_triangular(v, eye, lower=False)
+    return jnp.triu(u)
+
+
+def _group_scale(cols: jax.Array, qt, calibration: str, scale_dtype):
+    """Scale (and zero point or None) of each output channel over ``cols`` [rows, N] (reduced over rows)."""
+    rng = _calibration.calibrate(calibration, cols, (0,), qt)
+    return numerics.scale_and_zero_point(rng.lo, rng.hi, rng.symmetric, qt, scale_dtype)
+
+
+def _round(v: jax.Array, scale: jax.Array, zp: jax.Array | None, qt) -> jax.Array:
+    """Nearest representable value of one input channel ``v`` [N] (float32), via the core's codes."""
+    c = numerics.to_codes(v, scale, zp, qt, calibrated=True)
+    return numerics.from_codes(c, scale, zp, qt, jnp.float32)
+
+
+# One compiled program (factor, loop, packing) per layout: compiling dominates small calls on CPU.
+@functools.partial(jax.jit, static_argnums=tuple(range(3, 10)))
+def _gptq_jit(w, h, damping, axis, qt, calibration, tile, block, scale_dtype, pack_axis
+              ) -> tuple[QArray, jax.Array]:
+    """GPTQ on ``w`` along ``axis``: the QArray in quantize's layout, and whether ``h``'s factor is finite."""
+    u = _inverse_cholesky(h, damping)
+    factor_ok = jnp.all(jnp.isfinite(u))
+    k = w.shape[axis]
+    wk = jnp.moveaxis(w, axis, 0)  # [K, *others]
+    others = wk.shape[1:]
+    w2 = wk.reshape(k, -1).astype(jnp.float32)  # [K, N]: an input channel is a contiguous row
+    q2, scale, zp = _gptq_2d(w2, u, qt, calibration, tile, block, scale_dtype)
+
+    def restore(a):  # [K or K/tile or 1, N] -> w's layout
+        return jnp.moveaxis(a.reshape((a.shape[0],) + others), 0, axis)
+
+    # The codes come from the GPTQ values (exactly code * scale, so they re-quantize to the same codes).
+    q = core.quantize_with_scale(restore(q2), qt, restore(scale), None if zp is None else restore(zp),
+                                 pack_axis=pack_axis)
+    # The values were float32; the result dequantizes to w's dtype, as quantize's does.
+    return QArray(q.qvalue, q.scale, q.zero_point, qtype=qt, dtype=w.dtype, packed_axis=q.packed_axis,
+                  packed_length=q.packed_length), factor_ok
+
+
+def _gptq_2d(w, u, qt, calibration, tile, block, scale_dtype):
+    """GPTQ on ``w`` [K, N] (rows = input channels) with ``U`` [K, K]; lazy batches of ``block`` rows."""
+    k, n = w.shape
+    nblocks = -(-k // block)
+    kp = nblocks * block
+    if kp > k:  # pad with zero rows whose U block is the identity: they neither get nor pass on error
+        w = jnp.pad(w, ((0, kp - k), (0, 0)))
+        u = jnp.pad(u, ((0, kp - k), (0, kp - k))) + jnp.diag((jnp.arange(kp) >= k).astype(u.dtype))
+    t = tile or block
+    tiles_per_block = block // t
+    if tile is None:  # per-channel scales from the original weight
+        fixed_scale, fixed_zp = _group_scale(w[:k], qt, calibration, scale_dtype)
+        scale_like, zp_like = fixed_scale, fixed_zp
+    else:
+        scale_like, zp_like = jax.eval_shape(
+            lambda c: _group_scale(c, qt, calibration, scale_dtype), jax.ShapeDtypeStruct((t, n), jnp.float32))
+    rows = jnp.arange(kp)
+
+    def block_step(w, b):
+        start = b * block
+        w1 = jax.lax.dynamic_slice_in_dim(w, start, block, axis=0)  # [B, N]
+        u1 = jax.lax.dynamic_slice(u, (start, start), (block, block))
+
+        def tile_step(j, carry):
+            w1, q1, e1, scales, zps = carry
+            t0 = j * t
+            if tile is None:
+                s, z = fixed_scale, fixed_zp
+            else:  # this tile's scale, from the weights as updated so far
+                s, z = _group_scale(jax.lax.dynamic_slice_in_dim(w1, t0, t, axis=0), qt, calibration,
+                                    scale_dtype)
+                scales = jax.lax.dynamic_update_slice_in_dim(scales, s, j, axis=0)
+                if z is not None:
+                    zps = jax.lax.dynamic_update_slice_in_dim(zps, z, j, axis=0)
+            s1, z1 = s[0], None if z is None else z[0]
+
+            def column_step(i, carry):
+                w1, q1, e1 = carry
+                r = t0 + i
+                v = w1[r]
+                qv = _round(v, s1, z1, qt)
+                e = (v - qv) / u1[r, r]
+                # U is upper triangular, so rows before r are untouched (row r itself becomes qv, unused).
+                w1 = w1 - u1[r][:, None] * e[None, :]
+                return w1, q1.at[r].set(qv), e1.at[r].set(e)
+
+            w1, q1, e1 = jax.lax.fori_loop(0, t, column_step, (w1, q1, e1))
+            return w1, q1, e1, scales, zps
+
+        zeros = jnp.zeros((block, n), jnp.float32)
+        scales0 = jnp.zeros((tiles_per_block, n), scale_like.dtype)
+        zps0 = None if zp_like is None else jnp.zeros((tiles_per_block, n), zp_like.dtype)
+        _, q1, e1, scales, zps = jax.lax.fori_loop(0, tiles_per_block, tile_step,
+                                                   (w1, zeros, zeros, scales0, zps0))
+        # One matmul carries this block's errors to every later row (earlier/own rows masked out).
+        u_rows = jax.lax.dynamic_slice_in_dim(u, start, block, axis=0)  # [B, Kp]
+        u_rows = jnp.where(rows[None, :] >= start + block, u_rows, 0.0)
+        w = w - jax.lax.dot_general(u_rows, e1, (((0,), (0,)), ((), ())), precision=_HIGHEST)
+        return w, (q1, scales, zps)
+
+    _, (q, scales, zps) = jax.lax.scan(block_step, w, jnp.arange(nblocks))
+    q = q.reshape(kp, n)[:k]
+    if tile is None:
+        return q, fixed_scale, fixed_zp
+    scales = scales.reshape(kp // t, n)[:k // t]
+    zps = None if zps is None else zps.reshape(kp // t, n)[:k // t]
+    return q, scales, zps

@@ -1,0 +1,227 @@
+"""GPTQ: against an unblocked float64 numpy reference, equality with quantize when h is diagonal,
+lower output error than round-to-nearest, layout, dead channels, jit, and every error message."""
+
+import chex
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from absl.testing import parameterized
+from hypothesis import given, settings, strategies as st
+
+import qarray
+from qarray import gptq
+
+RNG = np.random.default_rng(0)
+
+
+def correlated_activations(rows: int, k: int, seed: int = 0) -> np.ndarray:
+    """x = z @ A with a random mixing A: strongly correlated input channels, as in real layers."""
+    r = np.random.default_rng(seed)
+    a = r.standard_normal((k, k)) / np.sqrt(k) + 0.5 * np.eye(k)
+    scales = np.exp(r.standard_normal(k))  # uneven channel energies
+    return ((r.standard_normal((rows, k)) @ a) * scales).astype(np.float32)
+
+
+def ref_gptq(w: np.ndarray, h: np.ndarray, qmax: int, tile: int | None, damping: float = 0.01):
+    """Unblocked float64 GPTQ for symmetric intB absmax (scale = absmax / (qmax + 1/2)); w [K, N].
+
+    Returns (codes [K, N], scales [K/tile or 1, N]).
+    """
+    w = w.astype(np.float64).copy()
+    h = h.astype(np.float64).copy()
+    k = w.shape[0]
+    dead = np.diag(h) == 0
+    h[dead, dead] = 1
+    h += damping * np.mean(np.diag(h)) * np.eye(k)
+    u = np.linalg.cholesky(np.linalg.inv(h)).T  # upper, u.T @ u = inv(h)
+    bound = qmax + 0.5
+    tile = tile or k
+    codes, scales = np.zeros(w.shape), []
+    for r in range(k):
+        if r % tile == 0:
+            s = np.abs(w[r:r + tile]).max(0) / bound
+            s = np.where(s == 0, 1.0, s)
+            scales.append(s)
+        c = np.clip(np.round(w[r] / s), -qmax, qmax)
+        codes[r] = c
+        err = (w[r] - c * s) / u[r, r]
+        w[r + 1:] -= np.outer(u[r, r + 1:], err)
+    return codes, np.stack(scales)
+
+
+def output_error(w, deq, h):
+    d = np.asarray(deq, np.float64) - np.asarray(w, np.float64)
+    return float(np.trace(d.T @ np.asarray(h, np.float64) @ d))
+
+
+@pytest.mark.parametrize('qtype,qmax,tile,k,block', [('int4', 7, 32, 224, 80), ('int8', 127, None, 200, 64)])
+def test_matches_float64_reference(qtype, qmax, tile, k, block):
+    # k not a multiple of the block: the last block is padded
+    n = 48
+    x = correlated_activations(4 * k, k)
+    h = np.asarray(gptq.hessian(x), np.float64)
+    w = (RNG.standard_normal((k, n)) * 0.1).astype(np.float32)
+    q = gptq.gptq_quantize(w, h, qtype, tile_size=tile, block_size=block)
+    ref_codes, ref_scales = ref_gptq(w, h, qmax, tile)
+    codes = np.asarray(qarray.codes(q)).astype(np.float64)
+    same = codes == ref_codes
+    assert same.mean() >= 0.999, same.mean()  # float32 vs float64 may flip rare near-ties
+    np.testing.assert_allclose(np.asarray(q.scale, np.float64), ref_scales, rtol=1e-4)
+    deq = np.asarray(qarray.dequantize(q), np.float64)
+    ref_deq = ref_codes * np.repeat(ref_scales, k // ref_scales.shape[0], axis=0)
+    np.testing.assert_allclose(deq[same], ref_deq[same], rtol=1e-4, atol=1e-7)
+    # and it pays off: lower output error than round-to-nearest
+    rtn = qarray.quantize(w, qtype, channelwise_axes=1, tiles={0: tile} if tile else None)
+    assert output_error(w, deq, h) < 0.8 * output_error(w, qarray.dequantize(rtn), h)
+
+
+@settings(max_examples=6)
+@given(qtype=st.sampled_from(['int4', 'uint4', 'nf4', 'float8_e4m3fn', 'int8']),
+       shape_tile=st.sampled_from([((64, 8), None), ((64, 8), 16), ((4, 48, 3), 16)]),
+       calibration=st.sampled_from(['absmax', 'minmax']), seed=st.integers(0, 100))
+def test_diagonal_hessian_equals_quantize(qtype, shape_tile, calibration, seed):
+    """A diagonal h couples no channels, so GPTQ must reduce to round-to-nearest exactly."""
+    shape, tile = shape_tile
+    axis = 1 if len(shape) == 3 else 0
+    if calibration == 'minmax' and qtype in ('nf4', 'float8_e4m3fn'):
+        calibration = 'absmax'  # no zero point for these formats
+    r = np.random.default_rng(seed)
+    w = r.standard_normal(shape).astype(np.float32)
+    k = shape[axis]
+    h = np.diag(r.uniform(0.0, 3.0, k) * (r.uniform(size=k) > 0.1)).astype(np.float32)  # some dead channels
+    q = gptq.gptq_quantize(w, h, qtype, axis=axis, tile_size=tile, calibration=calibration, block_size=32)
+    others = tuple(a for a in range(len(shape)) if a != axis)
+    ref = qarray.quantize(w, qtype, channelwise_axes=others, tiles={axis: tile} if tile else None,
+                          calibration=calibration)
+    np.testing.assert_array_equal(np.asarray(qarray.codes(q)).astype(np.float32),
+                                  np.asarray(qarray.codes(ref)).astype(np.float32))
+    np.testing.assert_array_equal(np.asarray(q.scale), np.asarray(ref.scale))
+    assert (q.zero_point is None) == (ref.zero_point is None)
+    if ref.zero_point is not None:
+        np.testing.assert_array_equal(np.asarray(q.zero_point), np.asarray(ref.zero_point))
+
+
+@pytest.mark.parametrize('qtype,tile', [('int4', 32), ('int3', None)])
+def test_beats_round_to_nearest_on_correlated_activations(qtype, tile):
+    k, n = 128, 64
+    x = correlated_activations(512, k, seed=1)
+    h = gptq.hessian(x)
+    w = (RNG.standard_normal((k, n)) * 0.05).astype(np.float32)
+    cal = 'minmax' if qtype.startswith('uint') else 'absmax'
+    q = gptq.gptq_quantize(w, h, qtype, tile_size=tile, calibration=cal)
+    rtn = qarray.quantize(w, qtype, channelwise_axes=1, tiles={0: tile} if tile else None, calibration=cal)
+    e_gptq, e_rtn = output_error(w, qarray.dequantize(q), h), output_error(w, qarray.dequantize(rtn), h)
+    assert e_gptq < 0.8 * e_rtn, (e_gptq, e_rtn)
+
+
+@pytest.mark.parametrize('qtype,cal,pack_axis,dtype', [('int4', 'absmax', -1, jnp.float32),
+                                                       ('uint4', 'minmax', 1, jnp.bfloat16)])
+def test_layout_equals_quantize_for_3d_weight(qtype, cal, pack_axis, dtype):
+    w = jnp.asarray(RNG.standard_normal((3, 64, 6)), dtype)  # [heads, K, dim], contracting axis 1
+    h = gptq.hessian(correlated_activations(256, 64))
+    q = gptq.gptq_quantize(w, h, qtype, axis=1, tile_size=16, calibration=cal, pack_axis=pack_axis)
+    ref = qarray.quantize(w, qtype, channelwise_axes=(0, 2), tiles={1: 16}, calibration=cal, pack_axis=pack_axis)
+    assert q.shape == ref.shape and q.dtype == ref.dtype == dtype
+    assert q.qvalue.shape == ref.qvalue.shape and q.qvalue.dtype == ref.qvalue.dtype
+    assert q.scale.shape == ref.scale.shape == (3, 4, 6) and q.scale.dtype == ref.scale.dtype
+    assert (q.packed_axis, q.packed_length) == (ref.packed_axis, ref.packed_length)
+    assert q.tiles == ref.tiles == {1: 16} and q.channelwise_axes == ref.channelwise_axes
+    assert (q.zero_point is None) == (ref.zero_point is None)
+    if q.zero_point is not None:
+        assert q.zero_point.shape == ref.zero_point.shape and q.zero_point.dtype == ref.zero_point.dtype
+    assert qarray.dequantize(q).dtype == dtype
+    if qtype != 'int4':
+        return
+    # per channel (no tiles) on axis -1 of a 3-D weight
+    q2 = gptq.gptq_quantize(w, gptq.hessian(correlated_activations(64, 6)), qtype, axis=-1, calibration=cal)
+    ref2 = qarray.quantize(w, qtype, channelwise_axes=(0, 1), calibration=cal)
+    assert q2.scale.shape == ref2.scale.shape == (3, 64, 1) and q2.qvalue.shape == ref2.qvalue.shape
+
+
+def test_hessian_matches_numpy():
+    x = RNG.standard_normal((2, 5, 3, 8)).astype(np.float32)
+    ref = np.einsum('abcd,abce->de', x.astype(np.float64), x.astype(np.float64))
+    got = gptq.hessian(x)
+    assert got.dtype == jnp.float32 and got.shape == (8, 8)
+    np.testing.assert_allclose(np.asarray(got), ref, rtol=1e-5, atol=1e-5)
+    xb = jnp.asarray(x, jnp.bfloat16)  # bf16 activations are summed in float32
+    x64 = np.asarray(xb, np.float64)
+    ref1 = np.einsum('abcd,aecd->be', x64, x64)
+    np.testing.assert_allclose(np.asarray(gptq.hessian(xb, axis=1)), ref1, rtol=1e-5, atol=1e-5)
+
+
+def test_dead_channel_keeps_its_weights():
+    k, n, dead = 64, 16, 21
+    x = correlated_activations(256, k)
+    x[:, dead] = 0  # never excited
+    h = gptq.hessian(x)
+    w = RNG.standard_normal((k, n)).astype(np.float32)
+    q = gptq.gptq_quantize(w, h, 'int4')
+    deq = np.asarray(qarray.dequantize(q))
+    rtn = np.asarray(qarray.dequantize(qarray.quantize(w, 'int4', channelwise_axes=1)))
+    # no error reaches it and it passes none on: round-to-nearest, not zeroed
+    np.testing.assert_array_equal(deq[dead], rtn[dead])
+    assert np.count_nonzero(deq[dead]) >= n // 2  # (the reference prototype zeroed it)
+    assert np.all(np.isfinite(deq))
+
+
+def test_not_positive_definite_raises_and_damping_fixes_it():
+    h = np.eye(8, dtype=np.float32)
+    h[0, 1] = h[1, 0] = 2.0  # indefinite
+    w = RNG.standard_normal((8, 4)).astype(np.float32)
+    with pytest.raises(ValueError, match=r'h is not positive definite.*larger damping'):
+        gptq.gptq_quantize(w, h, 'int8', damping=0.0)
+    jitted = jax.jit(lambda w, h: gptq.gptq_quantize(w, h, 'int8', damping=0.0))
+    with pytest.raises(Exception, match=r'h is not positive definite'):  # under jit: at run time
+        jax.block_until_ready(jitted(w, h))
+    q = gptq.gptq_quantize(w, h, 'int8', damping=2.0)  # 2 * mean(diag) = 2 on the diagonal: PD
+    assert np.all(np.isfinite(np.asarray(qarray.dequantize(q))))
+
+
+class JitTest(parameterized.TestCase):
+
+    @chex.variants(with_jit=True, without_jit=True)
+    def test_jit_and_eager_agree(self):
+        x = correlated_activations(256, 64)
+        w = RNG.standard_normal((64, 12)).astype(np.float32)
+        h = gptq.hessian(x)
+        fn = self.variant(lambda w, h: gptq.gptq_quantize(w, h, 'int4', tile_size=16, block_size=32))
+        q = fn(w, h)
+        ref = gptq.gptq_quantize(w, h, 'int4', tile_size=16, block_size=32)
+        chex.assert_trees_all_equal(q, ref)
+        ref_codes, _ = ref_gptq(w, np.asarray(h), 7, 16)
+        assert (np.asarray(qarray.codes(q)) == ref_codes).mean() >= 0.999
+
+
+def test_errors():
+    w = jnp.ones((8, 4))
+    h = jnp.eye(8)
+    with pytest.raises(ValueError, match=r'h must be the \[K, K\] Hessian.*\(8, 8\).*\(4, 4\)'):
+        gptq.gptq_quantize(w, jnp.eye(4), 'int4')
+    with pytest.raises(ValueError, match=r'axis=2 is out of range'):
+        gptq.gptq_quantize(w, h, 'int4', axis=2)
+    with pytest.raises(ValueError, match=r'damping must be a float >= 0'):
+        gptq.gptq_quantize(w, h, 'int4', damping=-0.1)
+    with pytest.raises(ValueError, match=r'tile_size=3 must be None or a positive int dividing the length 8'):
+        gptq.gptq_quantize(w, h, 'int4', tile_size=3)
+    with pytest.raises(ValueError, match=r'tile_size=0'):
+        gptq.gptq_quantize(w, h, 'int4', tile_size=0)
+    with pytest.raises(ValueError, match=r'block_size must be a positive int'):
+        gptq.gptq_quantize(w, h, 'int4', block_size=0)
+    with pytest.raises(ValueError, match=r'w must have rank >= 2'):
+        gptq.gptq_quantize(jnp.ones(8), h, 'int4')
+    with pytest.raises(ValueError, match=r'pack_axis=5 is out of range'):
+        gptq.gptq_quantize(w, h, 'int4', pack_axis=5)
+    with pytest.raises(TypeError, match=r'w must be a floating-point weight'):
+        gptq.gptq_quantize(jnp.ones((8, 4), jnp.int32), h, 'int4')
+    with pytest.raises(TypeError, match=r'w is already a QArray'):
+        gptq.gptq_quantize(qarray.quantize(w, 'int8'), h, 'int4')
+    with pytest.raises(TypeError, match=r'scale_dtype must be a floating dtype'):
+        gptq.gptq_quantize(w, h, 'int4', scale_dtype=jnp.int32)
+    with pytest.raises(ValueError, match=r'Unknown calibration'):
+        gptq.gptq_quantize(w, h, 'int4', calibration='nope')
+    with pytest.raises(ValueError, match=r'axis=3 is out of range for activations'):
+        gptq.hessian(jnp.ones((2, 3)), axis=3)
+    with pytest.raises(TypeError, match=r'x must be a floating-point array of activations'):
+        gptq.hessian(jnp.ones((2, 3), jnp.int32))
