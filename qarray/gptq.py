@@ -92,7 +92,7 @@ def gptq_quantize(w: Any, h: Any, qtype: Any, *, axis: int = 0, tile_size: int |
       damping: ``damping * mean(diag(h))`` is added to the diagonal of ``h``
         (stabilises the inverse); must be >= 0.
       block_size: channels per lazy-batch block (rounded to a multiple of
-        ``tile_size``); affects speed only.
+        ``tile_size``); affects speed (and float32 rounding) only.
       scale_dtype: dtype of scales (default ``w.dtype``).
       pack_axis: axis along which sub-byte formats are bit-packed.
 
