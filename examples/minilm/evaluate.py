@@ -4,7 +4,7 @@ Fidelity is measured against the float32 model on the 91 sentences of the 48
 hand-written pairs (:mod:`examples.minilm.sentences`): mean cosine between
 quantized and float embeddings, and the Spearman correlation of the 48 pair
 similarities with the float model's. Static activation ranges are calibrated on
-the 32 held-out :data:`~examples.minilm.sentences.CALIBRATION` sentences only.
+the held-out :data:`~examples.minilm.sentences.CALIBRATION` sentences only (GPTQ Hessians too).
 Latency: a jitted forward pass on 32 sentences x 64 tokens, params passed as
 arguments (so XLA cannot constant-fold the dequantization away); the two
 libraries' runs are interleaved so machine noise hits both alike.
@@ -83,8 +83,8 @@ def calibration_batches(length: int = 24) -> list[tuple[np.ndarray, np.ndarray]]
     as if they were text; grouping the sentences by length avoids padding.
 
     Example:
-      >>> sum(ids.shape[0] for ids, _ in calibration_batches())  # doctest: +SKIP
-      32
+      >>> sum(ids.shape[0] for ids, _ in calibration_batches()) == len(sentences.CALIBRATION)  # doctest: +SKIP
+      True
     """
     tok = weights.load_tokenizer()
     ids, mask = tok(sentences.CALIBRATION, length)
@@ -181,15 +181,27 @@ def build_qarray(scheme: Scheme, params: Any, data: EvalData) -> Built:
 
 
 def build_qwix(scheme: Scheme, params: Any, data: EvalData) -> Built | None:
-    """The same scheme with Qwix 0.1.8 (None where Qwix has no equivalent).
+    """The Qwix 0.1.8 side of a row (None where the row has no Qwix counterpart).
 
-    Static schemes collect ``quant_stats`` with Qwix's ``QtProvider`` on the
-    held-out sentences, then ``qwix.quantize_params`` turns them into scales.
+    ``scheme.qwix_method == 'ptq'``: the same scheme in plain Qwix PTQ; static
+    schemes collect ``quant_stats`` with Qwix's ``QtProvider`` on the held-out
+    sentences, then ``qwix.quantize_params`` turns them into scales. ``'gptq'``,
+    ``'awq'``, ``'smoothquant'``: Qwix's ``contrib`` method with the scheme's
+    formats (:mod:`examples.minilm.qwix_contrib`), calibrated on the same
+    unpadded held-out batches as qarray's GPTQ.
 
     Example:
       >>> build_qwix(SCHEMES[0], weights.load_params(), eval_data())  # doctest: +SKIP
     """
-    rules = qwix_rules(scheme)
+    if scheme.qwix_method in ('gptq', 'awq', 'smoothquant'):
+        from examples.minilm import qwix_contrib
+        batches = calibration_batches()
+        if scheme.qwix_method == 'gptq':
+            return qwix_contrib.build_qwix_gptq(scheme, params, data, batches, damping=scheme.gptq_damping)
+        if scheme.qwix_method == 'awq':
+            return qwix_contrib.build_qwix_awq(scheme, params, data, batches)
+        return qwix_contrib.build_qwix_smoothquant(scheme, params, data, batches)
+    rules = qwix_rules(scheme) if scheme.qwix_method == 'ptq' else None
     if rules is None:
         return None
     import qwix
@@ -268,12 +280,18 @@ def run_table(schemes: Sequence[Scheme], *, with_qwix: bool = True, data: EvalDa
     for scheme in schemes:
         t0 = time.perf_counter()
         ours = build_qarray(scheme, params, data)
-        theirs = build_qwix(scheme, params, data) if with_qwix else None
+        theirs = None
+        if with_qwix:
+            try:
+                theirs = build_qwix(scheme, params, data)
+            except NotImplementedError as e:  # a Qwix method that cannot produce this format: say so in the row
+                if log:
+                    log(f"{scheme.name}: no Qwix row: {e}")
         row: dict[str, Any] = dict(scheme=scheme.name, bytes=tree_bytes(ours.variables),
                                    linear_bytes=linear_bytes(ours.variables), **fidelity(ours, data, float_emb))
         if theirs is not None:
             qf = fidelity(theirs, data, float_emb)
-            row.update(qwix_bytes=tree_bytes(theirs.variables),
+            row.update(qwix_method=scheme.qwix_method, qwix_bytes=tree_bytes(theirs.variables),
                        qwix_linear_bytes=linear_bytes(theirs.variables),
                        qwix_linear_bytes_packed=linear_bytes(theirs.variables, packed=True),
                        qwix_cos=qf['cos'], qwix_spearman=qf['spearman'])

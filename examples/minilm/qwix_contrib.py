@@ -83,8 +83,8 @@ def _weight_only_kwargs(scheme: Scheme, module_path: str) -> dict[str, Any]:
 
 
 def build_qwix_gptq(scheme: Scheme, params: Any, data: EvalData, batches: Batches, *,
-                    module_path: str = LINEAR_PATHS, block_size: int = 128) -> Built | None:
-    """Qwix GPTQ (``qwix.contrib.gptq``, block 128, damping 0.01) on a weight-only scheme.
+                    module_path: str = LINEAR_PATHS, block_size: int = 128, damping: float = 0.01) -> Built | None:
+    """Qwix GPTQ (``qwix.contrib.gptq``, block 128, damping 0.01 by default) on a weight-only scheme.
 
     Returns None for schemes that quantize activations or use a non-absmax
     weight calibration (GPTQ picks its own scales per group with absmax).
@@ -118,7 +118,7 @@ def build_qwix_gptq(scheme: Scheme, params: Any, data: EvalData, batches: Batche
     model = MiniLM()
     stats = _calibrate(model, gptq.GptqCalibrationProvider(rules), params, batches)
     qparams = gptq.quantize_params(params['params'], _abstract(model, rules, data), stats,
-                                   gptq_block_size=block_size)
+                                   gptq_block_size=block_size, gptq_damping_factor=damping)
     qmodel = qwix.quantize_model(model, qwix.PtqProvider(rules))
     return Built(jax.jit(qmodel.apply), {'params': qparams})
 

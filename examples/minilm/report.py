@@ -40,14 +40,15 @@ def markdown_table(rows: Sequence[dict[str, Any]]) -> str:
     qwix = any('qwix_cos' in r for r in rows)
     head = ['scheme', 'linear MiB', 'total MiB', 'mean cos', 'Spearman', 'ms / batch']
     if qwix:
-        head = ['scheme', 'linear MiB', 'Qwix linear MiB (CPU buffer / packed)', 'total MiB', 'Qwix total MiB',
+        head = ['scheme', 'Qwix method', 'linear MiB', 'Qwix linear MiB (CPU buffer / packed)', 'total MiB', 'Qwix total MiB',
                 'mean cos', 'Qwix mean cos', 'Spearman', 'Qwix Spearman', 'ms / batch (x float)', 'Qwix ms / batch (x float)']
     lines = ['| ' + ' | '.join(head) + ' |', '|' + '|'.join('---' for _ in head) + '|']
     for r in rows:
         if qwix:
             has = 'qwix_cos' in r
             qlin = (f"{_mib(r['qwix_linear_bytes'])} / {_mib(r['qwix_linear_bytes_packed'])}" if has else '-')
-            cells = [r['scheme'], _mib(r['linear_bytes']), qlin, _mib(r['bytes']), _mib(r.get('qwix_bytes')),
+            method = {'ptq': 'same scheme'}.get(r.get('qwix_method'), r.get('qwix_method')) if has else '-'
+            cells = [r['scheme'], method or '-', _mib(r['linear_bytes']), qlin, _mib(r['bytes']), _mib(r.get('qwix_bytes')),
                      _f(r['cos'], '.6f'), _f(r.get('qwix_cos'), '.6f'), _f(r['spearman'], '.4f'),
                      _f(r.get('qwix_spearman'), '.4f'), _ms(r, 'ms'), _ms(r, 'qwix_ms')]
         else:

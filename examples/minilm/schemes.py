@@ -34,6 +34,10 @@ class Scheme:
         calibration activations; Qwix: ``qwix.contrib.gptq``).
       rotation: None or ``'hadamard'`` (block Hadamard rotation of weights and activations; Qwix has no
         rule-level equivalent).
+      gptq_damping: GPTQ damping (a fraction of the mean Hessian diagonal), the same in both libraries.
+      qwix_method: what fills the Qwix columns: ``'ptq'`` (the same scheme in plain Qwix PTQ), or the Qwix
+        ``contrib`` method closest to this row -- ``'gptq'``, ``'awq'``, ``'smoothquant'`` -- where plain
+        Qwix has no equivalent; None: no Qwix column.
 
     Example:
       >>> Scheme('x', 'int4', tile_size=128).weight_only
@@ -48,6 +52,8 @@ class Scheme:
     weight_calibration: str = 'absmax'
     weight_algorithm: str = 'rtn'
     rotation: str | None = None
+    gptq_damping: float = 0.01
+    qwix_method: str | None = 'ptq'
 
     @property
     def weight_only(self) -> bool:
@@ -55,32 +61,45 @@ class Scheme:
         return self.act_qtype is None
 
 
+# GPTQ damping of the gptq rows (both libraries). The calibration set is small (a few thousand tokens
+# against K up to 1536), where 0.1 generalises better than the paper's 0.01 (see RESULTS.md).
+GPTQ_DAMPING = 0.1
+
 SCHEMES: list[Scheme] = [
     Scheme('w8a8 int8 dynamic', 'int8', 'int8'),
     Scheme('w8a8 int8 dynamic t128', 'int8', 'int8', tile_size=128),
     Scheme('w8a8 int8 static', 'int8', 'int8', act_static=True),
     Scheme('w8a8 int8 static t128', 'int8', 'int8', tile_size=128, act_static=True),
-    Scheme('w8a8 int8 dynamic hadamard', 'int8', 'int8', rotation='hadamard'),
-    Scheme('w8a8 int8 static hadamard', 'int8', 'int8', act_static=True, rotation='hadamard'),
+    Scheme('w8a8 int8 dynamic hadamard', 'int8', 'int8', rotation='hadamard', qwix_method='smoothquant'),
+    Scheme('w8a8 int8 static hadamard', 'int8', 'int8', act_static=True, rotation='hadamard', qwix_method=None),
     Scheme('w8a8 fp8 dynamic', 'float8_e4m3fn', 'float8_e4m3fn'),
     Scheme('int8 weight-only', 'int8'),
     Scheme('fp8 weight-only', 'float8_e4m3fn'),
     Scheme('int4 t128 weight-only', 'int4', tile_size=128),
-    Scheme('int4 t128 mse weight-only', 'int4', tile_size=128, weight_calibration='mse'),
-    Scheme('int4 t128 gptq weight-only', 'int4', tile_size=128, weight_algorithm='gptq'),
+    Scheme('int4 t128 mse weight-only', 'int4', tile_size=128, weight_calibration='mse', qwix_method=None),
+    Scheme('int4 t128 gptq weight-only', 'int4', tile_size=128, weight_algorithm='gptq', gptq_damping=GPTQ_DAMPING,
+           qwix_method='gptq'),
     Scheme('int4 t128 gptq hadamard weight-only', 'int4', tile_size=128, weight_algorithm='gptq',
-           rotation='hadamard'),
+           rotation='hadamard', gptq_damping=GPTQ_DAMPING, qwix_method='awq'),
+    Scheme('int4 t128 gptq hadamard mse weight-only', 'int4', tile_size=128, weight_algorithm='gptq',
+           rotation='hadamard', gptq_damping=GPTQ_DAMPING, weight_calibration='mse', qwix_method=None),
+    # Asymmetric 4-bit: codes 0..15 and a uint8 zero point per tile (16 levels instead of 15).
+    Scheme('uint4 t128 weight-only', 'uint4', tile_size=128, weight_calibration='minmax'),
+    Scheme('uint4 t128 gptq hadamard weight-only', 'uint4', tile_size=128, weight_calibration='minmax',
+           weight_algorithm='gptq', rotation='hadamard', gptq_damping=GPTQ_DAMPING, qwix_method=None),
     Scheme('int4 t64 weight-only', 'int4', tile_size=64),
     Scheme('nf4 t64 weight-only', 'nf4', tile_size=64),
-    Scheme('nf4 t64 gptq hadamard weight-only', 'nf4', tile_size=64, weight_algorithm='gptq', rotation='hadamard'),
+    Scheme('nf4 t64 gptq hadamard weight-only', 'nf4', tile_size=64, weight_algorithm='gptq', rotation='hadamard',
+           gptq_damping=GPTQ_DAMPING, qwix_method='awq'),
     Scheme('int3 t64 weight-only', 'int3', tile_size=64),
-    Scheme('int3 t64 mse weight-only', 'int3', tile_size=64, weight_calibration='mse'),
+    Scheme('int3 t64 mse weight-only', 'int3', tile_size=64, weight_calibration='mse', qwix_method=None),
     Scheme('int3 t64 gptq hadamard weight-only', 'int3', tile_size=64, weight_algorithm='gptq',
-           rotation='hadamard'),
+           rotation='hadamard', gptq_damping=GPTQ_DAMPING, qwix_method='awq'),
 ]
 
 # The few rows `python -m qarray` computes live (it must stay fast on 2 cores).
-TOUR_SCHEMES = ['w8a8 int8 dynamic t128', 'int8 weight-only', 'int4 t128 weight-only', 'nf4 t64 weight-only']
+TOUR_SCHEMES = ['w8a8 int8 dynamic t128', 'w8a8 int8 dynamic hadamard', 'int8 weight-only', 'int4 t128 weight-only',
+                'nf4 t64 weight-only']
 
 
 def by_name(name: str) -> Scheme:
@@ -109,13 +128,15 @@ def qarray_rules(scheme: Scheme, fi: Any = None) -> list[Any]:
                                 act_qtype=scheme.act_qtype, tile_size=scheme.tile_size,
                                 act_static_scale=scheme.act_static,
                                 weight_calibration_method=scheme.weight_calibration,
-                                weight_algorithm=scheme.weight_algorithm, rotation=scheme.rotation)]
+                                weight_algorithm=scheme.weight_algorithm, rotation=scheme.rotation,
+                                gptq_damping=scheme.gptq_damping)]
 
 
 def _qwix_qtype(name: str) -> Any:
     import jax.numpy as jnp
-    # Qwix names native formats by dtype and its synthetic ones (nf4, int3) by string.
-    return {'int8': jnp.int8, 'int4': jnp.int4, 'float8_e4m3fn': jnp.float8_e4m3fn}.get(name, name)
+    # Qwix names native formats by dtype and its synthetic ones (nf4, int3) by string. Its asymmetric 4-bit
+    # format is jnp.int4 with a zero point (minmax); jnp.uint4 rejects asymmetric calibration.
+    return {'int8': jnp.int8, 'int4': jnp.int4, 'uint4': jnp.int4, 'float8_e4m3fn': jnp.float8_e4m3fn}.get(name, name)
 
 
 def qwix_rules(scheme: Scheme) -> list[Any] | None:
@@ -129,11 +150,12 @@ def qwix_rules(scheme: Scheme) -> list[Any] | None:
       >>> qwix_rules(by_name('int4 t128 mse weight-only')) is None  # doctest: +SKIP
       True
     """
-    if scheme.weight_calibration != 'absmax' or scheme.rotation is not None or scheme.weight_algorithm != 'rtn':
+    if (scheme.weight_calibration not in ('absmax', 'minmax') or scheme.rotation is not None
+            or scheme.weight_algorithm != 'rtn'):
         return None
     import qwix
     kw = dict(module_path=LINEAR_PATHS, weight_qtype=_qwix_qtype(scheme.weight_qtype),
-              tile_size=scheme.tile_size)
+              tile_size=scheme.tile_size, weight_calibration_method=scheme.weight_calibration)
     if scheme.act_qtype is not None:
         kw.update(act_qtype=_qwix_qtype(scheme.act_qtype), act_static_scale=scheme.act_static)
         if scheme.act_static:

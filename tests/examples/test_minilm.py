@@ -175,6 +175,25 @@ def test_w8a8_tiled_fidelity():
 
 
 @needs_model
+def test_w8a8_hadamard_per_channel_fidelity():
+    # Per-channel w8a8 misses 0.999 on MiniLM (0.9973); rotating weights and activations spreads the
+    # activation outlier channels (measured 0.9997 on the full pair set).
+    f, built = _quantized_cos('w8a8 int8 dynamic hadamard')
+    assert f['cos'] >= 0.999
+    assert built.variables['params']['layer_0']['query']['kernel'].rotation == (0, 128)
+
+
+@needs_model
+def test_int4_gptq_hadamard_beats_round_to_nearest():
+    # GPTQ with Hessians from the held-out sentences, on Hadamard-rotated weights (measured 0.989 vs 0.950
+    # round-to-nearest on the full pair set).
+    rtn, _ = _quantized_cos('int4 t128 weight-only')
+    f, built = _quantized_cos('int4 t128 gptq hadamard weight-only')
+    assert f['cos'] >= 0.98 and (1 - f['cos']) < 0.4 * (1 - rtn['cos'])
+    assert evaluate.linear_bytes(built.variables) <= 6 * (4 * 384 * 384 + 2 * 384 * 1536) // 2 * 1.07
+
+
+@needs_model
 def test_int4_fidelity():
     # Measured 0.94-0.95 on this model (Qwix: 0.950); the 0.99 target is not met by
     # round-to-nearest int4 on MiniLM-L6 (see benchmarks/RESULTS.md). Guard against regressions.
