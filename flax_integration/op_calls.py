@@ -35,6 +35,7 @@ import numpy as np
 from qarray.core import QArray
 
 from flax_integration import ops_bridge
+from flax_integration.wrappers import QuantizedParam
 
 __all__ = ['OpCall', 'dot_general_call', 'einsum_call', 'conv_call', 'dot_call', 'matmul_call']
 
@@ -99,9 +100,8 @@ class OpCall:
 
 
 def _plain(x: Any) -> Any:
-    """Dequantize quantized operands (for the original, float op)."""
-    x = getattr(x, 'array', x)
-    return x.__jax_array__() if isinstance(x, QArray) else x
+    """Dequantize quantized operands (for the original, float op); a rotated param is also unrotated."""
+    return x.__jax_array__() if isinstance(x, (QArray, QuantizedParam)) else x
 
 
 def dot_general_call(lhs, rhs, dimension_numbers, precision=None, preferred_element_type=None,

@@ -223,3 +223,14 @@ def test_unsupported_providers_and_layouts_raise():
 def test_rule_validation(kwargs, match):
     with pytest.raises(ValueError, match=match):
         fi.QuantizationRule(**kwargs)
+
+
+def test_float_fallback_of_a_rotated_param_unrotates_it():
+    from flax_integration.op_calls import dot_general_call
+    w = jax.random.normal(jax.random.key(1), (K, N))
+    q = QuantizedParam(qarray.quantize(rotation.rotate(w, 0), 'int8', channelwise_axes=(1,)), rotation=(0, 64))
+    x = _inputs(8)[:4]
+    out = dot_general_call(x, q, (((1,), (0,)), ((), ()))).run_original()
+    ref = np.asarray(x, np.float64) @ (_dense_rotation(K) @ np.asarray(qarray.dequantize(q.array), np.float64))
+    np.testing.assert_allclose(np.asarray(out), ref, rtol=1e-4, atol=1e-3)
+    np.testing.assert_allclose(np.asarray(out), np.asarray(x @ w), rtol=0.05, atol=0.5)
