@@ -78,35 +78,31 @@ def quantize_like(value: jax.Array, abstract: QuantizedParam, path: str = '', he
     if abstract.rotation is not None:
         axis, block = abstract.rotation
         value = rotation_lib.rotate(value, axis, block=block)
-    if abstract.gptq_stats is None:
+    if abstract.gptq is None:
         q = core.quantize(value, a.qtype, channelwise_axes=cw, tiles=tiles or None,
                           calibration=abstract.calibration, scale_dtype=a.scale.dtype, pack_axis=pack_axis)
     else:
-        q = _gptq_like(value, a, abstract, cw, tiles, pack_axis, hessian, path)
+        q = _gptq_like(value, a, abstract, tiles, pack_axis, hessian, path)
     q = QArray(q.qvalue, q.scale, q.zero_point, qtype=q.qtype, dtype=a.dtype, packed_axis=q.packed_axis,
                packed_length=q.packed_length)
     return dataclasses.replace(abstract, array=_rebox(abstract.array, q))
 
 
-def _gptq_like(value, a: QArray, abstract: QuantizedParam, cw, tiles, pack_axis, hessian, path: str) -> QArray:
+def _gptq_like(value, a: QArray, abstract: QuantizedParam, tiles, pack_axis, hessian, path: str) -> QArray:
     if hessian is None:
         raise ValueError(f"param {path!r} is quantized with weight_algorithm='gptq', which needs its Hessian "
-                         f"statistic {abstract.gptq_stats!r}: run calibrate(model, params, batches, rules=rules) "
+                         f"statistic {abstract.gptq[0]!r}: run calibrate(model, params, batches, rules=rules) "
                          "and pass the result as quantize_params(..., quant_stats).")
     hessian = unbox_leaves(hessian)
     if not isinstance(hessian['count'], jax.core.Tracer) and int(hessian['count']) == 0:
-        raise ValueError(f"quant_stats {abstract.gptq_stats!r} for param {path!r} have count 0: run calibrate(...) "
+        raise ValueError(f"quant_stats {abstract.gptq[0]!r} for param {path!r} have count 0: run calibrate(...) "
                          "on at least one batch.")
     h = jnp.asarray(hessian['hessian'], jnp.float32)
-    axis = [i for i in range(len(a.shape)) if i not in cw]
-    if len(axis) != 1:
-        raise ValueError(f"param {path!r}: GPTQ needs exactly one contracting axis; the quantized layout has "
-                         f"{axis}.")
-    axis = axis[0]
+    _, axis, damping = abstract.gptq
     if abstract.rotation is not None:  # the weight is rotated: so are the activations it sees
         h = rotation_lib.rotate_hessian(h, block=abstract.rotation[1])
     return gptq.gptq_quantize(value, h, a.qtype, axis=axis, tile_size=tiles.get(axis),
-                              calibration=abstract.calibration, damping=abstract.gptq_damping,
+                              calibration=abstract.calibration, damping=damping,
                               scale_dtype=a.scale.dtype, pack_axis=pack_axis)
 
 
@@ -141,10 +137,10 @@ def _stat_scale(stat: Mapping, abstract: ActivationScale, path: str) -> Activati
 
 
 def _hessian(quant_stats: Any, path: tuple, abstract: QuantizedParam) -> Any:
-    """The GPTQ statistic of a param (it sits next to the param, under ``abstract.gptq_stats``)."""
-    if abstract.gptq_stats is None or quant_stats is None:
+    """The GPTQ statistic of a param (it sits next to the param, named ``abstract.gptq[0]``)."""
+    if abstract.gptq is None or quant_stats is None:
         return None
-    return _lookup(quant_stats, tuple(path[:-1]) + (abstract.gptq_stats,))
+    return _lookup(quant_stats, tuple(path[:-1]) + (abstract.gptq[0],))
 
 
 def _is_special(x: Any) -> bool:

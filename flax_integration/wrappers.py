@@ -81,8 +81,12 @@ class QuantizedParam:
     * ``rotation``: None, or ``(axis, block)``: ``array`` holds the weight
       rotated along ``axis`` by :func:`qarray.rotation.rotate` with that block
       (the model rotates the activation to match);
-    * ``gptq_stats``: None, or the name of the Hessian statistic (next to this
-      param in ``quant_stats``) that GPTQ rounding uses; ``gptq_damping`` its damping.
+    * ``gptq``: None, or ``(statistic, axis, damping)``: round with GPTQ from
+      the Hessian statistic of that name (next to this param in
+      ``quant_stats``), along contracting ``axis``, with that damping.
+
+    ``qarray.io`` records and checks these fields (``checkpoint_fields``), so a
+    checkpoint restores only into params quantized the same way.
 
     Example:
       >>> import jax.numpy as jnp, qarray
@@ -94,8 +98,9 @@ class QuantizedParam:
     array: QArray
     calibration: str = dataclasses.field(default='absmax', metadata=dict(static=True))
     rotation: tuple[int, int] | None = dataclasses.field(default=None, metadata=dict(static=True))
-    gptq_stats: str | None = dataclasses.field(default=None, metadata=dict(static=True))
-    gptq_damping: float = dataclasses.field(default=0.01, metadata=dict(static=True))
+    gptq: tuple[str, int, float] | None = dataclasses.field(default=None, metadata=dict(static=True))
+
+    checkpoint_fields = ('calibration', 'rotation', 'gptq')  # static fields qarray.io saves and checks
 
     def __getitem__(self, key: Any) -> 'QuantizedParam':
         return _unwrap_variables(self, key)
@@ -126,12 +131,12 @@ class QuantizedParam:
 
     def transpose(self, *axes: int) -> 'QuantizedParam':
         array = unbox_leaves(self.array).transpose(*axes)
-        rotation = self.rotation
-        if rotation is not None:  # the rotated axis moves with the transpose
-            order = list(axes[0] if len(axes) == 1 and isinstance(axes[0], (tuple, list)) else axes) or list(
-                range(self.ndim))[::-1]
-            rotation = (order.index(rotation[0]), rotation[1])
-        return dataclasses.replace(self, array=array, rotation=rotation)
+        order = list(axes[0] if len(axes) == 1 and isinstance(axes[0], (tuple, list)) else axes)
+        order = [a % self.ndim for a in order] or list(range(self.ndim))[::-1]
+        # Axes recorded for rotation and GPTQ move with the transpose.
+        rotation = None if self.rotation is None else (order.index(self.rotation[0]), self.rotation[1])
+        gptq = None if self.gptq is None else (self.gptq[0], order.index(self.gptq[1]), self.gptq[2])
+        return dataclasses.replace(self, array=array, rotation=rotation, gptq=gptq)
 
     @property
     def T(self) -> 'QuantizedParam':

@@ -166,8 +166,12 @@ class Provider:
     # --- helpers shared by providers ------------------------------------------------------
     @staticmethod
     def plain_operand(x: Any) -> Any:
-        """A QuantizedParam becomes its QArray; everything else is returned as is."""
-        return unbox_leaves(x.array) if isinstance(x, QuantizedParam) else x
+        """A QuantizedParam becomes its QArray -- or, if stored rotated, its dequantized, unrotated value, which
+        is right in any op (the rotated QArray is only right where the activation is rotated to match, see
+        :meth:`rotated_weight`); everything else is returned as is."""
+        if isinstance(x, QuantizedParam):
+            return x.__jax_array__() if x.rotation is not None else unbox_leaves(x.array)
+        return x
 
     @staticmethod
     def weight_layout(op: Op) -> tuple[tuple[int, ...], dict[int, int] | None]:
@@ -198,13 +202,19 @@ class Provider:
                 "the rule with module_path or op_names=('dot_general', 'einsum').")
         return wc[0], ac[0]
 
-    @staticmethod
-    def stored_rotation(op: Op) -> tuple[int, int] | None:
-        """``(axis, block)`` the op's stored weight is rotated by, or None."""
+    @classmethod
+    def rotated_weight(cls, op: Op) -> tuple[Any, int] | None:
+        """``(rotated QArray, block)`` when the op's weight is stored rotated along the axis this op contracts
+        (then the activation must be rotated to match), else None."""
         value = op.weight.value
         if not isinstance(value, QuantizedParam) and op.weight.name is not None:
             value = unbox_leaves(op.frame.get_param(op.weight.name))
-        return value.rotation if isinstance(value, QuantizedParam) else None
+        if not isinstance(value, QuantizedParam) or value.rotation is None:
+            return None
+        wc = op.call.contract[op.weight.index]
+        if op.call.per_channel_only or tuple(wc) != (value.rotation[0],):
+            return None  # used along another axis (e.g. a tied kernel's .T): plain_operand unrotates it
+        return unbox_leaves(value.array), value.rotation[1]
 
     def quantize_weight_value(self, op: Op, value: jax.Array) -> QuantizedParam:
         """Quantize a float weight the way ``op.rule`` says (layout from the op), rotated first if the rule
@@ -212,12 +222,12 @@ class Provider:
         ``quant_stats`` applies GPTQ."""
         rule = op.rule
         cw, tiles = self.weight_layout(op)
-        rotation, gptq_stats = None, None
+        rotation, gptq = None, None
         try:
             if rule.transforms_weights:
                 axis, _ = self.transform_axes(op)
                 if rule.weight_algorithm == 'gptq':
-                    gptq_stats = hessian_name(op)
+                    gptq = (hessian_name(op), axis, rule.gptq_damping)
                 if rule.rotation is not None:
                     rotation = (axis, rotation_lib.block_size(value.shape[axis]))
                     value = rotation_lib.rotate(value, axis, block=rotation[1])
@@ -225,7 +235,7 @@ class Provider:
                               calibration=rule.weight_calibration_method)
         except (ValueError, TypeError) as e:
             raise type(e)(f"{op.describe()}, weight {op.weight.name!r} of shape {value.shape}: {e}") from None
-        return QuantizedParam(q, rule.weight_calibration_method, rotation, gptq_stats, rule.gptq_damping)
+        return QuantizedParam(q, rule.weight_calibration_method, rotation, gptq)
 
 
 def hessian_name(op: Op) -> str:

@@ -136,7 +136,7 @@ class LoraProvider(PtqProvider):
       1.0
     """
 
-    supports_weight_transforms = False  # the adapter path would see the unrotated input
+    supports_weight_transforms = False  # GPTQ/rotations with adapters are not implemented or tested
 
     def __init__(self, rules: Sequence[QuantizationRule] | None = None, *, seed: int = 0, **rule_fields: Any):
         if rules is None:

@@ -65,10 +65,11 @@ class PtqProvider(Provider):
             return op.call.run(*operands)
         if op.weight is not None:
             operands[op.weight.index] = self.weight(op)
-            rotation = self.stored_rotation(op)
-            if rotation is not None:  # the weight is stored rotated: rotate the activation to match
+            rotated = self.rotated_weight(op)
+            if rotated is not None:  # stored rotated along this contraction: rotate the activation to match
                 a = 1 - op.weight.index
-                operands[a] = rotation_lib.rotate(operands[a], self.transform_axes(op)[1], block=rotation[1])
+                operands[op.weight.index] = rotated[0]
+                operands[a] = rotation_lib.rotate(operands[a], self.transform_axes(op)[1], block=rotated[1])
         if rule.act_qtype is not None:
             for i in op.act_indices():
                 operands[i] = self.activation(op, i, operands[i])
@@ -76,7 +77,8 @@ class PtqProvider(Provider):
 
     # --- weights ---------------------------------------------------------------------------
     def weight(self, op: Op) -> Any:
-        """The weight operand to compute with: a QArray (or the float weight if not quantized)."""
+        """The weight operand to compute with: a QArray, the float weight if not quantized, or a rotated weight's
+        unrotated value (:meth:`process_op` swaps in the rotated QArray where the activation is rotated)."""
         w, rule = op.weight, op.rule
         if w.quantized:
             return self.plain_operand(w.value)
@@ -90,11 +92,11 @@ class PtqProvider(Provider):
                 "(Linen) or quantize_model(nnx_model, provider, *inputs) (NNX).")
         stored = unbox_leaves(op.frame.get_param(w.name))
         if isinstance(stored, QuantizedParam):  # a second op on the same weight in this init run
-            return stored.array
+            return self.plain_operand(stored)
         qp = self.quantize_weight_value(op, w.value)
         op.frame.put_param(w.name, qp)
         op.frame.derived[id(w.value)] = (w.name, w.value)  # later ops may still see the float object
-        return qp.array
+        return self.plain_operand(qp)
 
     # --- activations -----------------------------------------------------------------------
     def activation(self, op: Op, i: int, x: Any) -> Any:

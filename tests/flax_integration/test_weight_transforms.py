@@ -234,3 +234,63 @@ def test_float_fallback_of_a_rotated_param_unrotates_it():
     ref = np.asarray(x, np.float64) @ (_dense_rotation(K) @ np.asarray(qarray.dequantize(q.array), np.float64))
     np.testing.assert_allclose(np.asarray(out), ref, rtol=1e-4, atol=1e-3)
     np.testing.assert_allclose(np.asarray(out), np.asarray(x @ w), rtol=0.05, atol=0.5)
+
+
+class _TwoUses(nn.Module):
+    """One kernel used by a rule-matched dot, an einsum no rule matches, and (transposed) a tied second dot."""
+    tied: bool = False
+
+    @nn.compact
+    def __call__(self, x):
+        k = self.param('k', nn.initializers.normal(1.0), (K, K))
+        h = jnp.dot(x, k)
+        if self.tied:
+            return jnp.dot(h, k.T)
+        return h + jnp.einsum('bk,kn->bn', x, k)
+
+
+@pytest.mark.parametrize('tied', [False, True])
+def test_rotated_kernel_in_an_unmatched_op_or_transposed_is_unrotated(tied):
+    # A rotated weight is only multiplied in its rotated form where the activation is rotated to match;
+    # an op with no rule, or a use along the other axis (tied weights), gets the dequantized, unrotated value.
+    model = _TwoUses(tied)
+    x = _inputs(9)[:16]
+    params = model.init(jax.random.key(0), x)['params']
+    ref = model.apply({'params': params}, x)
+    ops = fi.rules.OP_NAMES if tied else ('dot_general',)  # untied: the einsum has no rule
+    rules = [fi.QuantizationRule(weight_qtype='int8', rotation='hadamard', op_names=ops)]
+    qm = fi.quantize_model(model, fi.PtqProvider(rules))
+    abstract = jax.eval_shape(qm.init, jax.random.key(0), x)['params']
+    qp = fi.quantize_params(params, abstract)
+    assert qp['k'].rotation == (0, 64)
+    out = qm.apply({'params': qp}, x)
+    rel = float(jnp.linalg.norm(out - ref) / jnp.linalg.norm(ref))
+    assert rel < 0.02, rel  # using the rotated codes unrotated gives ~0.7 (unmatched op) / ~1.2 (tied)
+
+
+def test_gptq_on_a_single_output_dense_and_count_zero_statistics():
+    class Head(nn.Module):
+        @nn.compact
+        def __call__(self, x):
+            return nn.Dense(1)(x)
+    x = _inputs(10, n=128, outliers=False)
+    params = Head().init(jax.random.key(0), x)['params']
+    rules = [fi.QuantizationRule(weight_qtype='int4', tile_size=16, weight_algorithm='gptq', rotation='hadamard')]
+    stats = fi.calibrate(Head(), params, [x], rules=rules, progress=False)
+    qm = fi.quantize_model(Head(), fi.PtqProvider(rules))
+    abstract = jax.eval_shape(qm.init, jax.random.key(0), x[:2])['params']
+    qp = fi.quantize_params(params, abstract, stats)
+    assert qp['Dense_0']['kernel'].gptq == ('dot_general0_hessian', 0, 0.01)
+    rel = float(jnp.linalg.norm(qm.apply({'params': qp}, x) - Head().apply({'params': params}, x))
+                / jnp.linalg.norm(Head().apply({'params': params}, x)))
+    assert rel < 0.1, rel
+    empty = jax.tree.map(jnp.zeros_like, stats)
+    with pytest.raises(ValueError, match='count 0'):
+        fi.quantize_params(params, abstract, empty)
+
+
+def test_transpose_with_negative_axes_moves_rotation_and_gptq_axes():
+    q = QuantizedParam(qarray.quantize(jnp.ones((8, 4, 2)), 'int8', channelwise_axes=(1, 2)), rotation=(0, 8),
+                       gptq=('s', 0, 0.1))
+    t = q.transpose(-1, 0, -2)
+    assert t.rotation == (1, 8) and t.gptq == ('s', 1, 0.1)
