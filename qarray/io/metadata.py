@@ -24,7 +24,7 @@ import numpy as np
 from qarray.core import QArray
 from qarray.paths import path_name  # re-exported
 
-__all__ = ['CheckpointError', 'FORMAT_VERSION', 'path_name', 'flatten', 'describe', 'leaf_meta',
+__all__ = ['CheckpointError', 'FORMAT_VERSION', 'path_name', 'flatten', 'describe', 'containers', 'leaf_meta',
            'check', 'abstract_leaf', 'nest']
 
 FORMAT_VERSION = 1
@@ -87,10 +87,59 @@ def leaf_meta(leaf: Any) -> dict[str, Any]:
     return {'kind': 'array', **_array_meta(leaf)}
 
 
+def _child(node: Any, key: Any) -> Any:
+    """The child of ``node`` at one key-path entry (None when the entry kind is not a name or an index)."""
+    if isinstance(key, jax.tree_util.DictKey):
+        return node[key.key]
+    if isinstance(key, jax.tree_util.GetAttrKey):
+        return getattr(node, key.name)
+    if isinstance(key, jax.tree_util.SequenceKey):
+        return node[key.idx]
+    return None
+
+
+def containers(tree: Any) -> dict[str, list[dict[str, str]]]:
+    """Static fields of the wrapper nodes above each leaf, for wrapper classes that list them in a
+    ``checkpoint_fields`` class attribute (e.g. ``flax_integration``'s ``QuantizedParam``: its rotation and
+    GPTQ settings live in the pytree structure, not in any array, yet change what the arrays mean).
+
+    Example:
+      >>> import dataclasses, jax.numpy as jnp
+      >>> @jax.tree_util.register_dataclass
+      ... @dataclasses.dataclass
+      ... class Wrap:
+      ...     x: Any
+      ...     tag: str = dataclasses.field(default='a', metadata=dict(static=True))
+      ...     checkpoint_fields = ('tag',)
+      >>> containers({'w': Wrap(jnp.ones(2), 'b')})
+      {'w/x': [{'type': 'Wrap', 'tag': "'b'"}]}
+    """
+    with_path, _ = jax.tree_util.tree_flatten_with_path(tree, is_leaf=_is_qarray)
+    out = {}
+    for path, _ in with_path:
+        node, found = tree, []
+        for key in path:
+            fields = getattr(type(node), 'checkpoint_fields', None)
+            if fields:
+                found.append({'type': type(node).__name__, **{f: repr(getattr(node, f)) for f in fields}})
+            node = _child(node, key)
+            if node is None:
+                break
+        out[path_name(path)] = found
+    return out
+
+
 def describe(tree: Any) -> dict[str, dict[str, Any]]:
-    """``{name: leaf_meta}`` for every leaf of ``tree`` (in flatten order)."""
+    """``{name: leaf_meta + containers}`` for every leaf of ``tree`` (in flatten order).
+
+    Example:
+      >>> import jax.numpy as jnp
+      >>> describe({'b': jnp.ones(2)})
+      {'b': {'kind': 'array', 'shape': [2], 'dtype': 'float32', 'containers': []}}
+    """
     names, leaves, _ = flatten(tree)
-    return {n: leaf_meta(leaf) for n, leaf in zip(names, leaves)}
+    wrappers = containers(tree)
+    return {n: {**leaf_meta(leaf), 'containers': wrappers.get(n, [])} for n, leaf in zip(names, leaves)}
 
 
 def _fmt(meta: dict[str, Any]) -> str:
@@ -151,6 +200,12 @@ def check(stored: dict[str, dict[str, Any]], expected: dict[str, dict[str, Any]]
                     raise CheckpointError(
                         f"param {name!r}: {source} holds {_fmt(have)}, but the target expects {_fmt(want)} "
                         f"({field}: stored {have.get(field)!r} != expected {want.get(field)!r}); {hint}.")
+        # Checkpoints written before wrapper fields were recorded have no 'containers': nothing to compare.
+        if 'containers' in have and have['containers'] != want.get('containers', []):
+            raise CheckpointError(
+                f"param {name!r}: {source} was saved inside {have['containers']}, but the target expects "
+                f"{want.get('containers', [])}; the checkpoint was made with different quantization rules "
+                "(e.g. rotation or GPTQ settings), so its values mean something else in this model.")
 
 
 def _sds(meta: dict[str, Any], sharding: Any = None) -> jax.ShapeDtypeStruct:

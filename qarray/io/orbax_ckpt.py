@@ -70,8 +70,7 @@ def save(path: str | os.PathLike, tree: Any, *, force: bool = False) -> None:
     """
     ocp = _ocp()
     names, leaves, _ = md.flatten(tree)
-    meta = {'format_version': md.FORMAT_VERSION, 'names': names,
-            'params': {n: md.leaf_meta(leaf) for n, leaf in zip(names, leaves)}}
+    meta = {'format_version': md.FORMAT_VERSION, 'names': names, 'params': md.describe(tree)}
     arrays = {_key(i): _parts(leaf) for i, leaf in enumerate(leaves)}
     with ocp.Checkpointer(ocp.CompositeCheckpointHandler()) as ckptr:
         ckptr.save(os.path.abspath(path), ocp.args.Composite(
@@ -147,7 +146,7 @@ def resolve(path_meta: dict[str, Any], target: Any, shardings: Any, source: str
         t_names = names
     else:
         t_names, leaves_t, treedef = md.flatten(target)
-        md.check(stored, {n: md.leaf_meta(leaf) for n, leaf in zip(t_names, leaves_t)}, source)
+        md.check(stored, md.describe(target), source)
     if shardings is None:
         sh_leaves = [None] * len(t_names)
     elif target is None:

@@ -100,7 +100,7 @@ def save_safetensors(path: str | os.PathLike, tree: Any, *, metadata: dict[str, 
             if is_raw:
                 raw.append(tname)
     meta = {'format_version': md.FORMAT_VERSION, 'names': names,
-            'params': {n: md.leaf_meta(leaf) for n, leaf in zip(names, leaves)}, 'raw_tensors': raw}
+            'params': md.describe(tree), 'raw_tensors': raw}
     header = dict(metadata or {})
     if _META_KEY in header:
         raise ValueError(f"metadata key {_META_KEY!r} is reserved for qarray; pick another key.")

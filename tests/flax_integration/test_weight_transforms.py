@@ -294,3 +294,24 @@ def test_transpose_with_negative_axes_moves_rotation_and_gptq_axes():
                        gptq=('s', 0, 0.1))
     t = q.transpose(-1, 0, -2)
     assert t.rotation == (1, 8) and t.gptq == ('s', 1, 0.1)
+
+
+@pytest.mark.parametrize('fmt', ['orbax', 'safetensors'])
+def test_checkpoints_record_rotation_and_refuse_other_rules(fmt, tmp_path):
+    pytest.importorskip('orbax.checkpoint' if fmt == 'orbax' else 'safetensors')
+    model, params = _float_setup()
+    rot_rules = [fi.QuantizationRule(weight_qtype='int4', tile_size=16, rotation='hadamard')]
+    plain_rules = [fi.QuantizationRule(weight_qtype='int4', tile_size=16)]
+    qm, qp = _ptq(rot_rules, params)
+    abstract_rot = jax.eval_shape(lambda: _ptq(rot_rules, params)[1])
+    abstract_plain = jax.eval_shape(lambda: _ptq(plain_rules, params)[1])
+    path = str(tmp_path / ('ckpt' if fmt == 'orbax' else 'ckpt.safetensors'))
+    save, restore = ((qarray.io.save, qarray.io.restore) if fmt == 'orbax'
+                     else (qarray.io.save_safetensors, qarray.io.load_safetensors))
+    save(path, qp)
+    back = restore(path, abstract_rot)
+    assert back['Dense_0']['kernel'].rotation == (0, 64)
+    x = _inputs(11)[:8]
+    np.testing.assert_array_equal(np.asarray(qm.apply({'params': back}, x)), np.asarray(qm.apply({'params': qp}, x)))
+    with pytest.raises(qarray.io.CheckpointError, match=r"Dense_0/kernel.*rotation"):
+        restore(path, abstract_plain)
