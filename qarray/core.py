@@ -348,6 +348,19 @@ def _normalize_layout(shape: tuple[int, ...], channelwise_axes: Any,
     return cw, {a: int(t) for a, t in tile_map.items()}
 
 
+def normalize_axis(axis: Any, ndim: int, name: str = 'axis', what: str = 'an array') -> int:
+    """``axis`` as a non-negative int, or a ValueError naming ``name`` and the allowed range.
+
+    Example:
+      >>> normalize_axis(-1, 3)
+      2
+    """
+    if not isinstance(axis, (int, np.integer)) or isinstance(axis, bool) or not -ndim <= axis < ndim:
+        raise ValueError(f"{name}={axis!r} is out of range for {what} with {ndim} dims; "
+                         f"use an int in [{-ndim}, {ndim - 1}].")
+    return int(axis) % ndim
+
+
 def _bad_axis(a, ndim, name='channelwise_axes'):
     raise ValueError(f"{name} axis {a} is out of range for an array with {ndim} dims.")
 
@@ -531,9 +544,7 @@ def _codes_with_scale(x, qt, scale, zero_point):
 def _check_pack_axis(x, qt, pack_axis) -> None:
     if x.ndim == 0:
         raise ValueError(f"qtype {qt.name!r} is bit-packed and needs an array with at least one axis.")
-    if not isinstance(pack_axis, (int, np.integer)) or not -x.ndim <= pack_axis < x.ndim:
-        raise ValueError(f"pack_axis={pack_axis!r} is out of range for an array with {x.ndim} dims; "
-                         f"use an int in [{-x.ndim}, {x.ndim - 1}].")
+    normalize_axis(pack_axis, x.ndim, 'pack_axis')
 
 
 def _pack(codes_, scale, zp, qt, x, pack_axis) -> QArray:

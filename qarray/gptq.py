@@ -61,10 +61,7 @@ def hessian(x: Any, axis: int = -1) -> jax.Array:
     x = jnp.asarray(x)
     if not jnp.issubdtype(x.dtype, jnp.floating):
         raise TypeError(f"x must be a floating-point array of activations; got dtype {x.dtype}.")
-    if not isinstance(axis, (int, np.integer)) or isinstance(axis, bool) or not -x.ndim <= axis < x.ndim:
-        raise ValueError(f"axis={axis!r} is out of range for activations with {x.ndim} dims; "
-                         f"use an int in [{-x.ndim}, {x.ndim - 1}].")
-    return _hessian_jit(x, int(axis) % x.ndim)
+    return _hessian_jit(x, core.normalize_axis(axis, x.ndim, what='activations'))
 
 
 @functools.partial(jax.jit, static_argnums=(1,))
@@ -120,10 +117,7 @@ def gptq_quantize(w: Any, h: Any, qtype: Any, *, axis: int = 0, tile_size: int |
         raise TypeError(f"w must be a floating-point weight; got dtype {w.dtype}.")
     if w.ndim < 2:
         raise ValueError(f"w must have rank >= 2 (a contracting axis and output channels); got shape {w.shape}.")
-    if not isinstance(axis, (int, np.integer)) or isinstance(axis, bool) or not -w.ndim <= axis < w.ndim:
-        raise ValueError(f"axis={axis!r} is out of range for w with {w.ndim} dims; "
-                         f"use an int in [{-w.ndim}, {w.ndim - 1}].")
-    axis = int(axis) % w.ndim
+    axis = core.normalize_axis(axis, w.ndim, what='w')
     k = w.shape[axis]
     h = jnp.asarray(h)
     if h.shape != (k, k):
@@ -142,9 +136,8 @@ def gptq_quantize(w: Any, h: Any, qtype: Any, *, axis: int = 0, tile_size: int |
     scale_dtype = jnp.dtype(scale_dtype or w.dtype)
     if not jnp.issubdtype(scale_dtype, jnp.floating):
         raise TypeError(f"scale_dtype must be a floating dtype (float32, bfloat16, float16); got {scale_dtype}.")
-    if qt.packed and (not isinstance(pack_axis, (int, np.integer)) or not -w.ndim <= pack_axis < w.ndim):
-        raise ValueError(f"pack_axis={pack_axis!r} is out of range for w with {w.ndim} dims; "
-                         f"use an int in [{-w.ndim}, {w.ndim - 1}].")
+    if qt.packed:
+        core.normalize_axis(pack_axis, w.ndim, 'pack_axis', 'w')
 
     tile = int(tile_size) if tile_size is not None and tile_size < k else None
     block = _block(k, tile, int(block_size))

@@ -32,6 +32,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from qarray import core
+
 __all__ = ['hadamard', 'block_size', 'signs', 'rotate', 'unrotate', 'rotate_hessian']
 
 
@@ -103,10 +105,7 @@ def _check(x: Any, axis: int, block: int | None, name: str = 'x') -> tuple[jax.A
     x = jnp.asarray(x)
     if not jnp.issubdtype(x.dtype, jnp.floating):
         raise TypeError(f"{name} must be a floating-point array to rotate; got dtype {x.dtype}.")
-    if not isinstance(axis, (int, np.integer)) or isinstance(axis, bool) or not -x.ndim <= axis < x.ndim:
-        raise ValueError(f"axis={axis!r} is out of range for an array with {x.ndim} dims; "
-                         f"use an int in [{-x.ndim}, {x.ndim - 1}].")
-    axis = int(axis) % x.ndim
+    axis = core.normalize_axis(axis, x.ndim)
     k = x.shape[axis]
     if block is None:
         block = block_size(k)
