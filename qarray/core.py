@@ -27,7 +27,7 @@ from __future__ import annotations
 
 import functools
 import math
-from typing import Any, Mapping, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -437,14 +437,25 @@ def _check_input(x: Any, check_finite: bool) -> jax.Array:
     if not jnp.issubdtype(x.dtype, jnp.floating):
         raise TypeError(f"x must be a floating-point array; got dtype {x.dtype}.")
     if check_finite:
-        all_finite = jnp.all(jnp.isfinite(x))
-        try:
-            concrete = bool(all_finite)
-        except jax.errors.ConcretizationTypeError:  # traced (jit, vmap, ...): check at run time
-            jax.debug.callback(_raise_nonfinite, all_finite)
-        else:
-            _raise_nonfinite(concrete)
+        check_when_known(jnp.all(jnp.isfinite(x)), _raise_nonfinite)
     return x
+
+
+def check_when_known(ok: Any, raise_unless_ok: Callable[[Any], None]) -> None:
+    """Call ``raise_unless_ok(ok)`` now if ``ok`` is concrete, else when the traced program runs.
+
+    Example:
+      >>> def must_hold(ok):
+      ...     if not bool(ok):
+      ...         raise ValueError('it did not hold')
+      >>> check_when_known(jnp.all(jnp.ones(3) > 0), must_hold)
+    """
+    try:
+        concrete = bool(ok)
+    except jax.errors.ConcretizationTypeError:  # traced (jit, vmap, ...): check at run time
+        jax.debug.callback(raise_unless_ok, ok)
+    else:
+        raise_unless_ok(concrete)
 
 
 def _raise_nonfinite(all_finite) -> None:

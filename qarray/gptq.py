@@ -143,7 +143,7 @@ def gptq_quantize(w: Any, h: Any, qtype: Any, *, axis: int = 0, tile_size: int |
     block = _block(k, tile, int(block_size))
     q, factor_ok = _gptq_jit(w, h, jnp.float32(damping), axis, qt, calibration, tile, block, scale_dtype,
                              int(pack_axis))
-    _check_factor(factor_ok)
+    core.check_when_known(factor_ok, _raise_not_pd)
     return q
 
 
@@ -152,15 +152,6 @@ def _block(k: int, tile: int | None, block_size: int) -> int:
     if tile is None:
         return min(block_size, k)
     return tile * max(1, min(block_size, k) // tile)
-
-
-def _check_factor(all_finite) -> None:
-    try:
-        ok = bool(all_finite)
-    except jax.errors.ConcretizationTypeError:  # traced (jit, vmap, ...): check at run time
-        jax.debug.callback(_raise_not_pd, all_finite)
-    else:
-        _raise_not_pd(ok)
 
 
 def _raise_not_pd(all_finite) -> None:
