@@ -573,7 +573,7 @@ def codes(q: QArray) -> jax.Array:
 
     Example:
       >>> import jax.numpy as jnp, qarray
-      >>> qarray.core.codes(qarray.quantize(jnp.array([-1., 1.]), 'int2')).tolist()
+      >>> qarray.core.codes(qarray.quantize(jnp.array([-0.5, 1.]), 'int2')).tolist()
       [-1, 1]
     """
     if q.packed_axis is None:
@@ -619,8 +619,8 @@ def dequantize(q: QArray, dtype: Any = None) -> jax.Array:
     Example:
       >>> import jax.numpy as jnp, qarray
       >>> q = qarray.quantize(jnp.array([0., 2., -7.5]), 'int4')  # scale = absmax / 7.5 = 1
-      >>> qarray.dequantize(q).tolist()   # -7.5 is half a step past the lowest level, -7
-      [0.0, 2.0, -7.0]
+      >>> qarray.dequantize(q).tolist()   # -7.5 rounds half to even: to the extra negative code, -8
+      [0.0, 2.0, -8.0]
     """
     if not isinstance(q, QArray):
         raise TypeError(f"dequantize expects a QArray; got {type(q).__name__}.")
@@ -670,14 +670,14 @@ def representable_range(scale: jax.Array, zero_point: jax.Array | None, qtype: A
 
     For integer formats it reaches half a step beyond the extreme levels
     (their rounding cells), so a value at the calibrated absmax — which lands
-    on ``qmax + 1/2`` — still gets a gradient. fp8 and nf4: their largest
-    level times ``scale``.
+    on ``qmax + 1/2`` — still gets a gradient; signed ints go one code further
+    down (``-qmax - 1``). fp8 and nf4: their largest level times ``scale``.
 
     Example:
       >>> import jax.numpy as jnp
       >>> lo, hi = representable_range(jnp.array(0.5), None, 'int8')
       >>> float(lo), float(hi)
-      (-63.75, 63.75)
+      (-64.25, 63.75)
     """
     qt = qtypes.get(qtype)
     s = scale.astype(jnp.float32)

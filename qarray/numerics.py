@@ -27,8 +27,8 @@ def code_range(qtype: QType, has_zero_point: bool) -> tuple[float, float]:
 
     Example:
       >>> from qarray import qtypes
-      >>> code_range(qtypes.get('int4'), has_zero_point=False)
-      (-7, 7)
+      >>> code_range(qtypes.get('int4'), has_zero_point=False), code_range(qtypes.get('int4_narrow'), False)
+      ((-8, 7), (-7, 7))
     """
     if has_zero_point:
         return qtype.asym_range

@@ -57,7 +57,9 @@ def test_absmax_int_error_at_most_half_step(name, x):
     # int1 is binary: its step is 2*scale, so the bound is one scale.
     half_step = s * qtypes.get(name).step_in_scales / 2
     err = np.abs(np_deq(q) - x64)
-    assert np.all(err <= half_step * (1 + 1e-5) + 1e-30), (err / s).max()
+    # Plus float32 rounding of the scale and its reciprocal, relative to the value (matters at the extremes,
+    # e.g. a constant negative row lands on -(qmax + 1/2) * (1 + eps) and rounds to the code -qmax - 1).
+    assert np.all(err <= half_step * (1 + 1e-5) + 4 * np.finfo(np.float32).eps * np.abs(x64) + 1e-30), (err / s).max()
     # The library's float32 output is that reconstruction rounded once.
     np.testing.assert_allclose(np.asarray(qarray.dequantize(q), np.float64), np_deq(q), rtol=1e-7, atol=0)
     # Independent scale: absmax / (qmax + half step), in float32 as numpy computes it.
@@ -80,7 +82,7 @@ def test_absmax_int_codes_match_numpy_reference(name, jit):
     if qt.bits == 1:
         ref = np.where(y >= 0, 1, -1)
     else:
-        ref = np.clip(np.rint(y), -qt.qmax, qt.qmax)  # np.rint: half to even
+        ref = np.clip(np.rint(y), -qt.qmax - 1, qt.qmax)  # np.rint: half to even; full two's-complement range
     np.testing.assert_array_equal(np.asarray(qarray.codes(q)), ref.reshape(8, 64))
     np.testing.assert_array_equal(np.asarray(q.scale), s.reshape(8, 4))
 
@@ -88,10 +90,14 @@ def test_absmax_int_codes_match_numpy_reference(name, jit):
 def test_round_half_to_even_and_explicit_clipping():
     x = jnp.array([[0.5, 1.5, 2.5, -0.5, -1.5, -2.5, 300.0, -300.0]])
     c = qarray.codes(qarray.quantize_with_scale(x, 'int8', jnp.ones((1, 1))))
-    assert c.tolist() == [[0, 2, 2, 0, -2, -2, 127, -127]]
+    assert c.tolist() == [[0, 2, 2, 0, -2, -2, 127, -128]]
     c = qarray.codes(qarray.quantize_with_scale(x, 'int4', jnp.ones((1, 1))))
+    assert c.tolist() == [[0, 2, 2, 0, -2, -2, 7, -8]]
+    c = qarray.codes(qarray.quantize_with_scale(x, 'int4_narrow', jnp.ones((1, 1))))
     assert c.tolist() == [[0, 2, 2, 0, -2, -2, 7, -7]]
-    # With a zero point the full two's-complement range is used.
+    # A group's negative extreme sits at -(qmax + 1/2) steps and rounds (half to even) to the extra code.
+    assert qarray.codes(qarray.quantize(jnp.array([-7.5, 1.0, 3.0]), 'int4')).tolist() == [-8, 1, 3]
+    # With a zero point the full two's-complement range is used too.
     c = qarray.codes(qarray.quantize_with_scale(x, 'int4', jnp.ones((1, 1)), jnp.zeros((1, 1))))
     assert c.tolist() == [[0, 2, 2, 0, -2, -2, 7, -8]]
     c = qarray.codes(qarray.quantize_with_scale(x, 'uint4', jnp.ones((1, 1)), jnp.full((1, 1), 3)))
@@ -448,7 +454,8 @@ def np_pass_mask(x, name, lo, hi):
         s = np.float32(hi) * np.float32(1 / qt.calibration_bound)
         half = qt.step_in_scales / 2 if qt.is_integer else 0
         r = (qt.qmax + half) * np.float64(s)
-        return (x >= -r) & (x <= r)
+        low = (-qt.qmin + half) * np.float64(s)  # signed ints reach one code further down: -qmax - 1
+        return (x >= -low) & (x <= r)
     qa, qb = qt.asym_range
     c = np.float32(1 / (qb - qa))
     s = np.float32(hi) * c - np.float32(lo) * c
@@ -531,6 +538,8 @@ def test_error_messages():
 
 def test_representable_range():
     lo, hi = core.representable_range(jnp.array(0.5), None, 'int8')
+    assert (float(lo), float(hi)) == (-64.25, 63.75)  # codes -128..127, each +-half a step
+    lo, hi = core.representable_range(jnp.array(0.5), None, 'int8_narrow')
     assert (float(lo), float(hi)) == (-63.75, 63.75)
     lo, hi = core.representable_range(jnp.array(1.0), jnp.array(3, jnp.uint8), 'uint4')
     assert (float(lo), float(hi)) == (-3.5, 12.5)

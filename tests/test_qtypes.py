@@ -39,10 +39,14 @@ def test_integer_code_ranges(bits):
         with pytest.raises(ValueError, match="'int1' has no zero level.*'uint1'"):
             i.asym_range
     else:
-        assert (i.qmin, i.qmax) == (-(2 ** (bits - 1) - 1), 2 ** (bits - 1) - 1)
+        assert (i.qmin, i.qmax) == (-(2 ** (bits - 1)), 2 ** (bits - 1) - 1)  # full two's complement
         assert i.asym_range == (-(2 ** (bits - 1)), 2 ** (bits - 1) - 1)
         assert i.calibration_bound == i.qmax + 0.5
+        n = qtypes.narrow_range(i)
+        assert (n.qmin, n.qmax, n.bits, n.name) == (-(2 ** (bits - 1) - 1), 2 ** (bits - 1) - 1, bits, f'int{bits}_narrow')
+        assert qtypes.get(f'int{bits}_narrow') == n and n.calibration_bound == i.calibration_bound
     assert (u.qmin, u.qmax, u.asym_range) == (0, 2**bits - 1, (0, 2**bits - 1))
+    assert qtypes.narrow_range(u) is u and qtypes.narrow_range('int1').qmin == -1
     assert i.packed == u.packed == (bits < 8)
     assert i.is_integer and u.is_integer
     assert i.code_dtype == np.int8 and u.code_dtype == np.uint8

@@ -57,7 +57,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from qarray import core
+from qarray import core, qtypes
 from qarray.core import QArray
 
 from flax_integration import interception
@@ -216,7 +216,9 @@ class OdmlQatProvider(Provider):
     def weight(self, op: Op, w: jax.Array) -> jax.Array:
         """Fake-quantized weight (straight-through gradient)."""
         axis = self.weight_axis(op)
-        return core.fake_quant(w, op.rule.weight_qtype, channelwise_axes=() if axis is None else (axis,),
+        # LiteRT weights use the narrow range ([-127, 127] for int8), so the QAT model trains with it too.
+        return core.fake_quant(w, qtypes.narrow_range(op.rule.weight_qtype),
+                               channelwise_axes=() if axis is None else (axis,),
                                calibration=op.rule.weight_calibration_method)
 
     # --- activations -----------------------------------------------------------------------
@@ -395,8 +397,10 @@ def fake_quant_composite(x: jax.Array, qtype: str, scale: np.ndarray, zero_point
     s = np.asarray(scale, np.float32).reshape(shape)
     z = None if zero_point is None else np.asarray(zero_point).reshape(shape)
 
+    codes = qtypes.narrow_range(qtype) if narrow_range else qtype  # LiteRT's narrow range: no code -2**(B-1)
+
     def body(v, **_attrs):
-        return core.dequantize(core.quantize_with_scale(v, qtype, s, z), v.dtype)
+        return core.dequantize(core.quantize_with_scale(v, codes, s, z), v.dtype)
 
     return jax.lax.composite(body, name='quant.fake_quant')(x, **attrs)
 
@@ -511,7 +515,8 @@ class OdmlConversionProvider(OdmlQatProvider):
         qtype = op.rule.weight_qtype
         value = self._weight_value(op, w)
         with jax.ensure_compile_time_eval():
-            q = core.quantize(jnp.asarray(value), qtype, channelwise_axes=() if axis is None else (axis,),
+            q = core.quantize(jnp.asarray(value), qtypes.narrow_range(qtype),
+                              channelwise_axes=() if axis is None else (axis,),
                               calibration=op.rule.weight_calibration_method)
             scale = np.asarray(q.scale)
         return fake_quant_composite(w, qtype, scale, None, narrow_range=True, axis=axis)

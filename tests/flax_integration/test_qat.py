@@ -48,10 +48,11 @@ def test_fake_quant_with_scale_matches_numpy(seed, qtype):
     s = np.float32(0.7 / {'int8': 127, 'int4': 7, 'int3': 3}[qtype])
     qmax = {'int8': 127, 'int4': 7, 'int3': 3}[qtype]
     y = fake_quant_with_scale(jnp.asarray(x), qtype, jnp.full((1, 1), s))
-    ref = np.clip(np.round(x.astype(np.float64) / s), -qmax, qmax) * s
+    ref = np.clip(np.round(x.astype(np.float64) / s), -qmax - 1, qmax) * s  # full two's-complement codes
     np.testing.assert_allclose(np.asarray(y, np.float64), ref, rtol=1e-6, atol=1e-7)
     g = jax.grad(lambda v: fake_quant_with_scale(v, qtype, jnp.full((1, 1), s)).sum())(jnp.asarray(x))
-    inside = np.abs(x.astype(np.float64)) <= (qmax + 0.5) * s
+    x64 = x.astype(np.float64)
+    inside = (x64 <= (qmax + 0.5) * s) & (x64 >= -(qmax + 1.5) * s)
     np.testing.assert_array_equal(np.asarray(g), inside.astype(np.float32))
 
 
@@ -115,7 +116,7 @@ def test_linen_stats_update_when_mutable_and_freeze_otherwise():
     # eval (quant_stats not mutable): the stored range quantizes the input, whatever the batch holds
     scale = ref / 127.5  # symmetric int8: the calibrated absmax sits at the edge of the top code's cell
     y = qat.apply(v, 10 * x)
-    xq = np.clip(np.round(10 * np.asarray(x, np.float64) / scale), -127, 127) * scale
+    xq = np.clip(np.round(10 * np.asarray(x, np.float64) / scale), -128, 127) * scale
     wq = np.asarray(jax.jit(lambda w: __import__('qarray').fake_quant(w, 'int8', channelwise_axes=(1,)))(
         v['params']['kernel']), np.float64)
     np.testing.assert_allclose(np.asarray(y), xq @ wq + np.asarray(v['params']['bias']), rtol=1e-5, atol=1e-5)

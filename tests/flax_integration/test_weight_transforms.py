@@ -81,8 +81,11 @@ def test_rotated_weight_is_stored_rotated_and_output_matches_float64_reference()
     assert isinstance(kernel, QuantizedParam) and kernel.rotation == (0, 64)
     w = np.asarray(params['Dense_0']['kernel'], np.float64)
     r = _dense_rotation(K)
-    # Stored codes are those of R^T W (the rotated weight), quantized as usual.
-    expect = qarray.quantize(jnp.asarray(r.T @ w, jnp.float32), 'int4', channelwise_axes=(1,), tiles={0: 16})
+    # Stored codes are those of R^T W (the rotated weight), quantized as usual. (Codes compared on the library's
+    # float32 rotation: a float64 R^T W can flip the tie of a tile's negative extreme between -7 and -8.)
+    rotated = rotation.rotate(params['Dense_0']['kernel'], 0)
+    np.testing.assert_allclose(np.asarray(rotated, np.float64), r.T @ w, rtol=1e-5, atol=1e-6)
+    expect = qarray.quantize(rotated, 'int4', channelwise_axes=(1,), tiles={0: 16})
     np.testing.assert_array_equal(np.asarray(qarray.codes(kernel.array)), np.asarray(qarray.codes(expect)))
     # __jax_array__ undoes the rotation: R @ deq, close to W within the int4 step.
     deq_rot = np.asarray(qarray.dequantize(kernel.array), np.float64)
