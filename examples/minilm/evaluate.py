@@ -34,7 +34,7 @@ from examples.minilm.model import LINEAR_PATHS, MiniLM
 from examples.minilm.schemes import Scheme, qarray_rules, qwix_rules
 
 __all__ = ['EvalData', 'Built', 'eval_data', 'calibration_batches', 'tree_bytes', 'linear_bytes', 'build_float', 'build_qarray',
-           'build_qwix', 'fidelity', 'time_interleaved', 'run_table']
+           'build_qwix', 'fidelity', 'fidelity_noise', 'time_interleaved', 'run_table']
 
 
 @dataclasses.dataclass
@@ -235,6 +235,33 @@ def fidelity(built: Built, data: EvalData, float_emb: np.ndarray) -> dict[str, f
     return {'cos': float(cos.mean()), 'cos_min': float(cos.min()), 'spearman': rho}
 
 
+def _one_ulp_perturbed(params: Any, seed: int) -> Any:
+    """``params`` with every float multiplied by ``1 +- 2**-23`` (about one float32 ulp), signs at random."""
+    rng = np.random.default_rng(seed)
+
+    def nudge(leaf):
+        a = np.asarray(leaf)
+        if not np.issubdtype(a.dtype, np.floating):
+            return leaf
+        return (a * (1 + rng.choice([-1.0, 1.0], a.shape) * 2.0**-23)).astype(a.dtype)
+    return jax.tree.map(nudge, params)
+
+
+def fidelity_noise(scheme: Scheme, params: Any, data: EvalData, float_emb: np.ndarray, n: int = 4) -> float:
+    """Standard deviation of the scheme's mean cosine when the float weights move by one float32 ulp.
+
+    The noise floor of a comparison: rounding-boundary flips (weights, activations) make the mean cosine of
+    two implementations that store the same codes differ by about this much.
+
+    Example:
+      >>> fidelity_noise(SCHEMES[0], weights.load_params(), eval_data(n_pairs=1), emb)  # doctest: +SKIP
+      1.2e-05
+    """
+    cos = [fidelity(build_qarray(scheme, _one_ulp_perturbed(params, seed), data), data, float_emb)['cos']
+           for seed in range(n)]
+    return float(np.std(cos, ddof=1))
+
+
 def time_interleaved(builts: Sequence[Built | None], ids: np.ndarray, mask: np.ndarray,
                      repeats: int = 5) -> list[float | None]:
     """Median milliseconds per call of each model, runs interleaved round-robin (after one warm-up).
@@ -295,6 +322,9 @@ def run_table(schemes: Sequence[Scheme], *, with_qwix: bool = True, data: EvalDa
                        qwix_linear_bytes=linear_bytes(theirs.variables),
                        qwix_linear_bytes_packed=linear_bytes(theirs.variables, packed=True),
                        qwix_cos=qf['cos'], qwix_spearman=qf['spearman'])
+        if theirs is not None and 0 < row['qwix_cos'] - row['cos'] < 1e-3:
+            # Below Qwix by a hair: measure this row's own noise floor so the report can tell a tie.
+            row['cos_noise'] = fidelity_noise(scheme, params, data, float_emb)
         if timing:
             # The float model runs in the same round-robin so each row carries its own baseline.
             fms, ms, qms = time_interleaved([ref, ours, theirs], data.lat_ids, data.lat_mask, repeats)
