@@ -64,9 +64,13 @@ class PtqProvider(Provider):
         if rule is None:
             return op.call.run(*operands)
         if op.weight is not None:
-            operands[op.weight.index] = self.weight(op)
-            rotated = self.rotated_weight(op)
-            if rotated is not None:  # stored rotated along this contraction: rotate the activation to match
+            # A weight stored rotated along this contraction is used as stored, with the activation rotated to
+            # match; anything else goes through self.weight (which also quantizes and stores it at init).
+            rotated = self.rotated_weight(op) if op.weight.quantized else None
+            if rotated is None:
+                operands[op.weight.index] = self.weight(op)
+                rotated = self.rotated_weight(op)  # at init: the param stored just now
+            if rotated is not None:
                 a = 1 - op.weight.index
                 operands[op.weight.index] = rotated[0]
                 operands[a] = rotation_lib.rotate(operands[a], self.transform_axes(op)[1], block=rotated[1])
