@@ -93,10 +93,7 @@ def _gptq_like(value, a: QArray, abstract: QuantizedParam, tiles, pack_axis, hes
         raise ValueError(f"param {path!r} is quantized with weight_algorithm='gptq', which needs its Hessian "
                          f"statistic {abstract.gptq[0]!r}: run calibrate(model, params, batches, rules=rules) "
                          "and pass the result as quantize_params(..., quant_stats).")
-    hessian = unbox_leaves(hessian)
-    if not isinstance(hessian['count'], jax.core.Tracer) and int(hessian['count']) == 0:
-        raise ValueError(f"quant_stats {abstract.gptq[0]!r} for param {path!r} have count 0: run calibrate(...) "
-                         "on at least one batch.")
+    hessian = _calibrated(hessian, f"{abstract.gptq[0]} (GPTQ statistic of {path})")
     h = jnp.asarray(hessian['hessian'], jnp.float32)
     _, axis, damping = abstract.gptq
     if abstract.rotation is not None:  # the weight is rotated: so are the activations it sees
@@ -118,10 +115,16 @@ def _rebox(abstract_tree: Any, concrete: Any) -> Any:
     return jax.tree.map(box, abstract_tree, concrete, is_leaf=is_box)
 
 
-def _stat_scale(stat: Mapping, abstract: ActivationScale, path: str) -> ActivationScale:
+def _calibrated(stat: Mapping, what: str) -> Mapping:
+    """``stat`` unboxed; a ValueError if it saw no batch (checked when its count is concrete)."""
     stat = unbox_leaves(stat)
-    if not isinstance(stat['count'], jax.core.Tracer) and int(stat['count']) == 0:  # checked when concrete
-        raise ValueError(f"quant_stats for {path!r} have count 0: run calibrate(...) on at least one batch.")
+    if not isinstance(stat['count'], jax.core.Tracer) and int(stat['count']) == 0:
+        raise ValueError(f"quant_stats for {what!r} have count 0: run calibrate(...) on at least one batch.")
+    return stat
+
+
+def _stat_scale(stat: Mapping, abstract: ActivationScale, path: str) -> ActivationScale:
+    stat = _calibrated(stat, path)
     abs_plain = unbox_leaves(abstract)
     scale_dtype = getattr(abs_plain.scale, 'dtype', jnp.float32)
     scale, zp = range_to_scale(jnp.asarray(stat['lo']), jnp.asarray(stat['hi']), abstract.qtype,
