@@ -150,7 +150,7 @@ class Bench:
         self.base = {}          # shape label -> bf16 seconds
         self.interpret = args.smoke
         try:  # let the registry's one-time auto-registration happen now, so 'kernel off' rows stay off
-            from qarray.ops import registry
+            from qarray.ops import _registry
             registry.kernels_for_backend()
         except Exception:  # noqa: BLE001
             pass

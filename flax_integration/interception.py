@@ -52,7 +52,7 @@ from typing import Any, Callable, Iterator
 import jax
 import jax.numpy as jnp
 
-from qarray.core import QArray
+from qarray._array import QArray
 
 from flax_integration import op_calls
 from flax_integration.ops_bridge import ORIGINAL

@@ -38,7 +38,7 @@ import jax.numpy as jnp
 import flax.linen.dtypes
 from flax import linen as nn
 
-from qarray.core import QArray
+from qarray._array import QArray
 
 from flax_integration import interception
 from flax_integration.interception import ModuleFrame

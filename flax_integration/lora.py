@@ -26,7 +26,8 @@ import jax.numpy as jnp
 from flax import linen as nn
 from flax import nnx
 
-from qarray.core import QArray, dequantize
+from qarray._array import QArray
+from qarray._quantize import dequantize
 
 from flax_integration.model import quantize_model
 from flax_integration.providers.base import Op

@@ -41,7 +41,7 @@ import jax.numpy as jnp
 from flax import nnx
 from flax.nnx.nn import dtypes as nnx_dtypes
 
-from qarray.core import QArray
+from qarray._array import QArray
 
 from flax_integration import interception
 from flax_integration.interception import ModuleFrame

@@ -32,7 +32,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from qarray.core import QArray
+from qarray._array import QArray
 
 from flax_integration import ops_bridge
 from flax_integration.wrappers import QuantizedParam

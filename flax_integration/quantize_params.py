@@ -39,9 +39,9 @@ import jax.numpy as jnp
 from flax import linen as nn
 from flax import nnx
 
-from qarray import core, gptq
+from qarray import gptq, _quantize
 from qarray import rotation as rotation_lib
-from qarray.core import QArray
+from qarray._array import QArray
 from qarray.paths import path_name
 
 from flax_integration.providers.base import range_to_scale
@@ -79,7 +79,7 @@ def quantize_like(value: jax.Array, abstract: QuantizedParam, path: str = '', he
         axis, block = abstract.rotation
         value = rotation_lib.rotate(value, axis, block=block)
     if abstract.gptq is None:
-        q = core.quantize(value, a.qtype, channelwise_axes=cw, tiles=tiles or None,
+        q = _quantize.quantize(value, a.qtype, channelwise_axes=cw, tiles=tiles or None,
                           calibration=abstract.calibration, scale_dtype=a.scale.dtype, pack_axis=pack_axis)
     else:
         q = _gptq_like(value, a, abstract, tiles, pack_axis, hessian, path)
@@ -286,7 +286,7 @@ def _model_free(params: Any, rules: Sequence[QuantizationRule]) -> Any:
                              "quantized; narrow the regex (e.g. '.*/kernel').")
         tiles = {x.ndim - 2: rule.tile_size} if rule.tile_size else None
         try:
-            return core.quantize(x, rule.weight_qtype, channelwise_axes=(x.ndim - 1,), tiles=tiles,
+            return _quantize.quantize(x, rule.weight_qtype, channelwise_axes=(x.ndim - 1,), tiles=tiles,
                                  calibration=rule.weight_calibration_method)
         except (ValueError, TypeError) as e:
             raise type(e)(f"param {name!r} (shape {x.shape}): {e}") from None

@@ -89,7 +89,7 @@ def flax_section(print_table=None) -> None:
       ...
     """
     if print_table is None:
-        from qarray.tour import print_table
+        from qarray._tour import print_table
     t0 = time.perf_counter()
     print("Flax PTQ: quantize_model(model, PtqProvider(rules)) + quantize_params, unchanged model code")
     rows = flax_rows()

@@ -36,7 +36,7 @@ from jax.sharding import PartitionSpec
 
 from qarray import rotation as rotation_lib
 from qarray import sharding
-from qarray.core import QArray
+from qarray._array import QArray
 
 __all__ = ['QuantizedParam', 'ActivationScale', 'box_like', 'unbox_leaves']
 

@@ -9,8 +9,9 @@ Example:
 """
 
 from qarray import calibration, gptq, io, ops, packing, paths, qtypes, rotation, sharding
-from qarray.core import (QArray, codes, dequantize, fake_quant, fake_quant_with_scale, quantize,
-                         quantize_with_scale)
+from qarray._array import QArray
+from qarray._fake_quant import fake_quant, fake_quant_with_scale
+from qarray._quantize import codes, dequantize, quantize, quantize_with_scale
 from qarray.ops import conv_general_dilated, dot, dot_general, einsum, matmul
 from qarray.qtypes import QType
 

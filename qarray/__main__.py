@@ -1,6 +1,6 @@
-"""``python -m qarray``: a short tour on an embedded default. See :mod:`qarray.tour`."""
+"""``python -m qarray``: a short tour on an embedded default. See :mod:`qarray._tour`."""
 
-from qarray.tour import main
+from qarray._tour import main
 
 if __name__ == '__main__':
     main()

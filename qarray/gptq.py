@@ -38,8 +38,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from qarray import calibration as _calibration
-from qarray import core, numerics, qtypes
-from qarray.core import QArray
+from qarray import _layout, _numerics, qtypes, _quantize
+from qarray._array import QArray
 
 __all__ = ['hessian', 'gptq_quantize']
 
@@ -61,7 +61,7 @@ def hessian(x: Any, axis: int = -1) -> jax.Array:
     x = jnp.asarray(x)
     if not jnp.issubdtype(x.dtype, jnp.floating):
         raise TypeError(f"x must be a floating-point array of activations; got dtype {x.dtype}.")
-    return _hessian_jit(x, core.normalize_axis(axis, x.ndim, what='activations'))
+    return _hessian_jit(x, _layout.normalize_axis(axis, x.ndim, what='activations'))
 
 
 @functools.partial(jax.jit, static_argnums=(1,))
@@ -117,7 +117,7 @@ def gptq_quantize(w: Any, h: Any, qtype: Any, *, axis: int = 0, tile_size: int |
         raise TypeError(f"w must be a floating-point weight; got dtype {w.dtype}.")
     if w.ndim < 2:
         raise ValueError(f"w must have rank >= 2 (a contracting axis and output channels); got shape {w.shape}.")
-    axis = core.normalize_axis(axis, w.ndim, what='w')
+    axis = _layout.normalize_axis(axis, w.ndim, what='w')
     k = w.shape[axis]
     h = jnp.asarray(h)
     if h.shape != (k, k):
@@ -137,13 +137,13 @@ def gptq_quantize(w: Any, h: Any, qtype: Any, *, axis: int = 0, tile_size: int |
     if not jnp.issubdtype(scale_dtype, jnp.floating):
         raise TypeError(f"scale_dtype must be a floating dtype (float32, bfloat16, float16); got {scale_dtype}.")
     if qt.packed:
-        core.normalize_axis(pack_axis, w.ndim, 'pack_axis', 'w')
+        _layout.normalize_axis(pack_axis, w.ndim, 'pack_axis', 'w')
 
     tile = int(tile_size) if tile_size is not None and tile_size < k else None
     block = _block(k, tile, int(block_size))
     q, factor_ok = _gptq_jit(w, h, jnp.float32(damping), axis, qt, calibration, tile, block, scale_dtype,
                              int(pack_axis))
-    core.check_when_known(factor_ok, _raise_not_pd)
+    _quantize.check_when_known(factor_ok, _raise_not_pd)
     return q
 
 
@@ -181,13 +181,13 @@ def _inverse_cholesky(h: jax.Array, damping: jax.Array) -> jax.Array:
 def _group_scale(cols: jax.Array, qt, calibration: str, scale_dtype):
     """Scale (and zero point or None) of each output channel over ``cols`` [rows, N] (reduced over rows)."""
     rng = _calibration.calibrate(calibration, cols, (0,), qt)
-    return numerics.scale_and_zero_point(rng.lo, rng.hi, rng.symmetric, qt, scale_dtype)
+    return _numerics.scale_and_zero_point(rng.lo, rng.hi, rng.symmetric, qt, scale_dtype)
 
 
 def _round(v: jax.Array, scale: jax.Array, zp: jax.Array | None, qt) -> jax.Array:
     """Nearest representable value of one input channel ``v`` [N] (float32), via the core's codes."""
-    c = numerics.to_codes(v, scale, zp, qt, calibrated=True)
-    return numerics.from_codes(c, scale, zp, qt, jnp.float32)
+    c = _numerics.to_codes(v, scale, zp, qt, calibrated=True)
+    return _numerics.from_codes(c, scale, zp, qt, jnp.float32)
 
 
 # One compiled program (factor, loop, packing) per layout: compiling dominates small calls on CPU.
@@ -207,7 +207,7 @@ def _gptq_jit(w, h, damping, axis, qt, calibration, tile, block, scale_dtype, pa
         return jnp.moveaxis(a.reshape((a.shape[0],) + others), 0, axis)
 
     # The codes come from the GPTQ values (exactly code * scale, so they re-quantize to the same codes).
-    q = core.quantize_with_scale(restore(q2), qt, restore(scale), None if zp is None else restore(zp),
+    q = _quantize.quantize_with_scale(restore(q2), qt, restore(scale), None if zp is None else restore(zp),
                                  pack_axis=pack_axis)
     # The values were float32; the result dequantizes to w's dtype, as quantize's does.
     return QArray(q.qvalue, q.scale, q.zero_point, qtype=qt, dtype=w.dtype, packed_axis=q.packed_axis,

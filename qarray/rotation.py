@@ -32,7 +32,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from qarray import core
+from qarray import _layout
 
 __all__ = ['hadamard', 'block_size', 'signs', 'rotate', 'unrotate', 'rotate_hessian']
 
@@ -105,7 +105,7 @@ def _check(x: Any, axis: int, block: int | None, name: str = 'x') -> tuple[jax.A
     x = jnp.asarray(x)
     if not jnp.issubdtype(x.dtype, jnp.floating):
         raise TypeError(f"{name} must be a floating-point array to rotate; got dtype {x.dtype}.")
-    axis = core.normalize_axis(axis, x.ndim)
+    axis = _layout.normalize_axis(axis, x.ndim)
     k = x.shape[axis]
     if block is None:
         block = block_size(k)

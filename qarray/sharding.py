@@ -31,8 +31,8 @@ from typing import Any, Mapping
 import jax
 from jax.sharding import NamedSharding, PartitionSpec
 
-from qarray import core
-from qarray.core import QArray
+from qarray import _quantize
+from qarray._array import QArray
 
 __all__ = ['partition_specs', 'shardings', 'tree_shardings', 'quantize', 'shard', 'constrain']
 
@@ -204,7 +204,7 @@ def quantize(x: Any, qtype: Any, *, sharding: NamedSharding | None = None, **kwa
         raise TypeError(f"sharding must be a jax.sharding.NamedSharding or None; got {type(sharding).__name__}.")
 
     def quant(v):
-        return core.quantize(v, qtype, **kwargs)
+        return _quantize.quantize(v, qtype, **kwargs)
 
     if sharding is None:
         return quant(x)

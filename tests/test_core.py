@@ -13,7 +13,7 @@ import pytest
 from hypothesis import given, strategies as st
 
 import qarray
-from qarray import core, qtypes
+from qarray import _fake_quant, _layout, qtypes
 
 INTS = [f'int{b}' for b in range(1, 9)]
 UINTS = [f'uint{b}' for b in range(1, 9)]
@@ -29,7 +29,7 @@ def np_deq(q) -> np.ndarray:
     """float64 reconstruction from the stored codes/scales, computed in numpy."""
     c = np.asarray(qarray.codes(q)).astype(np.float64)
     s = np.asarray(q.scale).astype(np.float64)
-    vshape, sshape = core.tiled_view(q.shape, q.scale.shape)
+    vshape, sshape = _layout.tiled_view(q.shape, q.scale.shape)
     if q.qtype.kind == 'codebook':
         c = q.qtype.codebook.astype(np.float64)[c.astype(int)]
     if q.zero_point is not None:
@@ -38,7 +38,7 @@ def np_deq(q) -> np.ndarray:
 
 
 def full_scale(q) -> np.ndarray:
-    vshape, sshape = core.tiled_view(q.shape, q.scale.shape)
+    vshape, sshape = _layout.tiled_view(q.shape, q.scale.shape)
     s = np.asarray(q.scale).astype(np.float64).reshape(sshape)
     return np.broadcast_to(s, vshape).reshape(q.shape)
 
@@ -78,7 +78,7 @@ def test_absmax_int_codes_match_numpy_reference(name, jit):
     q = (jax.jit(quantize) if jit else quantize)(x)  # inside a user's jit too
     xv = x.reshape(8, 4, 16)
     s = np.float32(np.abs(xv).max(-1, keepdims=True)) * np.float32(1 / qt.calibration_bound)
-    y = xv * (np.float32(1) / s)  # float32, as documented in numerics.to_codes
+    y = xv * (np.float32(1) / s)  # float32, as documented in _numerics.to_codes
     if qt.bits == 1:
         ref = np.where(y >= 0, 1, -1)
     else:
@@ -282,7 +282,7 @@ def _check_scale_shape(name, kw, scale_shape, tiles, cw):
     if q.zero_point is not None:
         assert q.zero_point.shape == scale_shape
     # Each scale is the calibration of exactly its group: check against numpy absmax/minmax.
-    vshape, sshape = core.tiled_view(x.shape, scale_shape)
+    vshape, sshape = _layout.tiled_view(x.shape, scale_shape)
     reduce = tuple(i for i, (a, b) in enumerate(zip(vshape, sshape)) if b == 1)
     xv = np.asarray(x).reshape(vshape)
     qt = qtypes.get(name)
@@ -537,13 +537,13 @@ def test_error_messages():
 
 
 def test_representable_range():
-    lo, hi = core.representable_range(jnp.array(0.5), None, 'int8')
+    lo, hi = _fake_quant.representable_range(jnp.array(0.5), None, 'int8')
     assert (float(lo), float(hi)) == (-64.25, 63.75)  # codes -128..127, each +-half a step
-    lo, hi = core.representable_range(jnp.array(0.5), None, 'int8_narrow')
+    lo, hi = _fake_quant.representable_range(jnp.array(0.5), None, 'int8_narrow')
     assert (float(lo), float(hi)) == (-63.75, 63.75)
-    lo, hi = core.representable_range(jnp.array(1.0), jnp.array(3, jnp.uint8), 'uint4')
+    lo, hi = _fake_quant.representable_range(jnp.array(1.0), jnp.array(3, jnp.uint8), 'uint4')
     assert (float(lo), float(hi)) == (-3.5, 12.5)
-    lo, hi = core.representable_range(jnp.array(2.0), None, 'fp8')
+    lo, hi = _fake_quant.representable_range(jnp.array(2.0), None, 'fp8')
     assert (float(lo), float(hi)) == (-896.0, 896.0)
-    lo, hi = core.representable_range(jnp.array(2.0), None, 'int1')
+    lo, hi = _fake_quant.representable_range(jnp.array(2.0), None, 'int1')
     assert (float(lo), float(hi)) == (-4.0, 4.0)

@@ -364,7 +364,7 @@ def digits_section(print_table=None, fast: bool = True) -> None:
       'digits_section'
     """
     if print_table is None:
-        from qarray.tour import print_table
+        from qarray._tour import print_table
     t0 = time.perf_counter()
     steps = FAST if fast else FULL
     print(f"Digits (scikit-learn, 8x8): QAT int4 vs PTQ, Linen CNN (float {steps['steps']} steps, "
@@ -382,7 +382,7 @@ def main(argv=None) -> None:
     parser.add_argument('--fast', action='store_true', help='the short tour setting (Linen only)')
     parser.add_argument('--float-steps', type=int, default=FULL['steps'], help='float training steps')
     args = parser.parse_args(argv)
-    from qarray.tour import print_table
+    from qarray._tour import print_table
     if args.fast:
         digits_section(print_table, fast=True)
         return

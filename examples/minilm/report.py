@@ -58,7 +58,7 @@ def markdown_table(rows: Sequence[dict[str, Any]]) -> str:
     return '\n'.join(lines)
 
 
-# (key, header, format) for qarray.tour.print_table.
+# (key, header, format) for qarray._tour.print_table.
 TEXT_COLUMNS = [('scheme', 'scheme', ''), ('linear_mib', 'linear MiB', '.2f'), ('total_mib', 'total MiB', '.2f'),
                 ('cos', 'mean cos vs float', '.5f'), ('spearman', 'Spearman vs float', '.4f'),
                 ('ms_s', 'ms / 32x64 batch', '')]

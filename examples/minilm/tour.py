@@ -34,7 +34,7 @@ def minilm_section(title: str = "MiniLM-L6 (all-MiniLM-L6-v2, 22.7M params): qua
         print(f"{title}: skipped (flax_integration is not importable: {e}).")
         return
     from examples.minilm import evaluate, report, schemes
-    from qarray.tour import print_table
+    from qarray._tour import print_table
     t0 = time.perf_counter()
     print(title)
     rows = evaluate.run_table([schemes.by_name(n) for n in schemes.TOUR_SCHEMES], with_qwix=False, timing=False)

@@ -20,7 +20,7 @@ import jax
 import jax.numpy as jnp
 
 from qarray import calibration as _calibration
-from qarray import core, numerics, qtypes
+from qarray import _layout, _numerics, qtypes, _quantize
 from qarray import rotation as rotation_lib
 
 from flax_integration import interception
@@ -231,7 +231,7 @@ class Provider:
                 if rule.rotation is not None:
                     rotation = (axis, rotation_lib.block_size(value.shape[axis]))
                     value = rotation_lib.rotate(value, axis, block=rotation[1])
-            q = core.quantize(value, rule.weight_qtype, channelwise_axes=cw, tiles=tiles,
+            q = _quantize.quantize(value, rule.weight_qtype, channelwise_axes=cw, tiles=tiles,
                               calibration=rule.weight_calibration_method)
         except (ValueError, TypeError) as e:
             raise type(e)(f"{op.describe()}, weight {op.weight.name!r} of shape {value.shape}: {e}") from None
@@ -257,7 +257,7 @@ def act_range(x: jax.Array, qtype: str, cw, tiles, calibration: str) -> tuple[ja
       >>> hi.tolist()
       [[3.0]]
     """
-    view, reduce_axes, scale_shape = core.group_view(x.shape, cw, tiles)
+    view, reduce_axes, scale_shape = _layout.group_view(x.shape, cw, tiles)
     r = _calibration.calibrate(calibration, x.reshape(view).astype(jnp.float32), reduce_axes,
                                qtypes.get(qtype))
     lo = jnp.broadcast_to(r.lo, [1 if i in reduce_axes else d for i, d in enumerate(view)])
@@ -284,4 +284,4 @@ def range_to_scale(lo, hi, qtype: str, calibration: str, dtype=jnp.float32):
       >>> s.shape, zp
       ((1,), None)
     """
-    return numerics.scale_and_zero_point(lo, hi, is_symmetric(calibration), qtypes.get(qtype), dtype)
+    return _numerics.scale_and_zero_point(lo, hi, is_symmetric(calibration), qtypes.get(qtype), dtype)

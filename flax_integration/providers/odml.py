@@ -57,8 +57,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from qarray import core, qtypes
-from qarray.core import QArray
+from qarray import _fake_quant, qtypes, _quantize
+from qarray._array import QArray
 
 from flax_integration import interception
 from flax_integration.providers import odml_ops
@@ -217,7 +217,7 @@ class OdmlQatProvider(Provider):
         """Fake-quantized weight (straight-through gradient)."""
         axis = self.weight_axis(op)
         # LiteRT weights use the narrow range ([-127, 127] for int8), so the QAT model trains with it too.
-        return core.fake_quant(w, qtypes.narrow_range(op.rule.weight_qtype),
+        return _fake_quant.fake_quant(w, qtypes.narrow_range(op.rule.weight_qtype),
                                channelwise_axes=() if axis is None else (axis,),
                                calibration=op.rule.weight_calibration_method)
 
@@ -264,7 +264,7 @@ class OdmlQatProvider(Provider):
         """Per-tensor int8 fake quant with a clipped straight-through gradient."""
         s = _full_rank(scale, x.ndim).astype(jnp.float32)
         z = None if zero_point is None else _full_rank(zero_point, x.ndim)
-        return core.fake_quant_with_scale(x, 'int8', s, z)
+        return _fake_quant.fake_quant_with_scale(x, 'int8', s, z)
 
     def fixed_qparams(self, name: str) -> tuple[Any, Any]:
         s, z = odml_ops.FIXED_QPARAMS[name]
@@ -400,7 +400,7 @@ def fake_quant_composite(x: jax.Array, qtype: str, scale: np.ndarray, zero_point
     codes = qtypes.narrow_range(qtype) if narrow_range else qtype  # LiteRT's narrow range: no code -2**(B-1)
 
     def body(v, **_attrs):
-        return core.dequantize(core.quantize_with_scale(v, codes, s, z), v.dtype)
+        return _quantize.dequantize(_quantize.quantize_with_scale(v, codes, s, z), v.dtype)
 
     return jax.lax.composite(body, name='quant.fake_quant')(x, **attrs)
 
@@ -515,7 +515,7 @@ class OdmlConversionProvider(OdmlQatProvider):
         qtype = op.rule.weight_qtype
         value = self._weight_value(op, w)
         with jax.ensure_compile_time_eval():
-            q = core.quantize(jnp.asarray(value), qtypes.narrow_range(qtype),
+            q = _quantize.quantize(jnp.asarray(value), qtypes.narrow_range(qtype),
                               channelwise_axes=() if axis is None else (axis,),
                               calibration=op.rule.weight_calibration_method)
             scale = np.asarray(q.scale)

@@ -38,7 +38,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-from qarray import core
+from qarray import _quantize
 from qarray import rotation as rotation_lib
 
 from flax_integration.providers.base import FloatParamError, Op, Provider, act_range, range_to_scale
@@ -110,7 +110,7 @@ class PtqProvider(Provider):
             return x
         if not rule.act_static_scale:
             cw, tiles = op.call.layout(i, 'act', op.tile_size)
-            return self._quantize(op, x, lambda: core.quantize(
+            return self._quantize(op, x, lambda: _quantize.quantize(
                 x, rule.act_qtype, channelwise_axes=cw, tiles=tiles, calibration=rule.act_calibration_method))
         name = op.act_name(i) + '_scale'
         stored = op.frame.get_param(name)
@@ -126,7 +126,7 @@ class PtqProvider(Provider):
             stored = ActivationScale(scale, zp, rule.act_qtype, rule.act_calibration_method)
             op.frame.put_param(name, stored)
         stored = unbox_leaves(stored)
-        return self._quantize(op, x, lambda: core.quantize_with_scale(
+        return self._quantize(op, x, lambda: _quantize.quantize_with_scale(
             x, stored.qtype, stored.scale.astype(jnp.float32), stored.zero_point))
 
     @staticmethod

@@ -59,8 +59,8 @@ from typing import Any, Sequence
 import jax
 import jax.numpy as jnp
 
-from qarray import core
-from qarray.core import fake_quant_with_scale
+from qarray import _fake_quant
+from qarray._fake_quant import fake_quant_with_scale
 
 from flax_integration.providers.calibration import update_moving_average
 from flax_integration.providers.base import Op, Provider, act_range, range_to_scale
@@ -111,7 +111,7 @@ class QtProvider(Provider):
         rule = op.rule
         cw, tiles = self.weight_layout(op)
         try:
-            return core.fake_quant(value, rule.weight_qtype, channelwise_axes=cw, tiles=tiles,
+            return _fake_quant.fake_quant(value, rule.weight_qtype, channelwise_axes=cw, tiles=tiles,
                                    calibration=rule.weight_calibration_method, ste=self.ste)
         except (ValueError, TypeError) as e:
             raise type(e)(f"{op.describe()}, weight {op.weight.name!r} of shape {value.shape}: {e}") from None
@@ -125,7 +125,7 @@ class QtProvider(Provider):
         try:
             if not rule.act_static_scale:
                 cw, tiles = op.call.layout(i, 'act', op.tile_size)
-                return core.fake_quant(x, rule.act_qtype, channelwise_axes=cw, tiles=tiles,
+                return _fake_quant.fake_quant(x, rule.act_qtype, channelwise_axes=cw, tiles=tiles,
                                        calibration=rule.act_calibration_method, ste=self.ste)
             lo, hi = self._static_range(op, i, x)
             scale, zp = range_to_scale(lo, hi, rule.act_qtype, rule.act_calibration_method, x.dtype)

@@ -18,14 +18,14 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from qarray import numerics
+from qarray import _numerics
 from qarray.calibration.registry import Range, register
 from qarray.qtypes import QType
 
 
 def _group_sse(x, axes, hi, qtype):
-    scale, zp = numerics.scale_and_zero_point(-hi, hi, True, qtype)
-    xr = numerics.from_codes(numerics.to_codes(x, scale, zp, qtype, calibrated=True), scale, zp, qtype)
+    scale, zp = _numerics.scale_and_zero_point(-hi, hi, True, qtype)
+    xr = _numerics.from_codes(_numerics.to_codes(x, scale, zp, qtype, calibrated=True), scale, zp, qtype)
     return jnp.sum(jnp.square(x.astype(jnp.float32) - xr), axis=axes, keepdims=True)
 
 

@@ -16,9 +16,9 @@ Example:
   (4, 8)
 """
 
-from qarray.io.metadata import CheckpointError, describe
-from qarray.io.orbax_ckpt import read_metadata, restore, save
-from qarray.io.safetensors_io import load_safetensors, read_safetensors_metadata, save_safetensors, tensor_names
+from qarray.io._metadata import CheckpointError, describe
+from qarray.io._orbax import read_metadata, restore, save
+from qarray.io._safetensors import load_safetensors, read_safetensors_metadata, save_safetensors, tensor_names
 
 __all__ = ['CheckpointError', 'describe', 'save', 'restore', 'read_metadata', 'save_safetensors',
            'load_safetensors', 'read_safetensors_metadata', 'tensor_names']

@@ -18,7 +18,7 @@ from qarray.ops.conv import conv_general_dilated
 from qarray.ops.dot_general import choose_path, dot_general
 from qarray.ops.einsum import einsum
 from qarray.ops.matmul import dot, matmul
-from qarray.ops.registry import register_kernel, registered_kernels, unregister_kernel
+from qarray.ops._registry import register_kernel, registered_kernels, unregister_kernel
 
 __all__ = ['dot_general', 'einsum', 'dot', 'matmul', 'conv_general_dilated', 'choose_path',
            'register_kernel', 'unregister_kernel', 'registered_kernels']

@@ -32,9 +32,9 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from qarray import core
-from qarray.core import QArray
-from qarray.ops.operands import (check_operand, describe, float_dtype, int_codes, result_dtype,
+from qarray import _quantize
+from qarray._array import QArray
+from qarray.ops._operands import (check_operand, describe, float_dtype, int_codes, result_dtype,
                                  values)
 
 __all__ = ['conv_general_dilated', 'conv_path']
@@ -135,7 +135,7 @@ def _conv_jit(lhs, rhs, *, dn, precision, out_dtype, pet, path, args):
     sa = along(lhs.scale.astype(jnp.float32), ob)
     sb = along(rhs.scale.astype(jnp.float32), of)
     if path == 'fp8':
-        acc = conv(core.codes(lhs).astype(jnp.float32), core.codes(rhs).astype(jnp.float32), jnp.float32)
+        acc = conv(_quantize.codes(lhs).astype(jnp.float32), _quantize.codes(rhs).astype(jnp.float32), jnp.float32)
         return (acc * sa * sb).astype(out_dtype)
     a, za = int_codes(lhs)
     b, zb = int_codes(rhs)

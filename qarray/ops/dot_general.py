@@ -5,7 +5,7 @@ Paths (chosen from static shapes and formats, tested each):
 * ``'int'``: both operands integer QArrays (intB / uintB; sub-byte codes are
   unpacked to int8). One int8 ``lax.dot_general`` with int32 accumulation on
   the codes; scales multiply the result; tiles on the contracting axes are
-  contracted per tile (see :mod:`qarray.ops.scaled_dot`); zero points by
+  contracted per tile (see :mod:`qarray.ops._scaled_dot`); zero points by
   correction terms.
 * ``'fp8'``: both operands fp8 QArrays. The fp8 dot with scalar scales inside,
   per-channel / tile scales after.
@@ -26,7 +26,7 @@ tile size divides the other) or a ``ValueError`` names both layouts.
 
 Every call runs as one jitted program (shapes and formats are static), so
 even an eager call never stores a dequantized operand. On GPU, registered
-kernels (:mod:`qarray.ops.registry`) are tried first for the float path.
+kernels (:mod:`qarray.ops._registry`) are tried first for the float path.
 
 Example:
   >>> import jax, jax.numpy as jnp, qarray
@@ -46,12 +46,12 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from qarray import core
-from qarray.core import QArray
-from qarray.ops import layout, registry
-from qarray.ops.operands import (check_operand, describe, float_dtype, int_codes, is_exact_in,
+from qarray import _quantize
+from qarray._array import QArray
+from qarray.ops import _dims, _registry
+from qarray.ops._operands import (check_operand, describe, float_dtype, int_codes, is_exact_in,
                                  result_dtype, scale_is_shared, values)
-from qarray.ops.scaled_dot import LazyRows, scaled_dot
+from qarray.ops._scaled_dot import LazyRows, scaled_dot
 
 __all__ = ['dot_general', 'choose_path', 'MIN_TILE']
 
@@ -62,7 +62,7 @@ MIN_TILE = 128
 
 
 def _contract_count(shape, scale_shape, axes) -> int:
-    """Tile count of the merged contracting axis (same rule as :func:`layout.canonical`)."""
+    """Tile count of the merged contracting axis (same rule as :func:`_dims.canonical`)."""
     ss = [scale_shape[a] for a in axes]
     last = max((j for j, n in enumerate(ss) if n > 1), default=None)
     if last is None:
@@ -93,7 +93,7 @@ def choose_path(lhs: Any, rhs: Any, dimension_numbers: Any) -> str:
     k = math.prod(lhs.shape[a] for a in lc)
     cl = _contract_count(lhs.shape, lhs.scale.shape, lc)
     cr = _contract_count(rhs.shape, rhs.scale.shape, rc)
-    s = layout.match_tiles(k, cl, cr) if k else 1
+    s = _dims.match_tiles(k, cl, cr) if k else 1
     if s is None:
         raise ValueError(
             f"tiles on the contracting axes do not line up: lhs contracting axes {lc} carry {cl} scale tiles "
@@ -126,13 +126,13 @@ def dot_general(lhs: Any, rhs: Any, dimension_numbers: Any, precision: Any = Non
     """
     lhs, rhs = check_operand(lhs, 'lhs'), check_operand(rhs, 'rhs')
     pair = f"lhs: {describe(lhs)}; rhs: {describe(rhs)}."
-    dn = layout.normalize_dimension_numbers(dimension_numbers, lhs.shape, rhs.shape, pair)
+    dn = _dims.normalize_dimension_numbers(dimension_numbers, lhs.shape, rhs.shape, pair)
     if not isinstance(lhs, QArray) and not isinstance(rhs, QArray):
         return lax.dot_general(lhs, rhs, dn, precision=precision, preferred_element_type=preferred_element_type)
     out_dtype = result_dtype(lhs, rhs, preferred_element_type)
     path = choose_path(lhs, rhs, dn)
     pet = None if preferred_element_type is None else jnp.dtype(preferred_element_type)
-    kernels = registry.registered_kernels() if jax.default_backend() == 'gpu' else ()
+    kernels = _registry.registered_kernels() if jax.default_backend() == 'gpu' else ()
     return _dot_general_jit(lhs, rhs, dn=dn, precision=_hashable(precision), out_dtype=out_dtype, pet=pet,
                             path=path, kernels=kernels)
 
@@ -149,7 +149,7 @@ def _dot_general_jit(lhs, rhs, *, dn, precision, out_dtype, pet, path, kernels):
     if path in ('int', 'fp8'):
         return _scaled(lhs, rhs, dn, precision, out_dtype, path)
     if not isinstance(lhs, QArray) and isinstance(rhs, QArray):
-        for kernel in registry.kernels_for_backend():
+        for kernel in _registry.kernels_for_backend():
             out = kernel(lhs, rhs, dn, precision, out_dtype)
             if out is not None:
                 return out.astype(out_dtype)
@@ -158,26 +158,26 @@ def _dot_general_jit(lhs, rhs, *, dn, precision, out_dtype, pet, path, kernels):
 
 def _scaled(lhs, rhs, dn, precision, out_dtype, path):
     (lc, rc), (lb, rb) = dn
-    lf = layout.free_axes(lhs.ndim, lc, lb)
-    rf = layout.free_axes(rhs.ndim, rc, rb)
+    lf = _dims.free_axes(lhs.ndim, lc, lb)
+    rf = _dims.free_axes(rhs.ndim, rc, rb)
     if path == 'int':
         lcodes, lz = int_codes(lhs)
         rcodes, rz = int_codes(rhs)
     else:
-        lcodes, lz, rcodes, rz = core.codes(lhs), None, core.codes(rhs), None
+        lcodes, lz, rcodes, rz = _quantize.codes(lhs), None, _quantize.codes(rhs), None
     lgroups, rgroups = (lb, lf, lc), (rb, rc, rf)
-    a, sa, cl = layout.canonical(lcodes, lhs.scale, lgroups, 2)
-    b, sb, cr = layout.canonical(rcodes, rhs.scale, rgroups, 1)
+    a, sa, cl = _dims.canonical(lcodes, lhs.scale, lgroups, 2)
+    b, sb, cr = _dims.canonical(rcodes, rhs.scale, rgroups, 1)
     if path == 'int' and _rows_of_packed(rhs, rc, rb, rf):
         b = LazyRows(b.shape, functools.partial(_packed_rows, rhs, rc[0]))
     k = a.shape[2]
-    s = layout.match_tiles(k, cl, cr) if k else 1
-    sa, sb = layout.expand_tiles(sa, 2, s), layout.expand_tiles(sb, 1, s)
+    s = _dims.match_tiles(k, cl, cr) if k else 1
+    sa, sb = _dims.expand_tiles(sa, 2, s), _dims.expand_tiles(sb, 1, s)
     za = zb = None
     if lz is not None:
-        za = layout.expand_tiles(layout.canonical(None, lz, lgroups, 2, shape=lhs.shape)[1], 2, s)
+        za = _dims.expand_tiles(_dims.canonical(None, lz, lgroups, 2, shape=lhs.shape)[1], 2, s)
     if rz is not None:
-        zb = layout.expand_tiles(layout.canonical(None, rz, rgroups, 1, shape=rhs.shape)[1], 1, s)
+        zb = _dims.expand_tiles(_dims.canonical(None, rz, rgroups, 1, shape=rhs.shape)[1], 1, s)
     out = scaled_dot(a, sa, za, b, sb, zb, out_dtype, precision)
     shape = [lhs.shape[i] for i in lb] + [lhs.shape[i] for i in lf] + [rhs.shape[i] for i in rf]
     return out.reshape(shape)
@@ -193,14 +193,14 @@ def _packed_rows(q: QArray, axis: int, start, size: int) -> jax.Array:
     """int8 codes of rows ``[start, start + size)`` along ``axis``, unpacked from just those bytes."""
     rows = QArray(lax.dynamic_slice_in_dim(q.qvalue, start, size, axis=axis), q.scale, None, qtype=q.qtype,
                   dtype=q.dtype, packed_axis=q.packed_axis, packed_length=q.packed_length)
-    return core.codes(rows).astype(jnp.int8).reshape(1, size, -1)
+    return _quantize.codes(rows).astype(jnp.int8).reshape(1, size, -1)
 
 
 def _float(lhs, rhs, dn, precision, out_dtype, pet):
     (lc, rc), (lb, rb) = dn
     ct = jnp.result_type(float_dtype(lhs), float_dtype(rhs))
-    lf = layout.free_axes(lhs.ndim, lc, lb)
-    rf = layout.free_axes(rhs.ndim, rc, rb)
+    lf = _dims.free_axes(lhs.ndim, lc, lb)
+    rf = _dims.free_axes(rhs.ndim, rc, rb)
     out_size = math.prod([lhs.shape[i] for i in lb + lf] + [rhs.shape[i] for i in rf])
     post = []
     operands = []
@@ -227,7 +227,7 @@ def _output_scale(q: QArray, side: str, batch, free, n_lfree: int, n_rfree: int)
     s = q.scale.astype(jnp.float32)
     for a in batch + free:
         if 1 < s.shape[a] < q.shape[a]:
-            s = layout.expand_tiles(s, a, q.shape[a])
+            s = _dims.expand_tiles(s, a, q.shape[a])
     s = jnp.transpose(s, batch + free + tuple(a for a in range(q.ndim) if a not in batch + free))
     s = s.reshape(s.shape[:len(batch) + len(free)])
     nb = len(batch)

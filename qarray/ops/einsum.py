@@ -25,10 +25,10 @@ from typing import Any, Sequence
 import jax
 import jax.numpy as jnp
 
-from qarray import core
-from qarray.core import QArray
+from qarray import _quantize
+from qarray._array import QArray
 from qarray.ops.dot_general import dot_general
-from qarray.ops.operands import check_operand, describe
+from qarray.ops._operands import check_operand, describe
 
 __all__ = ['einsum', 'parse_subscripts']
 
@@ -91,7 +91,7 @@ def parse_subscripts(subscripts: str, shapes: Sequence[Sequence[int]]) -> tuple[
 
 
 def _dequant(x: Any) -> Any:
-    return core.dequantize(x) if isinstance(x, QArray) else x
+    return _quantize.dequantize(x) if isinstance(x, QArray) else x
 
 
 def einsum(subscripts: str, *operands: Any, out: None = None, optimize: Any = 'auto', precision: Any = None,

@@ -21,10 +21,10 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-from qarray import core
-from qarray.core import QArray
+from qarray import _quantize
+from qarray._array import QArray
 from qarray.ops.dot_general import dot_general
-from qarray.ops.operands import check_operand, describe
+from qarray.ops._operands import check_operand, describe
 
 __all__ = ['dot', 'matmul']
 
@@ -68,7 +68,7 @@ def _broadcast(x: Any, batch: tuple[int, ...]) -> Any:
     if tuple(x.shape) == target:
         return x
     if isinstance(x, QArray):
-        x = core.dequantize(x)
+        x = _quantize.dequantize(x)
     return jnp.broadcast_to(x, target)
 
 
@@ -82,8 +82,8 @@ def dot(a: Any, b: Any, *, precision: Any = None, preferred_element_type: Any = 
     """
     a, b = check_operand(a, 'a'), check_operand(b, 'b')
     if a.ndim == 0 or b.ndim == 0:
-        da = core.dequantize(a) if isinstance(a, QArray) else a
-        db = core.dequantize(b) if isinstance(b, QArray) else b
+        da = _quantize.dequantize(a) if isinstance(a, QArray) else a
+        db = _quantize.dequantize(b) if isinstance(b, QArray) else b
         out = jnp.multiply(da, db)
         return out if preferred_element_type is None else out.astype(preferred_element_type)
     rc = 0 if b.ndim == 1 else b.ndim - 2

@@ -16,7 +16,7 @@ from flax_integration.providers.calibration import QuantStat
 from flax_integration.providers.ptq import PtqProvider
 from flax_integration.providers.calibration import update_moving_average
 from flax_integration.providers.qat import QatProvider, QtProvider
-from qarray.core import fake_quant_with_scale
+from qarray._fake_quant import fake_quant_with_scale
 from flax_integration.quantize_params import quantize_params
 from flax_integration.rules import QuantizationRule
 from examples.digits import train

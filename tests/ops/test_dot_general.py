@@ -10,7 +10,7 @@ from hypothesis import given, settings
 
 import qarray
 from qarray import ops
-from qarray.ops import scaled_dot
+from qarray.ops import _scaled_dot
 from ops_testlib import (FLOAT_RTOL, INT_RTOL, assert_close_to, assert_dot_close, np_dot_general, quant,
                          rand, random_qarray)
 
@@ -33,7 +33,7 @@ def test_tiled_orders_agree(order, zp, monkeypatch):
     qw = quant(w, 'int4', tiles={0: 128}, channelwise_axes=(1,),
                          calibration='minmax' if zp else 'absmax')
     calls = []
-    monkeypatch.setattr(scaled_dot, 'tile_order', lambda *a: calls.append(order) or order)
+    monkeypatch.setattr(_scaled_dot, 'tile_order', lambda *a: calls.append(order) or order)
     jax.clear_caches()  # force a fresh trace under the patched choice
     out = ops.dot_general(qx, qw, MK)
     jax.clear_caches()
@@ -42,9 +42,9 @@ def test_tiled_orders_agree(order, zp, monkeypatch):
 
 
 def test_tile_order_choice():
-    assert scaled_dot.tile_order(1, 1, 4096, 4096, 32) == 'batched'   # decode: small [S, M, N]
-    assert scaled_dot.tile_order(1, 512, 4096, 4096, 32) == 'loop'    # prefill: never [S, M, N]
-    assert scaled_dot.tile_order(1, 512, 4096, 4096, 1) == 'single'
+    assert _scaled_dot.tile_order(1, 1, 4096, 4096, 32) == 'batched'   # decode: small [S, M, N]
+    assert _scaled_dot.tile_order(1, 512, 4096, 4096, 32) == 'loop'    # prefill: never [S, M, N]
+    assert _scaled_dot.tile_order(1, 512, 4096, 4096, 1) == 'single'
 
 
 def test_both_zero_points_and_uint8():

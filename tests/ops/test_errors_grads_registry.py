@@ -7,7 +7,7 @@ import pytest
 
 import qarray
 from qarray import ops
-from qarray.ops import registry
+from qarray.ops import _registry
 from ops_testlib import quant, rand
 
 MK = (((1,), (0,)), ((), ()))
@@ -151,8 +151,8 @@ def test_qat_straight_through_gradients_vs_float_op():
 @pytest.fixture
 def fake_gpu(monkeypatch):
     monkeypatch.setattr(jax, 'default_backend', lambda: 'gpu')
-    monkeypatch.setattr(registry, '_AUTO_TRIED', [True])
-    monkeypatch.setattr(registry, '_KERNELS', {})
+    monkeypatch.setattr(_registry, '_AUTO_TRIED', [True])
+    monkeypatch.setattr(_registry, '_KERNELS', {})
     yield
     jax.clear_caches()
 
@@ -182,7 +182,7 @@ def test_kernel_returning_none_falls_back(fake_gpu):
 
 
 def test_registry_not_consulted_off_gpu(monkeypatch):
-    monkeypatch.setattr(registry, '_KERNELS', {'boom': lambda *a, **k: 1 / 0})
+    monkeypatch.setattr(_registry, '_KERNELS', {'boom': lambda *a, **k: 1 / 0})
     q = quant(rand(1, (64, 8)), 'int8', channelwise_axes=(1,))
     if jax.default_backend() != 'gpu':
         assert ops.matmul(rand(0, (3, 64)), q).shape == (3, 8)

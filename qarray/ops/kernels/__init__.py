@@ -28,7 +28,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-from qarray import core
+from qarray import _array
 from qarray.ops.kernels import config as config
 from qarray.ops.kernels import layout as layout
 from qarray.ops.kernels.config import KernelConfig
@@ -68,7 +68,7 @@ def why_not(x: Any, q: Any, *, rhs_contracting_dim: int = 0, interpret: bool = F
     """
     if not interpret and not available():
         return 'no GPU backend with Pallas/Triton'
-    if isinstance(x, core.QArray) or not hasattr(x, 'dtype'):
+    if isinstance(x, _array.QArray) or not hasattr(x, 'dtype'):
         return 'x must be a plain float array'
     if jnp.dtype(x.dtype) not in [jnp.dtype(d) for d in _FLOATS]:
         return f'x dtype {x.dtype} is not bf16/f16/f32'
@@ -138,7 +138,7 @@ def dot_general_hook(lhs: Any, rhs: Any, dimension_numbers: Any, precision: Any 
       True
     """
     del precision
-    if isinstance(lhs, core.QArray) or not isinstance(rhs, core.QArray):
+    if isinstance(lhs, _array.QArray) or not isinstance(rhs, _array.QArray):
         return None
     (lc, rc), (lb, rb) = dimension_numbers
     if tuple(lb) or tuple(rb) or len(lc) != 1 or len(rc) != 1:

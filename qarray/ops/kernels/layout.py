@@ -31,7 +31,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-from qarray import core, qtypes
+from qarray import _array, qtypes, _quantize
 
 __all__ = ['WeightLayout', 'describe', 'prepare_weight', 'kernel_operands', 'FORMATS']
 
@@ -75,7 +75,7 @@ def describe(q: Any, rhs_contracting_dim: int) -> WeightLayout | str:
       >>> describe(qarray.quantize(jnp.ones((64, 32)), 'int4'), rhs_contracting_dim=0)
       'int4 weight is packed along axis 1, not the contraction axis 0'
     """
-    if not isinstance(q, core.QArray):
+    if not isinstance(q, _array.QArray):
         return f'weight is a {type(q).__name__}, not a QArray'
     if q.ndim != 2:
         return f'weight has {q.ndim} dims; the kernel reads 2-D weights'
@@ -106,7 +106,7 @@ def describe(q: Any, rhs_contracting_dim: int) -> WeightLayout | str:
     return WeightLayout(fmt, 'nk' if kd == 1 else 'kn', k, n, tile)
 
 
-def kernel_operands(q: core.QArray, layout: WeightLayout) -> tuple[jax.Array, jax.Array]:
+def kernel_operands(q: _array.QArray, layout: WeightLayout) -> tuple[jax.Array, jax.Array]:
     """The weight bytes and a scale array with N full size, in the weight's orientation.
 
     A scale shared along N is broadcast (its size is K/tile x N at most, tiny
@@ -128,7 +128,7 @@ def kernel_operands(q: core.QArray, layout: WeightLayout) -> tuple[jax.Array, ja
     return q.qvalue, scale
 
 
-def prepare_weight(w: Any, qtype: Any, tile: int | None = 128, *, scale_dtype: Any = None) -> core.QArray:
+def prepare_weight(w: Any, qtype: Any, tile: int | None = 128, *, scale_dtype: Any = None) -> _array.QArray:
     """Quantize a ``[K, N]`` weight into the layout the kernel reads fastest.
 
     Returns ``quantize(w.T, qtype, tiles=tile)``: logical ``[N, K]``, sub-byte
@@ -148,5 +148,5 @@ def prepare_weight(w: Any, qtype: Any, tile: int | None = 128, *, scale_dtype: A
     if w.ndim != 2:
         raise ValueError(f"w must be a 2-D [K, N] weight; got shape {w.shape}.")
     if tile is None:
-        return core.quantize(w.T, qtype, channelwise_axes=(0,), scale_dtype=scale_dtype)
-    return core.quantize(w.T, qtype, tiles=tile, scale_dtype=scale_dtype)
+        return _quantize.quantize(w.T, qtype, channelwise_axes=(0,), scale_dtype=scale_dtype)
+    return _quantize.quantize(w.T, qtype, tiles=tile, scale_dtype=scale_dtype)

@@ -32,7 +32,7 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
-from qarray import core
+from qarray import _array
 from qarray.ops.kernels.config import KernelConfig
 from qarray.ops.kernels.layout import WeightLayout, kernel_operands
 
@@ -137,7 +137,7 @@ def _launch(x2, w, s, cb, *, lay: WeightLayout, cfg: KernelConfig, out_dtype: An
     return out
 
 
-def matmul(x: jax.Array, q: core.QArray, lay: WeightLayout, cfg: KernelConfig, *,
+def matmul(x: jax.Array, q: _array.QArray, lay: WeightLayout, cfg: KernelConfig, *,
            out_dtype: Any = None, interpret: bool = False) -> jax.Array:
     """``x[..., K] @ W`` with W read in layout ``lay`` and tiled by ``cfg`` (no checks: see ``describe``/``fits``).
 

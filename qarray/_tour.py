@@ -15,7 +15,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from qarray import core
+from qarray import _quantize
 
 # (format, tiles) rows of the format table: every format, with the tiling a user would pick.
 FORMAT_ROWS = [(f'int{b}', 128) for b in range(1, 8)] + [('int8', None)] + \
@@ -38,8 +38,8 @@ def format_rows(size: int = 1024, seed: int = 0) -> list[dict]:
     for name, tiles in FORMAT_ROWS:
         tiles = min(tiles, size) if tiles else None
         cal = 'minmax' if name.startswith('uint') else 'absmax'
-        q = core.quantize(w, name, tiles=tiles, channelwise_axes=() if tiles else (1,), calibration=cal)
-        err = np.asarray(core.dequantize(q), np.float64) - w64
+        q = _quantize.quantize(w, name, tiles=tiles, channelwise_axes=() if tiles else (1,), calibration=cal)
+        err = np.asarray(_quantize.dequantize(q), np.float64) - w64
         rows.append(dict(format=name, tiles=tiles or 'per-channel', bytes=q.nbytes,
                          bits=8 * q.nbytes / w.size, max_abs=float(np.abs(err).max()),
                          rel=float(np.linalg.norm(err) / np.linalg.norm(w64))))

@@ -33,9 +33,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from qarray.core import QArray
-from qarray.io import metadata as md
-from qarray.io import orbax_ckpt
+from qarray._array import QArray
+from qarray.io import _metadata as md
+from qarray.io import _orbax as orbax_ckpt
 
 __all__ = ['save_safetensors', 'load_safetensors', 'read_safetensors_metadata', 'tensor_names']
 

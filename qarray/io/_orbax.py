@@ -25,8 +25,8 @@ from typing import Any
 import jax
 
 from qarray import sharding as qsharding
-from qarray.core import QArray
-from qarray.io import metadata as md
+from qarray._array import QArray
+from qarray.io import _metadata as md
 
 __all__ = ['save', 'restore', 'read_metadata']
 

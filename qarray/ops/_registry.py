@@ -9,13 +9,13 @@ other backend the registry is never read. On the first GPU call the optional
 ``qarray.ops.kernels`` package is asked to register itself.
 
 Example:
-  >>> from qarray.ops import registry
+  >>> from qarray.ops import _registry
   >>> def never(lhs, rhs, dimension_numbers, precision=None, preferred_element_type=None):
   ...     return None
-  >>> registry.register_kernel(never)
-  >>> registry.registered_kernels()
+  >>> _registry.register_kernel(never)
+  >>> _registry.registered_kernels()
   ('never',)
-  >>> registry.unregister_kernel('never')
+  >>> _registry.unregister_kernel('never')
 """
 
 from __future__ import annotations

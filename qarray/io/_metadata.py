@@ -21,7 +21,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from qarray.core import QArray
+from qarray._array import QArray
 from qarray.paths import path_name  # re-exported
 
 __all__ = ['CheckpointError', 'FORMAT_VERSION', 'path_name', 'flatten', 'describe', 'containers', 'leaf_meta',

@@ -1,6 +1,6 @@
 """What the ops need to know about one operand: its values, codes and scales.
 
-An operand is a plain array or a :class:`~qarray.core.QArray`. This module
+An operand is a plain array or a :class:`~qarray._array.QArray`. This module
 gives the ops layer a QArray's integer codes ready for an int8 dot, its values
 with or without the scale applied, a one-line description of its layout for error messages, and the
 output dtype rule shared by every op.
@@ -20,8 +20,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from qarray import core
-from qarray.core import QArray
+from qarray import _layout, _quantize
+from qarray._array import QArray
 
 __all__ = ['describe', 'check_operand', 'float_dtype', 'result_dtype', 'int_codes',
            'values', 'scale_is_shared', 'is_exact_in']
@@ -111,7 +111,7 @@ def int_codes(q: QArray) -> tuple[jax.Array, jax.Array | None]:
       >>> c.dtype, (c.astype(int) - z).tolist() == (q.qvalue.astype(int) - q.zero_point).tolist()
       (dtype('int8'), True)
     """
-    c = core.codes(q)
+    c = _quantize.codes(q)
     zp = None if q.zero_point is None else q.zero_point.astype(jnp.int32)
     if q.qtype.kind == 'uint' and q.qtype.bits == 8:
         c = (c.astype(jnp.int32) - 128).astype(jnp.int8)
@@ -160,9 +160,9 @@ def values(q: QArray, dtype: Any, *, scaled: bool = True) -> jax.Array:
     """
     dtype = jnp.dtype(dtype)
     if scaled:  # the one dequantization (incl. the clip to a narrow dtype's finite range)
-        return core.dequantize(q, dtype)
-    vshape, sshape = core.tiled_view(q.shape, q.scale.shape)
-    c = core.codes(q).reshape(vshape)
+        return _quantize.dequantize(q, dtype)
+    vshape, sshape = _layout.tiled_view(q.shape, q.scale.shape)
+    c = _quantize.codes(q).reshape(vshape)
     if q.qtype.kind == 'codebook':
         v = _codebook_lookup(c, q.qtype.codebook)
     else:

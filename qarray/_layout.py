@@ -1,0 +1,124 @@
+"""Scale layouts: which axes are channelwise, tiled or shared, and the views that make scales broadcast.
+
+A scale has the rank of the array; along each axis it is 1 (shared), the full
+size (one scale per index: channelwise) or ``size / tile`` (sub-channel
+tiles). :func:`group_view` splits an array into its scale groups for
+calibration; :func:`tiled_view` makes a stored scale broadcast against values.
+
+Example:
+  >>> normalize_layout((4, 256), (), 128)
+  ((0,), {1: 128})
+"""
+
+from __future__ import annotations
+
+from typing import Any, Mapping, Sequence
+
+import numpy as np
+
+__all__ = ['normalize_layout', 'normalize_axis', 'group_view', 'tiled_view']
+
+
+def normalize_layout(shape: tuple[int, ...], channelwise_axes: Any,
+                      tiles: int | Mapping[int, int] | None) -> tuple[tuple[int, ...], dict[int, int]]:
+    ndim = len(shape)
+    if isinstance(channelwise_axes, int):
+        channelwise_axes = (channelwise_axes,)
+    try:
+        cw = tuple(sorted({int(a) % ndim if -ndim <= int(a) < ndim else bad_axis(a, ndim)
+                           for a in channelwise_axes}))
+    except TypeError:
+        raise TypeError(f"channelwise_axes must be a sequence of ints; got {channelwise_axes!r}.") from None
+    if tiles is None:
+        tile_map = {}
+    elif isinstance(tiles, (int, np.integer)) and not isinstance(tiles, bool):
+        if ndim == 0:
+            raise ValueError("tiles needs an array with at least one axis.")
+        tile_map = {ndim - 1: int(tiles)}
+        if ndim - 1 not in cw:  # (a tiled last axis in channelwise_axes is reported below)
+            cw = tuple(range(ndim - 1))  # block-wise: every run of `tiles` values has its own scale
+    elif isinstance(tiles, Mapping):
+        tile_map = {}
+        for a, t in tiles.items():
+            if not -ndim <= int(a) < ndim:
+                bad_axis(a, ndim, 'tiles')
+            tile_map[int(a) % ndim] = t
+    else:
+        raise TypeError(f"tiles must be None, an int (tile of the last axis) or a dict {{axis: tile}}; "
+                        f"got {tiles!r}.")
+    for a, t in tile_map.items():
+        if not isinstance(t, (int, np.integer)) or isinstance(t, bool) or t <= 0:
+            raise ValueError(f"tiles[{a}] must be a positive int; got {t!r}.")
+        if shape[a] % t:
+            raise ValueError(f"tiles[{a}]={t} does not divide axis {a} of size {shape[a]} (shape {shape}); "
+                             f"pick a tile that divides it.")
+        if a in cw:
+            raise ValueError(f"axis {a} is both in channelwise_axes and tiles; choose one.")
+    return cw, {a: int(t) for a, t in tile_map.items()}
+
+
+def normalize_axis(axis: Any, ndim: int, name: str = 'axis', what: str = 'an array') -> int:
+    """``axis`` as a non-negative int, or a ValueError naming ``name`` and the allowed range.
+
+    Example:
+      >>> normalize_axis(-1, 3)
+      2
+    """
+    if not isinstance(axis, (int, np.integer)) or isinstance(axis, bool) or not -ndim <= axis < ndim:
+        raise ValueError(f"{name}={axis!r} is out of range for {what} with {ndim} dims; "
+                         f"use an int in [{-ndim}, {ndim - 1}].")
+    return int(axis) % ndim
+
+
+def bad_axis(a, ndim, name='channelwise_axes'):
+    raise ValueError(f"{name} axis {a} is out of range for an array with {ndim} dims.")
+
+
+def tiled_view(shape: Sequence[int], scale_shape: Sequence[int]) -> tuple[tuple[int, ...], tuple[int, ...]]:
+    """Shapes that make ``scale`` broadcast against values: each tiled axis splits in (tiles, tile).
+
+    Returns ``(value_view_shape, scale_view_shape)``.
+
+    Example:
+      >>> tiled_view((4, 256), (1, 2))
+      ((4, 2, 128), (1, 2, 1))
+    """
+    vshape, sshape = [], []
+    for n, s in zip(shape, scale_shape):
+        if 1 < s < n:
+            vshape += [s, n // s]
+            sshape += [s, 1]
+        else:
+            vshape.append(n)
+            sshape.append(s)
+    return tuple(vshape), tuple(sshape)
+
+
+def group_view(shape: Sequence[int], channelwise_axes: Sequence[int], tiles: Mapping[int, int] | None
+               ) -> tuple[list[int], tuple[int, ...], tuple[int, ...]]:
+    """How ``shape`` splits into scale groups: ``(view, reduce_axes, scale_shape)``.
+
+    Each tiled axis becomes ``(tiles, tile)`` in ``view``; calibration reduces
+    ``view`` over ``reduce_axes`` (tile axes and axes neither channelwise nor
+    tiled), and the result reshapes to ``scale_shape`` (the rank of ``shape``).
+
+    Example:
+      >>> group_view((4, 256), channelwise_axes=(0,), tiles={1: 128})
+      ([4, 2, 128], (2,), (4, 2))
+    """
+    view, reduce_axes, scale_shape = [], [], []
+    tiles = tiles or {}
+    for a, n in enumerate(shape):
+        if a in tiles:
+            t = tiles[a]
+            if n % t:
+                raise ValueError(f"tile {t} does not divide axis {a} of size {n} (shape {tuple(shape)}).")
+            view += [n // t, t]
+            reduce_axes.append(len(view) - 1)
+            scale_shape.append(n // t)
+        else:
+            view.append(n)
+            if a not in channelwise_axes:
+                reduce_axes.append(len(view) - 1)
+            scale_shape.append(n if a in channelwise_axes else 1)
+    return view, tuple(reduce_axes), tuple(scale_shape)
