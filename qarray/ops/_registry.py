@@ -22,6 +22,8 @@ from __future__ import annotations
 
 from typing import Any, Callable
 
+import warnings
+
 import jax
 
 __all__ = ['register_kernel', 'unregister_kernel', 'registered_kernels', 'kernels_for_backend']
@@ -74,9 +76,10 @@ def kernels_for_backend() -> tuple[Callable[..., Any], ...]:
         return ()
     if not _AUTO_TRIED[0]:
         _AUTO_TRIED[0] = True
-        try:  # the optional Pallas kernels plug themselves in; failure just means XLA only
+        try:  # the optional Pallas kernels plug themselves in; failure means the XLA path only
             from qarray.ops import kernels
             kernels.register()
-        except Exception:
-            pass
+        except ImportError as e:  # Pallas missing or broken in this jaxlib: say so once, keep going
+            warnings.warn(f"qarray: the GPU kernels are unavailable ({e}); quantized matmuls use the XLA path.",
+                          RuntimeWarning, stacklevel=2)
     return tuple(_KERNELS.values())

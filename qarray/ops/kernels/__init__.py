@@ -52,7 +52,7 @@ def available() -> bool:
         return False
     try:
         from qarray.ops.kernels import weight_only  # noqa: F401
-    except Exception:  # Pallas missing or broken in this jaxlib: XLA path only
+    except ImportError:  # Pallas missing or broken in this jaxlib: XLA path only
         return False
     return True
 
@@ -150,22 +150,15 @@ def dot_general_hook(lhs: Any, rhs: Any, dimension_numbers: Any, precision: Any 
 
 
 def register() -> bool:
-    """Plug :func:`dot_general_hook` into ``qarray.ops`` (idempotent). Returns True when registered.
+    """Plug :func:`dot_general_hook` into ``qarray.ops`` (idempotent); returns True.
 
     Uses the ops layer's kernel hook (``qarray.ops.register_kernel``, consulted
-    by ``qarray.ops.dot_general`` on GPU only); returns False when the ops
-    layer has no such hook.
+    by ``qarray.ops.dot_general`` on GPU only).
 
     Example:
       >>> isinstance(register(), bool)
       True
     """
-    try:
-        from qarray import ops
-    except Exception:
-        return False
-    hook = getattr(ops, 'register_kernel', None)
-    if hook is None:
-        return False
-    hook(dot_general_hook, name=KERNEL_NAME)
+    from qarray import ops
+    ops.register_kernel(dot_general_hook, name=KERNEL_NAME)
     return True
