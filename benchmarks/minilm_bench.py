@@ -106,7 +106,7 @@ LayerNorms, biases and the attention core stay float32 in both.
   the pairs), one padded batch; one per-tensor (per-tile with t128) scale, independent of batch and
   sequence length (Qwix: `act_batch_axes=(0, 1)`, its average of per-token absmax).
 * `gptq` rows: `QuantizationRule(weight_algorithm='gptq', gptq_damping={damping})`; Hessians from
-  `flax_integration.calibrate` on the same held-out sentences grouped by length (no padding tokens).
+  `flax_integration._calibrate` on the same held-out sentences grouped by length (no padding tokens).
   `hadamard` rows: `rotation='hadamard'` (weights stored rotated by a 128-block Hadamard matrix with fixed
   random signs along the contracting axis; activations rotated to match at run time).
 * **Qwix method**: `same scheme` = the row's scheme in plain Qwix PTQ. Where plain Qwix has no equivalent,

@@ -16,16 +16,16 @@ Example:
   (2, 16)
 """
 
-from flax_integration.calibrate import calibrate
-from flax_integration.model import quantize_model
+from flax_integration._calibrate import calibrate
+from flax_integration._model import quantize_model
 from flax_integration.litert import export_litert
-from flax_integration.lora import lora_param_count, lora_trainable, merge_lora, with_base_weights
+from flax_integration._lora_export import lora_param_count, lora_trainable, merge_lora, with_base_weights
 from flax_integration.providers import (CalibrationProvider, FloatParamError, LoraProvider, LoraRule,
                                         OdmlConversionProvider, OdmlQatProvider, Op, Provider, PtqProvider,
-                                        QatProvider, QtProvider, QuantStat)
-from flax_integration.quantize_params import quantize_params
+                                        QatProvider, QtProvider)
+from flax_integration._quantize_params import quantize_params
 from flax_integration.rules import QuantizationRule
-from flax_integration.wrappers import ActivationScale, QuantizedParam
+from flax_integration.wrappers import ActivationScale, QuantizedParam, QuantStat
 
 __all__ = ['QuantizationRule', 'quantize_model', 'quantize_params', 'calibrate', 'Provider', 'Op',
            'PtqProvider', 'CalibrationProvider', 'QuantStat', 'FloatParamError', 'QuantizedParam',

@@ -22,7 +22,7 @@ The converter and the interpreter are the optional extra ``[litert]``
 Example:
   >>> import jax, jax.numpy as jnp
   >>> from flax import linen as nn
-  >>> from flax_integration.model import quantize_model
+  >>> from flax_integration._model import quantize_model
   >>> from flax_integration.providers.odml import OdmlQatProvider
   >>> from flax_integration.rules import QuantizationRule
   >>> qat = quantize_model(nn.Dense(4), OdmlQatProvider([QuantizationRule(weight_qtype='int8', act_qtype='int8')]))
@@ -46,7 +46,7 @@ import numpy as np
 from flax import linen as nn
 from flax import nnx
 
-from flax_integration.model import quantize_model
+from flax_integration._model import quantize_model
 from flax_integration.providers.odml import OdmlConversionProvider, OdmlQatProvider
 from flax_integration.rules import QuantizationRule
 

@@ -25,10 +25,10 @@ from typing import Sequence
 from qarray import calibration as _calibration
 from qarray import qtypes
 
+from flax_integration._op_table import OP_NAMES
+
 __all__ = ['QuantizationRule', 'RuleSet', 'OP_NAMES', 'WEIGHT_ALGORITHMS', 'ROTATIONS']
 
-# The op kinds a rule can target; user calls to jnp.dot / jnp.matmul count as 'dot_general'.
-OP_NAMES = ('dot_general', 'einsum', 'conv_general_dilated')
 WEIGHT_ALGORITHMS = ('rtn', 'gptq')
 ROTATIONS = (None, 'hadamard')
 
@@ -53,7 +53,7 @@ class QuantizationRule:
         ``'minmax'``, ``'rms,3'``, ``'mse'``, ``'percentile,99.9'``, ...).
       act_calibration_method: calibration spec for activations.
       act_static_scale: use scales fixed ahead of time (from a calibration run,
-        see :func:`flax_integration.calibrate`) instead of per-token scales
+        see :func:`flax_integration._calibrate`) instead of per-token scales
         computed at run time.
       act_batch_axes: for static scales, the activation axes averaged away
         (besides the contracting axes, which are shared or tiled). None (the
@@ -68,7 +68,7 @@ class QuantizationRule:
         axis, each column's rounding error spread over the columns not yet
         rounded so the layer's output on calibration activations moves least
         (:func:`qarray.gptq.gptq_quantize`). GPTQ needs activation statistics:
-        run :func:`flax_integration.calibrate` with these rules and pass its
+        run :func:`flax_integration._calibrate` with these rules and pass its
         ``quant_stats`` to ``quantize_params``. PTQ only.
       rotation: None, or ``'hadamard'``: the weight is stored rotated along its
         contracting axis by a block Hadamard matrix with fixed random signs
@@ -118,7 +118,8 @@ class QuantizationRule:
             try:
                 _calibration.parse(getattr(self, field))
             except (ValueError, TypeError) as e:
-                raise type(e)(f"{field}: {e}") from None
+                e.add_note(f"In QuantizationRule({field}=...).")
+                raise
         ops = (self.op_names,) if isinstance(self.op_names, str) else tuple(self.op_names)
         bad = [o for o in ops if o not in OP_NAMES]
         if bad or not ops:

@@ -2,7 +2,7 @@
 
 * :class:`QuantizedParam` — a quantized weight: ``.array`` is the
   :class:`qarray.QArray`; the calibration method used is kept as static
-  metadata so :func:`~flax_integration.quantize_params` can re-quantize float
+  metadata so :func:`~flax_integration._quantize_params` can re-quantize float
   weights exactly as the model did, from the abstract params alone.
 * :class:`ActivationScale` — a static activation scale (and zero point) for
   one operand of one op, with its format.
@@ -29,7 +29,6 @@ import dataclasses
 from typing import Any
 
 import jax
-import jax.numpy as jnp
 from flax import linen as nn
 from flax import nnx
 from jax.sharding import PartitionSpec
@@ -38,7 +37,7 @@ from qarray import rotation as rotation_lib
 from qarray import sharding
 from qarray._array import QArray
 
-__all__ = ['QuantizedParam', 'ActivationScale', 'box_like', 'unbox_leaves']
+__all__ = ['QuantizedParam', 'ActivationScale', 'QuantStat', 'box_like', 'unbox_leaves', 'as_float', 'as_operand']
 
 
 def _unwrap_variables(tree: Any, key: Any) -> Any:
@@ -118,10 +117,8 @@ class QuantizedParam:
         return self.array.dtype
 
     def astype(self, dtype: Any) -> 'QuantizedParam':
-        a = self.array
-        q = QArray(a.qvalue, a.scale, a.zero_point, qtype=a.qtype, dtype=dtype,
-                   packed_axis=a.packed_axis, packed_length=a.packed_length)
-        return dataclasses.replace(self, array=q)
+        """Still quantized, with a new output dtype (as :meth:`qarray.QArray.astype`)."""
+        return dataclasses.replace(self, array=unbox_leaves(self.array).astype(dtype))
 
     def reshape(self, *shape: Any) -> 'QuantizedParam':
         if self.rotation is not None:
@@ -170,6 +167,59 @@ class ActivationScale:
 
 nnx.register_data_type(QuantizedParam)
 nnx.register_data_type(ActivationScale)
+
+
+class QuantStat(nnx.Variable):
+    """NNX variable type for calibration statistics (the ``quant_stats`` collection).
+
+    Example:
+      >>> import jax.numpy as jnp
+      >>> from flax_integration import QuantStat
+      >>> QuantStat({'count': jnp.zeros((), jnp.int32)}).get_value()['count'].dtype
+      dtype('int32')
+    """
+
+
+try:  # another library may have named the collection first; NNX then keeps its type
+    nnx.variablelib.variable_type_from_name('quant_stats', allow_register=False)
+except ValueError:
+    nnx.register_variable_name('quant_stats', QuantStat)
+
+
+def as_float(x: Any) -> Any:
+    """``x`` as a plain float array: a QArray dequantized, a ``QuantizedParam`` dequantized *and
+    unrotated* (see ``QuantizedParam.rotation``), boxes removed; anything else unchanged.
+
+    The one "use it as float" conversion: the float fallback of an op nobody
+    quantizes, LoRA export, and every other place that needs the real values.
+
+    Example:
+      >>> import jax.numpy as jnp, qarray
+      >>> from flax_integration.wrappers import QuantizedParam, as_float
+      >>> w = QuantizedParam(qarray.quantize(jnp.array([[0.5, -1.0]]), 'int8'))
+      >>> as_float(w).tolist()
+      [[0.5, -1.0]]
+    """
+    x = unbox_leaves(x) if isinstance(x, (nn.meta.AxisMetadata, nnx.Variable)) else x
+    if isinstance(x, (QuantizedParam, QArray)):
+        return x.__jax_array__()
+    return x
+
+
+def as_operand(x: Any) -> Any:
+    """What an op computes with: a ``QuantizedParam`` becomes its QArray -- or, if stored rotated, its
+    float, unrotated value (the rotated QArray is only right where the activation is rotated to match);
+    anything else is returned unchanged.
+
+    Example:
+      >>> import jax.numpy as jnp, qarray
+      >>> from flax_integration.wrappers import QuantizedParam, as_operand
+      >>> type(as_operand(QuantizedParam(qarray.quantize(jnp.ones((2, 2)), 'int8')))).__name__
+      'QArray'
+    """
+    if isinstance(x, QuantizedParam):
+        return as_float(x) if x.rotation is not None else unbox_leaves(x.array)
+    return x
 
 _NNX_SHARDING_KEYS = ('sharding', 'sharding_names', 'out_sharding')
 

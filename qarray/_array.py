@@ -194,8 +194,9 @@ class QArray:
         Example:
           >>> import jax.numpy as jnp, qarray
           >>> q = qarray.quantize(jnp.ones((2, 4)), 'int8')
-          >>> q.replace(scale=q.scale * 2).scale.tolist()
-          [[0.015686275437474251]]
+          >>> q2 = q.replace(scale=q.scale * 2)
+          >>> bool((qarray.dequantize(q2) == 2 * qarray.dequantize(q)).all()), q2.qvalue is q.qvalue
+          (True, True)
         """
         unknown = set(fields) - set(self.__slots__)
         if unknown:

@@ -30,6 +30,7 @@ def straight_through(x: jax.Array, y: jax.Array, inside: jax.Array) -> jax.Array
 
     Example:
       >>> import jax, jax.numpy as jnp
+      >>> from qarray._fake_quant import straight_through
       >>> g = jax.grad(lambda v: straight_through(v, jnp.round(v), v < 1).sum())
       >>> g(jnp.array([0.4, 1.6])).tolist()
       [1.0, 0.0]
@@ -55,6 +56,7 @@ def representable_range(scale: jax.Array, zero_point: jax.Array | None, qtype: A
 
     Example:
       >>> import jax.numpy as jnp
+      >>> from qarray._fake_quant import representable_range
       >>> lo, hi = representable_range(jnp.array(0.5), None, 'int8')
       >>> float(lo), float(hi)
       (-64.25, 63.75)
@@ -124,8 +126,8 @@ def fake_quant_with_scale(x: Any, qtype: Any, scale: Any, zero_point: Any = None
     :func:`fake_quant`, and ``scale``/``zero_point`` get none.
 
     Example:
-      >>> import jax, jax.numpy as jnp
-      >>> g = jax.grad(lambda v: fake_quant_with_scale(v, 'int8', jnp.full((1,), 0.01)).sum())
+      >>> import jax, jax.numpy as jnp, qarray
+      >>> g = jax.grad(lambda v: qarray.fake_quant_with_scale(v, 'int8', jnp.full((1,), 0.01)).sum())
       >>> g(jnp.array([0.5, 2.0])).tolist()
       [1.0, 0.0]
     """

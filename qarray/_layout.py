@@ -6,6 +6,7 @@ tiles). :func:`group_view` splits an array into its scale groups for
 calibration; :func:`tiled_view` makes a stored scale broadcast against values.
 
 Example:
+  >>> from qarray._layout import normalize_layout
   >>> normalize_layout((4, 256), (), 128)
   ((0,), {1: 128})
 """
@@ -61,6 +62,7 @@ def normalize_axis(axis: Any, ndim: int, name: str = 'axis', what: str = 'an arr
     """``axis`` as a non-negative int, or a ValueError naming ``name`` and the allowed range.
 
     Example:
+      >>> from qarray._layout import normalize_axis
       >>> normalize_axis(-1, 3)
       2
     """
@@ -80,6 +82,7 @@ def tiled_view(shape: Sequence[int], scale_shape: Sequence[int]) -> tuple[tuple[
     Returns ``(value_view_shape, scale_view_shape)``.
 
     Example:
+      >>> from qarray._layout import tiled_view
       >>> tiled_view((4, 256), (1, 2))
       ((4, 2, 128), (1, 2, 1))
     """
@@ -103,6 +106,7 @@ def group_view(shape: Sequence[int], channelwise_axes: Sequence[int], tiles: Map
     tiled), and the result reshapes to ``scale_shape`` (the rank of ``shape``).
 
     Example:
+      >>> from qarray._layout import group_view
       >>> group_view((4, 256), channelwise_axes=(0,), tiles={1: 128})
       ([4, 2, 128], (2,), (4, 2))
     """

@@ -7,6 +7,7 @@ by rounding half to even and clipping explicitly to the format's range.
 Example:
   >>> import jax.numpy as jnp, numpy as np
   >>> from qarray import qtypes
+  >>> from qarray._numerics import scale_and_zero_point
   >>> s, zp = scale_and_zero_point(jnp.array(-2.), jnp.array(2.), True, qtypes.get('int8'))
   >>> bool(float(s) == np.float32(2 / 127.5)), zp is None
   (True, True)
@@ -27,6 +28,7 @@ def code_range(qtype: QType, has_zero_point: bool) -> tuple[float, float]:
 
     Example:
       >>> from qarray import qtypes
+      >>> from qarray._numerics import code_range
       >>> code_range(qtypes.get('int4'), has_zero_point=False), code_range(qtypes.get('int4_narrow'), False)
       ((-8, 7), (-7, 7))
     """
@@ -40,6 +42,7 @@ def uses_zero_point(qtype: QType, symmetric: bool) -> bool:
 
     Example:
       >>> from qarray import qtypes
+      >>> from qarray._numerics import uses_zero_point
       >>> uses_zero_point(qtypes.get('uint4'), symmetric=True)
       True
     """
@@ -69,6 +72,7 @@ def scale_and_zero_point(lo: jnp.ndarray, hi: jnp.ndarray, symmetric: bool, qtyp
     Example:
       >>> import jax.numpy as jnp
       >>> from qarray import qtypes
+      >>> from qarray._numerics import scale_and_zero_point
       >>> s, zp = scale_and_zero_point(jnp.array(0.), jnp.array(255.), False, qtypes.get('uint8'))
       >>> float(s), int(zp)
       (1.0, 0)
@@ -124,6 +128,7 @@ def to_codes(x: jnp.ndarray, scale: jnp.ndarray, zero_point: jnp.ndarray | None,
     Example:
       >>> import jax.numpy as jnp
       >>> from qarray import qtypes
+      >>> from qarray._numerics import to_codes
       >>> to_codes(jnp.array([0.5, 1.5, 300.]), jnp.array(1.), None, qtypes.get('int8')).tolist()
       [0, 2, 127]
     """
@@ -184,6 +189,7 @@ def from_codes(codes: jnp.ndarray, scale: jnp.ndarray, zero_point: jnp.ndarray |
     Example:
       >>> import jax.numpy as jnp
       >>> from qarray import qtypes
+      >>> from qarray._numerics import from_codes
       >>> from_codes(jnp.array([3], jnp.int8), jnp.array(0.5), None, qtypes.get('int8')).tolist()
       [1.5]
     """

@@ -57,6 +57,8 @@ def check_when_known(ok: Any, raise_unless_ok: Callable[[Any], None]) -> None:
     """Call ``raise_unless_ok(ok)`` now if ``ok`` is concrete, else when the traced program runs.
 
     Example:
+      >>> import jax.numpy as jnp
+      >>> from qarray._quantize import check_when_known
       >>> def must_hold(ok):
       ...     if not bool(ok):
       ...         raise ValueError('it did not hold')
@@ -184,7 +186,7 @@ def codes(q: QArray) -> jax.Array:
 
     Example:
       >>> import jax.numpy as jnp, qarray
-      >>> qarray._quantize.codes(qarray.quantize(jnp.array([-0.5, 1.]), 'int2')).tolist()
+      >>> qarray.codes(qarray.quantize(jnp.array([-0.5, 1.]), 'int2')).tolist()
       [-1, 1]
     """
     if q.packed_axis is None:

@@ -1,8 +1,8 @@
 """The tour printed by ``python -m qarray``: every format on a random 1024x1024 weight.
 
 Example:
-  >>> from qarray import tour
-  >>> rows = tour.format_rows(size=64)
+  >>> from qarray import _tour
+  >>> rows = _tour.format_rows(size=64)
   >>> rows[0]['format']
   'int1'
 """
@@ -29,6 +29,7 @@ def format_rows(size: int = 1024, seed: int = 0) -> list[dict]:
     Per-channel (axis 1) scales when untiled; ``tiles`` along the last axis otherwise.
 
     Example:
+      >>> from qarray._tour import format_rows
       >>> format_rows(size=64)[-1]['format']
       'nf4'
     """
@@ -50,6 +51,7 @@ def print_table(rows: list[dict], columns: list[tuple[str, str, str]]) -> None:
     """Print rows as an aligned text table; columns are (key, header, format spec).
 
     Example:
+      >>> from qarray._tour import print_table
       >>> print_table([{'a': 1}], [('a', 'A', 'd')])
       A
       -
@@ -82,7 +84,7 @@ def main() -> None:
 # Later sections live next to the code they show; examples/ is importable from a repository checkout.
 # (module, function, title, packages the section needs beyond the runtime dependencies)
 _SECTIONS = [
-    ('flax_integration.tour', 'flax_section', 'Flax PTQ', ()),
+    ('flax_integration._tour', 'flax_section', 'Flax PTQ', ()),
     ('examples.digits.qat_qlora', 'digits_section', 'digits QAT/QLoRA', ('optax', 'sklearn')),
     ('examples.minilm.tour', 'minilm_section', 'MiniLM-L6', ('tokenizers', 'safetensors')),
 ]

@@ -21,9 +21,10 @@ with every other axis channelwise, so it is a drop-in replacement.
 
 Example:
   >>> import jax, qarray
+  >>> from qarray import gptq
   >>> x = jax.random.normal(jax.random.key(0), (512, 64))
   >>> w = jax.random.normal(jax.random.key(1), (64, 32))
-  >>> q = gptq_quantize(w, hessian(x), 'int4', tile_size=32)
+  >>> q = gptq.gptq_quantize(w, gptq.hessian(x), 'int4', tile_size=32)
   >>> q.scale.shape == qarray.quantize(w, 'int4', channelwise_axes=1, tiles={0: 32}).scale.shape
   True
 """
@@ -54,8 +55,9 @@ def hessian(x: Any, axis: int = -1) -> jax.Array:
 
     Example:
       >>> import jax.numpy as jnp
+      >>> from qarray import gptq
       >>> x = jnp.array([[[1., 2.]], [[3., 0.]]])   # [batch, seq, K=2]
-      >>> hessian(x).tolist()
+      >>> gptq.hessian(x).tolist()
       [[10.0, 2.0], [2.0, 4.0]]
     """
     x = jnp.asarray(x)
@@ -103,10 +105,11 @@ def gptq_quantize(w: Any, h: Any, qtype: Any, *, axis: int = 0, tile_size: int |
     ``jit`` at run time).
 
     Example:
-      >>> import jax, qarray
+      >>> import jax
+      >>> from qarray import gptq
       >>> x = jax.random.normal(jax.random.key(0), (256, 64))
       >>> w = jax.random.normal(jax.random.key(1), (64, 16))
-      >>> q = gptq_quantize(w, hessian(x), 'int8')
+      >>> q = gptq.gptq_quantize(w, gptq.hessian(x), 'int8')
       >>> q.scale.shape, q.qvalue.dtype
       ((1, 16), dtype('int8'))
     """

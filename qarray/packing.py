@@ -25,8 +25,9 @@ Two formulations of the same layout, picked per width by speed on XLA:CPU
 
 Example:
   >>> import jax.numpy as jnp
-  >>> b = pack(jnp.array([1, 2, 3], jnp.uint8), bits=3)
-  >>> b.shape, unpack(b, bits=3, length=3).tolist()
+  >>> from qarray import packing
+  >>> b = packing.pack(jnp.array([1, 2, 3], jnp.uint8), bits=3)
+  >>> b.shape, packing.unpack(b, bits=3, length=3).tolist()
   ((2,), [1, 2, 3])
 """
 
@@ -51,7 +52,8 @@ def packed_length(length: int, bits: int) -> int:
     """Bytes needed for ``length`` fields of ``bits`` bits: ``ceil(length*bits/8)``.
 
     Example:
-      >>> packed_length(10, 3)
+      >>> from qarray import packing
+      >>> packing.packed_length(10, 3)
       4
     """
     _check_bits(bits)
@@ -114,7 +116,8 @@ def pack(fields: jnp.ndarray, bits: int, axis: int = -1) -> jnp.ndarray:
 
     Example:
       >>> import jax.numpy as jnp
-      >>> pack(jnp.array([[1, 0, 1, 1]], jnp.uint8), bits=1).tolist()
+      >>> from qarray import packing
+      >>> packing.pack(jnp.array([[1, 0, 1, 1]], jnp.uint8), bits=1).tolist()
       [[13]]
     """
     _check_bits(bits)
@@ -147,7 +150,8 @@ def unpack(packed: jnp.ndarray, bits: int, length: int, axis: int = -1) -> jnp.n
 
     Example:
       >>> import jax.numpy as jnp
-      >>> unpack(jnp.array([13], jnp.uint8), bits=1, length=4).tolist()
+      >>> from qarray import packing
+      >>> packing.unpack(jnp.array([13], jnp.uint8), bits=1, length=4).tolist()
       [1, 0, 1, 1]
     """
     _check_bits(bits)
@@ -186,8 +190,9 @@ def split_bytes(packed: jnp.ndarray, bits: int, length: int, axis: int = -1, *, 
 
     Example:
       >>> import jax.numpy as jnp
-      >>> b = pack(jnp.array([1, 15, 8], jnp.uint8), bits=4)
-      >>> split_bytes(b, 4, 3).tolist(), split_bytes(b, 4, 3, signed=True).tolist()
+      >>> from qarray import packing
+      >>> b = packing.pack(jnp.array([1, 15, 8], jnp.uint8), bits=4)
+      >>> packing.split_bytes(b, 4, 3).tolist(), packing.split_bytes(b, 4, 3, signed=True).tolist()
       ([1, 15, 8], [1, -1, -8])
     """
     if bits not in (1, 2, 4):

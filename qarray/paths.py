@@ -5,6 +5,7 @@ one function for it.
 
 Example:
   >>> import jax
+  >>> from qarray.paths import path_name
   >>> [path_name(p) for p, _ in jax.tree_util.tree_flatten_with_path({'a': [0, 1]})[0]]
   ['a/0', 'a/1']
 """
@@ -28,6 +29,7 @@ def path_name(path: tuple) -> str:
 
     Example:
       >>> import jax
+      >>> from qarray.paths import path_name
       >>> path_name(jax.tree_util.tree_flatten_with_path({'a': [0, 1]})[0][1][0])
       'a/1'
     """

@@ -78,8 +78,12 @@ class QType:
         full ``[-qmax - 1, qmax]`` (see :func:`narrow_range`).
 
     Example:
-      >>> QType('int4', 'int', 4).packed
+      >>> from qarray import qtypes
+      >>> qtypes.QType('int4', 'int', 4).packed
       True
+      >>> t = qtypes.get('int4')
+      >>> t.qmin, t.qmax, t.asym_range, t.code_dtype
+      (-8, 7, (-8, 7), dtype('int8'))
     """
 
     name: str
@@ -133,7 +137,8 @@ class QType:
         largest level (``qmax``), beyond which values saturate.
 
         Example:
-          >>> get('int4').calibration_bound, get('int1').calibration_bound
+          >>> from qarray import qtypes
+          >>> qtypes.get('int4').calibration_bound, qtypes.get('int1').calibration_bound
           (7.5, 2.0)
         """
         if self.kind == 'int':
@@ -180,7 +185,16 @@ class QType:
 
     # ---- codes <-> unsigned bit fields for packing ----------------------------
     def to_field(self, codes: jnp.ndarray) -> jnp.ndarray:
-        """Map codes to unsigned B-bit fields (uint8) for packing."""
+        """Map codes to unsigned B-bit fields (uint8) for packing.
+
+        Example:
+          >>> import jax.numpy as jnp
+          >>> from qarray import qtypes
+          >>> t = qtypes.get('int4')
+          >>> f = t.to_field(jnp.array([-8, -1, 7], jnp.int8))
+          >>> f.tolist(), t.from_field(f).tolist()
+          ([8, 15, 7], [-8, -1, 7])
+        """
         if self.kind == 'int':
             if self.bits == 1:
                 return (codes > 0).astype(jnp.uint8)
@@ -189,7 +203,14 @@ class QType:
         return codes.astype(jnp.uint8)
 
     def from_field(self, field: jnp.ndarray) -> jnp.ndarray:
-        """Inverse of :meth:`to_field`; returns codes in :attr:`code_dtype`."""
+        """Inverse of :meth:`to_field`; returns codes in :attr:`code_dtype`.
+
+        Example:
+          >>> import jax.numpy as jnp
+          >>> from qarray import qtypes
+          >>> qtypes.get('int2').from_field(jnp.array([0, 1, 2, 3], jnp.uint8)).tolist()
+          [0, 1, -2, -1]
+        """
         if self.kind == 'int':
             if self.bits == 1:
                 return field.astype(jnp.int8) * 2 - 1
@@ -207,7 +228,8 @@ def narrow_range(qtype: Any) -> QType:
     as LiteRT/XNNPACK expect for int8/int4 weights. Other formats are returned unchanged.
 
     Example:
-      >>> narrow_range('int8').qmin, get('int8').qmin
+      >>> from qarray import qtypes
+      >>> qtypes.narrow_range('int8').qmin, qtypes.get('int8').qmin
       (-127, -128)
     """
     qt = get(qtype)
@@ -236,7 +258,8 @@ def names() -> list[str]:
     """All canonical format names.
 
     Example:
-      >>> 'nf4' in names()
+      >>> from qarray import qtypes
+      >>> 'nf4' in qtypes.names()
       True
     """
     return list(_REGISTRY)
@@ -248,7 +271,8 @@ def get(qtype: Any) -> QType:
     Raises ``ValueError`` listing the valid names when the format is unknown.
 
     Example:
-      >>> get('fp8').name
+      >>> from qarray import qtypes
+      >>> qtypes.get('fp8').name
       'float8_e4m3fn'
     """
     if isinstance(qtype, QType):

@@ -16,9 +16,10 @@ nothing extra needs storing.
 
 Example:
   >>> import jax, jax.numpy as jnp
+  >>> from qarray import rotation
   >>> x = jax.random.normal(jax.random.key(0), (4, 256))
   >>> w = jax.random.normal(jax.random.key(1), (256, 8))
-  >>> y = rotate(x, -1) @ rotate(w, 0)
+  >>> y = rotation.rotate(x, -1) @ rotation.rotate(w, 0)
   >>> bool(jnp.allclose(y, x @ w, atol=1e-3))
   True
 """
@@ -60,7 +61,8 @@ def hadamard(n: int, dtype: Any = jnp.float32) -> jax.Array:
       dtype: dtype of the result.
 
     Example:
-      >>> hadamard(2).tolist()
+      >>> from qarray import rotation
+      >>> rotation.hadamard(2).tolist()
       [[0.7071067690849304, 0.7071067690849304], [0.7071067690849304, -0.7071067690849304]]
     """
     if not _is_power_of_two(n):
@@ -72,7 +74,8 @@ def block_size(k: int, max_block: int = 128) -> int:
     """The Hadamard block for an axis of length ``k``: the largest power of two dividing ``k``, <= ``max_block``.
 
     Example:
-      >>> block_size(384), block_size(96), block_size(1536, max_block=256)
+      >>> from qarray import rotation
+      >>> rotation.block_size(384), rotation.block_size(96), rotation.block_size(1536, max_block=256)
       (128, 32, 256)
     """
     if not _is_power_of_two(max_block) or max_block < 2:
@@ -90,8 +93,9 @@ def signs(n: int, seed: int = 0) -> np.ndarray:
     """A fixed ±1 float32 vector of length ``n``, a pure function of ``seed`` (numpy ``default_rng``).
 
     Example:
-      >>> s = signs(8)
-      >>> s.dtype, sorted(set(s.tolist())) == [-1.0, 1.0], bool((s == signs(8)).all())
+      >>> from qarray import rotation
+      >>> s = rotation.signs(8)
+      >>> s.dtype, sorted(set(s.tolist())) == [-1.0, 1.0], bool((s == rotation.signs(8)).all())
       (dtype('float32'), True, True)
     """
     if not isinstance(n, (int, np.integer)) or isinstance(n, bool) or n < 0:
@@ -145,8 +149,9 @@ def rotate(x: Any, axis: int, *, block: int | None = None, seed: int = 0) -> jax
 
     Example:
       >>> import jax.numpy as jnp
+      >>> from qarray import rotation
       >>> x = jnp.array([[3., 0., 0., 0.]])
-      >>> jnp.abs(rotate(x, -1)).tolist()   # one spike spreads over its whole block
+      >>> jnp.abs(rotation.rotate(x, -1)).tolist()   # one spike spreads over its whole block
       [[1.5, 1.5, 1.5, 1.5]]
     """
     x, axis, block = _check(x, axis, block)
@@ -160,8 +165,9 @@ def unrotate(x: Any, axis: int, *, block: int | None = None, seed: int = 0) -> j
 
     Example:
       >>> import jax.numpy as jnp
+      >>> from qarray import rotation
       >>> x = jnp.arange(8.).reshape(2, 4)
-      >>> bool(jnp.allclose(unrotate(rotate(x, 1), 1), x, atol=1e-6))
+      >>> bool(jnp.allclose(rotation.unrotate(rotation.rotate(x, 1), 1), x, atol=1e-6))
       True
     """
     x, axis, block = _check(x, axis, block)
@@ -178,9 +184,10 @@ def rotate_hessian(h: Any, *, block: int | None = None, seed: int = 0) -> jax.Ar
 
     Example:
       >>> import jax, jax.numpy as jnp
+      >>> from qarray import rotation
       >>> x = jax.random.normal(jax.random.key(0), (32, 16))
-      >>> xr = rotate(x, -1)
-      >>> bool(jnp.allclose(rotate_hessian(x.T @ x), xr.T @ xr, atol=1e-3))
+      >>> xr = rotation.rotate(x, -1)
+      >>> bool(jnp.allclose(rotation.rotate_hessian(x.T @ x), xr.T @ xr, atol=1e-3))
       True
     """
     h = jnp.asarray(h)

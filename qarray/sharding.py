@@ -18,7 +18,7 @@ Example:
   >>> import jax, jax.numpy as jnp, qarray
   >>> from jax.sharding import PartitionSpec as P
   >>> q = qarray.quantize(jnp.ones((8, 16)), 'int4', channelwise_axes=(1,))
-  >>> specs = partition_specs(q, P(None, 'model'), {'model': 4})
+  >>> specs = qarray.sharding.partition_specs(q, P(None, 'model'), {'model': 4})
   >>> tuple(specs.qvalue), tuple(specs.scale)
   ((None, 'model'), (None, 'model'))
 """
@@ -78,7 +78,7 @@ def partition_specs(q: QArray, spec: PartitionSpec | None, mesh: Any) -> QArray:
       >>> import jax.numpy as jnp, qarray
       >>> from jax.sharding import PartitionSpec as P
       >>> q = qarray.quantize(jnp.ones((8, 256)), 'int8', tiles=128)
-      >>> tuple(partition_specs(q, P('data', 'model'), {'data': 2, 'model': 4}).scale)
+      >>> tuple(qarray.sharding.partition_specs(q, P('data', 'model'), {'data': 2, 'model': 4}).scale)
       ('data', None)
     """
     if not isinstance(q, QArray):
@@ -110,7 +110,7 @@ def shardings(q: QArray, sharding: NamedSharding) -> QArray:
       >>> from jax.sharding import NamedSharding, PartitionSpec as P
       >>> mesh = jax.make_mesh((1,), ('model',))
       >>> q = qarray.quantize(jnp.ones((4, 8)), 'int4')
-      >>> tuple(shardings(q, NamedSharding(mesh, P(None, 'model'))).qvalue.spec)
+      >>> tuple(qarray.sharding.shardings(q, NamedSharding(mesh, P(None, 'model'))).qvalue.spec)
       (None, 'model')
     """
     if not isinstance(sharding, NamedSharding):
@@ -138,7 +138,7 @@ def tree_shardings(tree: Any, float_shardings: Any, mesh: Any = None) -> Any:
       >>> import jax, jax.numpy as jnp, qarray
       >>> from jax.sharding import PartitionSpec as P
       >>> params = {'w': qarray.quantize(jnp.ones((4, 8)), 'int8', channelwise_axes=(1,)), 'b': jnp.ones(8)}
-      >>> out = tree_shardings(params, {'w': P(None, 'm'), 'b': P('m')}, {'m': 2})
+      >>> out = qarray.sharding.tree_shardings(params, {'w': P(None, 'm'), 'b': P('m')}, {'m': 2})
       >>> tuple(out['w'].scale), tuple(out['b'])
       ((None, 'm'), ('m',))
     """
@@ -191,11 +191,11 @@ def quantize(x: Any, qtype: Any, *, sharding: NamedSharding | None = None, **kwa
       **kwargs: any other :func:`qarray.quantize` argument (tiles, pack_axis, ...).
 
     Example:
-      >>> import jax, jax.numpy as jnp
+      >>> import jax, jax.numpy as jnp, qarray
       >>> from jax.sharding import NamedSharding, PartitionSpec as P
       >>> mesh = jax.make_mesh((1,), ('model',))
       >>> x = jax.device_put(jnp.ones((4, 8)), NamedSharding(mesh, P(None, 'model')))
-      >>> tuple(quantize(x, 'int4', channelwise_axes=(1,)).scale.sharding.spec)
+      >>> tuple(qarray.sharding.quantize(x, 'int4', channelwise_axes=(1,)).scale.sharding.spec)
       (None, 'model')
     """
     if sharding is None:
@@ -226,7 +226,7 @@ def shard(q: QArray, sharding: NamedSharding) -> QArray:
       >>> import jax, jax.numpy as jnp, qarray
       >>> from jax.sharding import NamedSharding, PartitionSpec as P
       >>> mesh = jax.make_mesh((1,), ('data',))
-      >>> q = shard(qarray.quantize(jnp.ones((4, 8)), 'nf4', tiles=4), NamedSharding(mesh, P('data')))
+      >>> q = qarray.sharding.shard(qarray.quantize(jnp.ones((4, 8)), 'nf4', tiles=4), NamedSharding(mesh, P('data')))
       >>> tuple(q.qvalue.sharding.spec)
       ('data', None)
     """
@@ -246,7 +246,7 @@ def constrain(q: QArray, sharding: NamedSharding) -> QArray:
       >>> from jax.sharding import NamedSharding, PartitionSpec as P
       >>> mesh = jax.make_mesh((1,), ('data',))
       >>> q = qarray.quantize(jnp.ones((4, 8)), 'int4')
-      >>> jax.jit(lambda q: constrain(q, NamedSharding(mesh, P())))(q).qvalue.shape
+      >>> jax.jit(lambda q: qarray.sharding.constrain(q, NamedSharding(mesh, P())))(q).qvalue.shape
       (4, 4)
     """
     return jax.lax.with_sharding_constraint(q, shardings(q, sharding))

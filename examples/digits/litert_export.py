@@ -31,9 +31,8 @@ from flax import nnx
 
 from examples.digits import data, models, train
 from flax_integration import litert
-from flax_integration.model import quantize_model
-from flax_integration.providers.odml import OdmlQatProvider
-from flax_integration.rules import QuantizationRule
+from flax_integration import quantize_model
+from flax_integration import OdmlQatProvider, QuantizationRule
 
 RULES = [QuantizationRule(module_path='.*', weight_qtype='int8', act_qtype='int8')]
 

@@ -33,16 +33,9 @@ import optax
 from flax import nnx
 
 from examples.digits import data, models, train
-from flax_integration.lora import lora_param_count, lora_trainable, merge_lora, with_base_weights
-from flax_integration.model import quantize_model
-from flax_integration.providers.calibration import QuantStat
-from flax_integration.providers.lora import LoraProvider, LoraRule
-from flax_integration.providers.ptq import PtqProvider
-from flax_integration.providers.qat import QtProvider
-from flax_integration.quantize_params import quantize_params
-from flax_integration.calibrate import calibrate
-from flax_integration.rules import QuantizationRule
-from flax_integration.wrappers import QuantizedParam
+from flax_integration import (LoraProvider, LoraRule, PtqProvider, QtProvider, QuantStat, QuantizationRule,
+                              QuantizedParam, calibrate, lora_param_count, lora_trainable, merge_lora,
+                              quantize_model, quantize_params, with_base_weights)
 
 __all__ = ['INT8_RULES', 'INT4_RULES', 'QLORA_RULES', 'param_bytes', 'qat_rows', 'qat_rows_nnx', 'qlora_run',
            'qlora_run_nnx', 'digits_section', 'main']

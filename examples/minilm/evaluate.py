@@ -158,7 +158,7 @@ def _fi() -> Any:
 def build_qarray(scheme: Scheme, params: Any, data: EvalData) -> Built:
     """Quantize with ``flax_integration``: ``quantize_model`` + ``PtqProvider``, then ``quantize_params``.
 
-    Static and GPTQ schemes first run ``flax_integration.calibrate`` (the float model under the same rules) on
+    Static and GPTQ schemes first run ``flax_integration._calibrate`` (the float model under the same rules) on
     the held-out sentences to collect the ``quant_stats`` (ranges, Hessians) that ``quantize_params`` uses.
 
     Example:

@@ -19,20 +19,74 @@ from typing import Any, ContextManager, Sequence
 import jax
 import jax.numpy as jnp
 
+from qarray import _layout, _numerics, _quantize, qtypes
 from qarray import calibration as _calibration
-from qarray import _layout, _numerics, qtypes, _quantize
 from qarray import rotation as rotation_lib
+from qarray._array import QArray
 
-from flax_integration import interception
-from flax_integration.op_calls import OpCall
+from flax_integration._frame import Frame
+from flax_integration._interception import ExtraOp, Intercept
+from flax_integration._op_calls import OpCall
 from flax_integration.rules import QuantizationRule, RuleSet
 from flax_integration.wrappers import QuantizedParam, unbox_leaves
 
-__all__ = ['Provider', 'Op', 'FloatParamError', 'act_range', 'range_to_scale', 'is_symmetric', 'hessian_name']
+__all__ = ['Provider', 'Op', 'Weight', 'Frame', 'FloatParamError', 'find_weight', 'act_range', 'range_to_scale',
+           'is_symmetric', 'hessian_name']
 
 
 class FloatParamError(ValueError):
-    """A quantized model was given float weights where it expects quantized ones."""
+    """A quantized model was given float weights where it expects quantized ones.
+
+    Example:
+      >>> from flax_integration import FloatParamError
+      >>> issubclass(FloatParamError, ValueError)
+      True
+    """
+
+
+@dataclasses.dataclass
+class Weight:
+    """The weight operand of an op: its index, its param name, and what was passed.
+
+    ``value`` is a QuantizedParam or QArray (already quantized) or a float array
+    that is (or was cast from) the module's param ``name``.
+    """
+
+    index: int
+    name: str | None  # None only for a quantized operand that is not a stored param (e.g. reshaped in user code)
+    value: Any
+
+    @property
+    def quantized(self) -> bool:
+        return isinstance(self.value, (QuantizedParam, QArray))
+
+
+def find_weight(call: OpCall, frame: Frame | None) -> Weight | None:
+    """The operand that is a param of the running module (rhs preferred), or None.
+
+    Decided from the module's params, never from shapes: an operand is the
+    weight when it is a quantized value (a stored ``QuantizedParam`` or QArray,
+    named if it is one of the module's), or when it *is* one of the module's
+    float params -- the same object, or a recorded alias such as its dtype cast
+    (:meth:`Frame.param_name`). A weight reshaped or cast by other means in
+    user code is not recognised; it is then treated as an activation.
+
+    Example:
+      >>> import jax, jax.numpy as jnp, qarray
+      >>> from flax_integration._op_calls import dot_general_call
+      >>> from flax_integration.providers.base import find_weight
+      >>> q = qarray.quantize(jnp.ones((4, 2)), 'int8')
+      >>> call = dot_general_call(qarray.dot_general, jax.lax.dot_general, jnp.ones((1, 4)), q,
+      ...                         (((1,), (0,)), ((), ())))
+      >>> find_weight(call, None).index
+      1
+    """
+    for i in (1, 0):
+        x = call.operands[i]
+        name = frame.param_name(x) if frame is not None else None
+        if isinstance(x, (QuantizedParam, QArray)) or name is not None:
+            return Weight(i, name, x)
+    return None
 
 
 @dataclasses.dataclass
@@ -48,9 +102,9 @@ class Op:
     """
 
     call: OpCall
-    frame: Any
+    frame: Frame | None
     rule: QuantizationRule | None
-    weight: interception.Weight | None
+    weight: Weight | None
     op_id: str
 
     @property
@@ -87,7 +141,7 @@ class Provider:
       and tear down per-run state here, e.g. install patches for this run only;
     * :meth:`process_model_inputs` -- at model entry, inside the interception
       scope with the model's own frame pushed (see
-      :func:`~flax_integration.interception.root_frame`): may return new inputs;
+      :func:`~flax_integration._interception.root_frame`): may return new inputs;
     * :meth:`process_model_output` -- on the model's return value.
 
     Example:
@@ -114,12 +168,27 @@ class Provider:
                 f"{type(self).__name__}: the rule module_path={rule.module_path!r} sets "
                 f"weight_algorithm={rule.weight_algorithm!r}, rotation={rule.rotation!r}; only PtqProvider and "
                 "CalibrationProvider support those. Use weight_algorithm='rtn', rotation=None here.")
-        weight = interception.find_weight(call, frame.params(), frame)
-        return self.process_op(Op(call, frame, rule, weight, op_id))
+        return self.process_op(Op(call, frame, rule, find_weight(call, frame), op_id))
 
     def process_op(self, op: Op) -> jax.Array:
         """Compute ``op``; the one method a provider must implement."""
         raise NotImplementedError
+
+    def intercepts(self) -> Sequence[Intercept]:
+        """Functions besides the op table's that this provider wants to see while its model runs
+        (none by default). The interception engine installs them and routes their calls to
+        :meth:`process_extra_op` (see ODML's activations and residual adds).
+
+        Example:
+          >>> from flax_integration import Provider
+          >>> Provider([]).intercepts()
+          ()
+        """
+        return ()
+
+    def process_extra_op(self, op: ExtraOp) -> Any:
+        """Compute one call of a function from :meth:`intercepts` (``op.original`` is the JAX function)."""
+        return op.original(*op.args, **op.kwargs)
 
     def model_run(self) -> ContextManager[None]:
         """Context around one run of the quantized model (a no-op by default).
@@ -165,15 +234,6 @@ class Provider:
 
     # --- helpers shared by providers ------------------------------------------------------
     @staticmethod
-    def plain_operand(x: Any) -> Any:
-        """A QuantizedParam becomes its QArray -- or, if stored rotated, its dequantized, unrotated value, which
-        is right in any op (the rotated QArray is only right where the activation is rotated to match, see
-        :meth:`rotated_weight`); everything else is returned as is."""
-        if isinstance(x, QuantizedParam):
-            return x.__jax_array__() if x.rotation is not None else unbox_leaves(x.array)
-        return x
-
-    @staticmethod
     def weight_layout(op: Op) -> tuple[tuple[int, ...], dict[int, int] | None]:
         """``(channelwise_axes, tiles)`` of ``op``'s weight: per output channel, tiles on the contraction."""
         rule = op.rule
@@ -188,9 +248,9 @@ class Provider:
         """``(weight axis, activation axis)`` of the one contraction GPTQ and rotations act on.
 
         Example:
-          >>> from flax_integration.op_calls import dot_general_call
+          >>> from flax_integration._op_calls import dot_general_call
           >>> call = dot_general_call(jnp.ones((2, 8)), jnp.ones((8, 4)), (((1,), (0,)), ((), ())))
-          >>> Provider.transform_axes(Op(call, None, None, interception.Weight(1, 'kernel', None), 'dot_general0'))
+          >>> Provider.transform_axes(Op(call, None, None, Weight(1, 'kernel', None), 'dot_general0'))
           (0, 1)
         """
         wi = op.weight.index
@@ -213,7 +273,7 @@ class Provider:
             return None
         wc = op.call.contract[op.weight.index]
         if op.call.per_channel_only or tuple(wc) != (value.rotation[0],):
-            return None  # used along another axis (e.g. a tied kernel's .T): plain_operand unrotates it
+            return None  # used along another axis (e.g. a tied kernel's .T): as_operand unrotates it
         return unbox_leaves(value.array), value.rotation[1]
 
     def quantize_weight_value(self, op: Op, value: jax.Array) -> QuantizedParam:
@@ -232,9 +292,10 @@ class Provider:
                     rotation = (axis, rotation_lib.block_size(value.shape[axis]))
                     value = rotation_lib.rotate(value, axis, block=rotation[1])
             q = _quantize.quantize(value, rule.weight_qtype, channelwise_axes=cw, tiles=tiles,
-                              calibration=rule.weight_calibration_method)
+                                   calibration=rule.weight_calibration_method)
         except (ValueError, TypeError) as e:
-            raise type(e)(f"{op.describe()}, weight {op.weight.name!r} of shape {value.shape}: {e}") from None
+            e.add_note(f"While quantizing {op.describe()}, weight {op.weight.name!r} of shape {value.shape}.")
+            raise
         return QuantizedParam(q, rule.weight_calibration_method, rotation, gptq)
 
 

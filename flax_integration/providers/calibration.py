@@ -19,7 +19,7 @@ as PTQ will quantize it; the Hessian is kept unrotated.
 Shapes depend only on the contracting axis (and tiles), never on batch size
 or sequence length. The model computes in float. Give the statistics to
 ``quantize_params(fp_params, abstract_ptq_params, quant_stats)``; the
-:func:`~flax_integration.calibrate` helper runs the loop.
+:func:`~flax_integration._calibrate` helper runs the loop.
 
 Example:
   >>> import jax, jax.numpy as jnp
@@ -36,24 +36,13 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
-from flax import nnx
 
 from qarray import gptq
 from qarray import rotation as rotation_lib
 
 from flax_integration.providers.base import Op, Provider, act_range, hessian_name
 
-__all__ = ['CalibrationProvider', 'QuantStat', 'update_moving_average']
-
-
-class QuantStat(nnx.Variable):
-    """NNX variable type for calibration statistics (the ``quant_stats`` collection)."""
-
-
-try:
-    nnx.register_variable_name('quant_stats', QuantStat)
-except Exception:  # already registered (e.g. by another library): NNX keeps the first type
-    pass
+__all__ = ['CalibrationProvider', 'update_moving_average']
 
 
 def update_moving_average(stat: dict, lo: jax.Array, hi: jax.Array, momentum: float = 1.0) -> dict:
@@ -114,7 +103,8 @@ class CalibrationProvider(Provider):
             lo, hi = act_range(jax.lax.stop_gradient(x), rule.act_qtype, cw, tiles,
                                rule.act_calibration_method)
         except ValueError as e:
-            raise ValueError(f"{op.describe()}, activation of shape {tuple(x.shape)}: {e}") from None
+            e.add_note(f"While calibrating {op.describe()}, activation of shape {tuple(x.shape)}.")
+            raise
         name = op.act_name(i)
         stat = op.frame.get_stat(name)
         if stat is None:  # first sight (Linen init / NNX quantize_model): zeros, count 0

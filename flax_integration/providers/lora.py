@@ -28,7 +28,7 @@ Rules that are plain ``QuantizationRule`` act exactly as in PTQ.
 
 * NNX: ``nnx.Optimizer(model, tx, wrt=nnx.LoRAParam)`` and
   ``nnx.value_and_grad(..., argnums=nnx.DiffState(0, nnx.LoRAParam))``;
-* Linen: split the params with :func:`flax_integration.lora.lora_trainable`
+* Linen: split the params with :func:`flax_integration._lora_export.lora_trainable`
   (``examples/digits/train.py``'s ``train_linen(..., trainable=lora_trainable)``
   does it), differentiate and optimise the adapter half only, so frozen
   leaves never enter the optimizer state (``optax.multi_transform`` with
@@ -39,13 +39,13 @@ Dropout (``dropout > 0``) is applied to the adapter's input only. Linen: when
 an rng named ``'dropout'`` is passed to ``apply`` (none: no dropout). NNX: an
 ``nnx.Dropout`` submodule ``<W>_lora_dropout``; ``model.eval()`` turns it off.
 
-Export: :func:`flax_integration.lora.merge_lora` folds ``A B alpha / rank``
+Export: :func:`flax_integration._lora_export.merge_lora` folds ``A B alpha / rank``
 into the (dequantized) base weights.
 
 Example:
   >>> import jax, jax.numpy as jnp
   >>> from flax import linen as nn
-  >>> from flax_integration.model import quantize_model
+  >>> from flax_integration._model import quantize_model
   >>> rules = [LoraRule(module_path='.*', rank=2, alpha=4.0, weight_qtype='nf4', tile_size=8)]
   >>> m = quantize_model(nn.Dense(4), LoraProvider(rules))
   >>> p = m.init(jax.random.key(0), jnp.ones((1, 16)))['params']
@@ -63,12 +63,11 @@ from typing import Any, Sequence
 
 import jax
 import jax.numpy as jnp
-from flax import linen as nn
-from flax import nnx
 
 from flax_integration.providers.base import Op
 from flax_integration.providers.ptq import PtqProvider
 from flax_integration.rules import QuantizationRule
+from flax_integration.wrappers import as_operand
 
 __all__ = ['LoraRule', 'LoraProvider', 'LORA_SUFFIXES', 'adapter_names', 'weight_name', 'low_rank_kernel']
 
@@ -158,7 +157,7 @@ class LoraProvider(PtqProvider):
     def lora_delta(self, op: Op) -> jax.Array:
         """``op(dropout(x), A B) * alpha / rank`` for the op's weight."""
         rule, wi = op.rule, op.weight.index
-        x = self.plain_operand(op.call.operands[1 - wi])
+        x = as_operand(op.call.operands[1 - wi])
         shape = tuple(op.weight.value.shape)
         kept, contract = op.call.kept[wi], op.call.contract[wi]
         if not kept:
@@ -216,12 +215,8 @@ class LoraProvider(PtqProvider):
         fan_in = max(1, math.prod(a_shape[:-1]))
         init_a = lambda key, s: jax.random.normal(key, s, pdtype) / math.sqrt(fan_in)
         init_b = lambda key, s: jnp.zeros(s, pdtype)
-        if op.frame.kind == 'linen':
-            a = self._linen_param(op, name_a, init_a, a_shape)
-            b = self._linen_param(op, name_b, init_b, b_shape)
-        else:
-            a = self._nnx_param(op, name_a, init_a, a_shape)
-            b = self._nnx_param(op, name_b, init_b, b_shape)
+        a = op.frame.adapter_param(name_a, init_a, a_shape, self._key(op, name_a))
+        b = op.frame.adapter_param(name_b, init_b, b_shape, self._key(op, name_b))
         for name, v, s in ((name_a, a, a_shape), (name_b, b, b_shape)):
             if tuple(v.shape) != s:
                 raise ValueError(f"{op.describe()}: adapter {name!r} has shape {tuple(v.shape)} but rank "
@@ -231,41 +226,9 @@ class LoraProvider(PtqProvider):
     def _key(self, op: Op, name: str) -> jax.Array:
         return jax.random.fold_in(jax.random.key(self.seed), zlib.crc32(f'{op.path}/{name}'.encode()))
 
-    @staticmethod
-    def _linen_param(op: Op, name: str, init, shape) -> jax.Array:
-        scope = op.frame.module.scope
-        if scope.has_variable('params', name):  # read, not re-declare: one weight may feed several ops
-            return nn.meta.unbox(scope.get_variable('params', name))
-        return scope.param(name, init, shape)
-
-    def _nnx_param(self, op: Op, name: str, init, shape) -> jax.Array:
-        module = op.frame.module
-        v = vars(module).get(name)
-        if isinstance(v, nnx.Variable):
-            return v[...]
-        if not op.frame.initializing:
-            raise ValueError(f"{op.describe()}: adapter {name!r} is missing; build the model with "
-                             "quantize_model(model, LoraProvider(rules), *sample_inputs).")
-        value = init(self._key(op, name), shape)
-        setattr(module, name, nnx.LoRAParam(value))
-        return value
-
     def _dropout(self, op: Op, x: jax.Array) -> jax.Array:
-        rate = op.rule.dropout
-        if rate <= 0:
-            return x
-        module = op.frame.module
-        if op.frame.kind == 'linen':
-            if op.frame.initializing or not module.has_rng('dropout'):
-                return x
-            keep = jax.random.bernoulli(module.make_rng('dropout'), 1.0 - rate, x.shape)
-            return jnp.where(keep, x / (1.0 - rate), jnp.zeros_like(x))
         name = weight_name(op) + '_lora_dropout'
-        drop = vars(module).get(name)
-        if drop is None:
-            drop = nnx.Dropout(rate, rngs=nnx.Rngs(dropout=self._key(op, name)))
-            setattr(module, name, drop)
-        return drop(x)
+        return op.frame.dropout(x, op.rule.dropout, name, self._key(op, name))
 
 
 def weight_name(op: Op) -> str:
@@ -276,7 +239,8 @@ def weight_name(op: Op) -> str:
     user code) has no name, and its adapters are named after the op instead.
 
     Example:
-      >>> from flax_integration.interception import Weight
+      >>> from flax_integration.providers.base import Op, Weight
+      >>> from flax_integration.providers.lora import weight_name
       >>> weight_name(Op(None, None, None, Weight(1, 'kernel', None), 'dot_general0'))
       'kernel'
     """

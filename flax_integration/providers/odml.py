@@ -11,7 +11,7 @@ tensor, not per op:
   is fake-quantized per output channel;
 * an activation tensor is annotated once, where it is first consumed by an
   annotated op (a conv's input, a residual add's operand) or where an op in
-  :mod:`~flax_integration.providers.odml_ops` produces it (relu's output,
+  :mod:`~flax_integration.providers._odml_ops` produces it (relu's output,
   concat's output, ...), and the model's outputs are annotated last; a conv /
   dense output is therefore annotated *after* its bias add and activation,
   which lets LiteRT fuse them;
@@ -41,7 +41,7 @@ DEQUANTIZE and a QUANTIZE.
 Example:
   >>> import jax, jax.numpy as jnp
   >>> from flax import linen as nn
-  >>> from flax_integration.model import quantize_model
+  >>> from flax_integration._model import quantize_model
   >>> from flax_integration.rules import QuantizationRule
   >>> qat = quantize_model(nn.Dense(4), OdmlQatProvider([QuantizationRule(weight_qtype='int8', act_qtype='int8')]))
   >>> v = qat.init(jax.random.key(0), jnp.ones((2, 8)))
@@ -60,11 +60,12 @@ import numpy as np
 from qarray import _fake_quant, qtypes, _quantize
 from qarray._array import QArray
 
-from flax_integration import interception
-from flax_integration.providers import odml_ops
+from flax_integration import _interception
+from flax_integration._interception import ExtraOp, Intercept
+from flax_integration.providers import _odml_ops as odml_ops
+from flax_integration.providers._odml_ops import Annotation, lookup, register
 from flax_integration.providers.base import Op, Provider, act_range, is_symmetric, range_to_scale
 from flax_integration.providers.calibration import update_moving_average
-from flax_integration.providers.odml_ops import Annotation, ExtraOp, lookup, register
 from flax_integration.rules import QuantizationRule
 from flax_integration.wrappers import QuantizedParam, unbox_leaves
 
@@ -140,15 +141,20 @@ class OdmlQatProvider(Provider):
         try:
             is_symmetric(act_calibration_method)
         except (ValueError, TypeError) as e:
-            raise type(e)(f"act_calibration_method: {e}") from None
+            e.add_note("In OdmlQatProvider(act_calibration_method=...).")
+            raise
         self.act_calibration_method = act_calibration_method
         self.per_channel_weights = bool(per_channel_weights)
         self.last_io: dict = {'inputs': {}, 'outputs': []}
 
     # --- run bookkeeping -------------------------------------------------------------------
     def model_run(self) -> ContextManager[odml_ops.Run]:
-        """One model run: the ``odml_ops`` shims are installed for its duration, with a fresh registry."""
+        """One model run: a fresh registry of annotated tensors (see :mod:`~flax_integration.providers._odml_ops`)."""
         return odml_ops.model_run(self)
+
+    def intercepts(self) -> Sequence[Intercept]:
+        """relu, softmax, pooling, concatenate, mean, reshape, ``+`` and ``*`` (see ``_odml_ops``)."""
+        return odml_ops.intercepts()
 
     def process_model_inputs(self, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
         """Mark the model's float inputs (leaf ``i`` of ``(args, kwargs)`` is input ``i``).
@@ -161,7 +167,7 @@ class OdmlQatProvider(Provider):
         """
         run = odml_ops.current_run()
         if run is not None and run.provider is self:
-            run.root_frame = interception.root_frame()
+            run.root_frame = _interception.root_frame()
             for i, x in enumerate(jax.tree.leaves((args, kwargs))):
                 if not _is_float_array(x):
                     continue
@@ -171,16 +177,6 @@ class OdmlQatProvider(Provider):
                 if ann is not None:  # seeded: annotated outside the model
                     run.io['inputs'][i] = (ann.scale, ann.zero_point)
         return args, kwargs
-
-    def handle(self, call, frame):
-        if frame is None:
-            return call.run_original()
-        run = odml_ops.current_run()
-        if run is None or run.provider is not self:  # called outside a model run (a bare scope): one op's run
-            with self.model_run():
-                return self.handle(call, frame)
-        with odml_ops.provider_code():
-            return super().handle(call, frame)
 
     def seed(self, x: jax.Array, scale: Any, zero_point: Any) -> None:
         """Declare ``x`` as already annotated with ``(scale, zero_point)`` in this provider's next (or
@@ -276,7 +272,7 @@ class OdmlQatProvider(Provider):
         rule = self.rules.match(e.frame.path, None)
         if rule is None or rule.act_qtype is None:
             return e.original(*e.args, **e.kwargs)
-        return getattr(self, f'_extra_{e.kind}')(e)
+        return getattr(self, f'_extra_{odml_ops.KINDS[e.name]}')(e)
 
     def _extra_reshape(self, e: ExtraOp) -> Any:
         x, run = e.args[0], odml_ops.current_run()
@@ -344,7 +340,7 @@ class OdmlQatProvider(Provider):
         run = odml_ops.current_run()
         if run is None or run.provider is not self:
             return output
-        with odml_ops.provider_code():
+        with _interception.provider_code():
             leaves, tree = jax.tree.flatten(output)
             if self._output_rule() is not None and run.root_frame is not None:
                 outs = []
@@ -444,7 +440,7 @@ class OdmlConversionProvider(OdmlQatProvider):
     Example:
       >>> import jax, jax.numpy as jnp
       >>> from flax import linen as nn
-      >>> from flax_integration.model import quantize_model
+      >>> from flax_integration._model import quantize_model
       >>> rules = [QuantizationRule(weight_qtype='int8', act_qtype='int8')]
       >>> v = quantize_model(nn.Dense(4), OdmlQatProvider(rules)).init(jax.random.key(0), jnp.ones((2, 8)))
       >>> v['quant_stats'] = jax.tree.map(lambda a: a + 1, v['quant_stats'])  # pretend QAT ran

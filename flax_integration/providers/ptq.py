@@ -3,7 +3,7 @@
 * **Weights** are quantized once and stored as
   :class:`~flax_integration.wrappers.QuantizedParam` in the params (Linen) or
   module state (NNX): at ``init`` (Linen) or in ``quantize_model`` (NNX), or
-  from float weights by :func:`~flax_integration.quantize_params`. One scale
+  from float weights by :func:`~flax_integration._quantize_params`. One scale
   per output channel (every kept axis), shared or tiled (``tile_size``) along
   the contracting axis.
 * **Activations**: dynamic (default) -- one scale per token (every kept axis)
@@ -42,7 +42,7 @@ from qarray import _quantize
 from qarray import rotation as rotation_lib
 
 from flax_integration.providers.base import FloatParamError, Op, Provider, act_range, range_to_scale
-from flax_integration.wrappers import ActivationScale, QuantizedParam, unbox_leaves
+from flax_integration.wrappers import ActivationScale, QuantizedParam, as_operand, unbox_leaves
 
 __all__ = ['PtqProvider']
 
@@ -60,7 +60,7 @@ class PtqProvider(Provider):
 
     def process_op(self, op: Op) -> jax.Array:
         rule = op.rule
-        operands = [self.plain_operand(x) for x in op.call.operands]
+        operands = [as_operand(x) for x in op.call.operands]
         if rule is None:
             return op.call.run(*operands)
         if op.weight is not None:
@@ -85,7 +85,7 @@ class PtqProvider(Provider):
         unrotated value (:meth:`process_op` swaps in the rotated QArray where the activation is rotated)."""
         w, rule = op.weight, op.rule
         if w.quantized:
-            return self.plain_operand(w.value)
+            return as_operand(w.value)
         if rule.weight_qtype is None:
             return w.value
         if not op.frame.initializing:
@@ -96,11 +96,11 @@ class PtqProvider(Provider):
                 "(Linen) or quantize_model(nnx_model, provider, *inputs) (NNX).")
         stored = unbox_leaves(op.frame.get_param(w.name))
         if isinstance(stored, QuantizedParam):  # a second op on the same weight in this init run
-            return self.plain_operand(stored)
+            return as_operand(stored)
         qp = self.quantize_weight_value(op, w.value)
         op.frame.put_param(w.name, qp)
-        op.frame.derived[id(w.value)] = (w.name, w.value)  # later ops may still see the float object
-        return self.plain_operand(qp)
+        op.frame.record_alias(w.value, w.name)  # later ops may still see the float object
+        return as_operand(qp)
 
     # --- activations -----------------------------------------------------------------------
     def activation(self, op: Op, i: int, x: Any) -> Any:
@@ -134,4 +134,5 @@ class PtqProvider(Provider):
         try:
             return fn()
         except (ValueError, TypeError) as e:
-            raise type(e)(f"{op.describe()}, activation of shape {tuple(x.shape)}: {e}") from None
+            e.add_note(f"While quantizing {op.describe()}, activation of shape {tuple(x.shape)}.")
+            raise

@@ -63,6 +63,7 @@ from qarray import _fake_quant
 from qarray._fake_quant import fake_quant_with_scale
 
 from flax_integration.providers.calibration import update_moving_average
+from flax_integration.wrappers import as_operand
 from flax_integration.providers.base import Op, Provider, act_range, range_to_scale
 from flax_integration.rules import QuantizationRule
 
@@ -94,7 +95,7 @@ class QtProvider(Provider):
 
     def process_op(self, op: Op) -> jax.Array:
         rule = op.rule
-        operands = [self.plain_operand(x) for x in op.call.operands]
+        operands = [as_operand(x) for x in op.call.operands]
         if rule is None:
             return op.call.run(*operands)
         w = op.weight
@@ -114,7 +115,8 @@ class QtProvider(Provider):
             return _fake_quant.fake_quant(value, rule.weight_qtype, channelwise_axes=cw, tiles=tiles,
                                    calibration=rule.weight_calibration_method, ste=self.ste)
         except (ValueError, TypeError) as e:
-            raise type(e)(f"{op.describe()}, weight {op.weight.name!r} of shape {value.shape}: {e}") from None
+            e.add_note(f"While fake-quantizing {op.describe()}, weight {op.weight.name!r} of shape {value.shape}.")
+            raise
 
     # --- activations -----------------------------------------------------------------------
     def fake_quant_activation(self, op: Op, i: int, x: Any) -> Any:
@@ -131,7 +133,8 @@ class QtProvider(Provider):
             scale, zp = range_to_scale(lo, hi, rule.act_qtype, rule.act_calibration_method, x.dtype)
             return fake_quant_with_scale(x, rule.act_qtype, scale.astype(jnp.float32), zp, ste=self.ste)
         except (ValueError, TypeError) as e:
-            raise type(e)(f"{op.describe()}, activation of shape {tuple(x.shape)}: {e}") from None
+            e.add_note(f"While fake-quantizing {op.describe()}, activation of shape {tuple(x.shape)}.")
+            raise
 
     def _static_range(self, op: Op, i: int, x: jax.Array) -> tuple[jax.Array, jax.Array]:
         """Range for a static-scale operand; updates ``quant_stats`` when training."""
@@ -143,22 +146,14 @@ class QtProvider(Provider):
         if stat is None:  # first sight (Linen init / NNX quantize_model): zeros, count 0, as calibration does
             stat = {'lo': jnp.zeros_like(lo), 'hi': jnp.zeros_like(hi), 'count': jnp.zeros((), jnp.int32)}
             frame.put_stat(name, stat)
-            if frame.kind == 'nnx' and not hasattr(frame.module, 'use_running_average'):
-                frame.module.use_running_average = False  # so model.eval() freezes the statistics
         if frame.initializing:
             return lo, hi
-        if self._training(frame):
+        if frame.can_update_stats():
             stat = jax.tree.map(jax.lax.stop_gradient, update_moving_average(stat, lo, hi, self.momentum))
             frame.put_stat(name, stat)
             return stat['lo'], stat['hi']
         never = stat['count'] == 0  # eval before any training step: the batch's own range
         return jnp.where(never, lo, stat['lo']), jnp.where(never, hi, stat['hi'])
-
-    @staticmethod
-    def _training(frame: Any) -> bool:
-        if not frame.can_update_stats():
-            return False
-        return not (frame.kind == 'nnx' and getattr(frame.module, 'use_running_average', False))
 
 
 QatProvider = QtProvider

@@ -3,6 +3,7 @@
 Example:
   >>> import jax.numpy as jnp
   >>> from qarray import qtypes
+  >>> from qarray.calibration.basic import minmax
   >>> r = minmax(jnp.array([-1., 3.]), (0,), qtypes.get('uint8'))
   >>> (float(r.lo[0]), float(r.hi[0]), r.symmetric)
   (-1.0, 3.0, False)
@@ -22,6 +23,7 @@ def absmax(x: jnp.ndarray, axes: tuple[int, ...], qtype: QType) -> Range:
 
     Example:
       >>> import jax.numpy as jnp
+      >>> from qarray.calibration.basic import absmax
       >>> float(absmax(jnp.array([-3., 2.]), (0,), None).hi[0])
       3.0
     """
@@ -35,6 +37,7 @@ def minmax(x: jnp.ndarray, axes: tuple[int, ...], qtype: QType) -> Range:
 
     Example:
       >>> import jax.numpy as jnp
+      >>> from qarray.calibration.basic import minmax
       >>> float(minmax(jnp.array([-1., 3.]), (0,), None).lo[0])
       -1.0
     """
@@ -47,6 +50,7 @@ def rms(x: jnp.ndarray, axes: tuple[int, ...], qtype: QType, k: float = 3.0) -> 
 
     Example:
       >>> import jax.numpy as jnp
+      >>> from qarray.calibration.basic import rms
       >>> float(rms(jnp.array([-1., 1.]), (0,), None, 0.5).hi[0])
       0.5
     """
@@ -63,6 +67,7 @@ def fixed(x: jnp.ndarray, axes: tuple[int, ...], qtype: QType, lo: float, hi: fl
 
     Example:
       >>> import jax.numpy as jnp
+      >>> from qarray.calibration.basic import fixed
       >>> fixed(jnp.zeros(3), (0,), None, -1., 1.).symmetric
       True
     """
@@ -78,6 +83,7 @@ def percentile(x: jnp.ndarray, axes: tuple[int, ...], qtype: QType, p: float) ->
 
     Example:
       >>> import jax.numpy as jnp
+      >>> from qarray.calibration.basic import percentile
       >>> float(percentile(jnp.arange(101.), (0,), None, 50).hi[0])
       50.0
     """

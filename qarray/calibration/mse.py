@@ -8,6 +8,7 @@ compiled program stays small whatever the number of steps.
 Example:
   >>> import jax.numpy as jnp
   >>> from qarray import qtypes
+  >>> from qarray.calibration.mse import mse
   >>> r = mse(jnp.array([[0.1, -0.2, 0.05, 9.0]]), (1,), qtypes.get('int4'))
   >>> float(r.hi[0, 0]) <= 9.0
   True
@@ -38,6 +39,7 @@ def mse(x: jnp.ndarray, axes: tuple[int, ...], qtype: QType, steps: float = 64,
     Example:
       >>> import jax.numpy as jnp
       >>> from qarray import qtypes
+      >>> from qarray.calibration.mse import mse
       >>> mse(jnp.ones((2, 8)), (1,), qtypes.get('int8')).symmetric
       True
     """

@@ -11,7 +11,8 @@ not trust the method's reductions, because XLA's vectorised CPU ``max``
 drops NaN on larger arrays.
 
 Example:
-  >>> parse('percentile,99.9')
+  >>> from qarray import calibration
+  >>> calibration.parse('percentile,99.9')
   ('percentile', (99.9,))
 """
 
@@ -32,7 +33,8 @@ class Range(NamedTuple):
 
     Example:
       >>> import jax.numpy as jnp
-      >>> Range(jnp.array(-1.), jnp.array(1.), True).symmetric
+      >>> from qarray import calibration
+      >>> calibration.Range(jnp.array(-1.), jnp.array(1.), True).symmetric
       True
     """
 
@@ -59,10 +61,14 @@ def register(name: str, *, min_args: int = 0, max_args: int = 0, usage: str = ''
     """Decorator adding a calibration method ``fn(x, axes, qtype, *args) -> Range``.
 
     Example:
-      >>> @register('half_absmax', usage='half_absmax')
+      >>> import jax.numpy as jnp
+      >>> from qarray import calibration, qtypes
+      >>> @calibration.register('half_absmax', usage='half_absmax')
       ... def _half(x, axes, qtype):
       ...     hi = jnp.max(jnp.abs(x), axis=axes, keepdims=True) / 2
-      ...     return Range(-hi, hi, True)
+      ...     return calibration.Range(-hi, hi, True)
+      >>> float(calibration.calibrate('half_absmax', jnp.array([-3., 2.]), (0,), qtypes.get('int8')).hi[0])
+      1.5
     """
 
     def wrap(fn: CalibrationFn) -> CalibrationFn:
@@ -76,7 +82,8 @@ def methods() -> list[str]:
     """Usage strings of every registered method.
 
     Example:
-      >>> 'absmax' in methods()
+      >>> from qarray import calibration
+      >>> 'absmax' in calibration.methods()
       True
     """
     return [m.usage for m in _METHODS.values()]
@@ -86,7 +93,8 @@ def parse(spec: str) -> tuple[str, tuple[float, ...]]:
     """Split and validate ``"name,arg,..."``; raises ``ValueError`` naming the valid methods.
 
     Example:
-      >>> parse('fixed,-1,1')
+      >>> from qarray import calibration
+      >>> calibration.parse('fixed,-1,1')
       ('fixed', (-1.0, 1.0))
     """
     if not isinstance(spec, str):
@@ -109,8 +117,8 @@ def calibrate(spec: str, x: jnp.ndarray, axes: tuple[int, ...], qtype: QType) ->
 
     Example:
       >>> import jax.numpy as jnp
-      >>> from qarray import qtypes
-      >>> float(calibrate('absmax', jnp.array([-3., 2.]), (0,), qtypes.get('int8')).hi[0])
+      >>> from qarray import calibration, qtypes
+      >>> float(calibration.calibrate('absmax', jnp.array([-3., 2.]), (0,), qtypes.get('int8')).hi[0])
       3.0
     """
     name, args = parse(spec)

@@ -8,7 +8,7 @@ module describes each leaf of a tree as a JSON-able dict keyed by its
 
 Example:
   >>> import jax.numpy as jnp, qarray
-  >>> meta = describe({'w': qarray.quantize(jnp.ones((4, 8)), 'int4', tiles=4)})
+  >>> meta = qarray.io.describe({'w': qarray.quantize(jnp.ones((4, 8)), 'int4', tiles=4)})
   >>> meta['w']['qtype'], meta['w']['tiles'], meta['w']['qvalue']['shape']
   ('int4', {'1': 4}, [4, 4])
 """
@@ -32,7 +32,18 @@ PARTS = ('qvalue', 'scale', 'zero_point')
 
 
 class CheckpointError(ValueError):
-    """A checkpoint does not match what the caller expects (names the param)."""
+    """A checkpoint does not match what the caller expects (names the param).
+
+    Example:
+      >>> import tempfile, os, jax.numpy as jnp, qarray
+      >>> f = os.path.join(tempfile.mkdtemp(), 'm.safetensors')
+      >>> qarray.io.save_safetensors(f, {'w': qarray.quantize(jnp.ones((4, 8)), 'int4')})
+      >>> try:
+      ...     qarray.io.load_safetensors(f, {'w': qarray.quantize(jnp.ones((4, 8)), 'int8')})
+      ... except qarray.io.CheckpointError as e:
+      ...     print(str(e).split(':')[0])
+      param 'w'
+    """
 
 
 def _is_qarray(x: Any) -> bool:
@@ -44,6 +55,7 @@ def flatten(tree: Any) -> tuple[list[str], list[Any], Any]:
 
     Example:
       >>> import jax.numpy as jnp
+      >>> from qarray.io._metadata import flatten
       >>> flatten({'b': jnp.ones(2), 'a': {'k': jnp.ones(3)}})[0]
       ['a/k', 'b']
     """
@@ -65,6 +77,7 @@ def leaf_meta(leaf: Any) -> dict[str, Any]:
 
     Example:
       >>> import jax.numpy as jnp
+      >>> from qarray.io._metadata import leaf_meta
       >>> leaf_meta(jnp.zeros((2, 3), jnp.bfloat16))
       {'kind': 'array', 'shape': [2, 3], 'dtype': 'bfloat16'}
     """
@@ -104,11 +117,12 @@ def containers(tree: Any) -> dict[str, list[dict[str, str]]]:
     GPTQ settings live in the pytree structure, not in any array, yet change what the arrays mean).
 
     Example:
-      >>> import dataclasses, jax.numpy as jnp
+      >>> import dataclasses, jax, jax.numpy as jnp
+      >>> from qarray.io._metadata import containers
       >>> @jax.tree_util.register_dataclass
       ... @dataclasses.dataclass
       ... class Wrap:
-      ...     x: Any
+      ...     x: jax.Array
       ...     tag: str = dataclasses.field(default='a', metadata=dict(static=True))
       ...     checkpoint_fields = ('tag',)
       >>> containers({'w': Wrap(jnp.ones(2), 'b')})
@@ -133,8 +147,8 @@ def describe(tree: Any) -> dict[str, dict[str, Any]]:
     """``{name: leaf_meta + containers}`` for every leaf of ``tree`` (in flatten order).
 
     Example:
-      >>> import jax.numpy as jnp
-      >>> describe({'b': jnp.ones(2)})
+      >>> import jax.numpy as jnp, qarray
+      >>> qarray.io.describe({'b': jnp.ones(2)})
       {'b': {'kind': 'array', 'shape': [2], 'dtype': 'float32', 'containers': []}}
     """
     names, leaves, _ = flatten(tree)
@@ -176,11 +190,12 @@ def check(stored: dict[str, dict[str, Any]], expected: dict[str, dict[str, Any]]
 
     Example:
       >>> import jax.numpy as jnp, qarray
-      >>> a = describe({'w': qarray.quantize(jnp.ones((4, 8)), 'int4')})
-      >>> b = describe({'w': qarray.quantize(jnp.ones((4, 8)), 'int8')})
+      >>> from qarray.io._metadata import check
+      >>> a = qarray.io.describe({'w': qarray.quantize(jnp.ones((4, 8)), 'int4')})
+      >>> b = qarray.io.describe({'w': qarray.quantize(jnp.ones((4, 8)), 'int8')})
       >>> try:
       ...     check(a, b, 'ckpt')
-      ... except CheckpointError as e:
+      ... except qarray.io.CheckpointError as e:
       ...     print(str(e).split(':')[0])
       param 'w'
     """
@@ -218,6 +233,7 @@ def abstract_leaf(meta: dict[str, Any], sharding: Any = None) -> Any:
     ``sharding``: None, a sharding for an array leaf, or a QArray of shardings.
 
     Example:
+      >>> from qarray.io._metadata import abstract_leaf
       >>> abstract_leaf({'kind': 'array', 'shape': [2], 'dtype': 'float32'}).shape
       (2,)
     """
@@ -236,6 +252,7 @@ def nest(names: list[str], leaves: list[Any]) -> dict[str, Any]:
     """Nested dicts from '/'-joined names (the tree a checkpoint restores to without a target).
 
     Example:
+      >>> from qarray.io._metadata import nest
       >>> nest(['a/b', 'a/c', 'd'], [1, 2, 3])
       {'a': {'b': 1, 'c': 2}, 'd': 3}
     """

@@ -12,8 +12,8 @@ Example:
   >>> import tempfile, os, jax.numpy as jnp, qarray
   >>> tree = {'w': qarray.quantize(jnp.ones((4, 8)), 'int4', tiles=4)}
   >>> path = os.path.join(tempfile.mkdtemp(), 'ckpt')
-  >>> save(path, tree)
-  >>> restore(path, tree)['w'].qtype.name
+  >>> qarray.io.save(path, tree)
+  >>> qarray.io.restore(path, tree)['w'].qtype.name
   'int4'
 """
 
@@ -66,7 +66,7 @@ def save(path: str | os.PathLike, tree: Any, *, force: bool = False) -> None:
 
     Example:
       >>> import tempfile, os, jax.numpy as jnp, qarray
-      >>> save(os.path.join(tempfile.mkdtemp(), 'c'), {'w': qarray.quantize(jnp.ones(8), 'nf4')})
+      >>> qarray.io.save(os.path.join(tempfile.mkdtemp(), 'c'), {'w': qarray.quantize(jnp.ones(8), 'nf4')})
     """
     ocp = _ocp()
     names, leaves, _ = md.flatten(tree)
@@ -83,8 +83,8 @@ def read_metadata(path: str | os.PathLike) -> dict[str, Any]:
     Example:
       >>> import tempfile, os, jax.numpy as jnp, qarray
       >>> p = os.path.join(tempfile.mkdtemp(), 'c')
-      >>> save(p, {'w': qarray.quantize(jnp.ones((2, 8)), 'int3')})
-      >>> read_metadata(p)['params']['w']['qtype']
+      >>> qarray.io.save(p, {'w': qarray.quantize(jnp.ones((2, 8)), 'int3')})
+      >>> qarray.io.read_metadata(p)['params']['w']['qtype']
       'int3'
     """
     ocp = _ocp()
@@ -194,8 +194,8 @@ def restore(path: str | os.PathLike, target: Any = None, shardings: Any = None) 
     Example:
       >>> import tempfile, os, jax, jax.numpy as jnp, qarray
       >>> p = os.path.join(tempfile.mkdtemp(), 'c')
-      >>> save(p, {'w': qarray.quantize(jnp.ones((4, 8)), 'uint4', calibration='minmax')})
-      >>> restore(p)['w'].zero_point.shape
+      >>> qarray.io.save(p, {'w': qarray.quantize(jnp.ones((4, 8)), 'uint4', calibration='minmax')})
+      >>> qarray.io.restore(p)['w'].zero_point.shape
       (1, 1)
     """
     ocp = _ocp()

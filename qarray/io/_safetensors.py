@@ -15,10 +15,10 @@ Needs the ``[checkpoint]`` extra (``safetensors``).
 Example:
   >>> import tempfile, os, jax.numpy as jnp, qarray
   >>> f = os.path.join(tempfile.mkdtemp(), 'model.safetensors')
-  >>> save_safetensors(f, {'dense': {'kernel': qarray.quantize(jnp.ones((4, 8)), 'int4', tiles=4)}})
-  >>> sorted(tensor_names(f))
+  >>> qarray.io.save_safetensors(f, {'dense': {'kernel': qarray.quantize(jnp.ones((4, 8)), 'int4', tiles=4)}})
+  >>> sorted(qarray.io.tensor_names(f))
   ['dense/kernel.qvalue', 'dense/kernel.scale']
-  >>> load_safetensors(f)['dense']['kernel'].tiles
+  >>> qarray.io.load_safetensors(f)['dense']['kernel'].tiles
   {1: 4}
 """
 
@@ -86,8 +86,8 @@ def save_safetensors(path: str | os.PathLike, tree: Any, *, metadata: dict[str, 
 
     Example:
       >>> import tempfile, os, jax.numpy as jnp, qarray
-      >>> save_safetensors(os.path.join(tempfile.mkdtemp(), 'm.safetensors'),
-      ...                  {'w': qarray.quantize(jnp.ones((2, 4)), 'fp8')})
+      >>> qarray.io.save_safetensors(os.path.join(tempfile.mkdtemp(), 'm.safetensors'),
+      ...                           {'w': qarray.quantize(jnp.ones((2, 4)), 'fp8')})
     """
     _, stnp = _st()
     names, leaves, _ = md.flatten(tree)
@@ -141,8 +141,8 @@ def read_safetensors_metadata(path: str | os.PathLike) -> dict[str, Any]:
     Example:
       >>> import tempfile, os, jax.numpy as jnp, qarray
       >>> f = os.path.join(tempfile.mkdtemp(), 'm.safetensors')
-      >>> save_safetensors(f, {'w': qarray.quantize(jnp.ones((2, 16)), 'int2', tiles=8)})
-      >>> read_safetensors_metadata(f)['params']['w']['tiles']
+      >>> qarray.io.save_safetensors(f, {'w': qarray.quantize(jnp.ones((2, 16)), 'int2', tiles=8)})
+      >>> qarray.io.read_safetensors_metadata(f)['params']['w']['tiles']
       {'1': 8}
     """
     path = os.fspath(path)
@@ -172,10 +172,10 @@ def tensor_names(path: str | os.PathLike) -> list[str]:
     """Names of the tensors in a safetensors file.
 
     Example:
-      >>> import tempfile, os, jax.numpy as jnp
+      >>> import tempfile, os, jax.numpy as jnp, qarray
       >>> f = os.path.join(tempfile.mkdtemp(), 'm.safetensors')
-      >>> save_safetensors(f, {'b': jnp.ones(3)})
-      >>> tensor_names(f)
+      >>> qarray.io.save_safetensors(f, {'b': jnp.ones(3)})
+      >>> qarray.io.tensor_names(f)
       ['b']
     """
     return _header_tensors(_read_header(os.fspath(path)))
@@ -222,8 +222,8 @@ def load_safetensors(path: str | os.PathLike, target: Any = None, shardings: Any
     Example:
       >>> import tempfile, os, jax.numpy as jnp, qarray
       >>> f = os.path.join(tempfile.mkdtemp(), 'm.safetensors')
-      >>> save_safetensors(f, {'w': qarray.quantize(jnp.ones((2, 4)), 'int8')})
-      >>> load_safetensors(f)['w'].qvalue.dtype
+      >>> qarray.io.save_safetensors(f, {'w': qarray.quantize(jnp.ones((2, 4)), 'int8')})
+      >>> qarray.io.load_safetensors(f)['w'].qvalue.dtype
       dtype('int8')
     """
     safetensors, _ = _st()

@@ -8,6 +8,7 @@ contracting group it becomes ``S`` tiles of ``K / S`` (``S == 1``: shared).
 
 Example:
   >>> import jax.numpy as jnp
+  >>> from qarray.ops._dims import canonical
   >>> v, s, n = canonical(jnp.ones((2, 6)), jnp.ones((1, 3)), ((), (0,), (1,)), contract=2)
   >>> v.shape, s.shape, n
   ((1, 2, 6), (1, 1, 3), 3)
@@ -48,6 +49,7 @@ def normalize_dimension_numbers(dimension_numbers: Any, lhs_shape: Sequence[int]
     ``describe_pair`` names both operands' layouts in every error.
 
     Example:
+      >>> from qarray.ops._dims import normalize_dimension_numbers
       >>> normalize_dimension_numbers((([1], [0]), ([], [])), (2, 3), (3, 4), '')
       (((1,), (0,)), ((), ()))
     """
@@ -77,6 +79,7 @@ def free_axes(ndim: int, *used: Axes) -> Axes:
     """Axes in neither ``used`` group, in order.
 
     Example:
+      >>> from qarray.ops._dims import free_axes
       >>> free_axes(4, (1,), (0,))
       (2, 3)
     """
@@ -88,6 +91,8 @@ def expand_tiles(scale: jax.Array, axis: int, count: int) -> jax.Array:
     """Repeat ``scale`` along ``axis`` so it has ``count`` entries there (tiles -> smaller tiles).
 
     Example:
+      >>> import jax.numpy as jnp
+      >>> from qarray.ops._dims import expand_tiles
       >>> expand_tiles(jnp.array([[1., 2.]]), 1, 4).tolist()
       [[1.0, 1.0, 2.0, 2.0]]
     """
@@ -114,6 +119,7 @@ def canonical(values: jax.Array | None, scale: jax.Array | None, groups: tuple[A
 
     Example:
       >>> import jax.numpy as jnp
+      >>> from qarray.ops._dims import canonical
       >>> _, s, n = canonical(None, jnp.ones((1, 4, 2)), ((), (0,), (1, 2)), 2, shape=(3, 4, 8))
       >>> s.shape, n
       ((1, 1, 8), 8)
@@ -156,6 +162,7 @@ def match_tiles(k: int, count_l: int, count_r: int) -> int | None:
     Tiles nest when one tile size divides the other; the finer tiling wins.
 
     Example:
+      >>> from qarray.ops._dims import match_tiles
       >>> match_tiles(256, 2, 4), match_tiles(96, 2, 3)
       (4, None)
     """

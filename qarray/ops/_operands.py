@@ -7,6 +7,7 @@ output dtype rule shared by every op.
 
 Example:
   >>> import jax.numpy as jnp, qarray
+  >>> from qarray.ops._operands import int_codes
   >>> q = qarray.quantize(jnp.arange(8.).reshape(2, 4), 'int4')
   >>> int_codes(q)[0].dtype
   dtype('int8')
@@ -32,6 +33,7 @@ def describe(x: Any) -> str:
 
     Example:
       >>> import jax.numpy as jnp, qarray
+      >>> from qarray.ops._operands import describe
       >>> describe(qarray.quantize(jnp.ones((4, 8)), 'int8', channelwise_axes=(1,)))
       'QArray(int8, shape=(4, 8), scale=(1, 8), channelwise_axes=(1,))'
     """
@@ -51,6 +53,7 @@ def check_operand(x: Any, name: str) -> Any:
     """Return ``x`` as a QArray or a jax array; ``TypeError`` for anything else.
 
     Example:
+      >>> from qarray.ops._operands import check_operand
       >>> check_operand([1., 2.], 'lhs').shape
       (2,)
     """
@@ -71,6 +74,7 @@ def float_dtype(x: Any) -> np.dtype:
 
     Example:
       >>> import jax.numpy as jnp
+      >>> from qarray.ops._operands import float_dtype
       >>> float_dtype(jnp.ones(2, jnp.int8))
       dtype('float32')
     """
@@ -85,6 +89,7 @@ def result_dtype(lhs: Any, rhs: Any, preferred_element_type: Any) -> np.dtype:
 
     Example:
       >>> import jax.numpy as jnp
+      >>> from qarray.ops._operands import result_dtype
       >>> result_dtype(jnp.ones(2, jnp.bfloat16), jnp.ones(2), None)
       dtype('float32')
     """
@@ -106,6 +111,7 @@ def int_codes(q: QArray) -> tuple[jax.Array, jax.Array | None]:
 
     Example:
       >>> import jax.numpy as jnp, qarray
+      >>> from qarray.ops._operands import int_codes
       >>> q = qarray.quantize(jnp.array([0., 255.]), 'uint8', calibration='minmax')
       >>> c, z = int_codes(q)
       >>> c.dtype, (c.astype(int) - z).tolist() == (q.qvalue.astype(int) - q.zero_point).tolist()
@@ -124,6 +130,7 @@ def scale_is_shared(q: QArray, axes: Any) -> bool:
 
     Example:
       >>> import jax.numpy as jnp, qarray
+      >>> from qarray.ops._operands import scale_is_shared
       >>> scale_is_shared(qarray.quantize(jnp.ones((4, 8)), 'int8', channelwise_axes=(1,)), (0,))
       True
     """
@@ -138,6 +145,7 @@ def is_exact_in(q: QArray, dtype: Any) -> bool:
 
     Example:
       >>> import jax.numpy as jnp, qarray
+      >>> from qarray.ops._operands import is_exact_in
       >>> is_exact_in(qarray.quantize(jnp.ones(4), 'nf4'), jnp.bfloat16)
       False
     """
@@ -154,6 +162,7 @@ def values(q: QArray, dtype: Any, *, scaled: bool = True) -> jax.Array:
 
     Example:
       >>> import jax.numpy as jnp, qarray
+      >>> from qarray.ops._operands import values
       >>> q = qarray.quantize(jnp.array([1., -2.]), 'int8')
       >>> values(q, jnp.float32, scaled=False).tolist()
       [64.0, -127.0]

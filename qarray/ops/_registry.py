@@ -9,13 +9,13 @@ other backend the registry is never read. On the first GPU call the optional
 ``qarray.ops.kernels`` package is asked to register itself.
 
 Example:
-  >>> from qarray.ops import _registry
+  >>> import qarray
   >>> def never(lhs, rhs, dimension_numbers, precision=None, preferred_element_type=None):
   ...     return None
-  >>> _registry.register_kernel(never)
-  >>> _registry.registered_kernels()
-  ('never',)
-  >>> _registry.unregister_kernel('never')
+  >>> qarray.ops.register_kernel(never)
+  >>> 'never' in qarray.ops.registered_kernels()
+  True
+  >>> qarray.ops.unregister_kernel('never')
 """
 
 from __future__ import annotations
@@ -38,7 +38,11 @@ def register_kernel(fn: Callable[..., Any], name: str | None = None) -> None:
     Registering the same name again replaces the earlier kernel.
 
     Example:
-      >>> register_kernel(lambda *a, **k: None, name='noop'); unregister_kernel('noop')
+      >>> import qarray
+      >>> qarray.ops.register_kernel(lambda *a, **k: None, name='noop')
+      >>> 'noop' in qarray.ops.registered_kernels()
+      True
+      >>> qarray.ops.unregister_kernel('noop')
     """
     if not callable(fn):
         raise TypeError(f"fn must be callable (a dot_general-shaped kernel); got {type(fn).__name__}.")
@@ -49,7 +53,8 @@ def unregister_kernel(name: str) -> None:
     """Remove the kernel registered under ``name`` (no error when absent).
 
     Example:
-      >>> unregister_kernel('not-there')
+      >>> import qarray
+      >>> qarray.ops.unregister_kernel('not-there')   # absent: no error
     """
     _KERNELS.pop(name, None)
 
@@ -58,7 +63,8 @@ def registered_kernels() -> tuple[str, ...]:
     """Names of the registered kernels, in the order they are consulted.
 
     Example:
-      >>> isinstance(registered_kernels(), tuple)
+      >>> import qarray
+      >>> isinstance(qarray.ops.registered_kernels(), tuple)
       True
     """
     return tuple(_KERNELS)
@@ -69,6 +75,7 @@ def kernels_for_backend() -> tuple[Callable[..., Any], ...]:
 
     Example:
       >>> import jax
+      >>> from qarray.ops._registry import kernels_for_backend
       >>> kernels_for_backend() == () or jax.default_backend() == 'gpu'
       True
     """

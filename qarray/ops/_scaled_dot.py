@@ -21,6 +21,7 @@ Zero points enter as correction terms on the int32 sums, per tile:
 
 Example:
   >>> import jax.numpy as jnp
+  >>> from qarray.ops._scaled_dot import scaled_dot
   >>> a = jnp.ones((1, 2, 4), jnp.int8); b = jnp.ones((1, 4, 3), jnp.int8)
   >>> s = jnp.ones((1, 1, 1))
   >>> scaled_dot(a, s, None, b, s, None, jnp.float32).tolist()
@@ -46,6 +47,7 @@ class LazyRows:
 
     Example:
       >>> import jax.numpy as jnp
+      >>> from qarray.ops._scaled_dot import LazyRows
       >>> r = LazyRows((1, 4, 2), lambda start, size: jnp.ones((1, size, 2), jnp.int8))
       >>> r.rows(0, 2).shape, r.full().shape
       ((1, 2, 2), (1, 4, 2))
@@ -65,6 +67,7 @@ def tile_order(b: int, m: int, k: int, n: int, s: int) -> str:
     """``'single'`` (S == 1), ``'batched'`` when ``[B, S, M, N]`` is no bigger than the larger operand, else ``'loop'``.
 
     Example:
+      >>> from qarray.ops._scaled_dot import tile_order
       >>> tile_order(1, 1, 4096, 4096, 32), tile_order(1, 512, 4096, 4096, 32)
       ('batched', 'loop')
     """
@@ -105,6 +108,7 @@ def scaled_dot(a: jax.Array, sa: jax.Array, za: jax.Array | None, b: jax.Array, 
 
     Example:
       >>> import jax.numpy as jnp
+      >>> from qarray.ops._scaled_dot import scaled_dot
       >>> a = jnp.full((1, 1, 4), 2, jnp.int8); b = jnp.ones((1, 4, 1), jnp.int8)
       >>> sa = jnp.array([[[1., 10.]]]); sb = jnp.ones((1, 2, 1))
       >>> float(scaled_dot(a, sa, None, b, sb, None, jnp.float32)[0, 0, 0])

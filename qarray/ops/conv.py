@@ -19,7 +19,7 @@ Example:
   >>> import jax, jax.numpy as jnp, qarray
   >>> x = qarray.quantize(jnp.ones((2, 8, 8, 4)), 'int8', channelwise_axes=(0,))
   >>> w = qarray.quantize(jnp.ones((3, 3, 4, 6)), 'int8', channelwise_axes=(3,))
-  >>> conv_general_dilated(x, w, (1, 1), 'SAME', dimension_numbers=('NHWC', 'HWIO', 'NHWC')).shape
+  >>> qarray.ops.conv_general_dilated(x, w, (1, 1), 'SAME', dimension_numbers=('NHWC', 'HWIO', 'NHWC')).shape
   (2, 8, 8, 6)
 """
 
@@ -49,6 +49,8 @@ def conv_path(lhs: Any, rhs: Any, dn: lax.ConvDimensionNumbers, batch_group_coun
 
     Example:
       >>> import jax.numpy as jnp, qarray
+      >>> from jax import lax
+      >>> from qarray.ops.conv import conv_path
       >>> x = qarray.quantize(jnp.ones((1, 4, 4, 2)), 'int8')
       >>> w = qarray.quantize(jnp.ones((3, 3, 2, 5)), 'int8', channelwise_axes=(3,))
       >>> conv_path(x, w, lax.conv_dimension_numbers(x.shape, w.shape, ('NHWC', 'HWIO', 'NHWC')))
@@ -87,7 +89,7 @@ def conv_general_dilated(lhs: Any, rhs: Any, window_strides: Any, padding: Any, 
     Example:
       >>> import jax.numpy as jnp, qarray
       >>> w = qarray.quantize(jnp.ones((4, 2, 3, 3)), 'int4', channelwise_axes=(0,))
-      >>> conv_general_dilated(jnp.ones((1, 2, 5, 5)), w, (1, 1), 'VALID').shape
+      >>> qarray.ops.conv_general_dilated(jnp.ones((1, 2, 5, 5)), w, (1, 1), 'VALID').shape
       (1, 4, 3, 3)
     """
     lhs, rhs = check_operand(lhs, 'lhs'), check_operand(rhs, 'rhs')

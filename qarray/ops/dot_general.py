@@ -32,7 +32,7 @@ Example:
   >>> import jax, jax.numpy as jnp, qarray
   >>> x = jax.random.normal(jax.random.key(0), (4, 64))
   >>> w = qarray.quantize(jax.random.normal(jax.random.key(1), (64, 8)), 'int8', channelwise_axes=(1,))
-  >>> dot_general(x, w, (((1,), (0,)), ((), ()))).shape
+  >>> qarray.ops.dot_general(x, w, (((1,), (0,)), ((), ()))).shape
   (4, 8)
 """
 
@@ -77,7 +77,8 @@ def choose_path(lhs: Any, rhs: Any, dimension_numbers: Any) -> str:
       >>> import jax.numpy as jnp, qarray
       >>> a = qarray.quantize(jnp.ones((4, 8)), 'int8', channelwise_axes=(0,))
       >>> b = qarray.quantize(jnp.ones((8, 2)), 'int4', channelwise_axes=(1,))
-      >>> choose_path(a, b, (((1,), (0,)), ((), ()))), choose_path(jnp.ones((4, 8)), b, (((1,), (0,)), ((), ())))
+      >>> dn = (((1,), (0,)), ((), ()))
+      >>> qarray.ops.choose_path(a, b, dn), qarray.ops.choose_path(jnp.ones((4, 8)), b, dn)
       ('int', 'float')
     """
     if not (isinstance(lhs, QArray) and isinstance(rhs, QArray)):
@@ -121,7 +122,7 @@ def dot_general(lhs: Any, rhs: Any, dimension_numbers: Any, precision: Any = Non
       >>> import jax.numpy as jnp, qarray
       >>> a = qarray.quantize(jnp.ones((2, 16)), 'int8', channelwise_axes=(0,))
       >>> b = qarray.quantize(jnp.ones((16, 3)), 'int8', channelwise_axes=(1,))
-      >>> dot_general(a, b, (((1,), (0,)), ((), ()))).shape
+      >>> qarray.ops.dot_general(a, b, (((1,), (0,)), ((), ()))).shape
       (2, 3)
     """
     lhs, rhs = check_operand(lhs, 'lhs'), check_operand(rhs, 'rhs')

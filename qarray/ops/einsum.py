@@ -13,7 +13,7 @@ broadcast 1 against n) run ``jnp.einsum`` on dequantized operands.
 Example:
   >>> import jax.numpy as jnp, qarray
   >>> w = qarray.quantize(jnp.ones((4, 8, 3)), 'int8', channelwise_axes=(2,))
-  >>> einsum('bsd,dnh->bsnh', jnp.ones((2, 5, 4)), w).shape
+  >>> qarray.ops.einsum('bsd,dnh->bsnh', jnp.ones((2, 5, 4)), w).shape
   (2, 5, 8, 3)
 """
 
@@ -40,6 +40,7 @@ def parse_subscripts(subscripts: str, shapes: Sequence[Sequence[int]]) -> tuple[
     ``...`` axes need 1-vs-n broadcasting.
 
     Example:
+      >>> from qarray.ops.einsum import parse_subscripts
       >>> parse_subscripts('...ij,jk', [(2, 3, 4), (4, 5)])
       (['Aij', 'jk'], 'Aik', False)
     """
@@ -103,7 +104,7 @@ def einsum(subscripts: str, *operands: Any, out: None = None, optimize: Any = 'a
     Example:
       >>> import jax.numpy as jnp, qarray
       >>> q = qarray.quantize(jnp.ones((3, 4)), 'int8')
-      >>> einsum('ij,kj->ik', jnp.ones((2, 4)), q).shape
+      >>> qarray.ops.einsum('ij,kj->ik', jnp.ones((2, 4)), q).shape
       (2, 3)
     """
     del optimize

@@ -10,7 +10,7 @@ batch axes, exactly ``jnp.dot``.
 Example:
   >>> import jax.numpy as jnp, qarray
   >>> w = qarray.quantize(jnp.ones((8, 3)), 'int8')
-  >>> matmul(jnp.ones((5, 2, 8)), w).shape, dot(jnp.ones(8), w).shape
+  >>> qarray.ops.matmul(jnp.ones((5, 2, 8)), w).shape, qarray.ops.dot(jnp.ones(8), w).shape
   ((5, 2, 3), (3,))
 """
 
@@ -34,7 +34,7 @@ def matmul(a: Any, b: Any, *, precision: Any = None, preferred_element_type: Any
 
     Example:
       >>> import jax.numpy as jnp, qarray
-      >>> matmul(qarray.quantize(jnp.eye(2), 'int8'), jnp.ones((2, 1))).shape
+      >>> qarray.ops.matmul(qarray.quantize(jnp.eye(2), 'int8'), jnp.ones((2, 1))).shape
       (2, 1)
     """
     a, b = check_operand(a, 'a'), check_operand(b, 'b')
@@ -77,7 +77,7 @@ def dot(a: Any, b: Any, *, precision: Any = None, preferred_element_type: Any = 
 
     Example:
       >>> import jax.numpy as jnp, qarray
-      >>> dot(jnp.ones((2, 4)), qarray.quantize(jnp.ones((3, 4, 5)), 'int8')).shape
+      >>> qarray.ops.dot(jnp.ones((2, 4)), qarray.quantize(jnp.ones((3, 4, 5)), 'int8')).shape
       (2, 3, 5)
     """
     a, b = check_operand(a, 'a'), check_operand(b, 'b')

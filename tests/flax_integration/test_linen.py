@@ -9,7 +9,6 @@ from flax import linen as nn
 
 import flax_integration as fi
 import qarray
-from flax_integration import ops_bridge
 
 
 
@@ -94,9 +93,9 @@ def test_mlp_equals_ops_on_same_quantized_operands(x16, wq, aq, tile):
         return qarray.quantize(h, aq, channelwise_axes=(0,), tiles={1: tile} if tile else None)
 
     xa = act(x16)
-    h = jax.nn.relu(ops_bridge.dot_general(xa, k0, DN))
+    h = jax.nn.relu(qarray.dot_general(xa, k0, DN))
     ha = act(h)
-    by_hand = ops_bridge.dot_general(ha, k1, DN)
+    by_hand = qarray.dot_general(ha, k1, DN)
     out = ptq.apply({'params': params}, x16)
     chex.assert_trees_all_close(out, by_hand, atol=1e-5, rtol=1e-5)
     # independent float64 reference on the same dequantized operands
@@ -125,11 +124,11 @@ def test_cnn_conv_per_output_channel_and_acts_per_tensor():
     kc = params['Conv_0']['kernel'].array
     assert kc.scale.shape == (1, 1, 1, 8)
     xq = qarray.quantize(x, 'int8')
-    conv = ops_bridge.conv_general_dilated(
+    conv = qarray.conv_general_dilated(
         xq, kc, (1, 1), 'SAME', dimension_numbers=jax.lax.conv_dimension_numbers(x.shape, kc.shape,
                                                                                  ('NHWC', 'HWIO', 'NHWC')))
     h = jax.nn.relu(conv + params['Conv_0']['bias']).reshape(2, -1)
-    by_hand = ops_bridge.dot_general(qarray.quantize(h, 'int8', channelwise_axes=(0,)),
+    by_hand = qarray.dot_general(qarray.quantize(h, 'int8', channelwise_axes=(0,)),
                                      params['Dense_0']['kernel'].array, DN) + params['Dense_0']['bias']
     chex.assert_trees_all_close(ptq.apply({'params': params}, x), by_hand, atol=1e-5, rtol=1e-5)
 
@@ -170,8 +169,8 @@ def test_user_module_raw_ops_find_weights_by_param():
     assert isinstance(params['w'], fi.QuantizedParam) and isinstance(params['v'], fi.QuantizedParam)
     xq = qarray.quantize(x, 'int8', channelwise_axes=(0,))
     w, v = params['w'].array, params['v'].array
-    by_hand = (ops_bridge.einsum('bd,df->bf', xq, w) + ops_bridge.dot_general(xq, v, DN)
-               + ops_bridge.dot_general(xq, w, DN))
+    by_hand = (qarray.einsum('bd,df->bf', xq, w) + qarray.dot_general(xq, v, DN)
+               + qarray.dot_general(xq, w, DN))
     chex.assert_trees_all_close(ptq.apply({'params': params}, x), by_hand, atol=1e-5, rtol=1e-5)
 
 
@@ -189,9 +188,9 @@ def test_static_range_calibration_and_ptq(x16):
     core_scale = qarray.quantize(jnp.array([[expected, -expected]], jnp.float32), 'int8').scale  # core's absmax rule
     np.testing.assert_allclose(float(scale.scale[0, 0]), float(core_scale[0, 0]), rtol=1e-6)
     xq = qarray.quantize_with_scale(x16, 'int8', scale.scale)
-    h = jax.nn.relu(ops_bridge.dot_general(xq, params['Dense_0']['kernel'].array, DN))
+    h = jax.nn.relu(qarray.dot_general(xq, params['Dense_0']['kernel'].array, DN))
     hq = qarray.quantize_with_scale(h, 'int8', params['Dense_1']['dot_general0_lhs_scale'].scale)
-    by_hand = ops_bridge.dot_general(hq, params['Dense_1']['kernel'].array, DN)
+    by_hand = qarray.dot_general(hq, params['Dense_1']['kernel'].array, DN)
     chex.assert_trees_all_close(ptq.apply({'params': params}, x16), by_hand, atol=1e-5, rtol=1e-5)
 
 

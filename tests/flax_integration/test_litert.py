@@ -18,7 +18,7 @@ from flax import linen as nn  # noqa: E402
 
 from examples.digits import data, litert_export, models  # noqa: E402
 from flax_integration import litert  # noqa: E402
-from flax_integration.rules import QuantizationRule  # noqa: E402
+from flax_integration import QuantizationRule  # noqa: E402
 
 STEPS = 60
 CASES = [('linen', 'cnn'), ('linen', 'mlp'), ('nnx', 'cnn'), ('nnx', 'mlp')]

@@ -10,13 +10,9 @@ from flax import nnx
 
 import qarray
 from examples.digits import train
-from flax_integration.lora import lora_param_count, lora_trainable, merge_lora, with_base_weights
-from flax_integration.model import quantize_model
+from flax_integration import (LoraProvider, LoraRule, PtqProvider, QuantizedParam, lora_param_count,
+                              lora_trainable, merge_lora, quantize_model, quantize_params, with_base_weights)
 from tiny_models import CNN, NnxCNN
-from flax_integration.providers.lora import LoraProvider, LoraRule
-from flax_integration.providers.ptq import PtqProvider
-from flax_integration.quantize_params import quantize_params
-from flax_integration.wrappers import QuantizedParam
 
 
 class Raw(nn.Module):

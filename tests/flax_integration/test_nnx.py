@@ -9,7 +9,6 @@ from flax import nnx
 
 import flax_integration as fi
 import qarray
-from flax_integration import ops_bridge
 
 DN = (((1,), (0,)), ((), ()))
 
@@ -59,8 +58,8 @@ def test_mlp_equals_ops_on_same_quantized_operands(x16, wq, aq, tile):
     def act(h):
         return h if aq is None else qarray.quantize(h, aq, channelwise_axes=(0,), tiles={1: tile} if tile else None)
 
-    h = jax.nn.relu(ops_bridge.dot_general(act(x16), k1, DN))
-    by_hand = ops_bridge.dot_general(act(h), k2, DN)
+    h = jax.nn.relu(qarray.dot_general(act(x16), k1, DN))
+    by_hand = qarray.dot_general(act(h), k2, DN)
     chex.assert_trees_all_close(q(x16), by_hand, atol=1e-5, rtol=1e-5)
     ref = np.asarray(qarray.dequantize(act(h)) if aq else h, np.float64) @ np.asarray(qarray.dequantize(k2), np.float64)
     np.testing.assert_allclose(np.asarray(q(x16), np.float64), ref, atol=1e-4, rtol=1e-4)
@@ -89,9 +88,9 @@ def test_static_range_nnx(x16):
     nnx.update(abstract, fi.quantize_params(fp, abstract, stats))
     s1 = abstract.l1.dot_general0_lhs_scale[...]
     xq = qarray.quantize_with_scale(x16, 'int8', s1.scale)
-    h = jax.nn.relu(ops_bridge.dot_general(xq, abstract.l1.kernel[...].array, DN))
+    h = jax.nn.relu(qarray.dot_general(xq, abstract.l1.kernel[...].array, DN))
     hq = qarray.quantize_with_scale(h, 'int8', abstract.l2.dot_general0_lhs_scale[...].scale)
-    chex.assert_trees_all_close(abstract(x16), ops_bridge.dot_general(hq, abstract.l2.kernel[...].array, DN),
+    chex.assert_trees_all_close(abstract(x16), qarray.dot_general(hq, abstract.l2.kernel[...].array, DN),
                                 atol=1e-5, rtol=1e-5)
 
 

@@ -12,10 +12,10 @@ from flax import linen as nn
 from flax import nnx
 
 from examples.digits import models
-from flax_integration.model import quantize_model
-from flax_integration.providers import odml_ops
-from flax_integration.providers.odml import OdmlConversionProvider, OdmlQatProvider, fake_quant_composite
-from flax_integration.rules import QuantizationRule
+from flax_integration import OdmlConversionProvider, OdmlQatProvider, QuantizationRule, quantize_model
+from flax_integration._interception import installed
+from flax_integration.providers import _odml_ops as odml_ops
+from flax_integration.providers.odml import fake_quant_composite
 
 RULES = [QuantizationRule(weight_qtype='int8', act_qtype='int8')]
 
@@ -132,8 +132,17 @@ def test_fake_quant_composite_numerics_match_numpy():
     np.testing.assert_allclose(np.asarray(y), np_fq(np.asarray(x, np.float64), np.float32(0.02), -30), atol=1e-6)
 
 
+_TARGETS = [t for i in odml_ops.intercepts() for t in i.targets]
+_ORIGINALS = {t.key: vars(t.owner)[t.attr] for t in _TARGETS}
+_RELU = jax.nn.relu
+
+
 def _all_original():
-    return all(vars(owner).get(attr) is orig for owner, attr, orig, _ in odml_ops._TARGETS)
+    return all(vars(t.owner).get(t.attr) is _ORIGINALS[t.key] for t in _TARGETS)
+
+
+def _installed():
+    return any(installed(t) for t in _TARGETS)
 
 
 class Probe(nn.Module):
@@ -149,19 +158,19 @@ class Probe(nn.Module):
 
 def test_shims_are_installed_only_while_an_odml_model_runs():
     p = OdmlQatProvider(RULES)
-    assert not odml_ops.is_installed() and _all_original()  # a provider alone patches nothing
+    assert not _installed() and _all_original()  # a provider alone patches nothing
     x = jnp.array([[-1.0, 2.0]])
     seen = {}
 
     def hook():
-        seen['inside'] = odml_ops.is_installed() and jax.nn.relu is not odml_ops.ORIGINAL['relu']
+        seen['inside'] = _installed() and jax.nn.relu is not _RELU
         t = threading.Thread(target=lambda: seen.setdefault('thread', jax.nn.relu(x) + x * 2.0))
         t.start()
         t.join()
 
     qat = quantize_model(Probe(hook), p)
     v = qat.init(jax.random.key(0), x)
-    assert seen['inside'] and _all_original() and not odml_ops.is_installed()
+    assert seen['inside'] and _all_original() and not _installed()
     np.testing.assert_array_equal(np.asarray(seen['thread']), [[-2.0, 6.0]])  # other thread: originals
     assert sorted(v['quant_stats']) == ['Dense_0', 'relu0_out']  # nothing from the other thread's relu
     np.testing.assert_array_equal(np.asarray(jax.nn.relu(x).reshape(2, 1)), [[0.0], [2.0]])
@@ -189,10 +198,10 @@ def test_shims_are_reference_counted_across_threads():
     entered.wait(30)
     fast = quantize_model(Probe(lambda: None), OdmlQatProvider(RULES))
     fast.init(jax.random.key(0), x)  # a second run starts and ends on this thread while the first is inside
-    still = odml_ops.is_installed() and not _all_original()
+    still = _installed() and not _all_original()
     release.set()
     t.join()
-    assert still and states and not odml_ops.is_installed() and _all_original()
+    assert still and states and not _installed() and _all_original()
 
 
 @pytest.mark.parametrize('kwargs, field', [

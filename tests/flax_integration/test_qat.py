@@ -10,15 +10,11 @@ from flax import linen as nn
 from flax import nnx
 from hypothesis import given, settings, strategies as st
 
-from flax_integration.model import quantize_model
+from flax_integration import (PtqProvider, QatProvider, QtProvider, QuantStat, QuantizationRule,
+                              quantize_model, quantize_params)
 from tiny_models import CNN, NnxCNN
-from flax_integration.providers.calibration import QuantStat
-from flax_integration.providers.ptq import PtqProvider
 from flax_integration.providers.calibration import update_moving_average
-from flax_integration.providers.qat import QatProvider, QtProvider
 from qarray._fake_quant import fake_quant_with_scale
-from flax_integration.quantize_params import quantize_params
-from flax_integration.rules import QuantizationRule
 from examples.digits import train
 
 

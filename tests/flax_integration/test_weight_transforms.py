@@ -14,8 +14,7 @@ from flax import nnx
 
 import flax_integration as fi
 import qarray
-from flax_integration.providers.calibration import CalibrationProvider
-from flax_integration.wrappers import QuantizedParam
+from flax_integration import CalibrationProvider, QuantizedParam
 from qarray import rotation
 
 K, N = 64, 32
@@ -229,11 +228,11 @@ def test_rule_validation(kwargs, match):
 
 
 def test_float_fallback_of_a_rotated_param_unrotates_it():
-    from flax_integration.op_calls import dot_general_call
+    from flax_integration._op_calls import dot_general_call
     w = jax.random.normal(jax.random.key(1), (K, N))
     q = QuantizedParam(qarray.quantize(rotation.rotate(w, 0), 'int8', channelwise_axes=(1,)), rotation=(0, 64))
     x = _inputs(8)[:4]
-    out = dot_general_call(x, q, (((1,), (0,)), ((), ()))).run_original()
+    out = dot_general_call(qarray.dot_general, jax.lax.dot_general, x, q, (((1,), (0,)), ((), ()))).run_original()
     ref = np.asarray(x, np.float64) @ (_dense_rotation(K) @ np.asarray(qarray.dequantize(q.array), np.float64))
     np.testing.assert_allclose(np.asarray(out), ref, rtol=1e-4, atol=1e-3)
     np.testing.assert_allclose(np.asarray(out), np.asarray(x @ w), rtol=0.05, atol=0.5)

@@ -45,7 +45,8 @@ def available() -> bool:
     """True when Pallas' Triton backend imports and the default backend is a GPU.
 
     Example:
-      >>> isinstance(available(), bool)
+      >>> from qarray.ops import kernels
+      >>> isinstance(kernels.available(), bool)
       True
     """
     if jax.default_backend() != 'gpu':
@@ -63,7 +64,8 @@ def why_not(x: Any, q: Any, *, rhs_contracting_dim: int = 0, interpret: bool = F
 
     Example:
       >>> import jax.numpy as jnp, qarray
-      >>> why_not(jnp.ones((512, 64)), qarray.quantize(jnp.ones((64, 32)), 'int8'), interpret=True)
+      >>> from qarray.ops import kernels
+      >>> kernels.why_not(jnp.ones((512, 64)), qarray.quantize(jnp.ones((64, 32)), 'int8'), interpret=True)
       'M=512 is not a decode shape (kernel serves M <= 64)'
     """
     if not interpret and not available():
@@ -109,8 +111,9 @@ def weight_only_matmul(x: Any, q: Any, *, rhs_contracting_dim: int = 0, out_dtyp
 
     Example:
       >>> import jax.numpy as jnp, qarray
+      >>> from qarray.ops import kernels
       >>> q = qarray.quantize(jnp.ones((64, 32)), 'int8', channelwise_axes=(1,))
-      >>> weight_only_matmul(jnp.ones((1, 64), jnp.bfloat16), q) is None   # CPU, not interpreted
+      >>> kernels.weight_only_matmul(jnp.ones((1, 64), jnp.bfloat16), q) is None   # CPU, not interpreted
       True
     """
     plan = why_not(x, q, rhs_contracting_dim=rhs_contracting_dim, interpret=interpret,
@@ -133,8 +136,9 @@ def dot_general_hook(lhs: Any, rhs: Any, dimension_numbers: Any, precision: Any 
 
     Example:
       >>> import jax.numpy as jnp, qarray
+      >>> from qarray.ops import kernels
       >>> q = qarray.quantize(jnp.ones((64, 32)), 'int8')
-      >>> dot_general_hook(jnp.ones((2, 64)), q, (((1,), (0,)), ((), ()))) is None   # no GPU here
+      >>> kernels.dot_general_hook(jnp.ones((2, 64)), q, (((1,), (0,)), ((), ()))) is None   # no GPU here
       True
     """
     del precision
@@ -156,7 +160,11 @@ def register() -> bool:
     by ``qarray.ops.dot_general`` on GPU only).
 
     Example:
-      >>> isinstance(register(), bool)
+      >>> import qarray
+      >>> from qarray.ops import kernels
+      >>> kernels.register()
+      True
+      >>> kernels.KERNEL_NAME in qarray.ops.registered_kernels()
       True
     """
     from qarray import ops

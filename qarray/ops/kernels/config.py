@@ -10,6 +10,7 @@ Numbers here are starting points; ``benchmarks/gpu_bench.py`` sweeps a few
 configs per shape on a GPU and prints the best, which belong in ``TUNED``.
 
 Example:
+  >>> from qarray.ops.kernels.config import choose
   >>> from qarray.ops.kernels.layout import WeightLayout
   >>> cfg = choose(16, WeightLayout('int4', 'nk', 8192, 28672, 128))
   >>> cfg.block_m, cfg.block_k, cfg.split_k
@@ -47,6 +48,12 @@ class KernelConfig:
         columns instead (two dots, weights untouched). 'kn' weights use 'split'.
       int4_offset: int4 only. Dequantize ``u = code + 8`` (no sign extension)
         and subtract ``8 * sum(x)`` per tile after the dot.
+
+    Example:
+      >>> from qarray.ops.kernels import KernelConfig
+      >>> cfg = KernelConfig(block_n=32, block_k=64)
+      >>> cfg.block_m, cfg.split_k, cfg.unpack
+      (16, 1, 'join')
     """
 
     block_m: int = 16
@@ -80,6 +87,8 @@ def fits(cfg: KernelConfig, m: int, layout: WeightLayout) -> str | None:
     """Why ``cfg`` cannot run this shape, or None when it can.
 
     Example:
+      >>> from qarray.ops.kernels.config import KernelConfig, fits
+      >>> from qarray.ops.kernels.layout import WeightLayout
       >>> fits(KernelConfig(block_n=64), 16, WeightLayout('int8', 'kn', 256, 96, None))
       'block_n=64 does not divide N=96'
     """
@@ -100,6 +109,7 @@ def choose(m: int, layout: WeightLayout) -> KernelConfig | None:
     """A config for ``x[m, K] @ W``, or None when XLA should run it (prefill, odd shapes).
 
     Example:
+      >>> from qarray.ops.kernels.config import choose
       >>> from qarray.ops.kernels.layout import WeightLayout
       >>> choose(512, WeightLayout('int8', 'kn', 4096, 4096, None)) is None
       True

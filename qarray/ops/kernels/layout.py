@@ -16,10 +16,11 @@ kernel: :func:`describe` says why, and the caller falls back to XLA.
 
 Example:
   >>> import jax.numpy as jnp
-  >>> q = prepare_weight(jnp.ones((256, 128)), 'int4', tile=128)
+  >>> from qarray.ops.kernels import layout
+  >>> q = layout.prepare_weight(jnp.ones((256, 128)), 'int4', tile=128)
   >>> q.shape, q.qvalue.shape, q.scale.shape      # [N, K], packed along K
   ((128, 256), (128, 128), (128, 2))
-  >>> describe(q, rhs_contracting_dim=1).tile
+  >>> layout.describe(q, rhs_contracting_dim=1).tile
   128
 """
 
@@ -51,6 +52,12 @@ class WeightLayout:
       orient: ``'nk'`` (logical [N, K]) or ``'kn'`` (logical [K, N]).
       k: contraction size. n: output size.
       tile: K-tile of the scales, or ``None`` for one scale per n (or tensor).
+
+    Example:
+      >>> import jax.numpy as jnp, qarray
+      >>> from qarray.ops.kernels import layout
+      >>> layout.describe(qarray.quantize(jnp.ones((64, 32)), 'int8', channelwise_axes=(1,)), 0)
+      WeightLayout(fmt='int8', orient='kn', k=64, n=32, tile=None)
     """
 
     fmt: str
@@ -72,7 +79,8 @@ def describe(q: Any, rhs_contracting_dim: int) -> WeightLayout | str:
 
     Example:
       >>> import jax.numpy as jnp, qarray
-      >>> describe(qarray.quantize(jnp.ones((64, 32)), 'int4'), rhs_contracting_dim=0)
+      >>> from qarray.ops.kernels import layout
+      >>> layout.describe(qarray.quantize(jnp.ones((64, 32)), 'int4'), rhs_contracting_dim=0)
       'int4 weight is packed along axis 1, not the contraction axis 0'
     """
     if not isinstance(q, _array.QArray):
@@ -114,8 +122,9 @@ def kernel_operands(q: _array.QArray, layout: WeightLayout) -> tuple[jax.Array, 
 
     Example:
       >>> import jax.numpy as jnp, qarray
+      >>> from qarray.ops.kernels import layout
       >>> q = qarray.quantize(jnp.ones((32, 16)), 'int8')        # one scale for all
-      >>> w, s = kernel_operands(q, describe(q, 0))
+      >>> w, s = layout.kernel_operands(q, layout.describe(q, 0))
       >>> s.shape
       (1, 16)
     """
@@ -141,7 +150,8 @@ def prepare_weight(w: Any, qtype: Any, tile: int | None = 128, *, scale_dtype: A
 
     Example:
       >>> import jax.numpy as jnp
-      >>> prepare_weight(jnp.ones((512, 64)), 'nf4', tile=64).scale.shape
+      >>> from qarray.ops.kernels import layout
+      >>> layout.prepare_weight(jnp.ones((512, 64)), 'nf4', tile=64).scale.shape
       (64, 8)
     """
     w = jnp.asarray(w)

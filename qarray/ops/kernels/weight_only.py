@@ -14,11 +14,11 @@ This module imports Pallas at import time; import it lazily (the package's
 
 Example:
   >>> import jax, jax.numpy as jnp
-  >>> from qarray.ops.kernels import layout, config
+  >>> from qarray.ops.kernels import layout, config, weight_only
   >>> q = layout.prepare_weight(jax.random.normal(jax.random.key(0), (128, 64)), 'int4', tile=64)
   >>> lay = layout.describe(q, 1)
   >>> x = jnp.ones((2, 128), jnp.float32)
-  >>> matmul(x, q, lay, config.KernelConfig(block_n=32, block_k=64), interpret=True).shape
+  >>> weight_only.matmul(x, q, lay, config.KernelConfig(block_n=32, block_k=64), interpret=True).shape
   (2, 64)
 """
 
@@ -145,10 +145,10 @@ def matmul(x: jax.Array, q: _array.QArray, lay: WeightLayout, cfg: KernelConfig,
 
     Example:
       >>> import jax.numpy as jnp
-      >>> from qarray.ops.kernels import layout, config
+      >>> from qarray.ops.kernels import layout, config, weight_only
       >>> q = layout.prepare_weight(jnp.ones((64, 32)), 'int8', tile=None)
-      >>> matmul(jnp.ones((1, 64)), q, layout.describe(q, 1), config.KernelConfig(block_n=32, block_k=64),
-      ...        interpret=True).shape
+      >>> cfg = config.KernelConfig(block_n=32, block_k=64)
+      >>> weight_only.matmul(jnp.ones((1, 64)), q, layout.describe(q, 1), cfg, interpret=True).shape
       (1, 32)
     """
     out_dtype = jnp.dtype(out_dtype or jnp.result_type(x.dtype, q.dtype))

@@ -15,10 +15,10 @@ import jax.numpy as jnp
 import numpy as np
 from flax import linen as nn
 
-from flax_integration.calibrate import calibrate
-from flax_integration.model import quantize_model
+from flax_integration._calibrate import calibrate
+from flax_integration._model import quantize_model
 from flax_integration.providers.ptq import PtqProvider
-from flax_integration.quantize_params import quantize_params
+from flax_integration._quantize_params import quantize_params
 from flax_integration.rules import QuantizationRule
 from flax_integration.wrappers import QuantizedParam
 

@@ -7,7 +7,7 @@ Three forms:
   each :class:`QuantizedParam` in it says how its float weight is quantized
   (format, channel/tile layout from the scale shape, calibration, packing,
   sharding boxes); each :class:`ActivationScale` is filled from
-  ``quant_stats`` (from :func:`flax_integration.calibrate`); other leaves are
+  ``quant_stats`` (from :func:`flax_integration._calibrate`); other leaves are
   copied from ``fp_params``.
 * **NNX**: the same call with the (abstract) quantized model as the second
   argument -- ``nnx.eval_shape(lambda: quantize_model(Model(...), provider, x))``;
@@ -46,7 +46,7 @@ from qarray.paths import path_name
 
 from flax_integration.providers.base import range_to_scale
 from flax_integration.rules import QuantizationRule, RuleSet
-from flax_integration.wrappers import ActivationScale, QuantizedParam, unbox_leaves
+from flax_integration.wrappers import ActivationScale, QuantizedParam, QuantStat, unbox_leaves
 
 __all__ = ['quantize_params', 'quantize_like']
 
@@ -245,13 +245,15 @@ def _nnx_quantize(fp: Any, abs_model: nnx.Module, quant_stats: Any, allow_extra:
             _set(filled, path, {k: v for k, v in (('scale', s.scale), ('zero_point', s.zero_point))
                                 if v is not None})
             covered.add(path)
+    stat_paths = {path for path, _ in _walk(nnx.to_pure_dict(nnx.state(abs_model, QuantStat)))}
     for path, leaf in _walk(nnx.to_pure_dict(state)):
         if any(path[:len(c)] == c for c in covered):
             continue
         value = _lookup(fp, path)
         if value is None:
-            if str(path[-1]).startswith(('dot_general', 'einsum', 'conv_general_dilated')):
-                _set(filled, path, _lookup(quant_stats, path) if quant_stats is not None else leaf)
+            if path in stat_paths:  # calibration statistics: from quant_stats, else as the model has them
+                given = _lookup(quant_stats, path) if quant_stats is not None else None
+                _set(filled, path, leaf if given is None else given)
                 continue
             raise ValueError(f"state {'/'.join(map(str, path))!r} of the quantized model is missing from fp_params.")
         _set(filled, path, value)
@@ -287,9 +289,10 @@ def _model_free(params: Any, rules: Sequence[QuantizationRule]) -> Any:
         tiles = {x.ndim - 2: rule.tile_size} if rule.tile_size else None
         try:
             return _quantize.quantize(x, rule.weight_qtype, channelwise_axes=(x.ndim - 1,), tiles=tiles,
-                                 calibration=rule.weight_calibration_method)
+                                      calibration=rule.weight_calibration_method)
         except (ValueError, TypeError) as e:
-            raise type(e)(f"param {name!r} (shape {x.shape}): {e}") from None
+            e.add_note(f"While quantizing param {name!r} (shape {x.shape}) by rule module_path={rule.module_path!r}.")
+            raise
 
     return jax.tree_util.tree_map_with_path(quantize_leaf, params)
 

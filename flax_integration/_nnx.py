@@ -20,8 +20,8 @@ its state (PTQ: quantized weights replace ``nnx.Param`` kernels; calibration:
 Example:
   >>> import jax.numpy as jnp
   >>> from flax import nnx
-  >>> from flax_integration.providers.ptq import PtqProvider
-  >>> from flax_integration.rules import QuantizationRule
+  >>> from flax_integration import PtqProvider, QuantizationRule
+  >>> from flax_integration._nnx import quantize_nnx
   >>> m = quantize_nnx(nnx.Linear(8, 4, rngs=nnx.Rngs(0)), PtqProvider([QuantizationRule(weight_qtype='int8')]),
   ...                  jnp.ones((1, 8)))
   >>> m.kernel.array.qvalue.shape
@@ -37,31 +37,24 @@ import threading
 from typing import Any
 
 import jax
-import jax.numpy as jnp
 from flax import nnx
 from flax.nnx.nn import dtypes as nnx_dtypes
 
-from qarray._array import QArray
-
-from flax_integration import interception
-from flax_integration.interception import ModuleFrame
-from flax_integration.linen_model import promote_dtype_keep_quantized
-from flax_integration.ops_bridge import ORIGINAL
-from flax_integration.providers.calibration import QuantStat
-from flax_integration.wrappers import QuantizedParam, box_like
+from flax_integration import _interception, _op_table
+from flax_integration._frame import Frame
+from flax_integration._linen import promote_dtype_keep_quantized
+from flax_integration.wrappers import QuantizedParam, QuantStat, box_like
 
 __all__ = ['quantize_nnx', 'NnxFrame']
 
 _local = threading.local()
 
 
-def _state():
-    if not hasattr(_local, 'runs'):
-        _local.runs, _local.initializing = {}, False
-    return _local
+def _initializing_now() -> bool:
+    return getattr(_local, 'initializing', False)
 
 
-class NnxFrame(ModuleFrame):
+class NnxFrame(Frame):
     """A running NNX module: params are its ``nnx.Param`` and stored quantized (``QuantizedParam``) attributes."""
 
     def params(self) -> dict[str, Any]:
@@ -69,7 +62,7 @@ class NnxFrame(ModuleFrame):
 
     @property
     def initializing(self) -> bool:
-        return _state().initializing
+        return _initializing_now()
 
     def get_param(self, name: str) -> Any:
         v = vars(self.module).get(name)
@@ -86,6 +79,17 @@ class NnxFrame(ModuleFrame):
             value = jax.tree.map(nnx.Param, value)
         setattr(self.module, name, value)
 
+    def adapter_param(self, name: str, init, shape: tuple, key: jax.Array) -> jax.Array:
+        v = vars(self.module).get(name)
+        if isinstance(v, nnx.Variable):
+            return v[...]
+        if not self.initializing:
+            raise ValueError(f"module {self.path or '<root>'!r}: adapter {name!r} is missing; build the model "
+                             "with quantize_model(model, provider, *sample_inputs).")
+        value = init(key, shape)
+        setattr(self.module, name, nnx.LoRAParam(value))
+        return value
+
     def get_stat(self, name: str) -> Any:
         v = vars(self.module).get(name)
         return v.get_value() if isinstance(v, QuantStat) else None
@@ -94,11 +98,25 @@ class NnxFrame(ModuleFrame):
         v = vars(self.module).get(name)
         if isinstance(v, QuantStat):
             v.set_value(value)
-        else:
-            setattr(self.module, name, QuantStat(value))
+            return
+        setattr(self.module, name, QuantStat(value))
+        if not hasattr(self.module, 'use_running_average'):
+            self.module.use_running_average = False  # so model.eval() freezes the statistics (as BatchNorm)
 
     def can_update_stats(self) -> bool:
-        return not self.initializing
+        return not self.initializing and not getattr(self.module, 'use_running_average', False)
+
+    def rng(self, stream: str) -> jax.Array | None:
+        return None  # NNX modules carry their own rngs (e.g. an nnx.Dropout's); none is threaded through calls
+
+    def dropout(self, x: jax.Array, rate: float, name: str, key: jax.Array) -> jax.Array:
+        if rate <= 0:
+            return x
+        drop = vars(self.module).get(name)
+        if drop is None:
+            drop = nnx.Dropout(rate, rngs=nnx.Rngs(dropout=key))
+            setattr(self.module, name, drop)
+        return drop(x)
 
 
 def _nnx_promote(args, /, *, dtype=None, inexact=True):
@@ -107,12 +125,11 @@ def _nnx_promote(args, /, *, dtype=None, inexact=True):
     return tuple(promote_dtype_keep_quantized(variadic, args, dtype, inexact))
 
 
-_LATE_BOUND = {
-    'dot_general': (ORIGINAL['dot_general'], interception.late_dot_general),
-    'einsum_op': (ORIGINAL['einsum'], interception.late_einsum),
-    'conv_general_dilated': (ORIGINAL['conv_general_dilated'], interception.late_conv_general_dilated),
-    'promote_dtype': (nnx_dtypes.promote_dtype, _nnx_promote),
-}
+def _late_bindings() -> dict[str, list[tuple[Any, Any]]]:
+    """NNX attributes to re-bind: the op table's (jax functions bound at definition time) and promote_dtype."""
+    bindings = _op_table.nnx_late_bindings()
+    bindings['promote_dtype'] = [(nnx_dtypes.promote_dtype, _nnx_promote)]
+    return bindings
 
 
 @functools.lru_cache(maxsize=None)
@@ -126,23 +143,17 @@ def _tracked_class(cls: type) -> type:
         provider = vars(self).get('qarray_provider')
         if provider is None:
             return original_call(self, *args, **kwargs)
-        st = _state()
         path = vars(self).get('qarray_path', '')
-        if id(provider) in st.runs:
-            counters = st.runs[id(provider)]
-            with interception.push_frame(NnxFrame(self, path, 'nnx', counters=counters.setdefault(path, {}))):
+        counters = _interception.running(provider)
+        if counters is not None:  # a submodule call inside the model's run
+            with _interception.push_frame(NnxFrame(self, path, counters.setdefault(path, {}))):
                 return original_call(self, *args, **kwargs)
-        counters: dict = {}
-        st.runs[id(provider)] = counters
-        try:
-            frame = NnxFrame(self, path, 'nnx', counters=counters.setdefault(path, {}))
-            with provider.model_run():
-                with interception.scope(provider.handle), interception.push_frame(frame):
-                    args, kwargs = provider.process_model_inputs(args, kwargs)
-                    out = original_call(self, *args, **kwargs)
-                return provider.process_model_output(out)
-        finally:
-            del st.runs[id(provider)]
+        with _interception.model_run(provider) as counters:
+            with _interception.push_frame(NnxFrame(self, path, counters.setdefault(path, {}))):
+                args, kwargs = provider.process_model_inputs(args, kwargs)
+                out = original_call(self, *args, **kwargs)
+                with _interception.provider_code():
+                    return provider.process_model_output(out)
 
     return type(cls.__name__, (cls,), {'__call__': __call__, '_qarray_base': cls,
                                        '__module__': cls.__module__, '__qualname__': cls.__qualname__})
@@ -150,12 +161,11 @@ def _tracked_class(cls: type) -> type:
 
 @contextlib.contextmanager
 def _initializing():
-    st = _state()
-    prev, st.initializing = st.initializing, True
+    prev, _local.initializing = _initializing_now(), True
     try:
         yield
     finally:
-        st.initializing = prev
+        _local.initializing = prev
 
 
 def quantize_nnx(model: nnx.Module, provider: Any, *sample_inputs: Any, **sample_kwargs: Any) -> nnx.Module:
@@ -163,18 +173,22 @@ def quantize_nnx(model: nnx.Module, provider: Any, *sample_inputs: Any, **sample
 
     Example:
       >>> import jax.numpy as jnp
-      >>> from flax_integration.providers.ptq import PtqProvider
+      >>> from flax import nnx
+      >>> from flax_integration import PtqProvider
+      >>> from flax_integration._nnx import quantize_nnx
       >>> quantize_nnx(nnx.Linear(2, 2, rngs=nnx.Rngs(0)), PtqProvider([]), jnp.ones((1, 2))).in_features
       2
     """
     model = nnx.clone(model)
+    bindings = _late_bindings()
     for path, module in nnx.iter_modules(model):
         if getattr(type(module), '_qarray_base', None) is not None:
             module.__class__ = type(module)._qarray_base  # re-quantizing: start from the plain class
         attrs = vars(module)
-        for name, (default, late) in _LATE_BOUND.items():
-            if attrs.get(name) is default:
-                setattr(module, name, late)
+        for name, pairs in bindings.items():
+            for default, late in pairs:
+                if attrs.get(name) is default:
+                    setattr(module, name, late)
         module.qarray_path = '/'.join(str(p) for p in path)
         module.qarray_provider = provider
         module.__class__ = _tracked_class(type(module))

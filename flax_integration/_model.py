@@ -17,8 +17,8 @@ from typing import Any, Sequence
 from flax import linen as nn
 from flax import nnx
 
-from flax_integration.linen_model import quantize_linen
-from flax_integration.nnx_model import quantize_nnx
+from flax_integration._linen import quantize_linen
+from flax_integration._nnx import quantize_nnx
 from flax_integration.providers.base import Provider
 
 __all__ = ['quantize_model']

@@ -16,8 +16,10 @@ scale layouts without knowing the op:
 ``qarray.ops``; :meth:`OpCall.run_original` runs the untouched jax function.
 
 Example:
-  >>> import jax.numpy as jnp
-  >>> call = dot_general_call(jnp.ones((8, 16)), jnp.ones((16, 4)), (((1,), (0,)), ((), ())))
+  >>> import jax, jax.numpy as jnp, qarray
+  >>> from flax_integration._op_calls import dot_general_call
+  >>> call = dot_general_call(qarray.dot_general, jax.lax.dot_general, jnp.ones((8, 16)), jnp.ones((16, 4)),
+  ...                         (((1,), (0,)), ((), ())))
   >>> call.kept[1], call.contract[1], call.tile_axis[1]
   ((1,), (0,), 0)
 """
@@ -25,19 +27,17 @@ Example:
 from __future__ import annotations
 
 import dataclasses
-import string
 from typing import Any, Callable
 
 import jax
-import jax.numpy as jnp
-import numpy as np
 
-from qarray._array import QArray
+from qarray.ops.einsum import parse_subscripts
 
-from flax_integration import ops_bridge
-from flax_integration.wrappers import QuantizedParam
+from flax_integration.wrappers import as_float
 
 __all__ = ['OpCall', 'dot_general_call', 'einsum_call', 'conv_call', 'dot_call', 'matmul_call']
+
+Impl = Callable[..., jax.Array]  # the qarray.ops function an op table entry names
 
 
 @dataclasses.dataclass
@@ -99,19 +99,17 @@ class OpCall:
         return tuple(a for a in self.kept[i] if a not in batch), tiles
 
 
-def _plain(x: Any) -> Any:
-    """Dequantize quantized operands (for the original, float op); a rotated param is also unrotated."""
-    return x.__jax_array__() if isinstance(x, (QArray, QuantizedParam)) else x
-
-
-def dot_general_call(lhs, rhs, dimension_numbers, precision=None, preferred_element_type=None,
-                     original: Callable | None = None, **extra) -> OpCall:
-    """Canonicalize ``lax.dot_general`` arguments.
+def dot_general_call(impl: Impl, original: Callable, lhs, rhs, dimension_numbers, precision=None,
+                     preferred_element_type=None, **extra) -> OpCall:
+    """Canonicalize ``lax.dot_general`` arguments (``impl``: the quantized op; ``original``: the jax one).
 
     Example:
-      >>> import jax.numpy as jnp
-      >>> dot_general_call(jnp.ones((2, 3, 4)), jnp.ones((4, 5)), (((2,), (0,)), ((), ()))).kept[0]
-      (0, 1)
+      >>> import jax, jax.numpy as jnp, qarray
+      >>> from flax_integration._op_calls import dot_general_call
+      >>> call = dot_general_call(qarray.dot_general, jax.lax.dot_general, jnp.ones((2, 3, 4)), jnp.ones((4, 5)),
+      ...                         (((2,), (0,)), ((), ())))
+      >>> call.kept, call.contract, call.tile_axis
+      (((0, 1), (1,)), ((2,), (0,)), (2, 0))
     """
     (lc, rc), (lb, rb) = dimension_numbers
     lc, rc, lb, rb = (tuple(int(a) for a in t) for t in (lc, rc, lb, rb))
@@ -121,42 +119,43 @@ def dot_general_call(lhs, rhs, dimension_numbers, precision=None, preferred_elem
     dn = ((lc, rc), (lb, rb))
 
     def runner(a, b):
-        return ops_bridge.dot_general(a, b, dn, precision=precision,
-                                      preferred_element_type=preferred_element_type)
+        return impl(a, b, dn, precision=precision, preferred_element_type=preferred_element_type)
 
     def orig():
-        fn = original or ops_bridge.ORIGINAL['dot_general']
-        return fn(_plain(lhs), _plain(rhs), dimension_numbers, precision=precision,
-                  preferred_element_type=preferred_element_type, **extra)
+        return original(as_float(lhs), as_float(rhs), dimension_numbers, precision=precision,
+                        preferred_element_type=preferred_element_type, **extra)
 
     return OpCall('dot_general', [lhs, rhs], kept, (lc, rc), tile_axis, runner, orig)
 
 
-def dot_call(a, b, precision=None, preferred_element_type=None, original=None, **extra) -> OpCall | None:
+def dot_call(impl: Impl, original: Callable, a, b, precision=None, preferred_element_type=None,
+             **extra) -> OpCall | None:
     """``jnp.dot`` as a dot_general (None for the scalar case, which stays float).
 
     Example:
-      >>> import jax.numpy as jnp
-      >>> dot_call(jnp.ones((2, 3)), jnp.ones((3, 4))).contract
+      >>> import jax.numpy as jnp, qarray
+      >>> from flax_integration._op_calls import dot_call
+      >>> dot_call(qarray.dot_general, jnp.dot, jnp.ones((2, 3)), jnp.ones((3, 4))).contract
       ((1,), (0,))
     """
     na, nb = len(a.shape), len(b.shape)
     if na == 0 or nb == 0:
         return None
     dn = (((na - 1,), (max(nb - 2, 0),)), ((), ()))
-    call = dot_general_call(a, b, dn, precision, preferred_element_type)
-    fn = original or ops_bridge.ORIGINAL['dot']
-    call.original = lambda: fn(_plain(a), _plain(b), precision=precision,
-                               preferred_element_type=preferred_element_type, **extra)
+    call = dot_general_call(impl, original, a, b, dn, precision, preferred_element_type)
+    call.original = lambda: original(as_float(a), as_float(b), precision=precision,
+                                     preferred_element_type=preferred_element_type, **extra)
     return call
 
 
-def matmul_call(a, b, precision=None, preferred_element_type=None, original=None, **extra) -> OpCall | None:
-    """``jnp.matmul`` as a dot_general when no broadcasting is needed (else None).
+def matmul_call(impl: Impl, original: Callable, a, b, precision=None, preferred_element_type=None,
+                **extra) -> OpCall | None:
+    """``jnp.matmul`` as a dot_general when no broadcasting is needed (else None: the float op runs).
 
     Example:
-      >>> import jax.numpy as jnp
-      >>> matmul_call(jnp.ones((5, 2, 3)), jnp.ones((5, 3, 4))).kept
+      >>> import jax.numpy as jnp, qarray
+      >>> from flax_integration._op_calls import matmul_call
+      >>> matmul_call(qarray.dot_general, jnp.matmul, jnp.ones((5, 2, 3)), jnp.ones((5, 3, 4))).kept
       ((0, 1), (0, 2))
     """
     na, nb = len(a.shape), len(b.shape)
@@ -169,55 +168,26 @@ def matmul_call(a, b, precision=None, preferred_element_type=None, original=None
         dn = (((na - 1,), (nb - 2,)), (batch, batch))
     else:
         return None
-    call = dot_general_call(a, b, dn, precision, preferred_element_type)
-    fn = original or ops_bridge.ORIGINAL['matmul']
-    call.original = lambda: fn(_plain(a), _plain(b), precision=precision,
-                               preferred_element_type=preferred_element_type, **extra)
+    call = dot_general_call(impl, original, a, b, dn, precision, preferred_element_type)
+    call.original = lambda: original(as_float(a), as_float(b), precision=precision,
+                                     preferred_element_type=preferred_element_type, **extra)
     return call
 
 
-def parse_einsum(subscripts: str, shapes: list[tuple[int, ...]]) -> tuple[list[str], str]:
-    """Expand an einsum spec to one letter per axis (ellipses included); returns (inputs, output).
+def einsum_call(impl: Impl, original: Callable, subscripts, *operands, precision=None,
+                preferred_element_type=None, **extra) -> OpCall | None:
+    """Canonicalize a two-operand ``jnp.einsum`` with a string spec (else None: the float op runs).
 
     Example:
-      >>> parse_einsum('...d,df->...f', [(2, 3, 4), (4, 5)])
-      (['ABd', 'df'], 'ABf')
-    """
-    spec = subscripts.replace(' ', '')
-    ins, arrow, out = spec.partition('->')
-    ins = ins.split(',')
-    if len(ins) != len(shapes):
-        raise ValueError(f"einsum {subscripts!r} names {len(ins)} operands but got {len(shapes)}.")
-    free = [c for c in string.ascii_uppercase if c not in spec]
-    ell_n = max([len(s) - (len(t) - 3) for t, s in zip(ins, shapes) if '...' in t] or [0])
-    ell = ''.join(free[:ell_n])
-    expanded = []
-    for t, s in zip(ins, shapes):
-        if '...' in t:
-            n = len(s) - (len(t) - 3)
-            t = t.replace('...', ell[ell_n - n:] if n else '')
-        expanded.append(t)
-    if arrow:
-        out = out.replace('...', ell)
-    else:  # implicit output: ellipsis axes, then letters used once, sorted
-        letters = ''.join(expanded)
-        out = ell + ''.join(sorted(c for c in set(letters) if letters.count(c) == 1 and c not in ell))
-    return expanded, out
-
-
-def einsum_call(subscripts, *operands, precision=None, preferred_element_type=None,
-                original: Callable | None = None, **extra) -> OpCall | None:
-    """Canonicalize a two-operand ``jnp.einsum`` with a string spec (else None).
-
-    Example:
-      >>> import jax.numpy as jnp
-      >>> einsum_call('btd,dnh->btnh', jnp.ones((2, 3, 4)), jnp.ones((4, 2, 5))).tile_axis
+      >>> import jax.numpy as jnp, qarray
+      >>> from flax_integration._op_calls import einsum_call
+      >>> einsum_call(qarray.einsum, jnp.einsum, 'btd,dnh->btnh', jnp.ones((2, 3, 4)), jnp.ones((4, 2, 5))).tile_axis
       (2, 0)
     """
     if not isinstance(subscripts, str) or len(operands) != 2:
         return None
     lhs, rhs = operands
-    (ls, rs), out = parse_einsum(subscripts, [lhs.shape, rhs.shape])
+    (ls, rs), out, _ = parse_subscripts(subscripts, [lhs.shape, rhs.shape])
     kept = tuple(tuple(i for i, c in enumerate(s) if c in out) for s in (ls, rs))
     contract = tuple(tuple(i for i, c in enumerate(s) if c not in out) for s in (ls, rs))
     shared = [c for c in rs if c in ls and c not in out]
@@ -225,26 +195,25 @@ def einsum_call(subscripts, *operands, precision=None, preferred_element_type=No
     extra.pop('_dot_general', None)  # flax passes lax.dot_general here; qarray.ops picks its own path
 
     def runner(a, b):
-        return ops_bridge.einsum(subscripts, a, b, precision=precision,
-                                 preferred_element_type=preferred_element_type)
+        return impl(subscripts, a, b, precision=precision, preferred_element_type=preferred_element_type)
 
     def orig():
-        fn = original or ops_bridge.ORIGINAL['einsum']
-        return fn(subscripts, _plain(lhs), _plain(rhs), precision=precision,
-                  preferred_element_type=preferred_element_type, **extra)
+        return original(subscripts, as_float(lhs), as_float(rhs), precision=precision,
+                        preferred_element_type=preferred_element_type, **extra)
 
     return OpCall('einsum', [lhs, rhs], kept, contract, tile_axis, runner, orig)
 
 
-def conv_call(lhs, rhs, window_strides, padding, lhs_dilation=None, rhs_dilation=None,
-              dimension_numbers=None, feature_group_count=1, batch_group_count=1, precision=None,
-              preferred_element_type=None, original: Callable | None = None, **extra) -> OpCall:
+def conv_call(impl: Impl, original: Callable, lhs, rhs, window_strides, padding, lhs_dilation=None,
+              rhs_dilation=None, dimension_numbers=None, feature_group_count=1, batch_group_count=1,
+              precision=None, preferred_element_type=None, **extra) -> OpCall:
     """Canonicalize ``lax.conv_general_dilated`` arguments.
 
     Example:
-      >>> import jax.numpy as jnp
-      >>> c = conv_call(jnp.ones((1, 8, 8, 3)), jnp.ones((3, 3, 3, 4)), (1, 1), 'SAME',
-      ...               dimension_numbers=('NHWC', 'HWIO', 'NHWC'))
+      >>> import jax, jax.numpy as jnp, qarray
+      >>> from flax_integration._op_calls import conv_call
+      >>> c = conv_call(qarray.conv_general_dilated, jax.lax.conv_general_dilated, jnp.ones((1, 8, 8, 3)),
+      ...               jnp.ones((3, 3, 3, 4)), (1, 1), 'SAME', dimension_numbers=('NHWC', 'HWIO', 'NHWC'))
       >>> c.kept[1]
       (3,)
     """
@@ -258,11 +227,10 @@ def conv_call(lhs, rhs, window_strides, padding, lhs_dilation=None, rhs_dilation
                   precision=precision, preferred_element_type=preferred_element_type)
 
     def runner(a, b):
-        return ops_bridge.conv_general_dilated(a, b, window_strides, padding, **kwargs)
+        return impl(a, b, window_strides, padding, **kwargs)
 
     def orig():
-        fn = original or ops_bridge.ORIGINAL['conv_general_dilated']
-        return fn(_plain(lhs), _plain(rhs), window_strides, padding, **kwargs, **extra)
+        return original(as_float(lhs), as_float(rhs), window_strides, padding, **kwargs, **extra)
 
     return OpCall('conv_general_dilated', [lhs, rhs], kept, contract, (None, None), runner, orig,
                   per_channel_only=True)

@@ -17,12 +17,12 @@ import sys
 from typing import Any, Iterable, Sequence
 
 import jax
-import jax.numpy as jnp
 from flax import linen as nn
 from flax import nnx
 
-from flax_integration.model import quantize_model
-from flax_integration.providers.calibration import CalibrationProvider, QuantStat
+from flax_integration._model import quantize_model
+from flax_integration.providers.calibration import CalibrationProvider
+from flax_integration.wrappers import QuantStat
 from flax_integration.rules import QuantizationRule
 
 __all__ = ['calibrate']

@@ -26,14 +26,11 @@ import jax.numpy as jnp
 from flax import linen as nn
 from flax import nnx
 
-from qarray._array import QArray
-from qarray._quantize import dequantize
-
-from flax_integration.model import quantize_model
+from flax_integration._model import quantize_model
 from flax_integration.providers.base import Op
 from flax_integration.providers.lora import LORA_SUFFIXES, LoraProvider, LoraRule, low_rank_kernel, weight_name
-from flax_integration.quantize_params import quantize_like
-from flax_integration.wrappers import ActivationScale, QuantizedParam, unbox_leaves
+from flax_integration._quantize_params import quantize_like
+from flax_integration.wrappers import ActivationScale, QuantizedParam, as_float, unbox_leaves
 
 __all__ = ['lora_trainable', 'lora_param_count', 'with_base_weights', 'merge_lora']
 
@@ -111,20 +108,11 @@ class _Merger(LoraProvider):
             wi = op.weight.index
             shape = tuple(op.weight.value.shape)
             kept, contract = op.call.kept[wi], op.call.contract[wi]
-            base = self.plain_operand(op.weight.value)
-            base = dequantize(base) if isinstance(base, QArray) else jnp.asarray(base)
+            base = jnp.asarray(as_float(op.weight.value))
             a, b = self.adapters(op, shape, kept, contract, base.dtype)
             delta = low_rank_kernel(a, b, shape, kept, contract) * rule.scaling
             self.merged[(op.path, weight_name(op))] = (base + delta.astype(base.dtype))
         return super().process_op(op)
-
-
-def _float_leaf(v: Any) -> Any:
-    if isinstance(v, QuantizedParam):
-        return dequantize(unbox_leaves(v.array))
-    if isinstance(v, QArray):
-        return dequantize(v)
-    return v
 
 
 def _linen_export(params: Mapping, merged: dict, path: tuple = ()) -> dict:
@@ -138,7 +126,7 @@ def _linen_export(params: Mapping, merged: dict, path: tuple = ()) -> dict:
         elif isinstance(v, Mapping) or (hasattr(v, 'items') and not isinstance(v, QuantizedParam)):
             out[k] = _linen_export(v, merged, path + (k,))
         else:
-            out[k] = _float_leaf(unbox_leaves(v))
+            out[k] = as_float(v)
     return out
 
 
@@ -152,7 +140,7 @@ def _nnx_export(model: nnx.Module, merged: dict) -> dict:
             if isinstance(v, nnx.Param):
                 value = v[...]
             elif isinstance(v, QuantizedParam):
-                value = _float_leaf(v)
+                value = as_float(v)
             else:
                 continue
             node = out

@@ -1,59 +1,52 @@
-"""Model-free quantize_params(params, rules); scoped, thread-local interception."""
+"""The interception engine: patches installed only while a quantized model runs, per thread, routed once."""
 
+import contextlib
 import threading
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+import qarray
+from flax import linen as nn
+from flax import nnx
 
 import flax_integration as fi
-import qarray
-from flax_integration import interception
-from flax_integration.ops_bridge import ORIGINAL
+from flax_integration import _interception, _op_table
+from flax_integration._interception import Target, installed
+
+ORIGINAL = {f'{ep.owner_name}.{ep.attr}': _op_table.original(ep) for _, ep in _op_table.entry_points()}
 
 
-def test_model_free_quantizes_matching_leaves():
-    params = {'Dense_0': {'kernel': jax.random.normal(jax.random.key(0), (16, 8)), 'bias': jnp.ones(8)},
-              'blocks': [{'w': jnp.ones((8, 4))}]}
-    rules = [fi.QuantizationRule(module_path='Dense_0/kernel', weight_qtype='int4', tile_size=8),
-             fi.QuantizationRule(module_path='blocks/0/w', weight_qtype='int8')]
-    q = fi.quantize_params(params, rules)
-    k = q['Dense_0']['kernel']
-    assert isinstance(k, qarray.QArray) and k.tiles == {0: 8} and k.channelwise_axes == (1,)
-    W = params['Dense_0']['kernel']
-    for t in range(2):  # each 8-row tile has its own per-column scale, as quantizing that tile alone gives
-        alone = qarray.quantize(W[8 * t:8 * (t + 1)], 'int4', channelwise_axes=(1,)).scale
-        np.testing.assert_allclose(np.asarray(k.scale[t]), np.asarray(alone[0]), rtol=1e-6)
-    assert isinstance(q['blocks'][0]['w'], qarray.QArray)
-    assert q['Dense_0']['bias'] is params['Dense_0']['bias']
+class _Handler:
+    """A bare provider: ``handle`` is all the engine needs."""
+
+    def __init__(self, fn):
+        self.fn = fn
+
+    def handle(self, call, frame):
+        return self.fn(call, frame)
 
 
-def test_model_free_errors_name_the_path():
-    with pytest.raises(ValueError, match='Dense_0/bias'):
-        fi.quantize_params({'Dense_0': {'bias': jnp.ones(8)}}, [fi.QuantizationRule(weight_qtype='int8')])
-    with pytest.raises(ValueError, match='Dense_0/kernel'):
-        fi.quantize_params({'Dense_0': {'kernel': jnp.ones((6, 8))}},
-                           [fi.QuantizationRule(weight_qtype='int4', tile_size=4)])
-    with pytest.raises(ValueError, match='quant_stats'):
-        fi.quantize_params({'k': jnp.ones((4, 4))}, [fi.QuantizationRule(weight_qtype='int8')], {})
+def _all_original():
+    return all(getattr(ep.owner, ep.attr) is ORIGINAL[f'{ep.owner_name}.{ep.attr}']
+               for _, ep in _op_table.entry_points())
 
 
-def test_scope_restores_originals_and_routes_calls():
+def test_model_run_restores_originals_and_routes_calls():
     seen = []
 
     def handler(call, frame):
         seen.append(call.name)
         return call.run_original()
 
-    with interception.scope(handler):
-        assert jax.lax.dot_general is not ORIGINAL['dot_general']
+    with _interception.model_run(_Handler(handler)):
+        assert jax.lax.dot_general is not ORIGINAL['jax.lax.dot_general']
         jnp.dot(jnp.ones((2, 3)), jnp.ones((3, 2)))
         jnp.matmul(jnp.ones((4, 2, 3)), jnp.ones((4, 3, 2)))
         jax.lax.conv_general_dilated(jnp.ones((1, 1, 4, 4)), jnp.ones((1, 1, 3, 3)), (1, 1), 'SAME')
     assert seen == ['dot_general', 'dot_general', 'conv_general_dilated']
-    for name, (mod, attr, _) in interception.PATCHED.items():
-        assert getattr(mod, attr) is ORIGINAL[name]
+    assert _all_original()
 
 
 def test_other_threads_are_not_intercepted():
@@ -65,7 +58,7 @@ def test_other_threads_are_not_intercepted():
         return call.run_original()
 
     def inside():
-        with interception.scope(handler):
+        with _interception.model_run(_Handler(handler)):
             entered.set()
             release.wait(10)
             jnp.einsum('ij,jk->ik', jnp.ones((2, 2)), jnp.ones((2, 2)))
@@ -77,6 +70,7 @@ def test_other_threads_are_not_intercepted():
     release.set()
     t.join()
     assert calls == ['scoped'] and float(out[0, 0]) == 2.0
+    assert _all_original()
 
 
 def test_provider_is_not_reentered():
@@ -84,11 +78,87 @@ def test_provider_is_not_reentered():
 
     def handler(call, frame):
         depth.append(call.name)
-        return jnp.einsum('ij,jk->ik', *[interception._dequantized(o) for o in call.operands])
+        return jnp.einsum('ij,jk->ik', *[fi.wrappers.as_float(o) for o in call.operands])
 
-    with interception.scope(handler):
+    with _interception.model_run(_Handler(handler)):
         jnp.einsum('ij,jk->ik', jnp.ones((2, 2)), jnp.ones((2, 2)))
     assert depth == ['einsum']
+
+
+def test_patches_restored_after_an_exception():
+    def handler(call, frame):
+        raise RuntimeError('boom')
+
+    with pytest.raises(RuntimeError, match='boom'):
+        with _interception.model_run(_Handler(handler)):
+            jnp.dot(jnp.ones((2, 2)), jnp.ones((2, 2)))
+    assert _all_original() and _interception.running_provider() is None
+
+
+class _Extra(fi.Provider):
+    """Declares jnp.tanh as an extra op and records what it sees."""
+
+    def __init__(self):
+        super().__init__([])
+        self.seen = []
+
+    def intercepts(self):
+        return (fi.providers.Intercept('tanh', (Target(jnp, 'tanh'),)),)
+
+    def process_extra_op(self, op):
+        self.seen.append((op.name, op.frame.path))
+        return op.original(*op.args, **op.kwargs) * 0 + 7.0
+
+    def process_op(self, op):
+        return op.call.run_original()
+
+
+def test_provider_extra_intercepts_are_installed_for_its_runs_only():
+    class Net(nn.Module):
+        @nn.compact
+        def __call__(self, x):
+            return jnp.tanh(nn.Dense(2)(x))
+
+    x = jnp.ones((1, 3))
+    p = _Extra()
+    m = fi.quantize_model(Net(), p)
+    v = m.init(jax.random.key(0), x)
+    p.seen.clear()
+    y = m.apply(v, x)
+    assert p.seen == [('tanh', '')] and float(y[0, 0]) == 7.0
+    assert not installed(Target(jnp, 'tanh')) and float(jnp.tanh(0.0)) == 0.0
+    # A model quantized with a provider that declares nothing never routes tanh.
+    plain = fi.quantize_model(Net(), fi.PtqProvider([]))
+    np.testing.assert_allclose(np.asarray(plain.apply(v, x)), np.asarray(Net().apply(v, x)), rtol=1e-6)
+
+
+def test_extra_intercepts_cannot_take_op_table_targets():
+    class Bad(_Extra):
+        def intercepts(self):
+            return (fi.providers.Intercept('dot', (Target(jnp, 'dot'),)),)
+
+    with pytest.raises(ValueError, match='op table'):
+        with _interception.model_run(Bad()):
+            pass
+
+
+def test_float_fallback_unrotates_a_rotated_param():
+    """jnp.matmul with broadcasting (no dot_general form) runs the float op; a rotated weight must be unrotated."""
+    w = jax.random.normal(jax.random.key(0), (2, 16, 8))
+    q = fi.QuantizedParam(qarray.quantize(qarray.rotation.rotate(w, 1, block=16), 'int8', channelwise_axes=(0, 2)),
+                          rotation=(1, 16))
+    x = jax.random.normal(jax.random.key(1), (3, 1, 4, 16))  # batch (3, 1) broadcasts against (2,)
+
+    def handler(call, frame):
+        raise AssertionError('a broadcasting matmul has no canonical form; it must not reach the provider')
+
+    with _interception.model_run(_Handler(handler)):
+        y = jnp.matmul(x, q)
+    ref = jnp.matmul(x, fi.wrappers.as_float(q))
+    np.testing.assert_allclose(np.asarray(y), np.asarray(ref), rtol=1e-5, atol=1e-5)
+    # and as_float really undoes the rotation: within int8's half step of the float weight
+    err = np.abs(np.asarray(fi.wrappers.as_float(q)) - np.asarray(w)).max()
+    assert err < 2 * float(np.abs(np.asarray(w)).max()) / 127.5
 
 
 class _NameRecorder(fi.PtqProvider):
@@ -104,7 +174,6 @@ class _NameRecorder(fi.PtqProvider):
 
 
 def test_stored_quantized_params_are_named_at_apply_linen():
-    from flax import linen as nn
 
     class Net(nn.Module):
         @nn.compact
@@ -124,7 +193,6 @@ def test_stored_quantized_params_are_named_at_apply_linen():
 
 
 def test_stored_quantized_params_are_named_at_apply_nnx():
-    from flax import nnx
     rules = [fi.QuantizationRule(weight_qtype='int8')]
     p = _NameRecorder(rules)
     m = fi.quantize_model(nnx.Linear(16, 4, rngs=nnx.Rngs(0)), p, jnp.ones((2, 16)))
@@ -143,8 +211,6 @@ class _HookRecorder(fi.Provider):
         self.events = []
 
     def model_run(self):
-        import contextlib
-
         @contextlib.contextmanager
         def run():
             self.events.append('enter')
@@ -155,12 +221,12 @@ class _HookRecorder(fi.Provider):
         return run()
 
     def process_model_inputs(self, args, kwargs):
-        frame = interception.root_frame()
-        self.events.append(('inputs', frame.path, interception.running_provider() is self))
+        frame = _interception.root_frame()
+        self.events.append(('inputs', frame.path, _interception.running_provider() is self))
         return (args[0] * 2.0,) + tuple(args[1:]), kwargs
 
     def process_op(self, op):
-        self.events.append(('op', op.path, interception.root_frame().path))
+        self.events.append(('op', op.path, _interception.root_frame().path))
         return op.call.run_original()
 
     def process_model_output(self, output):
@@ -169,8 +235,6 @@ class _HookRecorder(fi.Provider):
 
 
 def test_model_entry_hooks_linen_and_nnx():
-    from flax import linen as nn
-    from flax import nnx
 
     class Net(nn.Module):
         @nn.compact
@@ -185,7 +249,7 @@ def test_model_entry_hooks_linen_and_nnx():
     y = m.apply(v, x)
     np.testing.assert_allclose(np.asarray(y), 2.0 * np.asarray(Net().apply(v, x)), rtol=1e-6)  # inputs replaced
     assert p.events == ['enter', ('inputs', '', True), ('op', 'Dense_0', ''), 'output', 'exit']
-    assert interception.root_frame() is None and interception.running_provider() is None
+    assert _interception.root_frame() is None and _interception.running_provider() is None
 
     p = _HookRecorder()
     lin = nnx.Linear(3, 2, use_bias=False, rngs=nnx.Rngs(0))

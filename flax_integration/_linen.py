@@ -2,9 +2,8 @@
 
 :func:`quantize_linen` returns a copy of the model whose class is a thin
 subclass: its ``__call__`` (and any other listed method) runs the original
-inside the provider's :meth:`~flax_integration.providers.base.Provider.model_run`
-context, :func:`flax_integration.interception.scope` and
-:func:`flax.linen.intercept_methods`, with the provider's model-entry hooks
+inside :func:`flax_integration._interception.model_run` (the provider's
+patches and routing) and :func:`flax.linen.intercept_methods`, with the provider's model-entry hooks
 (``process_model_inputs`` / ``process_model_output``) around it. The method interceptor pushes a
 :class:`LinenFrame` for every submodule call and, for that call only,
 
@@ -16,10 +15,9 @@ context, :func:`flax_integration.interception.scope` and
   check compares raw leaves, and a bit-packed ``qvalue`` is narrower).
 
 Example:
-  >>> import jax, jax.numpy as jnp
   >>> from flax import linen as nn
-  >>> from flax_integration.providers.ptq import PtqProvider
-  >>> from flax_integration.rules import QuantizationRule
+  >>> from flax_integration import PtqProvider, QuantizationRule
+  >>> from flax_integration._linen import quantize_linen
   >>> m = quantize_linen(nn.Dense(3), PtqProvider([QuantizationRule(weight_qtype='int4')]))
   >>> type(m).__name__, isinstance(m, nn.Dense)
   ('Dense', True)
@@ -30,7 +28,6 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import functools
-import threading
 from typing import Any, Sequence
 
 import jax
@@ -40,23 +37,15 @@ from flax import linen as nn
 
 from qarray._array import QArray
 
-from flax_integration import interception
-from flax_integration.interception import ModuleFrame
+from flax_integration import _interception
+from flax_integration._frame import Frame
 from flax_integration.wrappers import QuantizedParam, box_like, unbox_leaves
 
 __all__ = ['quantize_linen', 'LinenFrame', 'promote_dtype_keep_quantized']
 
-_local = threading.local()
 
-
-def _run_state() -> dict:
-    if not hasattr(_local, 'runs'):
-        _local.runs = {}
-    return _local.runs
-
-
-class LinenFrame(ModuleFrame):
-    """A running Linen module: params and collections through its ``scope``."""
+class LinenFrame(Frame):
+    """A running Linen module: params, statistics and rngs through its ``scope``."""
 
     def params(self) -> dict[str, Any]:
         scope = self.module.scope
@@ -79,6 +68,12 @@ class LinenFrame(ModuleFrame):
             value = dataclasses.replace(value, array=box_like(original, value.array, value.array.shape))
         scope.put_variable('params', name, value)
 
+    def adapter_param(self, name: str, init, shape: tuple, key: jax.Array) -> jax.Array:
+        scope = self.module.scope
+        if scope.has_variable('params', name):  # read, not re-declare: one weight may feed several ops
+            return nn.meta.unbox(scope.get_variable('params', name))
+        return scope.param(name, init, shape)
+
     def get_stat(self, name: str) -> Any:
         scope = self.module.scope
         return scope.get_variable('quant_stats', name) if scope.has_variable('quant_stats', name) else None
@@ -90,6 +85,18 @@ class LinenFrame(ModuleFrame):
     def can_update_stats(self) -> bool:
         return (not self.initializing) and self.module.scope.is_mutable_collection('quant_stats')
 
+    def rng(self, stream: str) -> jax.Array | None:
+        return self.module.make_rng(stream) if self.module.has_rng(stream) else None
+
+    def dropout(self, x: jax.Array, rate: float, name: str, key: jax.Array) -> jax.Array:
+        if rate <= 0 or self.initializing:
+            return x
+        rng = self.rng('dropout')
+        if rng is None:  # no 'dropout' rng given to apply: deterministic
+            return x
+        keep = jax.random.bernoulli(rng, 1.0 - rate, x.shape)
+        return jnp.where(keep, x / (1.0 - rate), jnp.zeros_like(x))
+
 
 def _is_quantized(x: Any) -> bool:
     return isinstance(x, (QuantizedParam, QArray))
@@ -98,10 +105,7 @@ def _is_quantized(x: Any) -> bool:
 def _with_dtype(x: Any, dtype: Any) -> Any:
     if dtype is None or jnp.dtype(x.dtype) == jnp.dtype(dtype):
         return x
-    if isinstance(x, QuantizedParam):
-        return x.astype(dtype)
-    return QArray(x.qvalue, x.scale, x.zero_point, qtype=x.qtype, dtype=dtype,
-                  packed_axis=x.packed_axis, packed_length=x.packed_length)
+    return x.astype(dtype)  # stays quantized (QArray and QuantizedParam alike)
 
 
 def promote_dtype_keep_quantized(original, args: Sequence[Any], dtype=None, inexact=True) -> list:
@@ -127,13 +131,12 @@ def promote_dtype_keep_quantized(original, args: Sequence[Any], dtype=None, inex
             dtype = jnp.promote_types(jnp.float32, dtype)
     plain = [None if _is_quantized(a) else a for a in args]
     out = list(original(*plain, dtype=dtype, inexact=inexact))
-    frame = interception.current_frame()
+    frame = _interception.current_frame()
     if frame is not None:
-        names = {id(v): n for n, v in frame.params().items()}
-        names.update({i: n for i, (n, _) in frame.derived.items()})
         for a, o in zip(args, out):
-            if a is not None and o is not None and o is not a and id(a) in names:
-                frame.derived[id(o)] = (names[id(a)], o)
+            name = frame.param_name(a) if a is not None and o is not None and o is not a else None
+            if name is not None:
+                frame.record_alias(o, name)
     return [_with_dtype(a, dtype) if _is_quantized(a) else o for a, o in zip(args, out)]
 
 
@@ -145,9 +148,9 @@ def _record(module: nn.Module, name: str, value: Any) -> Any:
     """Remember that ``value`` (what ``self.param`` returned) is param ``name``: unboxing a box with a
     mesh (``nn.with_partitioning(..., mesh=...)``, or any box under a global mesh) applies a sharding
     constraint, so the module computes with a new array, not the stored one."""
-    frame = interception.current_frame()
+    frame = _interception.current_frame()
     if frame is not None and frame.module is module:
-        frame.derived[id(value)] = (name, value)
+        frame.record_alias(value, name)
     return value
 
 
@@ -188,13 +191,13 @@ def _param_shim(module: nn.Module):
 def _module_call(module: nn.Module, counters: dict):
     """Frame + attribute routing for one module method call."""
     path = '/'.join(str(p) for p in module.scope.path)
-    frame = LinenFrame(module, path, 'linen', counters=counters.setdefault(path, {}))
+    frame = LinenFrame(module, path, counters.setdefault(path, {}))
     saved = {k: module.__dict__[k] for k in ('param', 'promote_dtype') if k in module.__dict__}
     object.__setattr__(module, 'param', _param_shim(module))
     if saved.get('promote_dtype') is flax.linen.dtypes.promote_dtype:
         object.__setattr__(module, 'promote_dtype', _linen_promote)
     try:
-        with interception.push_frame(frame):
+        with _interception.push_frame(frame):
             yield frame
     finally:
         for k in ('param', 'promote_dtype'):
@@ -207,28 +210,22 @@ def _module_call(module: nn.Module, counters: dict):
 def _wrap_method(method, provider):
     @functools.wraps(method)
     def wrapper(self, *args, **kwargs):
-        runs = _run_state()
-        if self.scope is None or id(provider) in runs:
+        if self.scope is None or _interception.running(provider) is not None:
             return method(self, *args, **kwargs)
-        counters: dict = {}
 
-        def hook(next_fun, h_args, h_kwargs, context):
-            module = context.module
-            if module.scope is None or module is self:
-                return next_fun(*h_args, **h_kwargs)
-            with _module_call(module, counters):
-                return next_fun(*h_args, **h_kwargs)
+        with _interception.model_run(provider) as counters:
+            def hook(next_fun, h_args, h_kwargs, context):
+                module = context.module
+                if module.scope is None or module is self:
+                    return next_fun(*h_args, **h_kwargs)
+                with _module_call(module, counters):
+                    return next_fun(*h_args, **h_kwargs)
 
-        runs[id(provider)] = True
-        try:
-            with provider.model_run():
-                with interception.scope(provider.handle), nn.intercept_methods(hook), \
-                        _module_call(self, counters):
-                    args, kwargs = provider.process_model_inputs(args, kwargs)
-                    out = method(self, *args, **kwargs)
-                return provider.process_model_output(out)
-        finally:
-            del runs[id(provider)]
+            with nn.intercept_methods(hook), _module_call(self, counters):
+                args, kwargs = provider.process_model_inputs(args, kwargs)
+                out = method(self, *args, **kwargs)
+                with _interception.provider_code():
+                    return provider.process_model_output(out)
 
     return wrapper
 
@@ -237,7 +234,9 @@ def quantize_linen(model: nn.Module, provider: Any, methods: Sequence[str] = ('_
     """A copy of ``model`` whose listed methods run under ``provider``.
 
     Example:
-      >>> from flax_integration.providers.ptq import PtqProvider
+      >>> from flax import linen as nn
+      >>> from flax_integration import PtqProvider
+      >>> from flax_integration._linen import quantize_linen
       >>> quantize_linen(nn.Dense(3), PtqProvider([])).features
       3
     """
