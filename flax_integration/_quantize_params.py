@@ -245,19 +245,25 @@ def _nnx_quantize(fp: Any, abs_model: nnx.Module, quant_stats: Any, allow_extra:
             _set(filled, path, {k: v for k, v in (('scale', s.scale), ('zero_point', s.zero_point))
                                 if v is not None})
             covered.add(path)
-    stat_paths = {path for path, _ in _walk(nnx.to_pure_dict(nnx.state(abs_model, QuantStat)))}
+    stats: dict = {}  # QuantStat variables hold a dict each: set whole, from quant_stats or as the model has them
+    for path, node in nnx.iter_graph(abs_model):
+        if isinstance(node, QuantStat):
+            given = _lookup(quant_stats, path) if quant_stats is not None else None
+            stats[path] = node.get_value() if given is None else given
+            covered.add(path)
     for path, leaf in _walk(nnx.to_pure_dict(state)):
         if any(path[:len(c)] == c for c in covered):
             continue
         value = _lookup(fp, path)
         if value is None:
-            if path in stat_paths:  # calibration statistics: from quant_stats, else as the model has them
-                given = _lookup(quant_stats, path) if quant_stats is not None else None
-                _set(filled, path, leaf if given is None else given)
-                continue
             raise ValueError(f"state {'/'.join(map(str, path))!r} of the quantized model is missing from fp_params.")
         _set(filled, path, value)
     nnx.replace_by_pure_dict(state, filled)
+    for path, value in stats.items():
+        node = state
+        for k in path:
+            node = node[k]
+        node.set_value(jax.tree.map(jnp.asarray, dict(value)))
     return state
 
 

@@ -33,3 +33,19 @@ def test_model_free_errors_name_the_path():
                            [fi.QuantizationRule(weight_qtype='int4', tile_size=4)])
     with pytest.raises(ValueError, match='quant_stats'):
         fi.quantize_params({'k': jnp.ones((4, 4))}, [fi.QuantizationRule(weight_qtype='int8')], {})
+
+
+def test_nnx_model_with_statistics_takes_them_from_quant_stats():
+    """An abstract NNX model that holds QuantStat variables (e.g. a QAT model with static ranges) gets them
+    from quant_stats (or keeps its own) instead of asking fp_params for them."""
+    from flax import nnx
+    rules = [fi.QuantizationRule(weight_qtype='int8', act_qtype='int8', act_static_scale=True)]
+    x = jnp.ones((2, 8))
+    fp_model = nnx.Linear(8, 4, rngs=nnx.Rngs(0))
+    qat = fi.quantize_model(fp_model, fi.QtProvider(rules), x)
+    stats = nnx.to_pure_dict(nnx.state(qat, fi.QuantStat))
+    stats['dot_general0_lhs']['hi'] = stats['dot_general0_lhs']['hi'] + 3.0
+    state = fi.quantize_params(fp_model, qat, stats)
+    got = nnx.to_pure_dict(state)
+    np.testing.assert_array_equal(np.asarray(got['dot_general0_lhs']['hi']), np.asarray(stats['dot_general0_lhs']['hi']))
+    np.testing.assert_array_equal(np.asarray(got['kernel']), np.asarray(fp_model.kernel[...]))
