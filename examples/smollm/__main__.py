@@ -28,7 +28,14 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
 
 
 def main(argv: Sequence[str] | None = None) -> None:
-    """Print the measurements (times include nothing from earlier compiles unless marked)."""
+    """Print the measurements (compile time is excluded except where the line says it is included).
+
+    Example:
+      >>> from examples.smollm.__main__ import main
+      >>> main(['--windows', '1', '--tokens', '4'])  # doctest: +SKIP
+      load (GGUF read + dequantize + model build): 12.3 s
+      ...
+    """
     args = parse_args(argv)
     t0 = time.perf_counter()
     model, params, tok = weights.load()

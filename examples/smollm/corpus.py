@@ -22,6 +22,7 @@ the first ``window`` tokens of the ``start + j``-th article (in file order)
 that has at least ``window`` tokens, so every window is a different article.
 
 Example:
+  >>> from examples.smollm.corpus import strip_wikitext
   >>> strip_wikitext("'''Albedo''' is the [[reflection (physics)|reflection]] coefficient.{{cite}}<ref>x</ref>")
   'Albedo is the reflection coefficient.'
 """
@@ -57,11 +58,13 @@ def missing_reason() -> str | None:
     """Why the corpus is unavailable (``gensim`` not installed), or None.
 
     Example:
+      >>> from examples.smollm.corpus import missing_reason
       >>> missing_reason() is None or 'gensim' in missing_reason()
       True
     """
     if importlib.util.find_spec(CORPUS_PACKAGE) is None:
-        return f"package 'gensim' (its test data has the Wikipedia sample) is not installed; install with: {INSTALL_HINT}"
+        return (f"package 'gensim' (its test data has the Wikipedia sample) is not installed; "
+                f"install with: {INSTALL_HINT}")
     return None
 
 
@@ -69,6 +72,7 @@ def available() -> bool:
     """True when the wheel with the Wikipedia sample is installed.
 
     Example:
+      >>> from examples.smollm.corpus import available
       >>> isinstance(available(), bool)
       True
     """
@@ -79,6 +83,7 @@ def corpus_path() -> pathlib.Path:
     """Path of the bz2 XML dump inside the installed ``gensim`` package (found without importing it).
 
     Example:
+      >>> from examples.smollm.corpus import available, corpus_path
       >>> corpus_path().name.startswith('enwiki') if available() else True
       True
     """
@@ -126,6 +131,7 @@ def strip_wikitext(text: str, min_words: int = 0) -> str:
     uses :data:`MIN_PARAGRAPH_WORDS`).
 
     Example:
+      >>> from examples.smollm.corpus import strip_wikitext
       >>> strip_wikitext("Intro text here.\\n\\n== History ==\\nMore [[text]].\\n== See also ==\\n* [[Other]]")
       'Intro text here.\\n\\nMore text.'
     """
@@ -192,6 +198,7 @@ def articles(path: str | pathlib.Path | None = None) -> list[tuple[str, str]]:
     """``[(title, plain text)]`` for the dump's articles, in file order (redirects and empty pages skipped).
 
     Example:
+      >>> from examples.smollm.corpus import articles, available
       >>> arts = articles() if available() else [('Anarchism', 'Anarchism is a political philosophy ...')]
       >>> arts[0][0]
       'Anarchism'
@@ -208,6 +215,8 @@ def token_windows(tokenizer: Any, window: int, count: int, start: int = 0,
     needs an ``encode(text) -> list[int]`` method.
 
     Example:
+      >>> import numpy as np
+      >>> from examples.smollm.corpus import available, token_windows
       >>> class Chars:  # a stand-in tokenizer: one id per character
       ...     def encode(self, s): return [ord(c) % 256 for c in s]
       >>> w = token_windows(Chars(), window=32, count=2) if available() else np.zeros((2, 32), np.int32)

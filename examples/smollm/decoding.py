@@ -7,6 +7,7 @@ is harmless: a query only sees cache slots at or before its own position, and
 each slot is rewritten by its real token before any query at or after it runs.
 
 Example:
+  >>> from examples.smollm.decoding import generate
   >>> from flax import nnx
   >>> from examples.smollm.model import SmolLM, SmolLMConfig
   >>> m = SmolLM(SmolLMConfig.tiny(), rngs=nnx.Rngs(0))
@@ -80,6 +81,8 @@ def generate(model: nnx.Module, params: Any, prompt_ids: Sequence[int], n: int, 
     :mod:`examples.smollm.kv_cache`).
 
     Example:
+      >>> from flax import nnx
+      >>> from examples.smollm.decoding import generate
       >>> from examples.smollm.model import SmolLM, SmolLMConfig
       >>> m = SmolLM(SmolLMConfig.tiny(), rngs=nnx.Rngs(1))
       >>> generate(m, nnx.state(m), [7], 3) == generate(m, nnx.state(m), [7], 3)  # greedy: deterministic

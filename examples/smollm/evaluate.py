@@ -8,6 +8,7 @@ than ``window`` is dropped, so the number is a function of the token ids and
 ``window`` alone.
 
 Example:
+  >>> from examples.smollm.evaluate import split_windows
   >>> import numpy as np
   >>> split_windows(np.arange(10), 4).tolist()
   [[0, 1, 2, 3], [4, 5, 6, 7]]
@@ -31,6 +32,7 @@ def split_windows(token_ids: Sequence[int] | np.ndarray, window: int) -> np.ndar
     """``(n_windows, window)`` int32: consecutive non-overlapping windows; a short remainder is dropped.
 
     Example:
+      >>> from examples.smollm.evaluate import split_windows
       >>> split_windows([5, 6, 7], 2).tolist()
       [[5, 6]]
     """
@@ -60,6 +62,9 @@ def window_nll(model: nnx.Module, params: Any, windows: np.ndarray) -> np.ndarra
     (``nnx.state(model)`` or a replacement of the same structure).
 
     Example:
+      >>> from flax import nnx
+      >>> import numpy as np
+      >>> from examples.smollm.evaluate import window_nll
       >>> from examples.smollm.model import SmolLM, SmolLMConfig
       >>> m = SmolLM(SmolLMConfig.tiny(), rngs=nnx.Rngs(0))
       >>> window_nll(m, nnx.state(m), np.zeros((2, 8), np.int32)).shape
@@ -74,6 +79,9 @@ def perplexity(model: nnx.Module, params: Any, token_ids: Sequence[int] | np.nda
     """``exp(mean NLL)`` over the predicted tokens of ``token_ids`` cut into non-overlapping ``window``-token windows.
 
     Example:
+      >>> from flax import nnx
+      >>> import numpy as np
+      >>> from examples.smollm.evaluate import perplexity
       >>> from examples.smollm.model import SmolLM, SmolLMConfig
       >>> m = SmolLM(SmolLMConfig.tiny(), rngs=nnx.Rngs(0), param_init=nnx.initializers.zeros_init())
       >>> round(perplexity(m, nnx.state(m), np.arange(32) % 64, window=16), 3)  # all logits 0: the vocab size

