@@ -3,7 +3,7 @@
 :func:`export_litert` takes a model trained with
 :class:`~flax_integration.providers.odml.OdmlQatProvider` (or a float model
 with rules and ``quant_stats``), rebuilds it with
-:class:`~flax_integration.providers.odml.OdmlConversionProvider`, lowers it
+:class:`~flax_integration.providers.odml_conversion.OdmlConversionProvider`, lowers it
 to StableHLO with the params closed over (so weights are constants the
 converter can quantize), and converts it in process with
 ``litert-converter`` (no TensorFlow). :func:`litert_function` gives the
@@ -47,7 +47,8 @@ from flax import linen as nn
 from flax import nnx
 
 from flax_integration._model import quantize_model
-from flax_integration.providers.odml import OdmlConversionProvider, OdmlQatProvider
+from flax_integration.providers.odml import OdmlQatProvider
+from flax_integration.providers.odml_conversion import OdmlConversionProvider
 from flax_integration.rules import QuantizationRule
 
 __all__ = ['export_litert', 'litert_function', 'LitertFunction', 'to_tflite', 'op_table', 'format_op_table',

@@ -64,7 +64,8 @@ from flax_integration._interception import ExtraOp, Intercept, Target
 from flax_integration.providers.base import FloatParamError, Op, Provider, Weight
 from flax_integration.providers.calibration import CalibrationProvider
 from flax_integration.providers.lora import LoraProvider, LoraRule
-from flax_integration.providers.odml import OdmlConversionProvider, OdmlQatProvider
+from flax_integration.providers.odml import OdmlQatProvider
+from flax_integration.providers.odml_conversion import OdmlConversionProvider
 from flax_integration.providers.ptq import PtqProvider
 from flax_integration.providers.qat import QatProvider, QtProvider
 

@@ -204,6 +204,6 @@ def test_int4_fidelity():
 
 @needs_model
 def test_static_range_calibrated_on_held_out_sentences():
-    # Scales come from flax_integration.calibrate on CALIBRATION only (measured 0.9955 on the full pair set).
+    # Scales come from flax_integration._calibrate on CALIBRATION only (measured 0.9955 on the full pair set).
     f, built = _quantized_cos('w8a8 int8 static t128')
     assert f['cos'] >= 0.99

@@ -15,7 +15,7 @@ from examples.digits import models
 from flax_integration import OdmlConversionProvider, OdmlQatProvider, QuantizationRule, quantize_model
 from flax_integration._interception import installed
 from flax_integration.providers import _odml_ops as odml_ops
-from flax_integration.providers.odml import fake_quant_composite
+from flax_integration.providers.odml_conversion import fake_quant_composite
 
 RULES = [QuantizationRule(weight_qtype='int8', act_qtype='int8')]
 
