@@ -8,11 +8,9 @@ Example:
 
 from __future__ import annotations
 
-import time
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 from flax import linen as nn
 
 from flax_integration._calibrate import calibrate
@@ -90,10 +88,8 @@ def flax_section(print_table=None) -> None:
     """
     if print_table is None:
         from qarray._tour import print_table
-    t0 = time.perf_counter()
     print("Flax PTQ: quantize_model(model, PtqProvider(rules)) + quantize_params, unchanged model code")
     rows = flax_rows()
     print_table(rows, [('model', 'model', ''), ('scheme', 'scheme', ''), ('fp_bytes', 'float param B', 'd'),
                        ('q_bytes', 'quantized B', 'd'), ('max_err', 'max |out - float out|', '.4f'),
                        ('ref_max', 'max |float out|', '.3f')])
-    print(f"(flax section: {time.perf_counter() - t0:.1f} s)")

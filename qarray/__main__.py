@@ -1,6 +1,56 @@
-"""``python -m qarray``: a short tour on an embedded default. See :mod:`qarray._tour`."""
+"""``python -m qarray``: a short tour that prints what it did (``--full`` adds the slower real-model runs).
 
-from qarray._tour import main
+The sections live next to the code they show: the format table in
+:mod:`qarray._tour`, Flax PTQ in :mod:`flax_integration._tour`, the real
+models under ``examples/`` (importable from a repository checkout). Only this
+entry point knows them all; ``import qarray`` imports none of them.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import importlib.util
+import time
+
+# (module, function, title, packages the section needs beyond the runtime dependencies, full tour only)
+SECTIONS = [
+    ('qarray._tour', 'formats_section', 'Every format', (), False),
+    ('flax_integration._tour', 'flax_section', 'Flax PTQ', (), False),
+    ('examples.digits.qat_qlora', 'digits_section', 'digits QAT/QLoRA', ('optax', 'sklearn'), False),
+    ('examples.minilm.tour', 'minilm_section', 'MiniLM-L6', ('tokenizers', 'safetensors'), False),
+]
+
+
+def _run_section(number: int, module: str, function: str, what: str, needs: tuple[str, ...]) -> None:
+    print(f"\n{number}. ", end='')
+    missing = [m for m in needs if importlib.util.find_spec(m) is None]
+    if missing:
+        print(f"{what}: skipped (needs {', '.join(missing)}: pip install -e '.[examples]').")
+        return
+    try:
+        section = getattr(importlib.import_module(module), function)
+    except ImportError as e:
+        print(f"{what}: skipped ({e}; the examples run from a repository checkout).")
+        return
+    t0 = time.perf_counter()
+    section()
+    print(f"({what}: {time.perf_counter() - t0:.1f} s)")
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Run the tour's sections in order and print what each did and how long it took."""
+    parser = argparse.ArgumentParser(prog='python -m qarray', description=__doc__.splitlines()[0])
+    parser.add_argument('--full', action='store_true', help='also run the slower real-model sections')
+    args = parser.parse_args(argv)
+    import jax
+    t0 = time.perf_counter()
+    print(f"qarray tour (jax {jax.__version__}, backend {jax.default_backend()})")
+    sections = [s for s in SECTIONS if args.full or not s[4]]
+    for number, (module, function, what, needs, _) in enumerate(sections, start=1):
+        _run_section(number, module, function, what, needs)
+    print(f"\n(tour finished in {time.perf_counter() - t0:.1f} s)")
+
 
 if __name__ == '__main__':
     main()

@@ -1,4 +1,4 @@
-"""The tour printed by ``python -m qarray``: every format on a random 1024x1024 weight.
+"""The format table of ``python -m qarray``: every format on a random 1024x1024 weight.
 
 Example:
   >>> from qarray import _tour
@@ -9,7 +9,6 @@ Example:
 
 from __future__ import annotations
 
-import time
 
 import jax
 import jax.numpy as jnp
@@ -66,41 +65,16 @@ def print_table(rows: list[dict], columns: list[tuple[str, str, str]]) -> None:
         print('  '.join(v.ljust(w) for v, w in zip(c, widths)).rstrip())
 
 
-def main() -> None:
-    """Run every tour section and print what it did."""
-    t0 = time.perf_counter()
-    print(f"qarray tour (jax {jax.__version__}, backend {jax.default_backend()})\n")
-    print("1. Every format on a random 1024x1024 float32 weight (4 MiB in float32)")
+def formats_section() -> None:
+    """Print the format table (the tour's first section).
+
+    Example:
+      >>> from qarray._tour import formats_section
+      >>> callable(formats_section)
+      True
+    """
+    print("Every format on a random 1024x1024 float32 weight (4 MiB in float32)")
     rows = format_rows()
     print_table(rows, [('format', 'format', ''), ('tiles', 'tiles', ''), ('bytes', 'stored bytes', 'd'),
                        ('bits', 'bits/value', '.3f'), ('max_abs', 'max abs err', '.4f'),
                        ('rel', 'rel err', '.4f')])
-    for number, section in enumerate(_SECTIONS, start=2):
-        print(f"\n{number}. ", end='')
-        _run_section(*section)
-    print(f"\n(tour finished in {time.perf_counter() - t0:.1f} s)")
-
-
-# Later sections live next to the code they show; examples/ is importable from a repository checkout.
-# (module, function, title, packages the section needs beyond the runtime dependencies)
-_SECTIONS = [
-    ('flax_integration._tour', 'flax_section', 'Flax PTQ', ()),
-    ('examples.digits.qat_qlora', 'digits_section', 'digits QAT/QLoRA', ('optax', 'sklearn')),
-    ('examples.minilm.tour', 'minilm_section', 'MiniLM-L6', ('tokenizers', 'safetensors')),
-]
-
-
-def _run_section(module: str, function: str, what: str, needs: tuple[str, ...]) -> None:
-    import importlib
-    import importlib.util
-
-    missing = [m for m in needs if importlib.util.find_spec(m) is None]
-    if missing:
-        print(f"{what}: skipped (needs {', '.join(missing)}: pip install -e '.[examples]').")
-        return
-    try:
-        section = getattr(importlib.import_module(module), function)
-    except ImportError as e:
-        print(f"{what}: skipped ({e}; the examples run from a repository checkout).")
-        return
-    section()

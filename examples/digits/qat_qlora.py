@@ -358,7 +358,6 @@ def digits_section(print_table=None, fast: bool = True) -> None:
     """
     if print_table is None:
         from qarray._tour import print_table
-    t0 = time.perf_counter()
     steps = FAST if fast else FULL
     print(f"Digits (scikit-learn, 8x8): QAT int4 vs PTQ, Linen CNN (float {steps['steps']} steps, "
           f"QAT {steps['qat_steps']} steps{', fast setting' if fast else ''})")
@@ -366,7 +365,6 @@ def digits_section(print_table=None, fast: bool = True) -> None:
     _print_qat(qat_rows(**steps, d=d, check_qat_forward=not fast), print_table)
     print("QLoRA: nf4 base trained on digits 0-4, rank-4 adapters fine-tuned on digits 5-9 (Linen)")
     _print_qlora(qlora_run(steps=steps['steps'], lora_steps=150, d=d, check_merge=not fast))
-    print(f"(digits section: {time.perf_counter() - t0:.1f} s)")
 
 
 def main(argv=None) -> None:

@@ -11,7 +11,6 @@ Example:
 
 from __future__ import annotations
 
-import time
 
 __all__ = ['minilm_section']
 
@@ -35,9 +34,8 @@ def minilm_section(title: str = "MiniLM-L6 (all-MiniLM-L6-v2, 22.7M params): qua
         return
     from examples.minilm import evaluate, report, schemes
     from qarray._tour import print_table
-    t0 = time.perf_counter()
     print(title)
     rows = evaluate.run_table([schemes.by_name(n) for n in schemes.TOUR_SCHEMES], with_qwix=False, timing=False)
     print_table(report.text_rows(rows), report.TEXT_COLUMNS[:-1])  # no latency: keeps the tour fast
-    print(f"(48 hand-written sentence pairs; linear = the 36 quantized matmul weights with scales; total adds the "
-          f"float embeddings. Full table with Qwix: benchmarks/RESULTS.md. {time.perf_counter() - t0:.0f} s)")
+    print("(48 hand-written sentence pairs; linear = the 36 quantized matmul weights with scales; total adds the "
+          "float embeddings. Full table with Qwix: benchmarks/RESULTS.md.)")
