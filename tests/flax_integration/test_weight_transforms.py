@@ -228,7 +228,7 @@ def test_rule_validation(kwargs, match):
 
 
 def test_float_fallback_of_a_rotated_param_unrotates_it():
-    from flax_integration._op_calls import dot_general_call
+    from flax_integration._op_table import dot_general_call
     w = jax.random.normal(jax.random.key(1), (K, N))
     q = QuantizedParam(qarray.quantize(rotation.rotate(w, 0), 'int8', channelwise_axes=(1,)), rotation=(0, 64))
     x = _inputs(8)[:4]
