@@ -20,7 +20,7 @@ import numpy as np
 
 from qarray.qtypes import QType
 
-__all__ = ['scale_and_zero_point', 'to_codes', 'from_codes', 'code_range']
+__all__ = ['scale_and_zero_point', 'to_codes', 'from_codes', 'unscaled_values', 'code_range']
 
 
 def code_range(qtype: QType, has_zero_point: bool) -> tuple[float, float]:
@@ -193,14 +193,39 @@ def from_codes(codes: jnp.ndarray, scale: jnp.ndarray, zero_point: jnp.ndarray |
       >>> from_codes(jnp.array([3], jnp.int8), jnp.array(0.5), None, qtypes.get('int8')).tolist()
       [1.5]
     """
-    if qtype.kind == 'codebook':
-        v = jnp.asarray(qtype.codebook)[codes.astype(jnp.int32)]
-    else:
-        v = codes.astype(jnp.float32)
-        if zero_point is not None:
-            v = v - zero_point.astype(jnp.float32)
-    v = v * scale.astype(jnp.float32)
+    v = unscaled_values(codes, zero_point, qtype) * scale.astype(jnp.float32)
     if jnp.dtype(dtype).itemsize < 4:  # a level just past a narrow dtype's max must not become inf
         big = float(jnp.finfo(dtype).max)
         v = jnp.clip(v, -big, big)
     return v.astype(dtype)
+
+
+def unscaled_values(codes: jnp.ndarray, zero_point: jnp.ndarray | None, qtype: QType) -> jnp.ndarray:
+    """float32 ``codes - zero_point`` (integers, fp8) or the code-book level of each code (nf4).
+
+    The code-book lookup is a select tree over the code's bits, not a gather:
+    it vectorises on CPU and needs no sharding rule for the table, so it works
+    on meshes with explicit axes.
+
+    Example:
+      >>> import jax.numpy as jnp
+      >>> from qarray import qtypes
+      >>> from qarray._numerics import unscaled_values
+      >>> unscaled_values(jnp.array([0, 15], jnp.uint8), None, qtypes.get('nf4')).tolist()
+      [-1.0, 1.0]
+    """
+    if qtype.kind == 'codebook':
+        return _codebook_lookup(codes, qtype.codebook)
+    v = codes.astype(jnp.float32)
+    if zero_point is not None:
+        v = v - zero_point.astype(jnp.float32)
+    return v
+
+
+def _codebook_lookup(c: jnp.ndarray, codebook: np.ndarray) -> jnp.ndarray:
+    levels = [jnp.float32(v) for v in codebook]
+    c = c.astype(jnp.uint8)
+    for i in range(int(np.log2(len(levels)))):
+        bit = ((c >> i) & 1).astype(bool)
+        levels = [jnp.where(bit, levels[2 * j + 1], levels[2 * j]) for j in range(len(levels) // 2)]
+    return levels[0]

@@ -21,7 +21,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from qarray import _layout, _quantize
+from qarray import _layout, _numerics, _quantize
 from qarray._array import QArray
 
 __all__ = ['describe', 'check_operand', 'float_dtype', 'result_dtype', 'int_codes',
@@ -171,22 +171,6 @@ def values(q: QArray, dtype: Any, *, scaled: bool = True) -> jax.Array:
     if scaled:  # the one dequantization (incl. the clip to a narrow dtype's finite range)
         return _quantize.dequantize(q, dtype)
     vshape, sshape = _layout.tiled_view(q.shape, q.scale.shape)
-    c = _quantize.codes(q).reshape(vshape)
-    if q.qtype.kind == 'codebook':
-        v = _codebook_lookup(c, q.qtype.codebook)
-    else:
-        v = c.astype(jnp.float32)
-        if q.zero_point is not None:
-            v = v - q.zero_point.reshape(sshape).astype(jnp.float32)
+    zp = None if q.zero_point is None else q.zero_point.reshape(sshape)
+    v = _numerics.unscaled_values(_quantize.codes(q).reshape(vshape), zp, q.qtype)
     return v.astype(dtype).reshape(q.shape)
-
-
-def _codebook_lookup(c: jax.Array, codebook: np.ndarray) -> jax.Array:
-    """Code-book level per code as a select tree over the code's bits (vectorises; a gather does not)."""
-    levels = [jnp.float32(v) for v in codebook]
-    bits = int(np.log2(len(levels)))
-    for i in range(bits):
-        bit = (c >> i) & 1 if c.dtype == jnp.uint8 else (c.astype(jnp.uint8) >> i) & 1
-        set_ = bit.astype(bool)
-        levels = [jnp.where(set_, levels[2 * j + 1], levels[2 * j]) for j in range(len(levels) // 2)]
-    return levels[0]
