@@ -68,6 +68,58 @@ class QArray:
             raise ValueError(f"packed_axis is counted from the end and must be negative; got {packed_axis}.")
         self.packed_axis = packed_axis
         self.packed_length = packed_length
+        if all(hasattr(leaf, 'shape') and hasattr(leaf, 'dtype') for leaf in (qvalue, scale)):
+            self.check()  # (leaves may also be shardings or specs, e.g. in checkpoint code: nothing to check)
+
+    def check(self) -> 'QArray':
+        """Raise ``ValueError``/``TypeError`` if the stored arrays do not fit the format and each other;
+        returns ``self``.
+
+        Checks the code storage dtype (uint8 for bit-packed formats, the
+        format's own dtype otherwise), the packed length, and that the scale
+        (and zero point) have the rank of the array with every axis 1, the full
+        size, or a divisor of it. Run by the constructor and by ``dequantize``
+        (which also sees QArrays rebuilt leaf by leaf, e.g. by ``jax.tree.map``).
+
+        Example:
+          >>> import jax.numpy as jnp, qarray
+          >>> q = qarray.quantize(jnp.ones((2, 4)), 'int4')
+          >>> q.check() is q
+          True
+        """
+        qt, qv = self.qtype, self.qvalue
+        want = np.dtype(np.uint8) if qt.packed else qt.native_dtype
+        if np.dtype(qv.dtype) != want:
+            raise TypeError(
+                f"QArray({qt.name}): qvalue has dtype {np.dtype(qv.dtype).name}, but {qt.name} codes are stored as "
+                f"{want.name}{' (bit-packed)' if qt.packed else ''}. Was the QArray rebuilt leaf by leaf (e.g. "
+                "jax.tree.map(lambda a: a.astype(...), q))? To change what it dequantizes to, use q.astype(dtype).")
+        if qt.packed != (self.packed_axis is not None):
+            need = 'a bit-packed format needs' if qt.packed else 'an unpacked format takes no'
+            raise ValueError(f"QArray({qt.name}): {need} packed_axis/packed_length; got packed_axis={self.packed_axis}.")
+        ndim = len(qv.shape)
+        if self.packed_axis is not None:
+            from qarray import packing
+            if not -ndim <= self.packed_axis < 0:
+                raise ValueError(f"QArray({qt.name}): packed_axis={self.packed_axis} is out of range for qvalue of "
+                                 f"rank {ndim}.")
+            need = packing.packed_length(self.packed_length, qt.bits)
+            if qv.shape[self.packed_axis] != need:
+                raise ValueError(f"QArray({qt.name}): {self.packed_length} values of {qt.bits} bits take {need} bytes "
+                                 f"along the packed axis, but qvalue has {qv.shape[self.packed_axis]} "
+                                 f"(shape {tuple(qv.shape)}).")
+        shape, sshape = self.shape, tuple(self.scale.shape)
+        if len(sshape) != ndim or any(not (s == 1 or s == n or (s and n % s == 0)) for n, s in zip(shape, sshape)):
+            raise ValueError(f"QArray({qt.name}): scale of shape {sshape} does not fit shape {shape}: it needs the "
+                             "same rank, with every axis 1, the full size, or a divisor of it (tiles).")
+        if not isinstance(self.scale, QArray) and not jnp.issubdtype(self.scale.dtype, jnp.floating):
+            raise TypeError(f"QArray({qt.name}): scale must be floating; got {np.dtype(self.scale.dtype).name}.")
+        zp = self.zero_point
+        if zp is not None and hasattr(zp, 'shape'):
+            if tuple(zp.shape) != sshape or not jnp.issubdtype(zp.dtype, jnp.integer):
+                raise ValueError(f"QArray({qt.name}): zero_point must be integer codes of the scale's shape "
+                                 f"{sshape}; got {np.dtype(zp.dtype).name}{tuple(zp.shape)}.")
+        return self
 
     # pytree -------------------------------------------------------------------
     def tree_flatten_with_keys(self):
@@ -225,6 +277,8 @@ class QArray:
         return -_dequantize(self)
 
     def __len__(self) -> int:
+        if self.ndim == 0:
+            raise TypeError("len() of a rank-0 QArray (it has no first axis); use q.size or q.shape.")
         return self.shape[0]
 
     def __repr__(self) -> str:

@@ -22,14 +22,27 @@ __all__ = ['normalize_layout', 'normalize_axis', 'group_view', 'tiled_view']
 
 def normalize_layout(shape: tuple[int, ...], channelwise_axes: Any,
                       tiles: int | Mapping[int, int] | None) -> tuple[tuple[int, ...], dict[int, int]]:
+    """``(channelwise axes, {axis: tile})`` with axes made non-negative, or a clear error.
+
+    Example:
+      >>> from qarray._layout import normalize_layout
+      >>> normalize_layout((4, 6), -1, {0: 2})
+      ((1,), {0: 2})
+    """
     ndim = len(shape)
-    if isinstance(channelwise_axes, int):
+    if _is_int(channelwise_axes):
         channelwise_axes = (channelwise_axes,)
-    try:
-        cw = tuple(sorted({int(a) % ndim if -ndim <= int(a) < ndim else bad_axis(a, ndim)
-                           for a in channelwise_axes}))
-    except TypeError:
-        raise TypeError(f"channelwise_axes must be a sequence of ints; got {channelwise_axes!r}.") from None
+    if isinstance(channelwise_axes, (str, bytes)) or not hasattr(channelwise_axes, '__iter__'):
+        raise TypeError(f"channelwise_axes must be an int or a sequence of ints; got {channelwise_axes!r}.")
+    axes = list(channelwise_axes)
+    for a in axes:
+        if not _is_int(a):
+            raise TypeError(f"channelwise_axes must hold ints; got {a!r} in {channelwise_axes!r}.")
+        if not -ndim <= int(a) < ndim:
+            bad_axis(a, ndim)
+    cw = tuple(sorted(int(a) % ndim for a in axes))
+    if len(set(cw)) != len(cw):
+        raise ValueError(f"channelwise_axes names an axis twice: {channelwise_axes!r} (shape {tuple(shape)}).")
     if tiles is None:
         tile_map = {}
     elif isinstance(tiles, (int, np.integer)) and not isinstance(tiles, bool):
@@ -41,8 +54,12 @@ def normalize_layout(shape: tuple[int, ...], channelwise_axes: Any,
     elif isinstance(tiles, Mapping):
         tile_map = {}
         for a, t in tiles.items():
+            if not _is_int(a):
+                raise TypeError(f"tiles keys must be int axes; got {a!r} in {tiles!r}.")
             if not -ndim <= int(a) < ndim:
                 bad_axis(a, ndim, 'tiles')
+            if int(a) % ndim in tile_map:
+                raise ValueError(f"tiles names axis {int(a) % ndim} twice: {tiles!r} (shape {tuple(shape)}).")
             tile_map[int(a) % ndim] = t
     else:
         raise TypeError(f"tiles must be None, an int (tile of the last axis) or a dict {{axis: tile}}; "
@@ -56,6 +73,10 @@ def normalize_layout(shape: tuple[int, ...], channelwise_axes: Any,
         if a in cw:
             raise ValueError(f"axis {a} is both in channelwise_axes and tiles; choose one.")
     return cw, {a: int(t) for a, t in tile_map.items()}
+
+
+def _is_int(v: Any) -> bool:
+    return isinstance(v, (int, np.integer)) and not isinstance(v, bool)
 
 
 def normalize_axis(axis: Any, ndim: int, name: str = 'axis', what: str = 'an array') -> int:

@@ -20,7 +20,8 @@ import numpy as np
 
 from qarray.qtypes import QType
 
-__all__ = ['scale_and_zero_point', 'to_codes', 'from_codes', 'unscaled_values', 'code_range']
+__all__ = ['scale_and_zero_point', 'scale_overflows', 'to_codes', 'from_codes', 'unscaled_values', 'code_range',
+           'compute_dtype']
 
 
 def code_range(qtype: QType, has_zero_point: bool) -> tuple[float, float]:
@@ -35,6 +36,18 @@ def code_range(qtype: QType, has_zero_point: bool) -> tuple[float, float]:
     if has_zero_point:
         return qtype.asym_range
     return qtype.qmin, qtype.qmax
+
+
+def compute_dtype(dtype) -> np.dtype:
+    """The dtype quantization arithmetic runs in: float64 for float64 data (under ``jax_enable_x64``), else float32.
+
+    Example:
+      >>> import jax.numpy as jnp
+      >>> from qarray._numerics import compute_dtype
+      >>> compute_dtype(jnp.bfloat16)
+      dtype('float32')
+    """
+    return np.dtype(np.float64) if np.dtype(dtype) == np.float64 else np.dtype(np.float32)
 
 
 def uses_zero_point(qtype: QType, symmetric: bool) -> bool:
@@ -77,38 +90,66 @@ def scale_and_zero_point(lo: jnp.ndarray, hi: jnp.ndarray, symmetric: bool, qtyp
       >>> float(s), int(zp)
       (1.0, 0)
     """
-    lo = jnp.asarray(lo, jnp.float32)
-    hi = jnp.asarray(hi, jnp.float32)
+    raw, zero_level = _raw_scale(lo, hi, symmetric, qtype, scale_dtype)
+    scale = _finite_positive(raw, scale_dtype)
+    if zero_level is None:
+        return scale, None
+    qa, qb = code_range(qtype, True)
+    zp = jnp.clip(jnp.round(qa - zero_level / scale.astype(raw.dtype)), qa, qb)
+    zp = jnp.where(jnp.isfinite(zp), zp, 0).astype(qtype.code_dtype)
+    return scale, zp
+
+
+def _raw_scale(lo, hi, symmetric: bool, qtype: QType, scale_dtype):
+    """The exact scale a range needs (in the compute dtype), and the range's low end widened to 0 (None
+    when there is no zero point)."""
+    ct = compute_dtype(jnp.result_type(lo, hi, scale_dtype))
+    lo = jnp.asarray(lo).astype(ct)
+    hi = jnp.asarray(hi).astype(ct)
     if uses_zero_point(qtype, symmetric):
         if symmetric:
             lo = -jnp.abs(hi)
             hi = jnp.abs(hi)
         qa, qb = code_range(qtype, True)
         lo0, hi0 = jnp.minimum(lo, 0.0), jnp.maximum(hi, 0.0)  # zero must be a level
-        inv_n = np.float32(1.0 / (qb - qa))  # a multiply, as XLA would rewrite the division anyway
-        raw = hi0 * inv_n - lo0 * inv_n  # scale each end first: hi0 - lo0 can overflow float32
-        scale = _finite_positive(raw, scale_dtype)
-        zp = jnp.clip(jnp.round(qa - lo0 / scale.astype(jnp.float32)), qa, qb)
-        zp = jnp.where(jnp.isfinite(zp), zp, 0).astype(qtype.code_dtype)
-        return scale, zp
-    raw = jnp.abs(hi) * np.float32(1.0 / qtype.calibration_bound)
-    return _finite_positive(raw, scale_dtype), None
+        inv_n = ct.type(1.0 / (qb - qa))  # a multiply, as XLA would rewrite the division anyway
+        return hi0 * inv_n - lo0 * inv_n, lo0  # scale each end first: hi0 - lo0 can overflow
+    return jnp.abs(hi) * ct.type(1.0 / qtype.calibration_bound), None
+
+
+def scale_overflows(lo: jnp.ndarray, hi: jnp.ndarray, symmetric: bool, qtype: QType, scale_dtype) -> jnp.ndarray:
+    """True where a *finite* range needs a scale beyond the largest finite ``scale_dtype`` value.
+
+    Such a group would get a saturated scale (its values clip) or, when even
+    the compute dtype overflows (e.g. ``hi - lo`` past float32's max for
+    ``uint1``), a NaN scale. :func:`qarray.quantize` raises for it eagerly.
+
+    Example:
+      >>> import jax.numpy as jnp
+      >>> from qarray import qtypes
+      >>> from qarray._numerics import scale_overflows
+      >>> bool(scale_overflows(jnp.array(-1e38), jnp.array(1e38), True, qtypes.get('int8'), jnp.float16))
+      True
+    """
+    raw, _ = _raw_scale(lo, hi, symmetric, qtype, scale_dtype)
+    finite = jnp.isfinite(jnp.asarray(lo)) & jnp.isfinite(jnp.asarray(hi))
+    return finite & ~(raw <= float(jnp.finfo(scale_dtype).max))
 
 
 def _finite_positive(raw: jnp.ndarray, scale_dtype) -> jnp.ndarray:
-    """``raw`` (float32) in ``scale_dtype``: never rounded down, within [tiny, max]; NaN if raw is not finite.
+    """``raw`` (compute dtype) in ``scale_dtype``: never rounded down, within [tiny, max]; NaN if raw is not finite.
 
     Kept to a few ops: XLA:CPU fuses this per-group computation into the
     per-element loop of whatever consumes the scale and recomputes it there.
     """
     info = jnp.finfo(scale_dtype)
-    if jnp.dtype(scale_dtype) == jnp.float32:
-        scale = jnp.maximum(raw, float(info.tiny))  # finite float32 raw is already <= max
+    if jnp.dtype(scale_dtype) == raw.dtype:
+        scale = jnp.maximum(raw, float(info.tiny))  # a finite raw is already <= max
     else:
         tiny, big = jnp.asarray(info.tiny, scale_dtype), jnp.asarray(info.max, scale_dtype)
         scale = jnp.clip(raw, float(info.tiny), float(info.max)).astype(scale_dtype)
         # Rounding to a narrow dtype may land below raw, which would clip the range's top: bump one ulp.
-        scale = jnp.where(scale.astype(jnp.float32) < raw, jnp.nextafter(scale, big), scale)
+        scale = jnp.where(scale.astype(raw.dtype) < raw, jnp.nextafter(scale, big), scale)
         scale = jnp.clip(scale, tiny, big)
     return jnp.where(jnp.isfinite(raw), scale, jnp.asarray(jnp.nan, scale_dtype))
 
@@ -132,7 +173,8 @@ def to_codes(x: jnp.ndarray, scale: jnp.ndarray, zero_point: jnp.ndarray | None,
       >>> to_codes(jnp.array([0.5, 1.5, 300.]), jnp.array(1.), None, qtypes.get('int8')).tolist()
       [0, 2, 127]
     """
-    y = _divide_by_scale(x, scale, not calibrated or _may_exceed_2_126(qtype, zero_point is not None))
+    huge = not calibrated or _may_exceed_2_126(qtype, zero_point is not None)
+    y = _divide_by_scale(x, scale, huge)
     if qtype.kind == 'float':
         m = qtype.qmax
         return jnp.clip(y, -m, m).astype(qtype.native_dtype)
@@ -146,7 +188,7 @@ def to_codes(x: jnp.ndarray, scale: jnp.ndarray, zero_point: jnp.ndarray | None,
     qa, qb = code_range(qtype, zero_point is not None)
     q = jnp.round(y)
     if zero_point is not None:
-        q = q + zero_point.astype(jnp.float32)
+        q = q + zero_point.astype(y.dtype)
     # A NaN group's codes are whatever the convert makes of NaN: its NaN scale decides the values.
     return jnp.clip(q, qa, qb).astype(qtype.code_dtype)
 
@@ -168,18 +210,21 @@ def _may_exceed_2_126(qtype: QType, has_zero_point: bool) -> bool:
 
 
 def _divide_by_scale(x: jnp.ndarray, scale: jnp.ndarray, huge_scales: bool = True) -> jnp.ndarray:
-    """``x / scale`` in float32 as ``x * (1 / scale)``, the reciprocal once per group.
+    """``x / scale`` in the compute dtype (float32; float64 for float64 data) as ``x * (1 / scale)``,
+    the reciprocal once per group.
 
-    With ``huge_scales``, a scale above 2**100 (only for data near float32's
-    limit) would have a subnormal reciprocal, which XLA flushes to zero; both
-    operands are then pre-scaled by 2**-64, which is exact. Formats whose
-    scales cannot get there skip that extra multiply.
+    With ``huge_scales``, a scale above 2**100 (float64: 2**1000; only for
+    data near the dtype's limit) would have a subnormal reciprocal, which XLA
+    flushes to zero; both operands are then pre-scaled by 2**-64 (2**-512),
+    which is exact. Formats whose scales cannot get there skip that multiply.
     """
-    s = scale.astype(jnp.float32)
-    if not huge_scales:
-        return x.astype(jnp.float32) * (1.0 / s)
-    pre = jnp.where(s > 2.0**100, jnp.float32(2.0**-64), jnp.float32(1.0))
-    return (x.astype(jnp.float32) * pre) * (1.0 / (s * pre))
+    ct = compute_dtype(jnp.result_type(x, scale))
+    s = scale.astype(ct)
+    if not huge_scales and ct == np.float32:
+        return x.astype(ct) * (1.0 / s)
+    big, pre_by = (2.0**100, 2.0**-64) if ct == np.float32 else (2.0**1000, 2.0**-512)
+    pre = jnp.where(s > big, ct.type(pre_by), ct.type(1.0))
+    return (x.astype(ct) * pre) * (1.0 / (s * pre))
 
 
 def from_codes(codes: jnp.ndarray, scale: jnp.ndarray, zero_point: jnp.ndarray | None,
@@ -193,11 +238,12 @@ def from_codes(codes: jnp.ndarray, scale: jnp.ndarray, zero_point: jnp.ndarray |
       >>> from_codes(jnp.array([3], jnp.int8), jnp.array(0.5), None, qtypes.get('int8')).tolist()
       [1.5]
     """
-    v = unscaled_values(codes, zero_point, qtype) * scale.astype(jnp.float32)
-    if jnp.dtype(dtype).itemsize < 4:  # a level just past a narrow dtype's max must not become inf
-        big = float(jnp.finfo(dtype).max)
-        v = jnp.clip(v, -big, big)
-    return v.astype(dtype)
+    ct = compute_dtype(dtype)
+    v = unscaled_values(codes, zero_point, qtype).astype(ct) * scale.astype(ct)
+    # A level just past the dtype's max (e.g. int8's code -128 for data at -float32 max, or any level in a
+    # narrow dtype) must not become inf: it is within half a step of a finite value. NaN stays NaN.
+    big = float(jnp.finfo(dtype).max)
+    return jnp.clip(v, -big, big).astype(dtype)
 
 
 def unscaled_values(codes: jnp.ndarray, zero_point: jnp.ndarray | None, qtype: QType) -> jnp.ndarray:

@@ -502,7 +502,7 @@ def test_error_messages():
         (ValueError, 'tiles axis 5 is out of range for an array with 2 dims', lambda: qarray.quantize(x, 'int8', tiles={5: 2})),
         (ValueError, 'channelwise_axes axis 2 is out of range for an array with 2 dims',
          lambda: qarray.quantize(x, 'int8', channelwise_axes=(2,))),
-        (TypeError, 'channelwise_axes must be a sequence of ints', lambda: qarray.quantize(x, 'int8', channelwise_axes=1.5)),
+        (TypeError, 'channelwise_axes must be an int or a sequence of ints', lambda: qarray.quantize(x, 'int8', channelwise_axes=1.5)),
         (ValueError, 'axis 0 is both in channelwise_axes and tiles', lambda: qarray.quantize(x, 'int8', channelwise_axes=0, tiles={0: 2})),
         (ValueError, 'tiles needs an array with at least one axis', lambda: qarray.quantize(jnp.float32(1), 'int8', tiles=2)),
         (TypeError, 'scale_dtype must be a floating dtype', lambda: qarray.quantize(x, 'int8', scale_dtype=jnp.int32)),

@@ -192,9 +192,8 @@ def _rows_of_packed(q: QArray, rc, rb, rf) -> bool:
 
 def _packed_rows(q: QArray, axis: int, start, size: int) -> jax.Array:
     """int8 codes of rows ``[start, start + size)`` along ``axis``, unpacked from just those bytes."""
-    rows = QArray(lax.dynamic_slice_in_dim(q.qvalue, start, size, axis=axis), q.scale, None, qtype=q.qtype,
-                  dtype=q.dtype, packed_axis=q.packed_axis, packed_length=q.packed_length)
-    return _quantize.codes(rows).astype(jnp.int8).reshape(1, size, -1)
+    rows = lax.dynamic_slice_in_dim(q.qvalue, start, size, axis=axis)
+    return _quantize.unpacked_codes(rows, q.qtype, q.packed_axis, q.packed_length).astype(jnp.int8).reshape(1, size, -1)
 
 
 def _float(lhs, rhs, dn, precision, out_dtype, pet):
