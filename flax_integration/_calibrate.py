@@ -6,7 +6,7 @@ Example:
   >>> import flax_integration as fi
   >>> rules = [fi.QuantizationRule(weight_qtype='int8', act_qtype='int8', act_static_scale=True)]
   >>> fp = nn.Dense(4).init(jax.random.key(0), jnp.ones((2, 8)))['params']
-  >>> stats = calibrate(nn.Dense(4), fp, [jnp.ones((2, 8)), 2 * jnp.ones((2, 8))], rules=rules, progress=False)
+  >>> stats = fi.calibrate(nn.Dense(4), fp, [jnp.ones((2, 8)), 2 * jnp.ones((2, 8))], rules=rules, progress=False)
   >>> float(stats['dot_general0_lhs']['hi'][0, 0]), int(stats['dot_general0_lhs']['count'])
   (1.5, 2)
 """
@@ -72,7 +72,9 @@ def calibrate(model: Any, params: Any, batches: Iterable[Any], *, rules: Sequenc
       :class:`QuantStat` state. Pass it to ``quantize_params``.
 
     Example:
-      >>> from flax_integration.providers.calibration import CalibrationProvider
+      >>> import jax.numpy as jnp
+      >>> from flax import nnx
+      >>> from flax_integration import CalibrationProvider, QuantizationRule, calibrate, quantize_model
       >>> rules = [QuantizationRule(act_qtype='int8', act_static_scale=True)]
       >>> m = quantize_model(nnx.Linear(8, 4, rngs=nnx.Rngs(0)), CalibrationProvider(rules), jnp.ones((1, 8)))
       >>> s = calibrate(m, None, [jnp.ones((2, 8))], progress=False)

@@ -155,6 +155,13 @@ class Target:
     (plain) or ``'staticmethod'``; ``unwrap`` / ``wrap`` may override that pair
     (raw stored object -> callable, callable -> stored object) for descriptors
     only JAX knows (see :mod:`flax_integration._jax_private`).
+
+    Example:
+      >>> import jax
+      >>> from flax_integration.providers import Target
+      >>> t = Target(jax.nn, 'relu')
+      >>> t.attr, t.store, t.key == (id(jax.nn), 'relu')
+      ('relu', 'function', True)
     """
 
     owner: Any
@@ -165,16 +172,59 @@ class Target:
 
     @property
     def key(self) -> tuple[int, str]:
+        """``(id(owner), attr)``: patches of the same attribute share one reference count.
+
+        Example:
+          >>> import jax
+          >>> from flax_integration.providers import Target
+          >>> Target(jax.nn, 'relu').key == Target(jax.nn, 'relu', 'function').key
+          True
+        """
         return id(self.owner), self.attr
 
     def converters(self) -> tuple[Callable[[Any], Callable], Callable[[Callable], Any]]:
+        """``(unwrap, wrap)``: stored object -> callable, and callable -> object to store.
+
+        Example:
+          >>> from flax_integration.providers import Target
+          >>> class Ops:
+          ...     @staticmethod
+          ...     def double(x):
+          ...         return 2 * x
+          >>> unwrap, wrap = Target(Ops, 'double', 'staticmethod').converters()
+          >>> unwrap(vars(Ops)['double'])(3), type(wrap(abs)).__name__
+          (6, 'staticmethod')
+        """
         unwrap, wrap = _STORES[self.store]
         return self.unwrap or unwrap, self.wrap or wrap
 
 
 @dataclasses.dataclass(frozen=True)
 class Intercept:
-    """A non-op function a provider wants to see (e.g. ODML's ``relu``): its name and where it lives."""
+    """A non-op function a provider wants to see (e.g. ODML's ``relu``): its name and where it lives.
+
+    Example (a provider that sees every ``jax.nn.gelu`` call of its model):
+      >>> import jax, jax.numpy as jnp
+      >>> from flax import linen as nn
+      >>> from flax_integration import quantize_model
+      >>> from flax_integration.providers import Intercept, Provider, Target
+      >>> class SeeGelu(Provider):
+      ...     calls = []
+      ...     def intercepts(self):
+      ...         return (Intercept('gelu', (Target(jax.nn, 'gelu'),)),)
+      ...     def process_extra_op(self, op):
+      ...         self.calls.append((op.name, op.frame.path, op.args[0].shape))
+      ...         return op.original(*op.args, **op.kwargs)
+      ...     def process_op(self, op):
+      ...         return op.call.run_original()
+      >>> class M(nn.Module):
+      ...     @nn.compact
+      ...     def __call__(self, x):
+      ...         return jax.nn.gelu(nn.Dense(2)(x))
+      >>> _ = quantize_model(M(), SeeGelu([])).init(jax.random.key(0), jnp.ones((1, 3)))
+      >>> SeeGelu.calls
+      [('gelu', '', (1, 2))]
+    """
 
     name: str
     targets: tuple[Target, ...]
@@ -182,7 +232,15 @@ class Intercept:
 
 @dataclasses.dataclass
 class ExtraOp:
-    """One intercepted call of a provider's :class:`Intercept`, as the provider sees it."""
+    """One intercepted call of a provider's :class:`Intercept`, as the provider sees it.
+
+    Example:
+      >>> import jax, jax.numpy as jnp
+      >>> from flax_integration.providers import ExtraOp
+      >>> op = ExtraOp('relu', jax.nn.relu, (jnp.array([-1.0, 2.0]),), {}, None)
+      >>> op.original(*op.args, **op.kwargs).tolist()  # what the call computes unintercepted
+      [0.0, 2.0]
+    """
 
     name: str
     original: Callable

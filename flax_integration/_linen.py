@@ -117,8 +117,10 @@ def promote_dtype_keep_quantized(original, args: Sequence[Any], dtype=None, inex
 
     Example:
       >>> import jax.numpy as jnp, qarray
+      >>> from flax.linen.dtypes import promote_dtype
+      >>> from flax_integration._linen import promote_dtype_keep_quantized
       >>> q = qarray.quantize(jnp.ones((2, 2)), 'int8')
-      >>> x, w = promote_dtype_keep_quantized(flax.linen.dtypes.promote_dtype, [jnp.ones(2), q],
+      >>> x, w = promote_dtype_keep_quantized(promote_dtype, [jnp.ones(2), q],
       ...                                     dtype=jnp.bfloat16)
       >>> x.dtype, type(w).__name__, w.dtype
       (dtype(bfloat16), 'QArray', dtype(bfloat16))

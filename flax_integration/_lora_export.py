@@ -13,6 +13,7 @@
   ready for float use or for ``quantize_params`` with any PTQ rules.
 
 Example:
+  >>> from flax_integration import lora_trainable
   >>> lora_trainable('Dense_0/kernel_lora_a', None), lora_trainable('Dense_0/kernel/array/qvalue', None)
   (True, False)
 """
@@ -43,6 +44,7 @@ def lora_trainable(path: str, leaf: Any = None) -> bool:
     """True for adapter leaves: the last '/'-separated part of ``path`` ends in ``_lora_a`` or ``_lora_b``.
 
     Example:
+      >>> from flax_integration import lora_trainable
       >>> lora_trainable('Conv_0/kernel_lora_b')
       True
     """
@@ -53,6 +55,8 @@ def lora_param_count(tree: Any) -> int:
     """Number of adapter values in a Linen param tree or an NNX model.
 
     Example:
+      >>> import jax.numpy as jnp
+      >>> from flax_integration import lora_param_count
       >>> lora_param_count({'Dense_0': {'kernel_lora_a': jnp.ones((8, 2)), 'kernel': jnp.ones((8, 4))}})
       16
     """
@@ -73,6 +77,8 @@ def with_base_weights(lora_params: Mapping, fp_params: Mapping, path: tuple = ()
     calibration); other params are copied.
 
     Example:
+      >>> import jax.numpy as jnp
+      >>> from flax_integration import with_base_weights
       >>> p = with_base_weights({'kernel': jnp.zeros(2), 'kernel_lora_a': jnp.ones(2)}, {'kernel': jnp.ones(2)})
       >>> p['kernel'].tolist(), p['kernel_lora_a'].tolist()
       ([1.0, 1.0], [1.0, 1.0])
@@ -170,6 +176,9 @@ def merge_lora(model: Any, params: Any, *sample_inputs: Any) -> dict:
       ``s = nnx.state(float_model, nnx.Param); nnx.replace_by_pure_dict(s, merged); nnx.update(float_model, s)``.
 
     Example:
+      >>> import jax, jax.numpy as jnp
+      >>> from flax import linen as nn
+      >>> from flax_integration import LoraProvider, LoraRule, merge_lora, quantize_model
       >>> rules = [LoraRule(rank=2)]
       >>> m = quantize_model(nn.Dense(3), LoraProvider(rules))
       >>> p = m.init(jax.random.key(0), jnp.ones((1, 4)))['params']

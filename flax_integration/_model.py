@@ -3,8 +3,7 @@
 Example:
   >>> import jax, jax.numpy as jnp
   >>> from flax import linen as nn
-  >>> from flax_integration.providers.ptq import PtqProvider
-  >>> from flax_integration.rules import QuantizationRule
+  >>> from flax_integration import PtqProvider, QuantizationRule, quantize_model
   >>> m = quantize_model(nn.Dense(4), PtqProvider([QuantizationRule(weight_qtype='int8')]))
   >>> m.init(jax.random.key(0), jnp.ones((1, 8)))['params']['kernel'].array.qtype.name
   'int8'
@@ -41,8 +40,8 @@ def quantize_model(model: Any, provider: Provider, *sample_inputs: Any, methods:
 
     Example:
       >>> import jax.numpy as jnp
-      >>> from flax_integration.providers.ptq import PtqProvider
-      >>> from flax_integration.rules import QuantizationRule
+      >>> from flax import nnx
+      >>> from flax_integration import PtqProvider, QuantizationRule, quantize_model
       >>> q = quantize_model(nnx.Linear(8, 4, rngs=nnx.Rngs(0)),
       ...                    PtqProvider([QuantizationRule(weight_qtype='int4')]), jnp.ones((1, 8)))
       >>> q.kernel.array.qtype.name

@@ -22,7 +22,7 @@ Three forms:
 
 Example:
   >>> import jax, jax.numpy as jnp
-  >>> from flax_integration.rules import QuantizationRule
+  >>> from flax_integration import QuantizationRule, quantize_params
   >>> q = quantize_params({'Dense_0': {'kernel': jnp.ones((16, 8)), 'bias': jnp.ones(8)}},
   ...                     [QuantizationRule(module_path='.*/kernel', weight_qtype='int4', tile_size=8)])
   >>> q['Dense_0']['kernel'].scale.shape, q['Dense_0']['bias'].shape
@@ -62,6 +62,8 @@ def quantize_like(value: jax.Array, abstract: QuantizedParam, path: str = '', he
 
     Example:
       >>> import jax.numpy as jnp, qarray
+      >>> from flax_integration import QuantizedParam
+      >>> from flax_integration._quantize_params import quantize_like
       >>> ref = QuantizedParam(qarray.quantize(jnp.ones((8, 4)), 'int4', tiles={0: 4}, channelwise_axes=(1,)))
       >>> quantize_like(jnp.ones((8, 4)), ref).array.scale.shape
       (2, 4)
@@ -324,7 +326,7 @@ def quantize_params(fp_params: Any, abstract_quantized_params: Any, quant_stats:
       >>> ptq = fi.quantize_model(nn.Dense(4), fi.PtqProvider([fi.QuantizationRule(weight_qtype='int8')]))
       >>> abstract = jax.eval_shape(ptq.init, jax.random.key(0), jnp.ones((1, 8)))['params']
       >>> fp = nn.Dense(4).init(jax.random.key(0), jnp.ones((1, 8)))['params']
-      >>> quantize_params(fp, abstract)['kernel'].array.qvalue.dtype
+      >>> fi.quantize_params(fp, abstract)['kernel'].array.qvalue.dtype
       dtype('int8')
     """
     if isinstance(abstract_quantized_params, QuantizationRule) or (

@@ -1,6 +1,7 @@
 """The Flax section of ``python -m qarray``: PTQ of small Linen models in one call each.
 
 Example:
+  >>> from flax_integration._tour import flax_rows
   >>> rows = flax_rows()
   >>> rows[0]['model'], rows[0]['scheme']
   ('MLP 16-64-16', 'w8a8 dynamic')

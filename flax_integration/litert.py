@@ -22,15 +22,14 @@ The converter and the interpreter are the optional extra ``[litert]``
 Example:
   >>> import jax, jax.numpy as jnp
   >>> from flax import linen as nn
-  >>> from flax_integration._model import quantize_model
-  >>> from flax_integration.providers.odml import OdmlQatProvider
-  >>> from flax_integration.rules import QuantizationRule
+  >>> from flax_integration import OdmlQatProvider, QuantizationRule, export_litert, quantize_model
+  >>> from flax_integration.litert import op_table
   >>> qat = quantize_model(nn.Dense(4), OdmlQatProvider([QuantizationRule(weight_qtype='int8', act_qtype='int8')]))
   >>> x = jnp.linspace(-1, 1, 16).reshape(2, 8)
   >>> v = qat.init(jax.random.key(0), x)
   >>> _, upd = qat.apply(v, x, mutable=['quant_stats'])
-  >>> fb = export_litert(qat, {'params': v['params'], **upd}, (x,))  # doctest: +SKIP
-  >>> [r['op'] for r in op_table(fb)]  # doctest: +SKIP
+  >>> fb = export_litert(qat, {'params': v['params'], **upd}, (x,))
+  >>> [r['op'] for r in op_table(fb)]
   ['QUANTIZE', 'FULLY_CONNECTED', 'DEQUANTIZE']
 """
 
@@ -64,6 +63,9 @@ def require_litert(what: str = 'converter') -> Any:
     Raises ImportError naming the ``[litert]`` extra when it is missing.
 
     Example:
+      >>> from flax_integration.litert import require_litert
+      >>> require_litert('interpreter').__name__
+      'ai_edge_litert.interpreter'
       >>> require_litert('nothing')
       Traceback (most recent call last):
       ...
@@ -88,7 +90,11 @@ def to_tflite(fn: Callable, args: Sequence[Any], *, input_names: Sequence[str] |
     """Lower ``jax.jit(fn)(*args)`` and convert it to .tflite bytes (``quant.*`` composites become int8).
 
     Example:
-      >>> fb = to_tflite(lambda x: x * 2.0, (jnp.ones(3),))  # doctest: +SKIP
+      >>> import jax.numpy as jnp, numpy as np
+      >>> from flax_integration.litert import run_tflite, to_tflite
+      >>> fb = to_tflite(lambda x: x * 2.0, (jnp.ones(3),))
+      >>> run_tflite(fb, np.arange(3, dtype=np.float32))
+      [array([0., 2., 4.], dtype=float32)]
     """
     require_litert('converter')
     from litert_converter.mlir import ir, passmanager
@@ -142,6 +148,18 @@ class LitertFunction:
       input_qparams: per input, ``(scale, zero_point)`` of its annotation.
       output_qparams: per output leaf, ``(scale, zero_point)``.
       int8_io: whether inputs and outputs are int8 codes.
+
+    Example:
+      >>> import jax, jax.numpy as jnp
+      >>> from flax import linen as nn
+      >>> from flax_integration import QuantizationRule
+      >>> from flax_integration.litert import litert_function
+      >>> x = jnp.linspace(-1, 1, 16).reshape(2, 8)
+      >>> params = nn.Dense(4).init(jax.random.key(0), x)['params']
+      >>> lf = litert_function(nn.Dense(4), params, (x,), int8_io=True,
+      ...                      rules=[QuantizationRule(weight_qtype='int8', act_qtype='int8')])
+      >>> type(lf).__name__, lf.sample_inputs[0].dtype, lf.fn(*lf.sample_inputs).dtype
+      ('LitertFunction', dtype('int8'), dtype('int8'))
     """
 
     fn: Callable
@@ -181,6 +199,8 @@ def litert_function(model: Any, params: Any, sample_inputs: Sequence[Any], *,
     Example:
       >>> import jax, jax.numpy as jnp
       >>> from flax import linen as nn
+      >>> from flax_integration import QuantizationRule
+      >>> from flax_integration.litert import litert_function
       >>> rules = [QuantizationRule(weight_qtype='int8', act_qtype='int8')]
       >>> x = jnp.linspace(-1, 1, 16).reshape(2, 8)
       >>> params = nn.Dense(4).init(jax.random.key(0), x)['params']
@@ -272,8 +292,19 @@ def export_litert(model: Any, params: Any, sample_inputs: Sequence[Any], path: s
       dynamic_batch: make the batch dimension resizable (see module docstring).
 
     Example:
-      >>> export_litert.__name__
-      'export_litert'
+      A float Linen model calibrated on its sample input, with int8 inputs
+      and outputs:
+
+      >>> import jax, jax.numpy as jnp
+      >>> from flax import linen as nn
+      >>> from flax_integration import QuantizationRule, export_litert
+      >>> from flax_integration.litert import op_table
+      >>> x = jnp.linspace(-1, 1, 16).reshape(2, 8)
+      >>> params = nn.Dense(4).init(jax.random.key(0), x)['params']
+      >>> fb = export_litert(nn.Dense(4), params, (x,), int8_io=True,
+      ...                    rules=[QuantizationRule(weight_qtype='int8', act_qtype='int8')])
+      >>> fb[4:8], [r['op'] for r in op_table(fb)]
+      (b'TFL3', ['FULLY_CONNECTED'])
     """
     require_litert('converter')
     lf = litert_function(model, params, sample_inputs, rules=rules, quant_stats=quant_stats, int8_io=int8_io)
@@ -290,8 +321,11 @@ def dynamic_batch_patch(fb: bytes, batch: int) -> bytes:
     """Replace a leading ``batch`` by -1 in RESHAPE targets and tensor signatures of a .tflite.
 
     Example:
-      >>> dynamic_batch_patch.__name__
-      'dynamic_batch_patch'
+      >>> import jax.numpy as jnp, numpy as np
+      >>> from flax_integration.litert import dynamic_batch_patch, run_tflite, to_tflite
+      >>> fb = to_tflite(lambda x: x.reshape(x.shape[0], -1), (jnp.ones((2, 3, 4)),))
+      >>> run_tflite(dynamic_batch_patch(fb, 2), np.ones((5, 3, 4), np.float32))[0].shape
+      (5, 12)
     """
     require_litert('converter')
     import flatbuffers
@@ -329,8 +363,11 @@ def interpreter(fb: bytes, *, xnnpack: bool = True, num_threads: int = 1) -> Any
     whose op list is the real graph, without a DELEGATE node).
 
     Example:
-      >>> interpreter.__name__
-      'interpreter'
+      >>> import jax.numpy as jnp
+      >>> from flax_integration.litert import interpreter, to_tflite
+      >>> it = interpreter(to_tflite(lambda x: x + 1.0, (jnp.ones((2, 3)),)))
+      >>> [(d['shape'].tolist(), d['dtype'].__name__) for d in it.get_input_details()]
+      [([2, 3], 'float32')]
     """
     interp = require_litert('interpreter')
     kind = interp.OpResolverType.AUTO if xnnpack else interp.OpResolverType.BUILTIN_WITHOUT_DEFAULT_DELEGATES
@@ -343,8 +380,11 @@ def run_tflite(fb: bytes, *inputs: Any, xnnpack: bool = True) -> list[np.ndarray
     """Run a .tflite on numpy inputs (resizing the batch when it differs); returns the outputs.
 
     Example:
-      >>> run_tflite.__name__
-      'run_tflite'
+      >>> import jax.numpy as jnp, numpy as np
+      >>> from flax_integration.litert import run_tflite, to_tflite
+      >>> fb = to_tflite(lambda x: x * 2.0, (jnp.ones((2, 3)),))
+      >>> run_tflite(fb, np.ones((4, 3), np.float32))[0].shape  # batch 4: the input is resized
+      (4, 3)
     """
     it = interpreter(fb, xnnpack=xnnpack)
     details = it.get_input_details()
@@ -371,8 +411,15 @@ def op_table(fb: bytes) -> list[dict]:
     and output tensors, with the weight's scale count and quantized dimension.
 
     Example:
-      >>> op_table.__name__
-      'op_table'
+      >>> import jax, jax.numpy as jnp
+      >>> from flax import linen as nn
+      >>> from flax_integration import QuantizationRule, export_litert
+      >>> from flax_integration.litert import op_table
+      >>> x = jnp.linspace(-1, 1, 16).reshape(2, 8)
+      >>> params = nn.Dense(4).init(jax.random.key(0), x)['params']
+      >>> fb = export_litert(nn.Dense(4), params, (x,), rules=[QuantizationRule(weight_qtype='int8', act_qtype='int8')])
+      >>> [(r['op'], r['weight'], r['weight_scales']) for r in op_table(fb)]
+      [('QUANTIZE', '-', 0), ('FULLY_CONNECTED', 'int8', 4), ('DEQUANTIZE', '-', 0)]
     """
     it = interpreter(fb, xnnpack=False)
     from litert_converter import schema_py_generated as S
@@ -417,6 +464,7 @@ def format_op_table(rows: Sequence[dict]) -> str:
     """Markdown table of :func:`op_table` rows (op x input / weight / bias / output dtypes).
 
     Example:
+      >>> from flax_integration.litert import format_op_table
       >>> print(format_op_table([dict(op='QUANTIZE', inputs=['float32'], output=['int8'], weight='-',
       ...                             weight_scales=0, weight_qdim=None, bias='-', fused='-')]))
       | op | input | weight (scales, axis) | bias | output | fused |

@@ -8,6 +8,8 @@ remembers which rules were ever used, so a provider can report rules that
 matched nothing (usually a typo in a regex).
 
 Example:
+  >>> from flax_integration import QuantizationRule
+  >>> from flax_integration.rules import RuleSet
   >>> rules = RuleSet([QuantizationRule(module_path='.*attn.*', weight_qtype='int4'),
   ...                  QuantizationRule(module_path='.*', weight_qtype='int8')])
   >>> rules.match('block/attn/query', 'dot_general').weight_qtype
@@ -80,6 +82,7 @@ class QuantizationRule:
         added to the diagonal (larger is more stable, less exact).
 
     Example:
+      >>> from flax_integration import QuantizationRule
       >>> QuantizationRule(module_path='.*', weight_qtype='int4', tile_size=32).tile_size
       32
     """
@@ -149,6 +152,7 @@ class QuantizationRule:
         """True when the rule asks for GPTQ or a rotation (supported by PTQ and its calibration only).
 
         Example:
+          >>> from flax_integration import QuantizationRule
           >>> QuantizationRule(weight_qtype='int4', rotation='hadamard').transforms_weights
           True
         """
@@ -159,6 +163,8 @@ class RuleSet:
     """An ordered list of rules; the first full regex match wins. Tracks used rules.
 
     Example:
+      >>> from flax_integration import QuantizationRule
+      >>> from flax_integration.rules import RuleSet
       >>> rs = RuleSet([QuantizationRule(module_path='enc.*', weight_qtype='int8')])
       >>> rs.match('dec/0', 'dot_general') is None, rs.unused()[0].module_path
       (True, 'enc.*')
@@ -176,7 +182,16 @@ class RuleSet:
         self._used: set[int] = set()
 
     def match(self, path: str, op_name: str | None = None) -> QuantizationRule | None:
-        """The first rule whose regex fully matches ``path`` and that covers ``op_name``."""
+        """The first rule whose regex fully matches ``path`` and that covers ``op_name``.
+
+        Example:
+          >>> from flax_integration import QuantizationRule
+          >>> from flax_integration.rules import RuleSet
+          >>> rs = RuleSet([QuantizationRule(module_path='conv.*', op_names=('conv_general_dilated',)),
+          ...               QuantizationRule(module_path='.*', weight_qtype='int8')])
+          >>> rs.match('conv1', 'conv_general_dilated').module_path, rs.match('conv1', 'einsum').module_path
+          ('conv.*', '.*')
+        """
         for i, (rule, rx) in enumerate(zip(self.rules, self._compiled)):
             if rx.fullmatch(path) and (op_name is None or op_name in rule.op_names):
                 self._used.add(i)
@@ -184,7 +199,16 @@ class RuleSet:
         return None
 
     def unused(self) -> list[QuantizationRule]:
-        """Rules that have not matched anything so far."""
+        """Rules that have not matched anything so far.
+
+        Example:
+          >>> from flax_integration import QuantizationRule
+          >>> from flax_integration.rules import RuleSet
+          >>> rs = RuleSet([QuantizationRule(module_path='enc.*'), QuantizationRule(module_path='dec.*')])
+          >>> _ = rs.match('enc/0')
+          >>> [r.module_path for r in rs.unused()]
+          ['dec.*']
+        """
         return [r for i, r in enumerate(self.rules) if i not in self._used]
 
     def __iter__(self):

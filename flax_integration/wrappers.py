@@ -18,6 +18,7 @@ that hold whole bytes and whole tiles, or use
 
 Example:
   >>> import jax.numpy as jnp, qarray
+  >>> from flax_integration import QuantizedParam
   >>> p = QuantizedParam(qarray.quantize(jnp.ones((4, 8)), 'int8', channelwise_axes=(1,)))
   >>> p.shape, p.array.scale.shape
   ((4, 8), (1, 8))
@@ -52,6 +53,8 @@ def unbox_leaves(tree: Any) -> Any:
 
     Example:
       >>> import jax.numpy as jnp
+      >>> from flax import linen as nn
+      >>> from flax_integration.wrappers import unbox_leaves
       >>> unbox_leaves({'a': nn.Partitioned(jnp.ones(2), names=('x',))})['a'].shape
       (2,)
     """
@@ -89,6 +92,7 @@ class QuantizedParam:
 
     Example:
       >>> import jax.numpy as jnp, qarray
+      >>> from flax_integration import QuantizedParam
       >>> p = QuantizedParam(qarray.quantize(jnp.ones((4, 8)), 'int4', channelwise_axes=(1,)))
       >>> p.astype(jnp.bfloat16).dtype
       dtype(bfloat16)
@@ -106,27 +110,81 @@ class QuantizedParam:
 
     @property
     def shape(self) -> tuple[int, ...]:
+        """The weight's shape (of the float weight it stands for).
+
+        Example:
+          >>> import jax.numpy as jnp, qarray
+          >>> from flax_integration import QuantizedParam
+          >>> QuantizedParam(qarray.quantize(jnp.ones((4, 8)), 'int4')).shape
+          (4, 8)
+        """
         return unbox_leaves(self.array).shape
 
     @property
     def ndim(self) -> int:
+        """Number of axes of the weight.
+
+        Example:
+          >>> import jax.numpy as jnp, qarray
+          >>> from flax_integration import QuantizedParam
+          >>> QuantizedParam(qarray.quantize(jnp.ones((4, 8)), 'int8')).ndim
+          2
+        """
         return len(self.shape)
 
     @property
     def dtype(self):
+        """The float dtype the weight dequantizes to (not the dtype of its codes).
+
+        Example:
+          >>> import jax.numpy as jnp, qarray
+          >>> from flax_integration import QuantizedParam
+          >>> p = QuantizedParam(qarray.quantize(jnp.ones((4, 8), jnp.bfloat16), 'int8'))
+          >>> p.dtype, p.array.qvalue.dtype
+          (dtype(bfloat16), dtype('int8'))
+        """
         return self.array.dtype
 
     def astype(self, dtype: Any) -> 'QuantizedParam':
-        """Still quantized, with a new output dtype (as :meth:`qarray.QArray.astype`)."""
+        """Still quantized, with a new output dtype (as :meth:`qarray.QArray.astype`).
+
+        Example:
+          >>> import jax.numpy as jnp, qarray
+          >>> from flax_integration import QuantizedParam
+          >>> w = QuantizedParam(qarray.quantize(jnp.ones((4, 8)), 'int8')).astype(jnp.bfloat16)
+          >>> type(w).__name__, w.dtype, w.array.qvalue.dtype
+          ('QuantizedParam', dtype(bfloat16), dtype('int8'))
+        """
         return dataclasses.replace(self, array=unbox_leaves(self.array).astype(dtype))
 
     def reshape(self, *shape: Any) -> 'QuantizedParam':
+        """Still quantized, reshaped as :meth:`qarray.QArray.reshape` allows (scales follow; a weight stored
+        rotated cannot be reshaped).
+
+        Example:
+          >>> import jax.numpy as jnp, qarray
+          >>> from flax_integration import QuantizedParam
+          >>> p = QuantizedParam(qarray.quantize(jnp.ones((2, 3, 8)), 'int8', channelwise_axes=(2,)))
+          >>> p.reshape(6, 8).shape, p.reshape(6, 8).array.scale.shape
+          ((6, 8), (1, 8))
+        """
         if self.rotation is not None:
             raise ValueError(f"a weight stored rotated along axis {self.rotation[0]} cannot be reshaped (the "
                              "rotation follows that axis); use it as stored or quantize without rotation.")
         return dataclasses.replace(self, array=unbox_leaves(self.array).reshape(*shape))
 
     def transpose(self, *axes: int) -> 'QuantizedParam':
+        """Still quantized, with axes permuted (all reversed when none are given); the recorded rotation
+        and GPTQ axes move with them.
+
+        Example:
+          >>> import jax.numpy as jnp, qarray
+          >>> from flax_integration import QuantizedParam
+          >>> p = QuantizedParam(qarray.quantize(jnp.ones((8, 4)), 'int8'), rotation=(0, 8))
+          >>> t = p.transpose(1, 0)
+          >>> t.shape, t.rotation
+          ((4, 8), (1, 8))
+        """
         array = unbox_leaves(self.array).transpose(*axes)
         order = list(axes[0] if len(axes) == 1 and isinstance(axes[0], (tuple, list)) else axes)
         order = [a % self.ndim for a in order] or list(range(self.ndim))[::-1]
@@ -137,6 +195,15 @@ class QuantizedParam:
 
     @property
     def T(self) -> 'QuantizedParam':
+        """``transpose()``: all axes reversed, still quantized.
+
+        Example:
+          >>> import jax.numpy as jnp, qarray
+          >>> from flax_integration import QuantizedParam
+          >>> w = QuantizedParam(qarray.quantize(jnp.ones((4, 8)), 'int8', channelwise_axes=(1,))).T
+          >>> w.shape, w.array.scale.shape
+          ((8, 4), (8, 1))
+        """
         return self.transpose()
 
     def __jax_array__(self) -> jax.Array:
@@ -152,6 +219,8 @@ class ActivationScale:
     """A static activation scale (and zero point or None) with its format.
 
     Example:
+      >>> import jax.numpy as jnp
+      >>> from flax_integration import ActivationScale
       >>> ActivationScale(jnp.ones((1, 1)), None, 'int8').qtype
       'int8'
     """
@@ -197,7 +266,7 @@ def as_float(x: Any) -> Any:
       >>> import jax.numpy as jnp, qarray
       >>> from flax_integration.wrappers import QuantizedParam, as_float
       >>> w = QuantizedParam(qarray.quantize(jnp.array([[0.5, -1.0]]), 'int8'))
-      >>> as_float(w).tolist()
+      >>> as_float(w).round(2).tolist()  # dequantized: within one int8 step of the input
       [[0.5, -1.0]]
     """
     x = unbox_leaves(x) if isinstance(x, (nn.meta.AxisMetadata, nnx.Variable)) else x
@@ -282,6 +351,8 @@ def box_like(original: Any, tree: Any, full_shape: tuple[int, ...]) -> Any:
 
     Example:
       >>> import jax.numpy as jnp, qarray
+      >>> from flax import linen as nn
+      >>> from flax_integration.wrappers import box_like
       >>> box = nn.Partitioned(jnp.ones((4, 8)), names=('a', 'b'))
       >>> q = qarray.quantize(jnp.ones((4, 8)), 'int4', channelwise_axes=(1,))
       >>> boxed = box_like(box, q, (4, 8))

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import doctest
 import importlib
+import importlib.util
 import pkgutil
 
 import pytest
@@ -17,6 +18,8 @@ import pytest
 PACKAGES = ('qarray', 'flax_integration')
 # Modules that need optional extras or a GPU to import at all; their examples are checked where those exist.
 OPTIONAL = {'qarray.ops.kernels.weight_only': 'jax.experimental.pallas'}
+# Modules whose examples run optional packages (the [litert] extra): skipped, with the reason, without them.
+EXAMPLES_NEED = {'flax_integration.litert': ('litert_converter', 'ai_edge_litert')}
 
 
 def _modules() -> list[str]:
@@ -41,9 +44,11 @@ def _doctests() -> list:
             if name in OPTIONAL:
                 continue
             raise AssertionError(f"module {name} does not import: {e}") from e
+        missing = [m for m in EXAMPLES_NEED.get(name, ()) if importlib.util.find_spec(m) is None]
+        marks = [pytest.mark.skip(reason=f"needs {', '.join(missing)} (pip install -e '.[litert]')")] if missing else []
         for test in finder.find(module, name, globs={}):
             if test.examples:
-                cases.append(pytest.param(test, id=test.name))
+                cases.append(pytest.param(test, id=test.name, marks=marks))
     return cases
 
 

@@ -1,11 +1,16 @@
 """The provider interface: what happens to one intercepted op. See ``providers/__init__``.
 
 Example:
-  >>> class Float(Provider):
+  >>> import jax, jax.numpy as jnp
+  >>> from flax import linen as nn
+  >>> from flax_integration import QuantizationRule, quantize_model
+  >>> from flax_integration.providers import Provider
+  >>> class Float(Provider):  # runs every op in float, as the model would
   ...     def process_op(self, op):
   ...         return op.call.run_original()
-  >>> Float([]).rules.rules
-  []
+  >>> m = quantize_model(nn.Dense(2), Float([QuantizationRule(weight_qtype='int8')]))
+  >>> m.init(jax.random.key(0), jnp.ones((1, 3)))['params']['kernel'].dtype
+  dtype('float32')
 """
 
 from __future__ import annotations
@@ -50,6 +55,13 @@ class Weight:
 
     ``value`` is a QuantizedParam or QArray (already quantized) or a float array
     that is (or was cast from) the module's param ``name``.
+
+    Example:
+      >>> import jax.numpy as jnp
+      >>> from flax_integration.providers import Weight
+      >>> w = Weight(1, 'kernel', jnp.ones((8, 4)))
+      >>> w.index, w.name, w.quantized
+      (1, 'kernel', False)
     """
 
     index: int
@@ -58,6 +70,14 @@ class Weight:
 
     @property
     def quantized(self) -> bool:
+        """Whether ``value`` is already quantized (a ``QuantizedParam`` or a QArray).
+
+        Example:
+          >>> import jax.numpy as jnp, qarray
+          >>> from flax_integration.providers import Weight
+          >>> Weight(1, 'kernel', qarray.quantize(jnp.ones((8, 4)), 'int8')).quantized
+          True
+        """
         return isinstance(self.value, (QuantizedParam, QArray))
 
 
@@ -73,7 +93,7 @@ def find_weight(call: OpCall, frame: Frame | None) -> Weight | None:
 
     Example:
       >>> import jax, jax.numpy as jnp, qarray
-      >>> from flax_integration._op_calls import dot_general_call
+      >>> from flax_integration._op_table import dot_general_call
       >>> from flax_integration.providers.base import find_weight
       >>> q = qarray.quantize(jnp.ones((4, 2)), 'int8')
       >>> call = dot_general_call(qarray.dot_general, jax.lax.dot_general, jnp.ones((1, 4)), q,
@@ -99,6 +119,21 @@ class Op:
       rule: the first rule matching ``frame.path`` and ``call.name`` (or None).
       weight: the operand that is a param of the module (or None: both are activations).
       op_id: ``'dot_general0'``... -- names this op's variables (``<op_id>_lhs`` ...).
+
+    Example (a provider that keeps the ops it sees):
+      >>> import jax, jax.numpy as jnp
+      >>> from flax import linen as nn
+      >>> from flax_integration import QuantizationRule, quantize_model
+      >>> from flax_integration.providers import Provider
+      >>> class Spy(Provider):
+      ...     ops = []
+      ...     def process_op(self, op):
+      ...         self.ops.append(op)
+      ...         return op.call.run_original()
+      >>> m = quantize_model(nn.Sequential([nn.Dense(4), nn.Dense(2)]), Spy([QuantizationRule(weight_qtype='int8')]))
+      >>> _ = m.init(jax.random.key(0), jnp.ones((1, 8)))
+      >>> [(op.path, op.op_id, op.weight.name, op.rule.weight_qtype) for op in Spy.ops]
+      [('layers_0', 'dot_general0', 'kernel', 'int8'), ('layers_1', 'dot_general0', 'kernel', 'int8')]
     """
 
     call: OpCall
@@ -109,23 +144,62 @@ class Op:
 
     @property
     def path(self) -> str:
+        """The running module's path (``''`` for the root module, and without a frame).
+
+        Example:
+          >>> from flax_integration.providers import Op
+          >>> Op(None, None, None, None, 'dot_general0').path
+          ''
+        """
         return self.frame.path if self.frame is not None else ''
 
     def act_indices(self) -> list[int]:
-        """Operand indices that are activations."""
+        """Operand indices that are activations.
+
+        Example:
+          >>> from flax_integration.providers import Op, Weight
+          >>> Op(None, None, None, Weight(1, 'kernel', None), 'dot_general0').act_indices()
+          [0]
+          >>> Op(None, None, None, None, 'einsum0').act_indices()  # no weight: attention's q x k
+          [0, 1]
+        """
         return [i for i in (0, 1) if self.weight is None or i != self.weight.index]
 
     def act_name(self, i: int) -> str:
-        """Variable name of activation operand ``i`` (``'dot_general0_lhs'``)."""
+        """Variable name of activation operand ``i`` (``'dot_general0_lhs'``).
+
+        Example:
+          >>> from flax_integration.providers import Op
+          >>> op = Op(None, None, None, None, 'einsum1')
+          >>> op.act_name(0), op.act_name(1)
+          ('einsum1_lhs', 'einsum1_rhs')
+        """
         return f"{self.op_id}_{'lhs' if i == 0 else 'rhs'}"
 
     @property
     def tile_size(self) -> int | None:
         """The rule's tile size for this op: only ops with a weight are tiled (an activation x
-        activation einsum, e.g. attention, may contract over the sequence axis)."""
+        activation einsum, e.g. attention, may contract over the sequence axis).
+
+        Example:
+          >>> from flax_integration import QuantizationRule
+          >>> from flax_integration.providers import Op, Weight
+          >>> rule = QuantizationRule(weight_qtype='int4', act_qtype='int8', tile_size=32)
+          >>> Op(None, None, rule, Weight(1, 'kernel', None), 'dot_general0').tile_size
+          32
+          >>> Op(None, None, rule, None, 'einsum0').tile_size is None
+          True
+        """
         return self.rule.tile_size if self.rule is not None and self.weight is not None else None
 
     def describe(self) -> str:
+        """Where the op is, for error messages.
+
+        Example:
+          >>> from flax_integration.providers import Op
+          >>> Op(None, None, None, None, 'einsum1').describe()
+          "module '<root>', op einsum1"
+        """
         return f"module {self.path or '<root>'!r}, op {self.op_id}"
 
 
@@ -145,6 +219,8 @@ class Provider:
     * :meth:`process_model_output` -- on the model's return value.
 
     Example:
+      >>> from flax_integration import QuantizationRule
+      >>> from flax_integration.providers import Provider
       >>> p = Provider([QuantizationRule(module_path='enc.*', weight_qtype='int8')])
       >>> [r.module_path for r in p.unused_rules()]
       ['enc.*']
@@ -158,7 +234,19 @@ class Provider:
 
     # --- called by the interception layer -------------------------------------------------
     def handle(self, call: OpCall, frame: Any) -> jax.Array:
-        """Entry point for one intercepted call (do not override; see :meth:`process_op`)."""
+        """Entry point for one intercepted call (do not override; see :meth:`process_op`).
+
+        Outside any module (``frame`` None) the op runs unchanged.
+
+        Example:
+          >>> import jax, jax.numpy as jnp, qarray
+          >>> from flax_integration._op_table import dot_general_call
+          >>> from flax_integration.providers import Provider
+          >>> call = dot_general_call(qarray.dot_general, jax.lax.dot_general, jnp.ones((1, 3)), jnp.ones((3, 2)),
+          ...                         (((1,), (0,)), ((), ())))
+          >>> Provider([]).handle(call, None).tolist()
+          [[3.0, 3.0]]
+        """
         if frame is None:
             return call.run_original()
         op_id = frame.next_op_id(call.name)
@@ -171,7 +259,25 @@ class Provider:
         return self.process_op(Op(call, frame, rule, find_weight(call, frame), op_id))
 
     def process_op(self, op: Op) -> jax.Array:
-        """Compute ``op``; the one method a provider must implement."""
+        """Compute ``op``; the one method a provider must implement.
+
+        Example (run every weight rounded to int8, activations in float):
+          >>> import jax, jax.numpy as jnp, qarray
+          >>> from flax import linen as nn
+          >>> from flax_integration import quantize_model
+          >>> from flax_integration.providers import Provider
+          >>> class RoundWeights(Provider):
+          ...     def process_op(self, op):
+          ...         if op.weight is None:
+          ...             return op.call.run_original()
+          ...         operands = list(op.call.operands)
+          ...         operands[op.weight.index] = qarray.quantize(operands[op.weight.index], 'int8')
+          ...         return op.call.run(*operands)
+          >>> m = quantize_model(nn.Dense(2), RoundWeights([]))
+          >>> v = m.init(jax.random.key(0), jnp.ones((1, 3)))
+          >>> m.apply(v, jnp.ones((1, 3))).shape
+          (1, 2)
+        """
         raise NotImplementedError
 
     def intercepts(self) -> Sequence[Intercept]:
@@ -187,13 +293,22 @@ class Provider:
         return ()
 
     def process_extra_op(self, op: ExtraOp) -> Any:
-        """Compute one call of a function from :meth:`intercepts` (``op.original`` is the JAX function)."""
+        """Compute one call of a function from :meth:`intercepts` (``op.original`` is the JAX function).
+
+        Example:
+          >>> import jax, jax.numpy as jnp
+          >>> from flax_integration.providers import ExtraOp, Provider
+          >>> op = ExtraOp('relu', jax.nn.relu, (jnp.array([-1.0, 2.0]),), {}, None)
+          >>> Provider([]).process_extra_op(op).tolist()
+          [0.0, 2.0]
+        """
         return op.original(*op.args, **op.kwargs)
 
     def model_run(self) -> ContextManager[None]:
         """Context around one run of the quantized model (a no-op by default).
 
         Example:
+          >>> from flax_integration.providers import Provider
           >>> with Provider([]).model_run():
           ...     pass
         """
@@ -204,13 +319,20 @@ class Provider:
         by default).
 
         Example:
+          >>> from flax_integration.providers import Provider
           >>> Provider([]).process_model_inputs((1,), {'train': True})
           ((1,), {'train': True})
         """
         return args, kwargs
 
     def process_model_output(self, output: Any) -> Any:
-        """Hook on the quantized model's output (identity by default)."""
+        """Hook on the quantized model's output (identity by default).
+
+        Example:
+          >>> from flax_integration.providers import Provider
+          >>> Provider([]).process_model_output({'logits': 1.0})
+          {'logits': 1.0}
+        """
         return output
 
     # --- reporting -------------------------------------------------------------------------
@@ -218,13 +340,26 @@ class Provider:
         """Rules that have matched no op so far (run the model first).
 
         Example:
+          >>> from flax_integration import QuantizationRule
+          >>> from flax_integration.providers import Provider
           >>> Provider([QuantizationRule(module_path='x')]).unused_rules()[0].module_path
           'x'
         """
         return self.rules.unused()
 
     def report_unused_rules(self) -> list[QuantizationRule]:
-        """Warn (``UserWarning``) about rules that matched nothing; returns them."""
+        """Warn (``UserWarning``) about rules that matched nothing; returns them.
+
+        Example:
+          >>> import warnings
+          >>> from flax_integration import QuantizationRule
+          >>> from flax_integration.providers import Provider
+          >>> with warnings.catch_warnings(record=True) as caught:
+          ...     warnings.simplefilter('always')
+          ...     unused = Provider([QuantizationRule(module_path='decoder/.*')]).report_unused_rules()
+          >>> [r.module_path for r in unused], 'matched no op' in str(caught[0].message)
+          (['decoder/.*'], True)
+        """
         unused = self.unused_rules()
         if unused:
             paths = ', '.join(repr(r.module_path) for r in unused)
@@ -235,7 +370,19 @@ class Provider:
     # --- helpers shared by providers ------------------------------------------------------
     @staticmethod
     def weight_layout(op: Op) -> tuple[tuple[int, ...], dict[int, int] | None]:
-        """``(channelwise_axes, tiles)`` of ``op``'s weight: per output channel, tiles on the contraction."""
+        """``(channelwise_axes, tiles)`` of ``op``'s weight: per output channel, tiles on the contraction.
+
+        Example:
+          >>> import jax, jax.numpy as jnp, qarray
+          >>> from flax_integration import QuantizationRule
+          >>> from flax_integration._op_table import dot_general_call
+          >>> from flax_integration.providers import Op, Provider, Weight
+          >>> call = dot_general_call(qarray.dot_general, jax.lax.dot_general, jnp.ones((2, 16)), jnp.ones((16, 4)),
+          ...                         (((1,), (0,)), ((), ())))
+          >>> op = Op(call, None, QuantizationRule(weight_qtype='int4', tile_size=8), Weight(1, 'kernel', None), 'd0')
+          >>> Provider.weight_layout(op)  # a scale per output column and per 8 rows
+          ((1,), {0: 8})
+        """
         rule = op.rule
         if op.call.per_channel_only and rule.tile_size is not None:
             raise ValueError(f"{op.describe()}: tile_size={rule.tile_size} is not supported for "
@@ -248,8 +395,11 @@ class Provider:
         """``(weight axis, activation axis)`` of the one contraction GPTQ and rotations act on.
 
         Example:
-          >>> from flax_integration._op_calls import dot_general_call
-          >>> call = dot_general_call(jnp.ones((2, 8)), jnp.ones((8, 4)), (((1,), (0,)), ((), ())))
+          >>> import jax, jax.numpy as jnp, qarray
+          >>> from flax_integration._op_table import dot_general_call
+          >>> from flax_integration.providers import Op, Provider, Weight
+          >>> call = dot_general_call(qarray.dot_general, jax.lax.dot_general, jnp.ones((2, 8)), jnp.ones((8, 4)),
+          ...                         (((1,), (0,)), ((), ())))
           >>> Provider.transform_axes(Op(call, None, None, Weight(1, 'kernel', None), 'dot_general0'))
           (0, 1)
         """
@@ -265,7 +415,20 @@ class Provider:
     @classmethod
     def rotated_weight(cls, op: Op) -> tuple[Any, int] | None:
         """``(rotated QArray, block)`` when the op's weight is stored rotated along the axis this op contracts
-        (then the activation must be rotated to match), else None."""
+        (then the activation must be rotated to match), else None.
+
+        Example:
+          >>> import jax, jax.numpy as jnp, qarray
+          >>> from flax_integration import QuantizedParam
+          >>> from flax_integration._op_table import dot_general_call
+          >>> from flax_integration.providers import Op, Provider, Weight
+          >>> w = QuantizedParam(qarray.quantize(jnp.ones((8, 4)), 'int8'), rotation=(0, 8))
+          >>> call = dot_general_call(qarray.dot_general, jax.lax.dot_general, jnp.ones((2, 8)), w,
+          ...                         (((1,), (0,)), ((), ())))
+          >>> array, block = Provider.rotated_weight(Op(call, None, None, Weight(1, 'kernel', w), 'dot_general0'))
+          >>> array.shape, block
+          ((8, 4), 8)
+        """
         value = op.weight.value
         if not isinstance(value, QuantizedParam) and op.weight.name is not None:
             value = unbox_leaves(op.frame.get_param(op.weight.name))
@@ -279,7 +442,21 @@ class Provider:
     def quantize_weight_value(self, op: Op, value: jax.Array) -> QuantizedParam:
         """Quantize a float weight the way ``op.rule`` says (layout from the op), rotated first if the rule
         says so. GPTQ rules are rounded to nearest here (no statistics yet); ``quantize_params`` with
-        ``quant_stats`` applies GPTQ."""
+        ``quant_stats`` applies GPTQ.
+
+        Example:
+          >>> import jax, jax.numpy as jnp, qarray
+          >>> from flax_integration import QuantizationRule
+          >>> from flax_integration._op_table import dot_general_call
+          >>> from flax_integration.providers import Op, Provider, Weight
+          >>> w = jnp.ones((16, 4))
+          >>> call = dot_general_call(qarray.dot_general, jax.lax.dot_general, jnp.ones((2, 16)), w,
+          ...                         (((1,), (0,)), ((), ())))
+          >>> op = Op(call, None, QuantizationRule(weight_qtype='int4', tile_size=8), Weight(1, 'kernel', w), 'd0')
+          >>> q = Provider([]).quantize_weight_value(op, w)
+          >>> type(q).__name__, q.array.qtype.name, q.array.scale.shape
+          ('QuantizedParam', 'int4', (2, 4))
+        """
         rule = op.rule
         cw, tiles = self.weight_layout(op)
         rotation, gptq = None, None
@@ -303,6 +480,8 @@ def hessian_name(op: Op) -> str:
     """Name of the GPTQ Hessian statistic of ``op``'s activation operand (``'dot_general0_hessian'``).
 
     Example:
+      >>> from flax_integration.providers import Op
+      >>> from flax_integration.providers.base import hessian_name
       >>> hessian_name(Op(None, None, None, None, 'einsum1'))
       'einsum1_hessian'
     """
@@ -314,6 +493,8 @@ def act_range(x: jax.Array, qtype: str, cw, tiles, calibration: str) -> tuple[ja
     """Calibrated ``(lo, hi)`` of ``x`` in scale shape (rank of ``x``).
 
     Example:
+      >>> import jax.numpy as jnp
+      >>> from flax_integration.providers.base import act_range
       >>> lo, hi = act_range(jnp.array([[1., -3.], [2., 0.5]]), 'int8', (), None, 'absmax')
       >>> hi.tolist()
       [[3.0]]
@@ -331,6 +512,7 @@ def is_symmetric(calibration: str) -> bool:
     """Whether a calibration spec gives symmetric ranges (no zero point).
 
     Example:
+      >>> from flax_integration.providers.base import is_symmetric
       >>> is_symmetric('absmax'), is_symmetric('minmax')
       (True, False)
     """
@@ -341,6 +523,8 @@ def range_to_scale(lo, hi, qtype: str, calibration: str, dtype=jnp.float32):
     """Scale and zero point (or None) for a static range.
 
     Example:
+      >>> import jax.numpy as jnp
+      >>> from flax_integration.providers.base import range_to_scale
       >>> s, zp = range_to_scale(jnp.array([-2.]), jnp.array([2.]), 'int8', 'absmax')
       >>> s.shape, zp
       ((1,), None)

@@ -26,7 +26,7 @@ Example:
   >>> from flax import linen as nn
   >>> import flax_integration as fi
   >>> rules = [fi.QuantizationRule(weight_qtype='int8', act_qtype='int8', act_static_scale=True)]
-  >>> m = fi.quantize_model(nn.Dense(4), CalibrationProvider(rules))
+  >>> m = fi.quantize_model(nn.Dense(4), fi.CalibrationProvider(rules))
   >>> v = m.init(jax.random.key(0), jnp.ones((2, 8)))
   >>> v['quant_stats']['dot_general0_lhs']['hi'].shape
   (1, 1)
@@ -54,6 +54,8 @@ def update_moving_average(stat: dict, lo: jax.Array, hi: jax.Array, momentum: fl
     decays with a 100-step window, since activations drift while weights train.
 
     Example:
+      >>> import jax.numpy as jnp
+      >>> from flax_integration.providers.calibration import update_moving_average
       >>> s = {'lo': jnp.zeros(1), 'hi': jnp.zeros(1), 'count': jnp.zeros((), jnp.int32)}
       >>> s = update_moving_average(s, jnp.array([-1.]), jnp.array([1.]))
       >>> s = update_moving_average(s, jnp.array([-3.]), jnp.array([3.]))
@@ -73,15 +75,34 @@ class CalibrationProvider(Provider):
     """Runs the model in float and records activation ranges for static-scale rules.
 
     Example:
-      >>> import flax_integration as fi
-      >>> p = CalibrationProvider([fi.QuantizationRule(act_qtype='int8', act_static_scale=True)])
-      >>> p.rules.rules[0].act_static_scale
-      True
+      >>> import jax, jax.numpy as jnp
+      >>> from flax import linen as nn
+      >>> from flax_integration import CalibrationProvider, QuantizationRule, quantize_model
+      >>> p = CalibrationProvider([QuantizationRule(act_qtype='int8', act_static_scale=True)])
+      >>> m = quantize_model(nn.Dense(4), p)
+      >>> v = m.init(jax.random.key(0), jnp.ones((2, 8)))
+      >>> _, upd = m.apply(v, jnp.full((2, 8), -3.0), mutable=['quant_stats'])
+      >>> upd['quant_stats']['dot_general0_lhs']['hi'].tolist()  # absmax: symmetric range
+      [[3.0]]
     """
 
     supports_weight_transforms = True
 
     def process_op(self, op: Op) -> jax.Array:
+        """Record the op's activation range (and GPTQ statistic) where its rule asks; compute in float.
+
+        Example:
+          >>> import jax, jax.numpy as jnp
+          >>> from flax import linen as nn
+          >>> from flax_integration import CalibrationProvider, QuantizationRule, quantize_model
+          >>> rules = [QuantizationRule(weight_qtype='int4', weight_algorithm='gptq')]
+          >>> m = quantize_model(nn.Dense(4), CalibrationProvider(rules))
+          >>> x = jnp.ones((2, 8))
+          >>> v = m.init(jax.random.key(0), x)
+          >>> y, upd = m.apply(v, x, mutable=['quant_stats'])
+          >>> bool((y == nn.Dense(4).apply(v, x)).all()), upd['quant_stats']['dot_general0_hessian']['hessian'].shape
+          (True, (8, 8))
+        """
         rule = op.rule
         if rule is not None and rule.act_static_scale:
             for i in op.act_indices():

@@ -45,7 +45,7 @@ into the (dequantized) base weights.
 Example:
   >>> import jax, jax.numpy as jnp
   >>> from flax import linen as nn
-  >>> from flax_integration._model import quantize_model
+  >>> from flax_integration import LoraProvider, LoraRule, quantize_model
   >>> rules = [LoraRule(module_path='.*', rank=2, alpha=4.0, weight_qtype='nf4', tile_size=8)]
   >>> m = quantize_model(nn.Dense(4), LoraProvider(rules))
   >>> p = m.init(jax.random.key(0), jnp.ones((1, 16)))['params']
@@ -85,6 +85,7 @@ class LoraRule(QuantizationRule):
       dropout: dropout rate on the adapter input, in ``[0, 1)``.
 
     Example:
+      >>> from flax_integration import LoraRule
       >>> r = LoraRule(module_path='Dense_.*', rank=4, alpha=8.0)
       >>> r.scaling
       2.0
@@ -107,7 +108,13 @@ class LoraRule(QuantizationRule):
 
     @property
     def scaling(self) -> float:
-        """``alpha / rank``."""
+        """``alpha / rank``.
+
+        Example:
+          >>> from flax_integration import LoraRule
+          >>> LoraRule(rank=8, alpha=16.0).scaling, LoraRule(rank=8).scaling  # alpha defaults to rank
+          (2.0, 1.0)
+        """
         return self.alpha / self.rank
 
 
@@ -115,6 +122,7 @@ def adapter_names(weight_name: str) -> tuple[str, str]:
     """Param names of the adapters of weight ``weight_name``.
 
     Example:
+      >>> from flax_integration.providers.lora import adapter_names
       >>> adapter_names('kernel')
       ('kernel_lora_a', 'kernel_lora_b')
     """
@@ -131,6 +139,7 @@ class LoraProvider(PtqProvider):
         and ``'dropout'`` rngs given to ``init``/``apply``).
 
     Example:
+      >>> from flax_integration import LoraProvider
       >>> LoraProvider(module_path='.*', rank=4, alpha=4.0).rules.rules[0].scaling
       1.0
     """
@@ -147,6 +156,19 @@ class LoraProvider(PtqProvider):
         self.seed = int(seed)
 
     def process_op(self, op: Op) -> jax.Array:
+        """The PTQ result of the op plus, for a :class:`LoraRule` op with a weight, the adapter term
+        (:meth:`lora_delta`).
+
+        Example (B starts at zero, so an untrained adapter changes nothing):
+          >>> import jax, jax.numpy as jnp
+          >>> from flax import linen as nn
+          >>> from flax_integration import LoraProvider, quantize_model
+          >>> m = quantize_model(nn.Dense(3), LoraProvider(module_path='.*', rank=2))
+          >>> x = jnp.ones((2, 4))
+          >>> v = m.init(jax.random.key(0), x)
+          >>> bool(jnp.allclose(m.apply(v, x), nn.Dense(3).apply(v, x)))
+          True
+        """
         out = super().process_op(op)
         rule = op.rule
         if not isinstance(rule, LoraRule) or op.weight is None:
@@ -155,7 +177,20 @@ class LoraProvider(PtqProvider):
 
     # --- the adapter term ------------------------------------------------------------------
     def lora_delta(self, op: Op) -> jax.Array:
-        """``op(dropout(x), A B) * alpha / rank`` for the op's weight."""
+        """``op(dropout(x), A B) * alpha / rank`` for the op's weight.
+
+        Example:
+          >>> import jax, jax.numpy as jnp
+          >>> from flax import linen as nn
+          >>> from flax_integration import LoraProvider, quantize_model
+          >>> m = quantize_model(nn.Dense(3, use_bias=False), LoraProvider(module_path='.*', rank=2, alpha=4.0))
+          >>> x = jnp.ones((1, 4))
+          >>> p = m.init(jax.random.key(0), x)['params']
+          >>> p = {**p, 'kernel_lora_b': jnp.ones((2, 3))}  # as if trained
+          >>> delta = m.apply({'params': p}, x) - x @ p['kernel']
+          >>> bool(jnp.allclose(delta, x @ p['kernel_lora_a'] @ p['kernel_lora_b'] * 4.0 / 2, atol=1e-5))
+          True
+        """
         rule, wi = op.rule, op.weight.index
         x = as_operand(op.call.operands[1 - wi])
         shape = tuple(op.weight.value.shape)
@@ -206,7 +241,19 @@ class LoraProvider(PtqProvider):
 
     # --- adapter storage -------------------------------------------------------------------
     def adapters(self, op: Op, shape, kept, contract, dtype) -> tuple[jax.Array, jax.Array]:
-        """Get (or, at init, create) ``A`` and ``B`` for the op's weight."""
+        """Get (or, at init, create) ``A`` and ``B`` for the op's weight.
+
+        ``A`` spans the weight's contracting axes, ``B`` its output axes:
+
+        Example:
+          >>> import jax, jax.numpy as jnp
+          >>> from flax import linen as nn
+          >>> from flax_integration import LoraProvider, quantize_model
+          >>> m = quantize_model(nn.Conv(8, (3, 3)), LoraProvider(module_path='.*', rank=2))
+          >>> p = m.init(jax.random.key(0), jnp.ones((1, 6, 6, 4)))['params']
+          >>> p['kernel'].shape, p['kernel_lora_a'].shape, p['kernel_lora_b'].shape
+          ((3, 3, 4, 8), (3, 3, 4, 2), (2, 8))
+        """
         rank = op.rule.rank
         a_shape = tuple(shape[j] for j in contract) + (rank,)
         b_shape = (rank,) + tuple(shape[j] for j in kept)
@@ -239,7 +286,7 @@ def weight_name(op: Op) -> str:
     user code) has no name, and its adapters are named after the op instead.
 
     Example:
-      >>> from flax_integration.providers.base import Op, Weight
+      >>> from flax_integration.providers import Op, Weight
       >>> from flax_integration.providers.lora import weight_name
       >>> weight_name(Op(None, None, None, Weight(1, 'kernel', None), 'dot_general0'))
       'kernel'
@@ -252,8 +299,13 @@ def low_rank_kernel(a: jax.Array, b: jax.Array, shape: Sequence[int], kept: Sequ
     """``A B`` laid out like the weight of shape ``shape`` (``kept``/``contract``: its axes).
 
     Example:
-      >>> low_rank_kernel(jnp.ones((3, 2)), jnp.ones((2, 4)), (3, 4), (1,), (0,)).shape
+      >>> import jax.numpy as jnp
+      >>> from flax_integration.providers.lora import low_rank_kernel
+      >>> a, b = jnp.ones((3, 2)), jnp.ones((2, 4))  # A: (in, rank), B: (rank, out)
+      >>> low_rank_kernel(a, b, (3, 4), (1,), (0,)).shape  # an (in, out) weight
       (3, 4)
+      >>> low_rank_kernel(a, b, (4, 3), (0,), (1,)).shape  # an (out, in) weight
+      (4, 3)
     """
     nat = jnp.tensordot(a, b, axes=1)  # axes: contract..., kept...
     order = list(contract) + list(kept)

@@ -41,8 +41,7 @@ DEQUANTIZE and a QUANTIZE.
 Example:
   >>> import jax, jax.numpy as jnp
   >>> from flax import linen as nn
-  >>> from flax_integration._model import quantize_model
-  >>> from flax_integration.rules import QuantizationRule
+  >>> from flax_integration import OdmlQatProvider, QuantizationRule, quantize_model
   >>> qat = quantize_model(nn.Dense(4), OdmlQatProvider([QuantizationRule(weight_qtype='int8', act_qtype='int8')]))
   >>> v = qat.init(jax.random.key(0), jnp.ones((2, 8)))
   >>> sorted(v['quant_stats'])
@@ -129,9 +128,10 @@ class OdmlQatProvider(Provider):
     the model's float inputs are marked at entry (:meth:`process_model_inputs`).
 
     Example:
+      >>> from flax_integration import OdmlQatProvider, QuantizationRule
       >>> p = OdmlQatProvider([QuantizationRule(weight_qtype='int8', act_qtype='int8')])
-      >>> p.act_calibration_method
-      'minmax'
+      >>> p.act_calibration_method, p.per_channel_weights
+      ('minmax', True)
     """
 
     def __init__(self, rules: Sequence[QuantizationRule], *, act_calibration_method: str = 'minmax',
@@ -149,11 +149,29 @@ class OdmlQatProvider(Provider):
 
     # --- run bookkeeping -------------------------------------------------------------------
     def model_run(self) -> ContextManager[odml_ops.Run]:
-        """One model run: a fresh registry of annotated tensors (see :mod:`~flax_integration.providers._odml_ops`)."""
+        """One model run: a fresh registry of annotated tensors (see :mod:`~flax_integration.providers._odml_ops`).
+
+        Example:
+          >>> from flax_integration import OdmlQatProvider
+          >>> from flax_integration.providers._odml_ops import current_run
+          >>> p = OdmlQatProvider([])
+          >>> with p.model_run() as run:
+          ...     print(current_run() is run, run.provider is p)
+          True True
+          >>> current_run() is None
+          True
+        """
         return odml_ops.model_run(self)
 
     def intercepts(self) -> Sequence[Intercept]:
-        """relu, softmax, pooling, concatenate, mean, reshape, ``+`` and ``*`` (see ``_odml_ops``)."""
+        """relu, softmax, pooling, concatenate, mean, reshape, ``+`` and ``*`` (see ``_odml_ops``).
+
+        Example:
+          >>> from flax_integration import OdmlQatProvider
+          >>> sorted({i.name for i in OdmlQatProvider([]).intercepts()})
+          ['add', 'avg_pool', 'concatenate', 'leaky_relu', 'log_softmax', 'max_pool', 'mean', 'mul', 'relu',
+           'relu6', 'reshape', 'sigmoid', 'softmax', 'tanh']
+        """
         return odml_ops.intercepts()
 
     def process_model_inputs(self, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
@@ -164,6 +182,17 @@ class OdmlQatProvider(Provider):
         the reshape as ``input<i>`` in the model's own module, so the reshape
         runs in int8. The parameters of each annotated input are reported in
         :attr:`last_io`.
+
+        Example:
+          >>> import jax, jax.numpy as jnp
+          >>> from flax import linen as nn
+          >>> from flax_integration import OdmlQatProvider, QuantizationRule, quantize_model
+          >>> p = OdmlQatProvider([QuantizationRule(weight_qtype='int8', act_qtype='int8')])
+          >>> x = jnp.linspace(-1, 1, 16).reshape(2, 8)
+          >>> _ = quantize_model(nn.Dense(4), p).init(jax.random.key(0), x)
+          >>> scale, zero_point = p.last_io['inputs'][0]  # input 0: minmax range [-1, 1]
+          >>> scale.tolist(), zero_point.tolist()
+          ([0.007843137718737125], [-1])
         """
         run = odml_ops.current_run()
         if run is not None and run.provider is self:
@@ -180,11 +209,40 @@ class OdmlQatProvider(Provider):
 
     def seed(self, x: jax.Array, scale: Any, zero_point: Any) -> None:
         """Declare ``x`` as already annotated with ``(scale, zero_point)`` in this provider's next (or
-        current) model run on this thread, e.g. a model input quantized outside the model."""
+        current) model run on this thread, e.g. a model input quantized outside the model.
+
+        Example:
+          >>> import jax, jax.numpy as jnp
+          >>> from flax import linen as nn
+          >>> from flax_integration import OdmlQatProvider, QuantizationRule, quantize_model
+          >>> p = OdmlQatProvider([QuantizationRule(weight_qtype='int8', act_qtype='int8')])
+          >>> qat = quantize_model(nn.Dense(4), p)
+          >>> x = jnp.linspace(-1, 1, 16).reshape(2, 8)
+          >>> v = qat.init(jax.random.key(0), x)
+          >>> p.seed(x, jnp.array([0.5]), jnp.array([0], jnp.int8))
+          >>> _ = qat.apply(v, x, mutable=['quant_stats'])
+          >>> p.last_io['inputs'][0][0].tolist()  # the seeded scale, not one from statistics
+          [0.5]
+        """
         odml_ops.seed(self, x, Annotation(x, scale, zero_point, None))
 
     # --- matmuls and convolutions ----------------------------------------------------------
     def process_op(self, op: Op) -> jax.Array:
+        """Compute the op with its weight fake-quantized per output channel and its activation inputs
+        annotated (float params only: a quantized operand is an error).
+
+        Example:
+          >>> import jax, jax.numpy as jnp
+          >>> from flax import linen as nn
+          >>> from flax_integration import OdmlQatProvider, QuantizationRule, quantize_model
+          >>> rules = [QuantizationRule(weight_qtype='int8', act_qtype='int8')]
+          >>> qat = quantize_model(nn.Dense(4), OdmlQatProvider(rules))
+          >>> x = jnp.linspace(-1, 1, 16).reshape(2, 8)
+          >>> v = qat.init(jax.random.key(0), x)
+          >>> y, _ = qat.apply(v, x, mutable=['quant_stats'])
+          >>> bool(jnp.abs(y - nn.Dense(4).apply(v, x)).max() < 0.02)  # int8 numerics, close to float
+          True
+        """
         operands = list(op.call.operands)
         for x in operands:
             if isinstance(x, (QuantizedParam, QArray)):
@@ -201,7 +259,19 @@ class OdmlQatProvider(Provider):
         return op.call.run(*operands)
 
     def weight_axis(self, op: Op) -> int | None:
-        """The output-channel axis of the weight (None: per tensor)."""
+        """The output-channel axis of the weight (None: per tensor).
+
+        Example:
+          >>> import jax, jax.numpy as jnp, qarray
+          >>> from flax_integration import OdmlQatProvider, QuantizationRule
+          >>> from flax_integration._op_table import dot_general_call
+          >>> from flax_integration.providers import Op, Weight
+          >>> call = dot_general_call(qarray.dot_general, jax.lax.dot_general, jnp.ones((2, 8)), jnp.ones((8, 4)),
+          ...                         (((1,), (0,)), ((), ())))
+          >>> op = Op(call, None, QuantizationRule(weight_qtype='int8'), Weight(1, 'kernel', None), 'dot_general0')
+          >>> OdmlQatProvider([]).weight_axis(op), OdmlQatProvider([], per_channel_weights=False).weight_axis(op)
+          (1, None)
+        """
         w = op.weight.index
         shape = op.call.operands[w].shape
         kept = [a for a in op.call.kept[w] if shape[a] > 1]
@@ -210,7 +280,23 @@ class OdmlQatProvider(Provider):
         return kept[0]
 
     def weight(self, op: Op, w: jax.Array) -> jax.Array:
-        """Fake-quantized weight (straight-through gradient)."""
+        """Fake-quantized weight (straight-through gradient).
+
+        LiteRT's narrow range: int4 codes -7..7 (never -8) times one scale per output column, here
+        ``absmax / 7.5`` (qarray's symmetric bound, see :func:`qarray._numerics.scale_and_zero_point`).
+
+        Example:
+          >>> import jax, jax.numpy as jnp, qarray
+          >>> from flax_integration import OdmlQatProvider, QuantizationRule
+          >>> from flax_integration._op_table import dot_general_call
+          >>> from flax_integration.providers import Op, Weight
+          >>> w = jnp.array([[1.0, 0.1], [-0.5, -0.2], [0.3, 0.0]])
+          >>> call = dot_general_call(qarray.dot_general, jax.lax.dot_general, jnp.ones((2, 3)), w,
+          ...                         (((1,), (0,)), ((), ())))
+          >>> op = Op(call, None, QuantizationRule(weight_qtype='int4'), Weight(1, 'kernel', w), 'dot_general0')
+          >>> (OdmlQatProvider([]).weight(op, w) / jnp.abs(w).max(0) * 7.5).round().astype(int).tolist()
+          [[7, 4], [-4, -7], [2, 0]]
+        """
         axis = self.weight_axis(op)
         # LiteRT weights use the narrow range ([-127, 127] for int8), so the QAT model trains with it too.
         return _fake_quant.fake_quant(w, qtypes.narrow_range(op.rule.weight_qtype),
@@ -219,7 +305,28 @@ class OdmlQatProvider(Provider):
 
     # --- activations -----------------------------------------------------------------------
     def annotate_input(self, frame: Any, name: str, x: Any) -> Any:
-        """``x`` as annotated: its existing annotation, or a new one named ``name`` in ``frame``."""
+        """``x`` as annotated: its existing annotation, or a new one named ``name`` in ``frame``.
+
+        Example (the second Dense's input is the relu output, annotated already, so it gets no
+        statistic of its own):
+          >>> import jax, jax.numpy as jnp
+          >>> from flax import linen as nn
+          >>> from flax_integration import OdmlQatProvider, QuantizationRule, quantize_model
+          >>> class MLP(nn.Module):
+          ...     @nn.compact
+          ...     def __call__(self, x):
+          ...         h = nn.relu(nn.Dense(4)(x))
+          ...         return nn.Dense(2)(h)
+          >>> class Logged(OdmlQatProvider):
+          ...     calls = []
+          ...     def annotate_input(self, frame, name, x):
+          ...         self.calls.append((frame.path, name))
+          ...         return super().annotate_input(frame, name, x)
+          >>> qat = quantize_model(MLP(), Logged([QuantizationRule(weight_qtype='int8', act_qtype='int8')]))
+          >>> v = qat.init(jax.random.key(0), jnp.ones((2, 8)))
+          >>> Logged.calls, sorted(v['quant_stats'])
+          ([('Dense_0', 'dot_general0_lhs'), ('Dense_1', 'dot_general0_lhs')], ['Dense_0', 'output0', 'relu0_out'])
+        """
         if not _is_float_array(x):
             return x
         ann = lookup(x)
@@ -228,7 +335,27 @@ class OdmlQatProvider(Provider):
         return self.annotate(frame, name, x).value
 
     def annotate(self, frame: Any, name: str, x: jax.Array, qparams: tuple | None = None) -> Annotation:
-        """Annotate ``x`` with the parameters of statistic ``name`` (or the given ``(scale, zp)``)."""
+        """Annotate ``x`` with the parameters of statistic ``name`` (or the given ``(scale, zp)``).
+
+        Example (the tensors a small MLP annotates, by module path and statistic name):
+          >>> import jax, jax.numpy as jnp
+          >>> from flax import linen as nn
+          >>> from flax_integration import OdmlQatProvider, QuantizationRule, quantize_model
+          >>> class MLP(nn.Module):
+          ...     @nn.compact
+          ...     def __call__(self, x):
+          ...         h = nn.relu(nn.Dense(4)(x))
+          ...         return nn.Dense(2)(h)
+          >>> class Logged(OdmlQatProvider):
+          ...     calls = []
+          ...     def annotate(self, frame, name, x, qparams=None):
+          ...         self.calls.append((frame.path, name))
+          ...         return super().annotate(frame, name, x, qparams)
+          >>> qat = quantize_model(MLP(), Logged([QuantizationRule(weight_qtype='int8', act_qtype='int8')]))
+          >>> _ = qat.init(jax.random.key(0), jnp.ones((2, 8)))
+          >>> Logged.calls
+          [('Dense_0', 'dot_general0_lhs'), ('', 'relu0_out'), ('', 'output0')]
+        """
         scale, zp = self.act_qparams(frame, name, x) if qparams is None else qparams
         ann = register(x, Annotation(self.fake_quant_act(x, scale, zp), scale, zp, x))
         run = odml_ops.current_run()
@@ -237,12 +364,36 @@ class OdmlQatProvider(Provider):
         return ann
 
     def batch_range(self, x: jax.Array) -> tuple[jax.Array, jax.Array]:
-        """Per-tensor (lo, hi) of one batch, shape (1,)."""
+        """Per-tensor (lo, hi) of one batch, shape (1,).
+
+        Example:
+          >>> import jax.numpy as jnp
+          >>> from flax_integration import OdmlQatProvider
+          >>> lo, hi = OdmlQatProvider([]).batch_range(jnp.array([[-1.0, 3.0], [0.5, 2.0]]))
+          >>> lo.tolist(), hi.tolist()
+          ([-1.0], [3.0])
+        """
         lo, hi = act_range(jax.lax.stop_gradient(x), 'int8', (), None, self.act_calibration_method)
         return lo.reshape(1), hi.reshape(1)
 
     def act_qparams(self, frame: Any, name: str, x: jax.Array) -> tuple[jax.Array, jax.Array | None]:
-        """(scale, zero point) from the running average in ``quant_stats`` (updated when mutable)."""
+        """(scale, zero point) from the running average in ``quant_stats`` (updated when mutable).
+
+        Example (at init, before any statistics, a tensor's own batch range; minmax is asymmetric):
+          >>> import jax, jax.numpy as jnp
+          >>> from flax import linen as nn
+          >>> from flax_integration import OdmlQatProvider, QuantizationRule, quantize_model
+          >>> class Logged(OdmlQatProvider):
+          ...     calls = []
+          ...     def act_qparams(self, frame, name, x):
+          ...         scale, zp = super().act_qparams(frame, name, x)
+          ...         self.calls.append((name, round(float(scale[0]) * 255, 3), int(zp[0])))
+          ...         return scale, zp
+          >>> qat = quantize_model(nn.Dense(4), Logged([QuantizationRule(weight_qtype='int8', act_qtype='int8')]))
+          >>> _ = qat.init(jax.random.key(0), jnp.linspace(-1, 1, 16).reshape(2, 8))
+          >>> Logged.calls[0]  # the input: range [-1, 1] is 255 steps of 2 / 255
+          ('dot_general0_lhs', 2.0, -1)
+        """
         lo, hi = self.batch_range(x)
         stat = frame.get_stat(name)
         if stat is None:
@@ -257,18 +408,50 @@ class OdmlQatProvider(Provider):
         return range_to_scale(lo, hi, 'int8', self.act_calibration_method)
 
     def fake_quant_act(self, x: jax.Array, scale: Any, zero_point: Any) -> jax.Array:
-        """Per-tensor int8 fake quant with a clipped straight-through gradient."""
+        """Per-tensor int8 fake quant with a clipped straight-through gradient.
+
+        Example:
+          >>> import jax, jax.numpy as jnp
+          >>> from flax_integration import OdmlQatProvider
+          >>> fq = lambda x: OdmlQatProvider([]).fake_quant_act(x, jnp.array([0.5]), None)
+          >>> fq(jnp.array([0.26, -1.0, 100.0])).tolist()  # steps of 0.5, clipped at 127 * 0.5
+          [0.5, -1.0, 63.5]
+          >>> jax.grad(lambda x: fq(x).sum())(jnp.array([0.26, -1.0, 100.0])).tolist()
+          [1.0, 1.0, 0.0]
+        """
         s = _full_rank(scale, x.ndim).astype(jnp.float32)
         z = None if zero_point is None else _full_rank(zero_point, x.ndim)
         return _fake_quant.fake_quant_with_scale(x, 'int8', s, z)
 
     def fixed_qparams(self, name: str) -> tuple[Any, Any]:
+        """The output (scale, zero point) LiteRT's int8 kernel of ``name`` requires (softmax, sigmoid, tanh...).
+
+        Example:
+          >>> from flax_integration import OdmlQatProvider
+          >>> scale, zp = OdmlQatProvider([]).fixed_qparams('softmax')
+          >>> scale.tolist(), zp.tolist()
+          ([0.00390625], [-128])
+        """
         s, z = odml_ops.FIXED_QPARAMS[name]
         return jnp.full((1,), s, jnp.float32), jnp.full((1,), z, jnp.int8)
 
     # --- other ops (relu, softmax, pooling, concat, add, ...) ------------------------------
     def process_extra_op(self, e: ExtraOp) -> Any:
-        """Annotate around one intercepted non-matmul op (see ``odml_ops``)."""
+        """Annotate around one intercepted non-matmul op (see ``odml_ops``).
+
+        Example (``nn.relu`` looked up while the model runs is intercepted; its output gets a statistic):
+          >>> import jax, jax.numpy as jnp
+          >>> from flax import linen as nn
+          >>> from flax_integration import OdmlQatProvider, QuantizationRule, quantize_model
+          >>> class MLP(nn.Module):
+          ...     @nn.compact
+          ...     def __call__(self, x):
+          ...         h = nn.relu(nn.Dense(4)(x))
+          ...         return nn.Dense(2)(h)
+          >>> qat = quantize_model(MLP(), OdmlQatProvider([QuantizationRule(weight_qtype='int8', act_qtype='int8')]))
+          >>> sorted(qat.init(jax.random.key(0), jnp.ones((2, 8)))['quant_stats'])
+          ['Dense_0', 'output0', 'relu0_out']
+        """
         rule = self.rules.match(e.frame.path, None)
         if rule is None or rule.act_qtype is None:
             return e.original(*e.args, **e.kwargs)
@@ -336,7 +519,17 @@ class OdmlQatProvider(Provider):
         return next((r for r in self.rules.rules if r.act_qtype is not None), None)
 
     def process_model_output(self, output: Any) -> Any:
-        """Annotate each float output (``output0``, ``output1``, ... in the root module)."""
+        """Annotate each float output (``output0``, ``output1``, ... in the root module).
+
+        Example:
+          >>> import jax, jax.numpy as jnp
+          >>> from flax import linen as nn
+          >>> from flax_integration import OdmlQatProvider, QuantizationRule, quantize_model
+          >>> p = OdmlQatProvider([QuantizationRule(weight_qtype='int8', act_qtype='int8')])
+          >>> v = quantize_model(nn.Dense(4), p).init(jax.random.key(0), jnp.ones((2, 8)))
+          >>> 'output0' in v['quant_stats'], len(p.last_io['outputs'])
+          (True, 1)
+        """
         run = odml_ops.current_run()
         if run is None or run.provider is not self:
             return output

@@ -56,10 +56,15 @@ def fake_quant_composite(x: jax.Array, qtype: str, scale: np.ndarray, zero_point
     ``scale``/``zero_point`` are static (numpy): one value, or one per index of ``axis``.
 
     Example:
+      >>> import jax, jax.numpy as jnp, numpy as np
+      >>> from flax_integration.providers.odml_conversion import fake_quant_composite
       >>> y = fake_quant_composite(jnp.array([0.3, -1.0]), 'int8', np.array([0.1]), np.array([0]),
       ...                          narrow_range=False)
       >>> [round(v, 4) for v in y.tolist()]
       [0.3, -1.0]
+      >>> 'quant.fake_quant' in jax.jit(lambda x: fake_quant_composite(x, 'int8', np.array([0.1]), None,
+      ...                                                              narrow_range=False)).lower(y).as_text()
+      True
     """
     attrs = _composite_attrs(qtype, scale, zero_point, narrow_range, axis)
     shape = [1] * x.ndim
@@ -115,7 +120,7 @@ class OdmlConversionProvider(OdmlQatProvider):
     Example:
       >>> import jax, jax.numpy as jnp
       >>> from flax import linen as nn
-      >>> from flax_integration._model import quantize_model
+      >>> from flax_integration import OdmlConversionProvider, OdmlQatProvider, QuantizationRule, quantize_model
       >>> rules = [QuantizationRule(weight_qtype='int8', act_qtype='int8')]
       >>> v = quantize_model(nn.Dense(4), OdmlQatProvider(rules)).init(jax.random.key(0), jnp.ones((2, 8)))
       >>> v['quant_stats'] = jax.tree.map(lambda a: a + 1, v['quant_stats'])  # pretend QAT ran
@@ -154,6 +159,21 @@ class OdmlConversionProvider(OdmlQatProvider):
         return stat
 
     def act_qparams(self, frame: Any, name: str, x: jax.Array) -> tuple[np.ndarray, np.ndarray | None]:
+        """(scale, zero point) as numpy constants, from the ``quant_stats`` given (never from the batch).
+
+        Example:
+          >>> import jax, jax.numpy as jnp
+          >>> from flax import linen as nn
+          >>> from flax_integration import OdmlConversionProvider, QuantizationRule, quantize_model
+          >>> params = nn.Dense(4).init(jax.random.key(0), jnp.ones((2, 8)))['params']
+          >>> stat = lambda lo, hi: {'lo': jnp.array([lo]), 'hi': jnp.array([hi]), 'count': jnp.array(1)}
+          >>> stats = {'dot_general0_lhs': stat(-1.0, 1.0), 'output0': stat(-2.0, 2.0)}
+          >>> conv = OdmlConversionProvider([QuantizationRule(weight_qtype='int8', act_qtype='int8')], params, stats)
+          >>> _ = quantize_model(nn.Dense(4), conv).apply({'params': params}, jnp.ones((2, 8)))
+          >>> scale, zero_point = conv.last_io['inputs'][0]  # input 0: the statistic's range [-1, 1]
+          >>> type(scale).__name__, (scale * 255).round(3).tolist(), zero_point.tolist()
+          ('ndarray', [2.0], [-1])
+        """
         stat = self._stat(frame, name)
         with jax.ensure_compile_time_eval():
             s, z = range_to_scale(jnp.asarray(stat['lo'], jnp.float32).reshape(1),
@@ -162,10 +182,28 @@ class OdmlConversionProvider(OdmlQatProvider):
             return np.asarray(s), None if z is None else np.asarray(z)
 
     def fixed_qparams(self, name: str) -> tuple[Any, Any]:
+        """As :meth:`OdmlQatProvider.fixed_qparams`, as numpy constants.
+
+        Example:
+          >>> from flax_integration import OdmlConversionProvider
+          >>> OdmlConversionProvider([]).fixed_qparams('tanh')
+          (array([0.0078125], dtype=float32), array([0], dtype=int8))
+        """
         s, z = odml_ops.FIXED_QPARAMS[name]
         return np.full((1,), s, np.float32), np.full((1,), z, np.int8)
 
     def fake_quant_act(self, x: jax.Array, scale: Any, zero_point: Any) -> jax.Array:
+        """The QAT fake quant of an activation, as a ``quant.fake_quant`` composite.
+
+        Example:
+          >>> import jax, jax.numpy as jnp, numpy as np
+          >>> from flax_integration import OdmlConversionProvider
+          >>> fq = lambda x: OdmlConversionProvider([]).fake_quant_act(x, np.array([0.5]), None)
+          >>> fq(jnp.array([0.26, -1.0])).tolist()
+          [0.5, -1.0]
+          >>> 'quant.fake_quant' in jax.jit(fq).lower(jnp.ones(2)).as_text()
+          True
+        """
         return fake_quant_composite(x, 'int8', np.asarray(scale), None if zero_point is None
                                     else np.asarray(zero_point), narrow_range=False)
 
@@ -182,6 +220,23 @@ class OdmlConversionProvider(OdmlQatProvider):
         return value
 
     def weight(self, op: Op, w: jax.Array) -> jax.Array:
+        """The QAT fake-quantized weight, as a per-channel ``quant.fake_quant`` composite with numpy scales.
+
+        Example:
+          >>> import jax, jax.numpy as jnp, qarray
+          >>> from flax_integration import OdmlConversionProvider, OdmlQatProvider, QuantizationRule
+          >>> from flax_integration._op_table import dot_general_call
+          >>> from flax_integration.providers import Op, Weight
+          >>> w = jax.random.normal(jax.random.key(0), (8, 4))
+          >>> call = dot_general_call(qarray.dot_general, jax.lax.dot_general, jnp.ones((2, 8)), w,
+          ...                         (((1,), (0,)), ((), ())))
+          >>> op = Op(call, None, QuantizationRule(weight_qtype='int8'), Weight(1, 'kernel', w), 'dot_general0')
+          >>> conv = OdmlConversionProvider([])
+          >>> bool(jnp.allclose(conv.weight(op, w), OdmlQatProvider([]).weight(op, w)))
+          True
+          >>> 'quant.fake_quant' in jax.jit(lambda: conv.weight(op, w)).lower().as_text()
+          True
+        """
         axis = self.weight_axis(op)
         qtype = op.rule.weight_qtype
         value = self._weight_value(op, w)

@@ -25,7 +25,7 @@ Example:
   >>> import jax, jax.numpy as jnp
   >>> from flax import linen as nn
   >>> import flax_integration as fi
-  >>> ptq = fi.quantize_model(nn.Dense(4, use_bias=False), PtqProvider([fi.QuantizationRule(weight_qtype='int8')]))
+  >>> ptq = fi.quantize_model(nn.Dense(4, use_bias=False), fi.PtqProvider([fi.QuantizationRule(weight_qtype='int8')]))
   >>> params = ptq.init(jax.random.key(0), jnp.ones((2, 8)))['params']
   >>> params['kernel'].array.qvalue.dtype
   dtype('int8')
@@ -51,14 +51,32 @@ class PtqProvider(Provider):
     """Post-training quantization provider (see module docstring).
 
     Example:
-      >>> import flax_integration as fi
-      >>> PtqProvider([fi.QuantizationRule(weight_qtype='int4', tile_size=32)]).rules.rules[0].tile_size
-      32
+      >>> import jax, jax.numpy as jnp
+      >>> from flax import nnx
+      >>> from flax_integration import PtqProvider, QuantizationRule, quantize_model
+      >>> rules = [QuantizationRule(weight_qtype='int4', act_qtype='int8', tile_size=32)]
+      >>> q = quantize_model(nnx.Linear(64, 8, rngs=nnx.Rngs(0)), PtqProvider(rules), jnp.ones((1, 64)))
+      >>> q.kernel.array.qtype.name, q.kernel.array.scale.shape  # per output channel and per 32 rows
+      ('int4', (2, 8))
     """
 
     supports_weight_transforms = True
 
     def process_op(self, op: Op) -> jax.Array:
+        """Compute the op with its weight and (per its rule) activations quantized; ops no rule matches
+        run on the operands as given.
+
+        Example:
+          >>> import jax, jax.numpy as jnp, qarray
+          >>> from flax import linen as nn
+          >>> from flax_integration import PtqProvider, QuantizationRule, quantize_model
+          >>> x = jax.random.normal(jax.random.key(1), (2, 16))
+          >>> ptq = quantize_model(nn.Dense(4), PtqProvider([QuantizationRule(weight_qtype='int8', act_qtype='int8')]))
+          >>> v = ptq.init(jax.random.key(0), x)  # init quantizes the weight it creates
+          >>> w = qarray.dequantize(v['params']['kernel'].array)
+          >>> bool(jnp.allclose(ptq.apply(v, x), x @ w, atol=0.05))  # close to float on the same weight
+          True
+        """
         rule = op.rule
         operands = [as_operand(x) for x in op.call.operands]
         if rule is None:
@@ -82,7 +100,21 @@ class PtqProvider(Provider):
     # --- weights ---------------------------------------------------------------------------
     def weight(self, op: Op) -> Any:
         """The weight operand to compute with: a QArray, the float weight if not quantized, or a rotated weight's
-        unrotated value (:meth:`process_op` swaps in the rotated QArray where the activation is rotated)."""
+        unrotated value (:meth:`process_op` swaps in the rotated QArray where the activation is rotated).
+
+        A float weight where the rule asks for a quantized one is an error after init:
+
+        Example:
+          >>> import jax, jax.numpy as jnp
+          >>> from flax import linen as nn
+          >>> from flax_integration import PtqProvider, QuantizationRule, quantize_model
+          >>> ptq = quantize_model(nn.Dense(2), PtqProvider([QuantizationRule(weight_qtype='int8')]))
+          >>> float_vars = nn.Dense(2).init(jax.random.key(0), jnp.ones((1, 4)))
+          >>> ptq.apply(float_vars, jnp.ones((1, 4)))
+          Traceback (most recent call last):
+          ...
+          flax_integration.providers.base.FloatParamError: module '<root>', op dot_general0: param 'kernel' ...
+        """
         w, rule = op.weight, op.rule
         if w.quantized:
             return as_operand(w.value)
@@ -104,7 +136,21 @@ class PtqProvider(Provider):
 
     # --- activations -----------------------------------------------------------------------
     def activation(self, op: Op, i: int, x: Any) -> Any:
-        """Quantize activation operand ``i``: dynamic per-token, or with its static scale."""
+        """Quantize activation operand ``i``: dynamic per-token, or with its static scale.
+
+        Example:
+          >>> import jax, jax.numpy as jnp, qarray
+          >>> from flax_integration import PtqProvider, QuantizationRule
+          >>> from flax_integration._op_table import dot_general_call
+          >>> from flax_integration.providers import Op, Weight
+          >>> x = jnp.array([[1.0, -2.0, 0.5], [4.0, 0.0, 1.0]])
+          >>> call = dot_general_call(qarray.dot_general, jax.lax.dot_general, x, jnp.ones((3, 2)),
+          ...                         (((1,), (0,)), ((), ())))
+          >>> op = Op(call, None, QuantizationRule(act_qtype='int8'), Weight(1, 'kernel', None), 'dot_general0')
+          >>> a = PtqProvider([]).activation(op, 0, x)  # dynamic: one scale per row (token)
+          >>> a.qtype.name, a.scale.shape
+          ('int8', (2, 1))
+        """
         rule = op.rule
         if not jnp.issubdtype(jnp.result_type(x), jnp.floating):
             return x

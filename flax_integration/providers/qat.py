@@ -45,7 +45,7 @@ Example:
   >>> from flax import linen as nn
   >>> import flax_integration as fi
   >>> rules = [fi.QuantizationRule(weight_qtype='int4', act_qtype='int8', act_static_scale=True)]
-  >>> qat = fi.quantize_model(nn.Dense(4), QtProvider(rules))
+  >>> qat = fi.quantize_model(nn.Dense(4), fi.QtProvider(rules))
   >>> v = qat.init(jax.random.key(0), jnp.ones((2, 8)))
   >>> y, upd = qat.apply(v, jnp.ones((2, 8)), mutable=['quant_stats'])
   >>> int(upd['quant_stats']['dot_general0_lhs']['count'])
@@ -79,9 +79,13 @@ class QtProvider(Provider):
       momentum: moving-average momentum of static-range statistics (see module docstring).
 
     Example:
-      >>> import flax_integration as fi
-      >>> QtProvider([fi.QuantizationRule(weight_qtype='int8')], ste='plain').ste
-      'plain'
+      >>> import jax, jax.numpy as jnp
+      >>> from flax import nnx
+      >>> from flax_integration import QatProvider, QuantizationRule, quantize_model
+      >>> qat = quantize_model(nnx.Linear(8, 4, rngs=nnx.Rngs(0)),
+      ...                      QatProvider([QuantizationRule(weight_qtype='int4')], ste='plain'), jnp.ones((1, 8)))
+      >>> type(qat.kernel).__name__, qat.qarray_provider.ste  # weights stay float; the forward fake-quantizes
+      ('Param', 'plain')
     """
 
     def __init__(self, rules: Sequence[QuantizationRule], *, ste: str = 'clipped', momentum: float = 0.99):
@@ -94,6 +98,20 @@ class QtProvider(Provider):
         self.momentum = float(momentum)
 
     def process_op(self, op: Op) -> jax.Array:
+        """Compute the op on fake-quantized operands: what the PTQ model will compute, in float.
+
+        Example:
+          >>> import jax, jax.numpy as jnp
+          >>> from flax import linen as nn
+          >>> from flax_integration import PtqProvider, QtProvider, QuantizationRule, quantize_model, quantize_params
+          >>> rules = [QuantizationRule(weight_qtype='int4', act_qtype='int8')]
+          >>> x, key = jax.random.normal(jax.random.key(1), (2, 16)), jax.random.key(0)
+          >>> qat, ptq = quantize_model(nn.Dense(4), QtProvider(rules)), quantize_model(nn.Dense(4), PtqProvider(rules))
+          >>> fp = qat.init(key, x)['params']
+          >>> q = quantize_params(fp, jax.eval_shape(ptq.init, key, x)['params'])
+          >>> bool(jnp.allclose(qat.apply({'params': fp}, x), ptq.apply({'params': q}, x), atol=1e-5))
+          True
+        """
         rule = op.rule
         operands = [as_operand(x) for x in op.call.operands]
         if rule is None:
@@ -108,7 +126,23 @@ class QtProvider(Provider):
 
     # --- weights ---------------------------------------------------------------------------
     def fake_quant_weight(self, op: Op, value: jax.Array) -> jax.Array:
-        """The weight as PTQ will store it (dequantized), with the straight-through gradient."""
+        """The weight as PTQ will store it (dequantized), with the straight-through gradient.
+
+        Example:
+          >>> import jax, jax.numpy as jnp, qarray
+          >>> from flax_integration import PtqProvider, QtProvider, QuantizationRule
+          >>> from flax_integration._op_table import dot_general_call
+          >>> from flax_integration.providers import Op, Weight
+          >>> w = jax.random.normal(jax.random.key(0), (16, 4))
+          >>> call = dot_general_call(qarray.dot_general, jax.lax.dot_general, jnp.ones((2, 16)), w,
+          ...                         (((1,), (0,)), ((), ())))
+          >>> op = Op(call, None, QuantizationRule(weight_qtype='int4'), Weight(1, 'kernel', w), 'dot_general0')
+          >>> fq = QtProvider([]).fake_quant_weight(op, w)
+          >>> bool((fq == qarray.dequantize(PtqProvider([]).quantize_weight_value(op, w).array)).all())
+          True
+          >>> jax.grad(lambda w: QtProvider([], ste='plain').fake_quant_weight(op, w).sum())(w)[0, :2].tolist()
+          [1.0, 1.0]
+        """
         rule = op.rule
         cw, tiles = self.weight_layout(op)
         try:
@@ -120,7 +154,21 @@ class QtProvider(Provider):
 
     # --- activations -----------------------------------------------------------------------
     def fake_quant_activation(self, op: Op, i: int, x: Any) -> Any:
-        """Activation operand ``i`` as PTQ will quantize it: per token, or with the static range."""
+        """Activation operand ``i`` as PTQ will quantize it: per token, or with the static range.
+
+        Example:
+          >>> import jax, jax.numpy as jnp, qarray
+          >>> from flax_integration import PtqProvider, QtProvider, QuantizationRule
+          >>> from flax_integration._op_table import dot_general_call
+          >>> from flax_integration.providers import Op, Weight
+          >>> x = jax.random.normal(jax.random.key(0), (2, 16))
+          >>> call = dot_general_call(qarray.dot_general, jax.lax.dot_general, x, jnp.ones((16, 4)),
+          ...                         (((1,), (0,)), ((), ())))
+          >>> op = Op(call, None, QuantizationRule(act_qtype='int8'), Weight(1, 'kernel', None), 'dot_general0')
+          >>> fq = QtProvider([]).fake_quant_activation(op, 0, x)
+          >>> bool((fq == qarray.dequantize(PtqProvider([]).activation(op, 0, x))).all())
+          True
+        """
         rule = op.rule
         if not jnp.issubdtype(jnp.result_type(x), jnp.floating):
             return x
