@@ -424,3 +424,6 @@ def model_run(provider: Any) -> Iterator[dict]:
             st.depths.pop()
             st.busy = busy
             _release(patches)
+        after = getattr(provider, 'after_model_run', None)  # (only after a run that completed)
+        if after is not None:
+            after()

@@ -205,8 +205,8 @@ def _quantize_tree(fp: Any, abstract: Any, quant_stats: Any, allow_extra: bool) 
                 _set(out, path, quantize_like(jnp.asarray(value), abs_leaf, name,
                                               _hessian(quant_stats, path, abs_leaf)))
         else:
+            _check_float_shape(name, value, plain)
             _set(out, path, _rebox(abs_leaf, value) if isinstance(abs_leaf, nn.meta.AxisMetadata) else value)
-        del plain
     if not allow_extra:
         extra = ['/'.join(map(str, p)) for p, _ in _walk(fp) if p not in seen]
         if extra:
@@ -259,6 +259,7 @@ def _nnx_quantize(fp: Any, abs_model: nnx.Module, quant_stats: Any, allow_extra:
         value = _lookup(fp, path)
         if value is None:
             raise ValueError(f"state {'/'.join(map(str, path))!r} of the quantized model is missing from fp_params.")
+        _check_float_shape('/'.join(map(str, path)), value, leaf)
         _set(filled, path, value)
     nnx.replace_by_pure_dict(state, filled)
     for path, value in stats.items():
@@ -267,6 +268,14 @@ def _nnx_quantize(fp: Any, abs_model: nnx.Module, quant_stats: Any, allow_extra:
             node = node[k]
         node.set_value(jax.tree.map(jnp.asarray, dict(value)))
     return state
+
+
+def _check_float_shape(name: str, value: Any, abstract: Any) -> None:
+    """A float param must have the shape the quantized model declares (else Flax fails later, unnamed)."""
+    want, got = getattr(abstract, 'shape', None), getattr(unbox_leaves(value), 'shape', None)
+    if want is not None and got is not None and tuple(want) != tuple(got):
+        raise ValueError(f"param {name!r}: fp_params has shape {tuple(got)} but the quantized model's is "
+                         f"{tuple(want)}; were the float params made for the same model?")
 
 
 def _array_dict(q: QArray) -> dict:
@@ -302,7 +311,9 @@ def _model_free(params: Any, rules: Sequence[QuantizationRule]) -> Any:
             e.add_note(f"While quantizing param {name!r} (shape {x.shape}) by rule module_path={rule.module_path!r}.")
             raise
 
-    return jax.tree_util.tree_map_with_path(quantize_leaf, params)
+    out = jax.tree_util.tree_map_with_path(quantize_leaf, params)
+    rs.warn_unused('quantize_params(params, rules)', stacklevel=3)
+    return out
 
 
 def quantize_params(fp_params: Any, abstract_quantized_params: Any, quant_stats: Any = None, *,

@@ -21,15 +21,17 @@ Example:
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import re
-from typing import Sequence
+import warnings
+from typing import Iterable, Sequence
 
 from qarray import calibration as _calibration
 from qarray import qtypes
 
 from flax_integration._op_table import OP_NAMES
 
-__all__ = ['QuantizationRule', 'RuleSet', 'OP_NAMES', 'WEIGHT_ALGORITHMS', 'ROTATIONS']
+__all__ = ['QuantizationRule', 'RuleSet', 'UnusedRuleWarning', 'OP_NAMES', 'WEIGHT_ALGORITHMS', 'ROTATIONS']
 
 WEIGHT_ALGORITHMS = ('rtn', 'gptq')
 ROTATIONS = (None, 'hadamard')
@@ -80,6 +82,10 @@ class QuantizationRule:
         weight and the activation alike. PTQ (and its calibration) only.
       gptq_damping: GPTQ's damping, a fraction of the mean Hessian diagonal
         added to the diagonal (larger is more stable, less exact).
+      warn_if_unused: warn (:class:`UnusedRuleWarning`) when the rule matches
+        nothing -- after a quantized model's first run, and in the model-free
+        ``quantize_params(params, rules)``. Set False for a rule that only
+        matches in some modes (e.g. an op that runs only while training).
 
     Example:
       >>> from flax_integration import QuantizationRule
@@ -99,6 +105,7 @@ class QuantizationRule:
     weight_algorithm: str = 'rtn'
     rotation: str | None = None
     gptq_damping: float = 0.01
+    warn_if_unused: bool = True
 
     def __post_init__(self):
         if not isinstance(self.module_path, str):
@@ -159,6 +166,16 @@ class QuantizationRule:
         return self.weight_algorithm != 'rtn' or self.rotation is not None
 
 
+class UnusedRuleWarning(UserWarning):
+    """A rule matched nothing: the model (or param tree) stays float where the rule meant to quantize it.
+
+    Example:
+      >>> from flax_integration import UnusedRuleWarning
+      >>> issubclass(UnusedRuleWarning, UserWarning)
+      True
+    """
+
+
 class RuleSet:
     """An ordered list of rules; the first full regex match wins. Tracks used rules.
 
@@ -173,6 +190,9 @@ class RuleSet:
     def __init__(self, rules: Sequence[QuantizationRule]):
         if isinstance(rules, QuantizationRule):
             rules = [rules]
+        if rules is None or isinstance(rules, (str, bytes)) or not hasattr(rules, '__iter__'):
+            raise TypeError(f"rules must be a list of QuantizationRule (e.g. [QuantizationRule(weight_qtype='int8')]); "
+                            f"got {rules!r}.")
         rules = list(rules)
         for r in rules:
             if not isinstance(r, QuantizationRule):
@@ -180,9 +200,11 @@ class RuleSet:
         self.rules = rules
         self._compiled = [re.compile(r.module_path) for r in rules]
         self._used: set[int] = set()
+        self.seen: dict[str, None] = {}  # paths asked about, in first-seen order
+        self._warned = False
 
     def match(self, path: str, op_name: str | None = None) -> QuantizationRule | None:
-        """The first rule whose regex fully matches ``path`` and that covers ``op_name``.
+        """The first rule whose regex fully matches ``path`` and that covers ``op_name`` (remembers ``path``).
 
         Example:
           >>> from flax_integration import QuantizationRule
@@ -192,6 +214,7 @@ class RuleSet:
           >>> rs.match('conv1', 'conv_general_dilated').module_path, rs.match('conv1', 'einsum').module_path
           ('conv.*', '.*')
         """
+        self.seen.setdefault(path if op_name is None else f'{path or "<root>"} ({op_name})', None)
         for i, (rule, rx) in enumerate(zip(self.rules, self._compiled)):
             if rx.fullmatch(path) and (op_name is None or op_name in rule.op_names):
                 self._used.add(i)
@@ -216,3 +239,33 @@ class RuleSet:
 
     def __len__(self) -> int:
         return len(self.rules)
+
+    def warn_unused(self, where: str, paths: Iterable[str] | None = None, *, stacklevel: int = 2) -> list[QuantizationRule]:
+        """Warn once (:class:`UnusedRuleWarning`) about rules that matched nothing and ask to be warned
+        (``warn_if_unused``), listing the paths that exist, nearest to each rule's regex first.
+
+        Example:
+          >>> import warnings
+          >>> from flax_integration.rules import QuantizationRule, RuleSet
+          >>> rs = RuleSet([QuantizationRule(module_path='Dense_0/kernl', weight_qtype='int8')])
+          >>> _ = rs.match('Dense_0/kernel'), rs.match('Dense_0/bias')
+          >>> with warnings.catch_warnings(record=True) as caught:
+          ...     warnings.simplefilter('always')
+          ...     _ = rs.warn_unused('quantize_params')
+          >>> print(caught[0].message)  # doctest: +ELLIPSIS
+          quantize_params: rule module_path='Dense_0/kernl' matched nothing, so nothing it names is quantized. Paths that exist (nearest first): 'Dense_0/kernel', 'Dense_0/bias'...
+        """
+        if self._warned:
+            return []
+        self._warned = True
+        unused = [r for r in self.unused() if r.warn_if_unused]
+        known = list(self.seen if paths is None else paths)
+        for rule in unused:
+            near = sorted(known, key=lambda p: -difflib.SequenceMatcher(None, rule.module_path, p).ratio())
+            listed = ', '.join(repr(p) for p in near[:8]) + (', ...' if len(near) > 8 else '')
+            warnings.warn(
+                f"{where}: rule module_path={rule.module_path!r} matched nothing, so nothing it names is quantized. "
+                f"Paths that exist (nearest first): {listed or '(none)'}. The regex must fully match a path; "
+                f"pass warn_if_unused=False for a rule that only matches in some modes.",
+                UnusedRuleWarning, stacklevel=stacklevel + 1)
+        return unused

@@ -32,7 +32,7 @@ from qarray._array import QArray
 from flax_integration._frame import Frame
 from flax_integration._interception import ExtraOp, Intercept
 from flax_integration._op_calls import OpCall
-from flax_integration.rules import QuantizationRule, RuleSet
+from flax_integration.rules import QuantizationRule, RuleSet, UnusedRuleWarning
 from flax_integration.wrappers import QuantizedParam, unbox_leaves
 
 __all__ = ['Provider', 'Op', 'Weight', 'Frame', 'FloatParamError', 'find_weight', 'act_range', 'range_to_scale',
@@ -325,6 +325,24 @@ class Provider:
         """
         return args, kwargs
 
+    def after_model_run(self) -> None:
+        """Called after each complete run of the quantized model: after the first, warns
+        (:class:`~flax_integration.rules.UnusedRuleWarning`) about rules that matched no op, listing the
+        module paths that ran, nearest first (rules with ``warn_if_unused=False`` are exempt).
+
+        Example:
+          >>> import warnings, jax, jax.numpy as jnp
+          >>> from flax import linen as nn
+          >>> import flax_integration as fi
+          >>> rules = [fi.QuantizationRule(module_path='Encoder.*', weight_qtype='int8')]
+          >>> with warnings.catch_warnings(record=True) as caught:
+          ...     warnings.simplefilter('always')
+          ...     _ = fi.quantize_model(nn.Dense(2), fi.PtqProvider(rules)).init(jax.random.key(0), jnp.ones((1, 3)))
+          >>> 'Encoder.*' in str(caught[0].message)
+          True
+        """
+        self.rules.warn_unused(f"{type(self).__name__} (after the model's first run)", stacklevel=4)
+
     def process_model_output(self, output: Any) -> Any:
         """Hook on the quantized model's output (identity by default).
 
@@ -364,7 +382,8 @@ class Provider:
         if unused:
             paths = ', '.join(repr(r.module_path) for r in unused)
             warnings.warn(f"{type(self).__name__}: these rules matched no op: {paths}. Check the regexes "
-                          "against the module paths (e.g. 'Dense_0', 'block/attn/query').", stacklevel=2)
+                          f"against the module paths that ran: {', '.join(map(repr, self.rules.seen)) or '(none yet)'}.",
+                          UnusedRuleWarning, stacklevel=2)
         return unused
 
     # --- helpers shared by providers ------------------------------------------------------
