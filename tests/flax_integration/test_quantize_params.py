@@ -49,3 +49,19 @@ def test_nnx_model_with_statistics_takes_them_from_quant_stats():
     got = nnx.to_pure_dict(state)
     np.testing.assert_array_equal(np.asarray(got['dot_general0_lhs']['hi']), np.asarray(stats['dot_general0_lhs']['hi']))
     np.testing.assert_array_equal(np.asarray(got['kernel']), np.asarray(fp_model.kernel[...]))
+
+
+def test_float_param_of_the_wrong_shape_is_named():
+    from flax import linen as nn
+    x = jnp.ones((2, 8))
+    ptq = fi.quantize_model(nn.Dense(4), fi.PtqProvider([fi.QuantizationRule(weight_qtype='int8')]))
+    abstract = jax.eval_shape(ptq.init, jax.random.key(0), x)['params']
+    fp = nn.Dense(4).init(jax.random.key(0), x)['params']
+    fp = {'kernel': fp['kernel'], 'bias': jnp.zeros(5)}
+    with pytest.raises(ValueError, match=r"param 'bias': fp_params has shape \(5,\) but the quantized model's is \(4,\)"):
+        fi.quantize_params(fp, abstract)
+
+
+def test_provider_without_rules_is_refused_clearly():
+    with pytest.raises(TypeError, match='rules must be a list of QuantizationRule'):
+        fi.PtqProvider(None)
