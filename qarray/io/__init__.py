@@ -4,6 +4,11 @@ Both keep every QArray bit-exact (values, scales, zero points) and store its
 static data (format, tiles, packing, logical shape) next to the arrays; a load
 checks that data against the target and raises :class:`CheckpointError`
 naming the param on any mismatch — nothing is dequantized or reinterpreted.
+Both also store a SHA-256 digest of every tensor (values, scales, zero points;
+each shard of a sharded Orbax save too) and of the metadata, and a load checks
+them unless ``verify=False``: a corrupt or edited checkpoint raises
+:class:`CheckpointError` naming the param and part (or the file, for its
+header). Checkpoints written before the digests load with a ``UserWarning``.
 Needs the ``[checkpoint]`` extra.
 
 Example:

@@ -24,10 +24,12 @@ import numpy as np
 from qarray._array import QArray
 from qarray.paths import path_name  # re-exported
 
-__all__ = ['CheckpointError', 'FORMAT_VERSION', 'path_name', 'flatten', 'describe', 'containers', 'leaf_meta',
-           'check', 'abstract_leaf', 'nest']
+__all__ = ['CheckpointError', 'FORMAT_VERSION', 'READABLE_VERSIONS', 'path_name', 'flatten', 'describe',
+           'containers', 'leaf_meta', 'check', 'check_leaves', 'abstract_leaf', 'nest']
 
-FORMAT_VERSION = 1
+# 2: per-tensor and metadata checksums (qarray.io._checksum); 1: no checksums (still read, unverified).
+FORMAT_VERSION = 2
+READABLE_VERSIONS = (1, 2)
 PARTS = ('qvalue', 'scale', 'zero_point')
 
 
@@ -65,6 +67,58 @@ def flatten(tree: Any) -> tuple[list[str], list[Any], Any]:
         dup = sorted({n for n in names if names.count(n) > 1})
         raise CheckpointError(f"params {dup} have the same '/'-joined name; rename them to save the tree.")
     return names, [leaf for _, leaf in with_path], treedef
+
+
+_ALLOWED = ("a jax.Array, a numpy array or numpy scalar of a bool or numeric dtype (including bfloat16 and "
+            "fp8), a Python bool/int/float, or a QArray of such arrays")
+
+
+def _savable_dtype(dtype: Any) -> bool:
+    try:
+        dtype = jnp.dtype(dtype)
+    except TypeError:
+        return False
+    return bool(jnp.issubdtype(dtype, np.number) or jnp.issubdtype(dtype, np.bool_))
+
+
+_ABSTRACT = tuple(t for t in (jax.ShapeDtypeStruct, getattr(jax.core, 'ShapedArray', None)) if t is not None)
+
+
+def _check_array(name: str, x: Any, what: str) -> None:
+    if isinstance(x, _ABSTRACT):
+        raise TypeError(f"param {name!r}: {what} is an abstract {type(x).__name__} (shape {tuple(x.shape)}), "
+                        "which has no values to save; save concrete arrays (abstract trees are for restore).")
+    if isinstance(x, (jax.Array, np.ndarray, np.generic)):
+        if not _savable_dtype(x.dtype):
+            raise TypeError(f"param {name!r}: {what} is an array of dtype {np.dtype(x.dtype)}, which cannot be "
+                            f"saved; every leaf must be {_ALLOWED}.")
+        return
+    if isinstance(x, (bool, int, float)) and _savable_dtype(np.asarray(x).dtype):
+        return
+    raise TypeError(f"param {name!r}: {what} is a {type(x).__module__}.{type(x).__qualname__} ({x!r:.60}), "
+                    f"which cannot be saved; every leaf must be {_ALLOWED}. Drop it from the tree (strings "
+                    "can go in the safetensors metadata= argument).")
+
+
+def check_leaves(names: list[str], leaves: list[Any]) -> None:
+    """Raise TypeError naming the first leaf that is not an array, a number or a QArray of arrays.
+
+    Example:
+      >>> import jax.numpy as jnp
+      >>> from qarray.io._metadata import check_leaves
+      >>> try:
+      ...     check_leaves(['w', 'name'], [jnp.ones(2), 'gpt'])
+      ... except TypeError as e:
+      ...     print(str(e).split(',')[0])
+      param 'name': leaf is a builtins.str ('gpt')
+    """
+    for name, leaf in zip(names, leaves):
+        if isinstance(leaf, QArray):
+            for part in PARTS:
+                if not (part == 'zero_point' and leaf.zero_point is None):
+                    _check_array(name, getattr(leaf, part), f"the QArray's {part}")
+        else:
+            _check_array(name, leaf, 'leaf')
 
 
 def _array_meta(x: Any) -> dict[str, Any]:

@@ -10,6 +10,15 @@ stored as their uint8 bytes; dtypes safetensors' numpy API cannot write
 (fp8) are stored as raw bytes with the real dtype in the metadata — every
 format round-trips bit-exactly.
 
+Integrity: the metadata also holds a SHA-256 digest of every tensor's bytes
+(``checksums``; see :mod:`qarray.io._checksum` for the choice) and a digest of
+the metadata itself (``metadata_checksum``). :func:`load_safetensors` checks
+both by default, hashing each tensor's bytes straight from the file before any
+array is built, so a flipped bit, a truncated copy or an edited header raises
+:class:`CheckpointError` naming the param and the part (``qvalue``, ``scale``,
+``zero_point``). The digest of a tensor equals the SHA-256 of its data bytes
+in the file, so other tools can check it too.
+
 Needs the ``[checkpoint]`` extra (``safetensors``).
 
 Example:
@@ -24,6 +33,7 @@ Example:
 
 from __future__ import annotations
 
+import concurrent.futures
 import json
 import os
 import struct
@@ -34,6 +44,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from qarray._array import QArray
+from qarray.io import _checksum as cs
 from qarray.io import _metadata as md
 from qarray.io import _orbax as orbax_ckpt
 
@@ -55,34 +66,49 @@ def _st():
     return safetensors, stnp
 
 
-def _tensors_of(name: str, leaf: Any) -> dict[str, Any]:
+def _tensors_of(name: str, leaf: Any) -> dict[str, tuple[str, Any]]:
+    """``{tensor name: (part, array)}`` of one param (part: qvalue/scale/zero_point, or 'array')."""
     if isinstance(leaf, QArray):
-        out = {f'{name}.qvalue': leaf.qvalue, f'{name}.scale': leaf.scale}
-        if leaf.zero_point is not None:
-            out[f'{name}.zero_point'] = leaf.zero_point
-        return out
-    return {name: leaf}
+        return {f'{name}.{p}': (p, getattr(leaf, p)) for p in md.PARTS if getattr(leaf, p) is not None}
+    return {name: (cs.ARRAY, leaf)}
+
+
+def _param_of(tname: str) -> str:
+    return tname.rsplit('.', 1)[0] if tname.rsplit('.', 1)[-1] in md.PARTS else tname
 
 
 def _to_storable(x: Any) -> tuple[np.ndarray, bool]:
-    """numpy array safetensors can write, and whether it is a raw byte view."""
-    a = np.ascontiguousarray(np.asarray(jax.device_get(x)))
+    """numpy array safetensors can write (same bytes, C order), and whether it is a raw byte view."""
+    a = np.asarray(jax.device_get(x))
+    if not a.flags.c_contiguous:
+        a = a.copy(order='C')
+    if a.dtype.byteorder == '>':
+        a = a.astype(a.dtype.newbyteorder('<'))
     if a.dtype in _NATIVE:
         return a, False
-    raw = a.view(np.uint8)
-    return (raw if a.dtype.itemsize == 1 else raw.reshape(a.shape + (a.dtype.itemsize,))), True
+    raw = a.reshape(-1).view(np.uint8)
+    return raw.reshape(a.shape + ((a.dtype.itemsize,) if a.dtype.itemsize > 1 else ())), True
 
 
 def save_safetensors(path: str | os.PathLike, tree: Any, *, metadata: dict[str, str] | None = None) -> None:
     """Write ``tree`` (arrays and QArrays) to one safetensors file.
 
     Sharded arrays are gathered to the host that writes (use Orbax for
-    checkpoints of models larger than one host).
+    checkpoints of models larger than one host). The header records a SHA-256
+    digest of every tensor and of the qarray metadata, checked on load.
 
     Args:
       path: output file.
-      tree: params; leaf names are the '/'-joined tree paths.
-      metadata: extra string entries for the header (e.g. a model name).
+      tree: params; leaf names are the '/'-joined tree paths. Every leaf must be
+        an array (jax or numpy, bool or numeric dtype), a Python bool/int/float,
+        or a QArray.
+      metadata: extra string entries for the header (e.g. a model name; not
+        covered by the checksums).
+
+    Raises:
+      TypeError: a leaf is not an array or number (the message names the param
+        and its type), or ``metadata`` is not a dict of strings.
+      ValueError: ``metadata`` uses the reserved key ``'qarray'``.
 
     Example:
       >>> import tempfile, os, jax.numpy as jnp, qarray
@@ -90,26 +116,48 @@ def save_safetensors(path: str | os.PathLike, tree: Any, *, metadata: dict[str, 
       ...                           {'w': qarray.quantize(jnp.ones((2, 4)), 'fp8')})
     """
     _, stnp = _st()
-    names, leaves, _ = md.flatten(tree)
-    tensors, raw = {}, []
-    for name, leaf in zip(names, leaves):
-        for tname, x in _tensors_of(name, leaf).items():
-            if tname in tensors:
-                raise md.CheckpointError(f"param {name!r}: tensor name {tname!r} is used twice; rename the param.")
-            tensors[tname], is_raw = _to_storable(x)
-            if is_raw:
-                raw.append(tname)
-    meta = {'format_version': md.FORMAT_VERSION, 'names': names,
-            'params': md.describe(tree), 'raw_tensors': raw}
     header = dict(metadata or {})
     if _META_KEY in header:
         raise ValueError(f"metadata key {_META_KEY!r} is reserved for qarray; pick another key.")
-    header[_META_KEY] = json.dumps(meta)
+    bad = [(k, v) for k, v in header.items() if not (isinstance(k, str) and isinstance(v, str))]
+    if bad:
+        raise TypeError(f"metadata must map str to str (safetensors stores strings only); entry {bad[0]!r:.80} "
+                        "is not; json.dumps the value first.")
+    names, leaves, _ = md.flatten(tree)
+    md.check_leaves(names, leaves)
+    tensors, raw, sums = {}, [], {}
+    for name, leaf in zip(names, leaves):
+        for tname, (part, x) in _tensors_of(name, leaf).items():
+            if tname in tensors:
+                raise md.CheckpointError(f"param {name!r}: tensor name {tname!r} is used twice; rename the param.")
+            tensors[tname], is_raw = _to_storable(x)
+            sums.setdefault(name, {})[part] = cs.entry(cs.digest(tensors[tname]))
+            if is_raw:
+                raw.append(tname)
+    meta = {'format_version': md.FORMAT_VERSION, 'names': names, 'params': md.describe(tree), 'raw_tensors': raw,
+            cs.CHECKSUM_KEY: {'algorithm': cs.ALGORITHM, 'params': sums}}
+    header[_META_KEY] = json.dumps(cs.seal(meta))
     stnp.save_file(tensors, os.fspath(path), metadata=header)
 
 
-def _read_header(path: str) -> dict[str, Any]:
-    """Parse the safetensors header and check that every tensor's bytes are in the file."""
+def _is_int(v: Any) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool) and v >= 0
+
+
+def _check_entry(path: str, tname: str, info: Any) -> None:
+    """Raise CheckpointError unless ``info`` is a well-formed safetensors tensor entry."""
+    ok = (isinstance(info, dict) and isinstance(info.get('dtype'), str)
+          and isinstance(info.get('shape'), list) and all(_is_int(d) for d in info['shape'])
+          and isinstance(info.get('data_offsets'), list) and len(info['data_offsets']) == 2
+          and all(_is_int(o) for o in info['data_offsets']) and info['data_offsets'][0] <= info['data_offsets'][1])
+    if not ok:
+        raise md.CheckpointError(f"{path!r} has a corrupt safetensors header: the entry of tensor {tname!r} "
+                                 f"(param {_param_of(tname)!r}) is {info!r:.200}, not "
+                                 "{'dtype': str, 'shape': [int, ...], 'data_offsets': [begin, end]}.")
+
+
+def _read_header(path: str) -> tuple[dict[str, Any], int]:
+    """Parse and check the safetensors header; (header, offset of the data section in the file)."""
     if not os.path.isfile(path):
         raise FileNotFoundError(f"no safetensors file at {path!r}.")
     size = os.path.getsize(path)
@@ -119,24 +167,65 @@ def _read_header(path: str) -> dict[str, Any]:
             raise md.CheckpointError(f"{path!r} is truncated: {size} bytes, not even a safetensors header.")
         (n,) = struct.unpack('<Q', head)
         if 8 + n > size:
-            raise md.CheckpointError(f"{path!r} is truncated inside its header ({size} of {8 + n} bytes).")
+            raise md.CheckpointError(f"{path!r} is truncated inside its header ({size} of {8 + n} bytes), or "
+                                     "its header length is corrupt.")
         try:
             header = json.loads(f.read(n))
-        except ValueError as e:
-            raise md.CheckpointError(f"{path!r} has a corrupt safetensors header: {e}.") from e
+        except ValueError as e:  # includes UnicodeDecodeError
+            raise md.CheckpointError(f"{path!r} has a corrupt safetensors header (not valid JSON): {e}.") from e
+    if not isinstance(header, dict):
+        raise md.CheckpointError(f"{path!r} has a corrupt safetensors header: a JSON {type(header).__name__}, "
+                                 "not an object.")
+    extra = header.get('__metadata__', {})
+    if not isinstance(extra, dict) or not all(isinstance(v, str) for v in extra.values()):
+        raise md.CheckpointError(f"{path!r} has a corrupt safetensors header: '__metadata__' is not a "
+                                 "dict of strings.")
     for tname, info in header.items():
         if tname == '__metadata__':
             continue
-        end = 8 + n + int(info['data_offsets'][1])
+        _check_entry(path, tname, info)
+        end = 8 + n + info['data_offsets'][1]
         if end > size:
-            param = tname.rsplit('.', 1)[0] if tname.rsplit('.', 1)[-1] in md.PARTS else tname
-            raise md.CheckpointError(f"param {param!r}: tensor {tname!r} ends at byte {end} but {path!r} has only "
-                                     f"{size} bytes; the file is truncated.")
-    return header
+            raise md.CheckpointError(f"param {_param_of(tname)!r}: tensor {tname!r} ends at byte {end} but "
+                                     f"{path!r} has only {size} bytes; the file is truncated.")
+    return header, 8 + n
 
 
-def read_safetensors_metadata(path: str | os.PathLike) -> dict[str, Any]:
-    """The qarray metadata stored in a file's header (``{'names', 'params', ...}``).
+def _read_meta(path: str, verify: bool) -> tuple[dict[str, Any], dict[str, Any], int, bool]:
+    """(qarray metadata, header, data offset, whether tensor checksums are to be checked)."""
+    header, start = _read_header(path)
+    raw = header.get('__metadata__', {}).get(_META_KEY)
+    if raw is None:
+        raise md.CheckpointError(f"{path!r} has no {_META_KEY!r} metadata entry; it was not written by "
+                                 "qarray.io.save_safetensors, so its tensors cannot be read as QArrays.")
+    try:
+        meta = json.loads(raw)
+    except ValueError as e:
+        raise md.CheckpointError(f"{path!r}: the {_META_KEY!r} header entry is corrupt (not valid JSON: {e}).") from e
+    if not isinstance(meta, dict) or meta.get('format_version') not in md.READABLE_VERSIONS:
+        raise md.CheckpointError(f"{path!r}: unsupported qarray metadata format_version "
+                                 f"{meta.get('format_version') if isinstance(meta, dict) else None!r}; this qarray "
+                                 f"reads versions {md.READABLE_VERSIONS}.")
+    checked = cs.open_seal(meta, f"file {path!r}", verify)
+    names = set(_header_tensors(header))
+    try:
+        for name, pm in meta['params'].items():
+            for tname in _tensors_of(name, md.abstract_leaf(pm)):
+                if tname not in names:
+                    raise md.CheckpointError(f"param {name!r}: tensor {tname!r} is missing from {path!r}.")
+    except (KeyError, TypeError, AttributeError, ValueError) as e:
+        if isinstance(e, md.CheckpointError):
+            raise
+        raise md.CheckpointError(f"{path!r}: the {_META_KEY!r} metadata is malformed ({type(e).__name__}: {e}).") from e
+    return meta, header, start, checked
+
+
+def read_safetensors_metadata(path: str | os.PathLike, *, verify: bool = True) -> dict[str, Any]:
+    """The qarray metadata stored in a file's header (``{'names', 'params', 'checksums', ...}``).
+
+    ``verify`` (default): check the metadata's own SHA-256 digest first (a
+    mismatch raises :class:`CheckpointError`); files written before checksums
+    give a ``UserWarning``.
 
     Example:
       >>> import tempfile, os, jax.numpy as jnp, qarray
@@ -145,23 +234,7 @@ def read_safetensors_metadata(path: str | os.PathLike) -> dict[str, Any]:
       >>> qarray.io.read_safetensors_metadata(f)['params']['w']['tiles']
       {'1': 8}
     """
-    path = os.fspath(path)
-    header = _read_header(path)
-    raw = (header.get('__metadata__') or {}).get(_META_KEY)
-    if raw is None:
-        raise md.CheckpointError(f"{path!r} has no {_META_KEY!r} metadata entry; it was not written by "
-                                 "qarray.io.save_safetensors, so its tensors cannot be read as QArrays.")
-    meta = json.loads(raw)
-    if meta.get('format_version') != md.FORMAT_VERSION:
-        raise md.CheckpointError(f"{path!r}: unsupported qarray metadata format_version "
-                                 f"{meta.get('format_version')!r}; this qarray reads version {md.FORMAT_VERSION}.")
-    names = set(_header_tensors(header))
-    for name, pm in meta['params'].items():
-        leaf = md.abstract_leaf(pm)
-        for tname in _tensors_of(name, leaf):
-            if tname not in names:
-                raise md.CheckpointError(f"param {name!r}: tensor {tname!r} is missing from {path!r}.")
-    return meta
+    return _read_meta(os.fspath(path), verify)[0]
 
 
 def _header_tensors(header: dict[str, Any]) -> list[str]:
@@ -178,7 +251,7 @@ def tensor_names(path: str | os.PathLike) -> list[str]:
       >>> qarray.io.tensor_names(f)
       ['b']
     """
-    return _header_tensors(_read_header(os.fspath(path)))
+    return _header_tensors(_read_header(os.fspath(path))[0])
 
 
 def _read_part(handle: Any, tname: str, want: jax.ShapeDtypeStruct, is_raw: bool, name: str) -> jax.Array:
@@ -193,6 +266,9 @@ def _read_part(handle: Any, tname: str, want: jax.ShapeDtypeStruct, is_raw: bool
 
     def read(index: tuple) -> np.ndarray:
         index = tuple(index) + (slice(None),) * (len(stored_shape) - len(index))
+        if 0 in stored_shape:  # safetensors cannot slice an empty tensor
+            return np.zeros(tuple(len(range(*i.indices(n))) for i, n in zip(index, stored_shape))[:len(want.shape)],
+                            dtype)
         block = np.asarray(sl[index])
         if is_raw:
             block = np.ascontiguousarray(block).view(dtype).reshape(block.shape[:len(want.shape)])
@@ -204,7 +280,39 @@ def _read_part(handle: Any, tname: str, want: jax.ShapeDtypeStruct, is_raw: bool
     return jax.make_array_from_callback(want.shape, want.sharding, read)
 
 
-def load_safetensors(path: str | os.PathLike, target: Any = None, shardings: Any = None) -> Any:
+def _file_digest(path: str, begin: int, end: int, chunk: int = 1 << 24) -> str:
+    h = cs.hasher()
+    with open(path, 'rb') as f:
+        f.seek(begin)
+        left = end - begin
+        while left > 0:
+            buf = f.read(min(chunk, left))
+            if not buf:
+                break
+            h.update(buf)
+            left -= len(buf)
+    return h.hexdigest()
+
+
+def _verify_tensors(path: str, meta: dict[str, Any], header: dict[str, Any], start: int, names: list[str]) -> None:
+    """Hash each tensor of ``names`` from the file and compare with its stored digest (first mismatch raises).
+
+    Tensors are hashed on a few threads (file reads and hashlib release the GIL), 16 MiB at a time.
+    """
+    jobs = []
+    for name in names:
+        for tname, (part, _) in _tensors_of(name, md.abstract_leaf(meta['params'][name])).items():
+            begin, end = header[tname]['data_offsets']
+            jobs.append((name, part, cs.record_for(meta, name, part, f"file {path!r}"), start + begin, start + end))
+    with concurrent.futures.ThreadPoolExecutor(max_workers=min(4, os.cpu_count() or 1)) as pool:
+        digests = pool.map(lambda job: _file_digest(path, job[3], job[4]), jobs)
+        for (name, part, rec, _, _), got in zip(jobs, digests):
+            if got != rec.get('digest'):
+                raise cs.mismatch(name, part, str(rec.get('digest', '(none)')), got, f"file {path!r}")
+
+
+def load_safetensors(path: str | os.PathLike, target: Any = None, shardings: Any = None, *,
+                     verify: bool = True) -> Any:
     """Load a file written by :func:`save_safetensors`, checking it against ``target``.
 
     Args:
@@ -214,10 +322,19 @@ def load_safetensors(path: str | os.PathLike, target: Any = None, shardings: Any
         return nested dicts built from the stored names.
       shardings: as for :func:`qarray.io.restore`; each device reads only the
         slices it holds.
+      verify: check the SHA-256 digests of the metadata and of every tensor
+        loaded (each tensor is hashed whole from the file, before any array is
+        built; about as fast as reading the file once more). ``False`` skips
+        the checks, and the warning for files written without checksums.
 
     Raises:
-      CheckpointError: naming the param, on a mismatch, a missing tensor or a
-        truncated file.
+      CheckpointError: naming the param, on a mismatch, a missing tensor, a
+        truncated file, or (``verify``) a tensor whose bytes do not match their
+        digest (names the part: qvalue, scale, zero_point) — or naming the file,
+        for a corrupt header or metadata that does not match its digest.
+
+    Warns:
+      UserWarning: (``verify``) the file was written before checksums existed.
 
     Example:
       >>> import tempfile, os, jax.numpy as jnp, qarray
@@ -228,11 +345,17 @@ def load_safetensors(path: str | os.PathLike, target: Any = None, shardings: Any
     """
     safetensors, _ = _st()
     path = os.fspath(path)
-    meta = read_safetensors_metadata(path)
+    meta, header, start, checked = _read_meta(path, verify)
     names, abstract, treedef, _ = orbax_ckpt.resolve(meta, target, shardings, f"file {path!r}")
+    if checked:
+        _verify_tensors(path, meta, header, start, names)
     raw = set(meta.get('raw_tensors', []))
     leaves = []
-    with safetensors.safe_open(path, framework='np') as handle:
+    try:
+        handle_cm = safetensors.safe_open(path, framework='np')
+    except Exception as e:  # the Rust reader's own consistency checks (offsets, dtypes)
+        raise md.CheckpointError(f"{path!r} cannot be opened as safetensors: {type(e).__name__}: {e}") from e
+    with handle_cm as handle:
         for name, a in zip(names, abstract):
             if isinstance(a, QArray):
                 parts = {p: getattr(a, p) for p in md.PARTS if getattr(a, p) is not None}
