@@ -116,9 +116,11 @@ class QArray:
             raise TypeError(f"QArray({qt.name}): scale must be floating; got {np.dtype(self.scale.dtype).name}.")
         zp = self.zero_point
         if zp is not None and hasattr(zp, 'shape'):
-            if tuple(zp.shape) != sshape or not jnp.issubdtype(zp.dtype, jnp.integer):
-                raise ValueError(f"QArray({qt.name}): zero_point must be integer codes of the scale's shape "
-                                 f"{sshape}; got {np.dtype(zp.dtype).name}{tuple(zp.shape)}.")
+            if tuple(zp.shape) != sshape or not (isinstance(zp, QArray) or jnp.issubdtype(zp.dtype, jnp.integer)
+                                                  or jnp.issubdtype(zp.dtype, jnp.floating)):
+                raise ValueError(f"QArray({qt.name}): zero_point must have the scale's shape {sshape}, as integer "
+                                 f"codes or a float offset in value space; got {np.dtype(zp.dtype).name}"
+                                 f"{tuple(zp.shape)}.")
         return self
 
     # pytree -------------------------------------------------------------------
@@ -167,9 +169,14 @@ class QArray:
 
     @property
     def nbytes(self) -> int:
-        """Stored bytes: values + scales + zero points."""
-        leaves = [self.qvalue, self.scale, self.zero_point]
-        return sum(math.prod(l.shape) * jnp.dtype(l.dtype).itemsize for l in leaves if l is not None)
+        """Stored bytes: values + scales + zero points (a quantized scale counts its own stored bytes)."""
+        total = 0
+        for leaf in (self.qvalue, self.scale, self.zero_point):
+            if isinstance(leaf, QArray):
+                total += leaf.nbytes
+            elif leaf is not None:
+                total += math.prod(leaf.shape) * jnp.dtype(leaf.dtype).itemsize
+        return total
 
     @property
     def T(self) -> 'QArray':
@@ -192,8 +199,8 @@ class QArray:
         packed_axis = None
         if self.packed_axis is not None:
             packed_axis = axes.index(self.packed_axis % self.ndim) - self.ndim
-        zp = None if self.zero_point is None else jnp.transpose(self.zero_point, axes)
-        return self.replace(qvalue=jnp.transpose(self.qvalue, axes), scale=jnp.transpose(self.scale, axes),
+        zp = None if self.zero_point is None else _transpose(self.zero_point, axes)
+        return self.replace(qvalue=jnp.transpose(self.qvalue, axes), scale=_transpose(self.scale, axes),
                             zero_point=zp, packed_axis=packed_axis)
 
     def reshape(self, *shape: Any) -> 'QArray':
@@ -215,7 +222,7 @@ class QArray:
         qshape = list(new_shape)
         if packed_new is not None:
             qshape[packed_new] = self.qvalue.shape[self.packed_axis]
-        zp = None if self.zero_point is None else self.zero_point.reshape(new_scale_shape)
+        zp = None if self.zero_point is None else self.zero_point.reshape(new_scale_shape)  # (QArray or array)
         return self.replace(qvalue=self.qvalue.reshape(qshape), scale=self.scale.reshape(new_scale_shape),
                             zero_point=zp, packed_axis=None if packed_new is None else packed_new - len(new_shape),
                             packed_length=None if packed_new is None else self.packed_length)
@@ -289,16 +296,25 @@ class QArray:
                 parts.append(f"channelwise_axes={self.channelwise_axes}")
             if tiles:
                 parts.append(f"tiles={tiles}")
+            if isinstance(self.scale, QArray):
+                parts.append(f"scale={self.scale.qtype.name} codes")
+            elif self.qtype.microscaling:
+                parts.append(f"scale={jnp.dtype(self.scale.dtype).name}")
             if self.zero_point is not None:
-                parts.append("zero_point")
+                parts.append("zero_point" if jnp.issubdtype(self.zero_point.dtype, jnp.integer) else "offset")
             if self.packed_axis is not None:
                 parts.append(f"packed_axis={self.packed_axis}")
             parts.append(f"stored={self.nbytes} B")
             parts.append(f"dtype={self.dtype.name}")
             return f"QArray({', '.join(parts)})"
-        except Exception:  # leaves that are not arrays (e.g. inside tree utilities)
+        except (AttributeError, TypeError):  # leaves that are not arrays (e.g. inside tree utilities)
             return (f"QArray(qtype={self.qtype.name}, qvalue={self.qvalue!r}, scale={self.scale!r}, "
                     f"zero_point={self.zero_point!r})")
+
+
+def _transpose(x: Any, axes: tuple[int, ...]) -> Any:
+    """Transpose an array, or a QArray without dequantizing it (a quantized scale stays quantized)."""
+    return x.transpose(axes) if isinstance(x, QArray) else jnp.transpose(x, axes)
 
 
 def _binary(op):

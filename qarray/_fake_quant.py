@@ -16,6 +16,7 @@ import jax
 import jax.numpy as jnp
 
 from qarray import _layout, _numerics, qtypes
+from qarray._array import QArray
 from qarray._quantize import check_input, codes_with_scale, quantize_codes, resolve_args, values_from_codes
 
 __all__ = ['fake_quant', 'fake_quant_with_scale', 'straight_through', 'representable_range']
@@ -63,19 +64,23 @@ def representable_range(scale: jax.Array, zero_point: jax.Array | None, qtype: A
     """
     qt = qtypes.get(qtype)
     s = scale.astype(jnp.float32)
-    qa, qb = _numerics.code_range(qt, zero_point is not None)
+    code_zp = zero_point is not None and jnp.issubdtype(zero_point.dtype, jnp.integer)
+    qa, qb = _numerics.code_range(qt, code_zp)
     half = qt.step_in_scales / 2 if qt.is_integer else 0.0
     qa, qb = qa - half, qb + half
-    if zero_point is not None:
+    if code_zp:
         zpf = zero_point.astype(jnp.float32)
         return (qa - zpf) * s, (qb - zpf) * s
+    if zero_point is not None:  # a float offset in value space: x = code * scale - zero_point
+        off = zero_point.astype(jnp.float32)
+        return qa * s - off, qb * s - off
     return qa * s, qb * s
 
 
 def fake_quant(x: Any, qtype: Any, *, channelwise_axes: int | Sequence[int] = (),
                tiles: int | Mapping[int, int] | None = None, calibration: str = 'absmax',
-               scale_dtype: Any = None, ste: str = 'clipped') -> jax.Array:
-    """Quantize then dequantize, with a straight-through gradient.
+               scale_dtype: Any = None, ste: str = 'clipped', scale_qtype: Any = None) -> jax.Array:
+    """Quantize then dequantize, with a straight-through gradient (arguments as :func:`qarray.quantize`).
 
     The forward value equals ``dequantize(quantize(x, ...))`` bit for bit.
     Gradient: ``ste='clipped'`` (default) passes it through where ``x`` lies
@@ -90,14 +95,17 @@ def fake_quant(x: Any, qtype: Any, *, channelwise_axes: int | Sequence[int] = ()
     """
     _check_ste(ste)
     x = check_input(x, False)
-    qt, cw, tile_map, scale_dtype = resolve_args(x, qtype, channelwise_axes, tiles, calibration, scale_dtype)
-    return _fake_quant_jit(x, qt, cw, tuple(sorted(tile_map.items())), calibration, scale_dtype, ste)
+    spec = resolve_args(x, qtype, channelwise_axes, tiles, calibration, scale_dtype, scale_qtype)
+    return _fake_quant_jit(x, spec, ste)
 
 
-@functools.partial(jax.jit, static_argnums=(1, 2, 3, 4, 5, 6))
-def _fake_quant_jit(x, qt, cw, tile_items, calibration, scale_dtype, ste) -> jax.Array:
+@functools.partial(jax.jit, static_argnums=(1, 2))
+def _fake_quant_jit(x, spec, ste) -> jax.Array:
     xs = jax.lax.stop_gradient(x)
-    c, scale, zp = quantize_codes(xs, qt, cw, dict(tile_items), calibration, scale_dtype)
+    c, scale, zp = quantize_codes(xs, spec)
+    if isinstance(scale, QArray):  # a quantized scale: the codes were computed with its dequantized value
+        scale = scale.__jax_array__()
+    qt = spec.qtype
     return straight_through(x, values_from_codes(c, scale, zp, qt, x.dtype), _pass_mask(xs, scale, zp, qt, ste))
 
 

@@ -20,7 +20,7 @@ import numpy as np
 
 from qarray.qtypes import QType
 
-__all__ = ['scale_and_zero_point', 'scale_overflows', 'to_codes', 'from_codes', 'unscaled_values', 'code_range',
+__all__ = ['scale_and_zero_point', 'zero_point_for', 'scale_overflows', 'to_codes', 'from_codes', 'unscaled_values', 'code_range',
            'compute_dtype']
 
 
@@ -94,10 +94,28 @@ def scale_and_zero_point(lo: jnp.ndarray, hi: jnp.ndarray, symmetric: bool, qtyp
     scale = _finite_positive(raw, scale_dtype)
     if zero_level is None:
         return scale, None
+    return scale, _zero_point(zero_level, scale.astype(raw.dtype), qtype)
+
+
+def _zero_point(zero_level, scale, qtype: QType) -> jnp.ndarray:
     qa, qb = code_range(qtype, True)
-    zp = jnp.clip(jnp.round(qa - zero_level / scale.astype(raw.dtype)), qa, qb)
-    zp = jnp.where(jnp.isfinite(zp), zp, 0).astype(qtype.code_dtype)
-    return scale, zp
+    zp = jnp.clip(jnp.round(qa - zero_level / scale), qa, qb)
+    return jnp.where(jnp.isfinite(zp), zp, 0).astype(qtype.code_dtype)
+
+
+def zero_point_for(lo, hi, symmetric: bool, qtype: QType, scale: jnp.ndarray) -> jnp.ndarray | None:
+    """The integer zero point of range ``[lo, hi]`` for a given (e.g. stored, double-quantized) scale.
+
+    Example:
+      >>> import jax.numpy as jnp
+      >>> from qarray import qtypes
+      >>> from qarray._numerics import zero_point_for
+      >>> int(zero_point_for(jnp.array(-1.), jnp.array(3.), False, qtypes.get('uint8'), jnp.array(4 / 255)))
+      64
+    """
+    ct = compute_dtype(jnp.result_type(lo, hi, scale))
+    _, zero_level = _raw_scale(lo, hi, symmetric, qtype, ct)
+    return None if zero_level is None else _zero_point(zero_level, jnp.asarray(scale).astype(ct), qtype)
 
 
 def _raw_scale(lo, hi, symmetric: bool, qtype: QType, scale_dtype):
@@ -239,7 +257,10 @@ def from_codes(codes: jnp.ndarray, scale: jnp.ndarray, zero_point: jnp.ndarray |
       [1.5]
     """
     ct = compute_dtype(dtype)
-    v = unscaled_values(codes, zero_point, qtype).astype(ct) * scale.astype(ct)
+    if zero_point is not None and jnp.issubdtype(zero_point.dtype, jnp.floating):  # value space: c * s - zp
+        v = unscaled_values(codes, None, qtype).astype(ct) * scale.astype(ct) - zero_point.astype(ct)
+    else:
+        v = unscaled_values(codes, zero_point, qtype).astype(ct) * scale.astype(ct)
     # A level just past the dtype's max (e.g. int8's code -128 for data at -float32 max, or any level in a
     # narrow dtype) must not become inf: it is within half a step of a finite value. NaN stays NaN.
     big = float(jnp.finfo(dtype).max)

@@ -14,45 +14,142 @@ Example:
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 from typing import Any, Callable, Mapping, Sequence
 
 import jax
 import jax.numpy as jnp
 
-from qarray import _layout, _numerics, packing, qtypes
+from qarray import _layout, _microscaling, _numerics, packing, qtypes
 from qarray import calibration as _calibration
 from qarray._array import QArray
 
 __all__ = ['quantize', 'quantize_with_scale', 'dequantize', 'codes', 'unpacked_codes', 'values_from_codes',
            'check_when_known',
-           'check_input', 'resolve_args', 'quantize_codes', 'codes_with_scale']
+           'check_input', 'resolve_args', 'quantize_codes', 'codes_with_scale', 'Spec', 'quantize_scales',
+           'scale_blocks']
 
 
-def quantize_codes(x, qt, cw, tile_map, calibration, scale_dtype, with_overflow: bool = False):
-    """Codes (logical shape), scale and zero point (rank of x); with ``with_overflow`` also a scalar bool:
-    whether some finite group needs a scale beyond ``scale_dtype``'s largest value."""
-    view, reduce_axes, scale_shape = _layout.group_view(x.shape, cw, tile_map)
+@dataclasses.dataclass(frozen=True)
+class Spec:
+    """Everything static about one quantization (hashable: a jit cache key).
+
+    Example:
+      >>> import jax.numpy as jnp
+      >>> from qarray._quantize import resolve_args
+      >>> resolve_args(jnp.ones((4, 64)), 'mxfp4', (), None, 'absmax', None).tiles
+      ((1, 32),)
+    """
+
+    qtype: qtypes.QType
+    channelwise_axes: tuple[int, ...]
+    tiles: tuple[tuple[int, int], ...]
+    calibration: str
+    scale_dtype: Any
+    scale_qtype: qtypes.QType | None = None  # quantize the scales themselves (double quantization)
+
+
+def quantize_codes(x, spec: Spec, with_overflow: bool = False):
+    """Codes (logical shape), scale (rank of x; a QArray for quantized scales) and zero point; with
+    ``with_overflow`` also a scalar bool: whether some finite group needs a scale beyond ``scale_dtype``."""
+    qt, scale_dtype = spec.qtype, spec.scale_dtype
+    view, reduce_axes, scale_shape = _layout.group_view(x.shape, spec.channelwise_axes, dict(spec.tiles))
+    no_overflow = jnp.zeros((), bool)
     if x.size == 0:  # nothing to calibrate: unit scales, no codes
-        out = _empty_codes(x, qt, calibration, scale_shape, scale_dtype)
-        return out + (jnp.zeros((), bool),) if with_overflow else out
+        out = _empty_codes(x, spec, scale_shape)
+        return out + (no_overflow,) if with_overflow else out
     xv = x.reshape(view).astype(_numerics.compute_dtype(x.dtype))
-    rng = _calibration.calibrate(calibration, xv, tuple(reduce_axes), qt)
+    bshape = [1 if i in reduce_axes else d for i, d in enumerate(view)]
+    if qt.microscaling:
+        out = _microscaling_codes(xv, tuple(reduce_axes), spec, x.shape, scale_shape)
+        return out + (no_overflow,) if with_overflow else out
+    rng = _calibration.calibrate(spec.calibration, xv, tuple(reduce_axes), qt)
     scale, zp = _numerics.scale_and_zero_point(rng.lo, rng.hi, rng.symmetric, qt, scale_dtype)
-    scale = jnp.broadcast_to(scale, [1 if i in reduce_axes else d for i, d in enumerate(view)])
+    stored = scale = jnp.broadcast_to(scale, bshape)
+    if spec.scale_qtype is not None:  # double quantization: codes follow the scale as stored
+        stored = quantize_scales(scale.reshape(scale_shape), spec.scale_qtype)
+        scale = dequantize(stored, jnp.float32).reshape(bshape)
+        if zp is not None:
+            zp = _numerics.zero_point_for(rng.lo, rng.hi, rng.symmetric, qt, scale)
     if zp is not None:
-        zp = jnp.broadcast_to(zp, scale.shape)
+        zp = jnp.broadcast_to(zp, bshape)
     q = _numerics.to_codes(xv, scale, zp, qt, calibrated=True)
-    out = (q.reshape(x.shape), scale.reshape(scale_shape), None if zp is None else zp.reshape(scale_shape))
+    out = (q.reshape(x.shape), stored if spec.scale_qtype is not None else scale.reshape(scale_shape),
+           None if zp is None else zp.reshape(scale_shape))
     if with_overflow:
         out = out + (jnp.any(_numerics.scale_overflows(rng.lo, rng.hi, rng.symmetric, qt, scale_dtype)),)
     return out
 
 
-def _empty_codes(x, qt, calibration, scale_shape, scale_dtype):
-    symmetric = _calibration.calibrate(calibration, jnp.array([-1.0, 1.0]), (0,), qt).symmetric
+def _microscaling_codes(xv, reduce_axes, spec: Spec, shape, scale_shape):
+    qt = spec.qtype
+    if qt.scale_format == 'e8m0':
+        codes_, scale = _microscaling.mx_groups(xv, reduce_axes, qt, spec.calibration)
+        return codes_.reshape(shape), scale.reshape(scale_shape), None
+    codes_, s8, g = _microscaling.nvfp4_groups(xv, reduce_axes, qt)
+    inner = QArray(s8.reshape(scale_shape), g.reshape((1,) * len(scale_shape)), qtype='float8_e4m3fn',
+                   dtype=jnp.float32)
+    return codes_.reshape(shape), inner, None
+
+
+def scale_blocks(shape: Sequence[int], block: int = 256) -> tuple[tuple[int, ...], dict[int, int]]:
+    """``(channelwise_axes, tiles)`` that group ``shape`` into blocks of (up to) ``block`` values, filled from
+    the last axis: how the scales of a double-quantized QArray are blocked (256 per second-level scale, as
+    bitsandbytes does). Axes the blocks cover whole are shared; axes past them are per index.
+
+    Example:
+      >>> from qarray._quantize import scale_blocks
+      >>> scale_blocks((1024, 16)), scale_blocks((4096, 64)), scale_blocks((512, 64, 8))
+      (((), {0: 16}), ((), {0: 4}), ((0,), {1: 32}))
+    """
+    tiles, room, a = {}, block, len(shape) - 1
+    while a >= 0 and room > 1:
+        n = shape[a]
+        t = max(d for d in range(1, min(n, room) + 1) if n % d == 0) if n else 1
+        if 1 < t < n:
+            tiles[a] = t
+        room //= max(t, 1)
+        a -= 1
+        if t < n:
+            break
+    return tuple(range(a + 1)), dict(sorted(tiles.items()))
+
+
+def quantize_scales(scale: jax.Array, scale_qtype: qtypes.QType, block: int = 256) -> QArray:
+    """Double quantization: the (float) scales of a QArray as a QArray of their own -- their mean taken out
+    (kept as a float zero point, in value space), then ``scale_qtype`` codes with one float32 scale per
+    block of up to 256 scales (:func:`scale_blocks`). Dequantizes to ``codes * s2 - zero_point``.
+
+    Example:
+      >>> import jax, jax.numpy as jnp
+      >>> from qarray import qtypes
+      >>> from qarray._quantize import quantize_scales
+      >>> s = 1.0 + jax.random.uniform(jax.random.key(0), (64, 8))
+      >>> q = quantize_scales(s, qtypes.get('int8'))
+      >>> q.qvalue.dtype, q.scale.shape, bool(jnp.abs(q.__jax_array__() - s).max() < 2 * q.scale.max() / 2)
+      (dtype('int8'), (2, 1), True)
+    """
+    scale = scale.astype(jnp.float32)
+    mean = jnp.mean(scale)
+    cw, tiles = scale_blocks(scale.shape, block)
+    spec = Spec(scale_qtype, cw, tuple(tiles.items()), 'absmax', jnp.dtype(jnp.float32))
+    c, s2, zp = quantize_codes(scale - mean, spec)
+    zp = jnp.broadcast_to(-mean, s2.shape).astype(jnp.float32)  # value space: scale = c * s2 - zp
+    return _pack(c, s2, zp, scale_qtype, scale, -1)
+
+
+def _empty_codes(x, spec: Spec, scale_shape):
+    qt = spec.qtype
+    if qt.microscaling:
+        ones = jnp.ones(scale_shape, jnp.float32)
+        if qt.scale_format == 'e8m0':
+            return jnp.zeros(x.shape, qt.code_dtype), ones.astype(qt.scale_dtype), None
+        inner = QArray(ones.astype(jnp.float8_e4m3fn), jnp.ones((1,) * len(scale_shape)), qtype='float8_e4m3fn')
+        return jnp.zeros(x.shape, qt.code_dtype), inner, None
+    symmetric = _calibration.calibrate(spec.calibration, jnp.array([-1.0, 1.0]), (0,), qt).symmetric
     zp = jnp.zeros(scale_shape, qt.code_dtype) if _numerics.uses_zero_point(qt, symmetric) else None
-    return jnp.zeros(x.shape, qt.code_dtype), jnp.ones(scale_shape, scale_dtype), zp
+    return jnp.zeros(x.shape, qt.code_dtype), jnp.ones(scale_shape, spec.scale_dtype), zp
 
 
 def check_input(x: Any, check_finite: bool) -> jax.Array:
@@ -93,7 +190,8 @@ def _raise_nonfinite(all_finite) -> None:
 
 def quantize(x: Any, qtype: Any, *, channelwise_axes: int | Sequence[int] = (),
              tiles: int | Mapping[int, int] | None = None, calibration: str = 'absmax',
-             scale_dtype: Any = None, pack_axis: int = -1, check_finite: bool = False) -> QArray:
+             scale_dtype: Any = None, pack_axis: int = -1, check_finite: bool = False,
+             scale_qtype: Any = None) -> QArray:
     """Quantize ``x`` to ``qtype``.
 
     Args:
@@ -109,6 +207,12 @@ def quantize(x: Any, qtype: Any, *, channelwise_axes: int | Sequence[int] = (),
         ``'percentile,p'`` or ``'mse[,steps[,min_ratio]]'``.
       scale_dtype: dtype of scales (default: ``x.dtype``).
       pack_axis: axis along which sub-byte formats are bit-packed.
+      scale_qtype: quantize the scales themselves (double quantization, as
+        QLoRA does for nf4): the scales' mean is taken out and the rest stored
+        as ``scale_qtype`` codes (e.g. ``'int8'``) with one float32 scale per
+        block of 256 scales; ``q.scale`` is then a QArray. nf4 t64 goes from
+        4.5 to about 4.13 bits per value. Any format but the microscaling ones
+        (whose scales are already one byte).
       check_finite: raise ``ValueError`` if ``x`` holds NaN/Inf. Under ``jit`` the
         check runs inside the compiled program, so it surfaces as JAX's
         ``jax.errors.JaxRuntimeError`` carrying the ``ValueError``'s message
@@ -129,10 +233,11 @@ def quantize(x: Any, qtype: Any, *, channelwise_axes: int | Sequence[int] = (),
       (1, 2)
     """
     x = check_input(x, check_finite)
-    qt, cw, tile_map, scale_dtype = resolve_args(x, qtype, channelwise_axes, tiles, calibration, scale_dtype)
+    spec = resolve_args(x, qtype, channelwise_axes, tiles, calibration, scale_dtype, scale_qtype)
+    qt, scale_dtype = spec.qtype, spec.scale_dtype
     if qt.packed:
         _check_pack_axis(x, qt, pack_axis)
-    q, overflow = _quantize_jit(x, qt, cw, tuple(sorted(tile_map.items())), calibration, scale_dtype, pack_axis)
+    q, overflow = _quantize_jit(x, spec, pack_axis)
     if not isinstance(overflow, jax.core.Tracer) and bool(overflow):
         raise ValueError(
             f"x's range needs a scale larger than {scale_dtype.name} can hold (max {jnp.finfo(scale_dtype).max:.4g}) "
@@ -142,24 +247,55 @@ def quantize(x: Any, qtype: Any, *, channelwise_axes: int | Sequence[int] = (),
     return q
 
 
-def resolve_args(x, qtype, channelwise_axes, tiles, calibration, scale_dtype):
+def resolve_args(x, qtype, channelwise_axes, tiles, calibration, scale_dtype, scale_qtype=None) -> Spec:
     """Validate everything static up front, so errors name the argument before any tracing."""
     qt = qtypes.get(qtype)
+    if qt.microscaling:
+        return _resolve_microscaling(x, qt, channelwise_axes, tiles, calibration, scale_dtype, scale_qtype)
     cw, tile_map = _layout.normalize_layout(x.shape, channelwise_axes, tiles)
     _calibration.parse(calibration)
     scale_dtype = jnp.dtype(scale_dtype or x.dtype)
     if not jnp.issubdtype(scale_dtype, jnp.floating):
         raise TypeError(f"scale_dtype must be a floating dtype (float32, bfloat16, float16); got {scale_dtype}.")
-    return qt, cw, tile_map, scale_dtype
+    sqt = None
+    if scale_qtype is not None:
+        sqt = qtypes.get(scale_qtype)
+        if sqt.microscaling or sqt.kind == 'uint':
+            raise ValueError(f"scale_qtype: the scales are quantized symmetrically after their mean is taken out; use "
+                             f"a signed int, fp8 or nf4 format such as 'int8'; got {sqt.name!r}.")
+    return Spec(qt, cw, tuple(sorted(tile_map.items())), calibration, scale_dtype, sqt)
+
+
+def _resolve_microscaling(x, qt, channelwise_axes, tiles, calibration, scale_dtype, scale_qtype) -> Spec:
+    what = f"qtype {qt.name!r} (blocks of {qt.block} values along one axis, {qt.scale_format} scales)"
+    if scale_dtype is not None:
+        raise ValueError(f"scale_dtype: {what} stores its own scale dtype; pass scale_dtype=None.")
+    if scale_qtype is not None:
+        raise ValueError(f"scale_qtype: {what} already stores one-byte scales; pass scale_qtype=None.")
+    if calibration not in _microscaling.CALIBRATIONS:
+        raise ValueError(f"calibration: {what} takes 'absmax' (the OCP MX spec's shared exponent) or 'mse' (the "
+                         f"better of two exponents per block); got {calibration!r}.")
+    if x.ndim == 0:
+        raise ValueError(f"{what} needs an array with at least one axis.")
+    if tiles is None:
+        tiles = {x.ndim - 1: qt.block}
+    elif isinstance(tiles, int) and not isinstance(tiles, bool):
+        tiles = {x.ndim - 1: tiles}
+    if not isinstance(tiles, dict) or len(tiles) != 1 or list(tiles.values())[0] != qt.block:
+        raise ValueError(f"tiles: {what} needs tiles={qt.block} (last axis) or {{axis: {qt.block}}}; got {tiles!r}.")
+    _, tile_map = _layout.normalize_layout(x.shape, (), tiles)
+    axis = next(iter(tile_map))
+    cw = tuple(a for a in range(x.ndim) if a != axis)
+    del channelwise_axes  # every other axis is per index: each block of the tiled axis has its own scale
+    return Spec(qt, cw, tuple(tile_map.items()), calibration, qt.scale_dtype, None)
 
 
 # One compiled program per (format, layout, shape): eager calls run as fast as jitted ones
 # and an outer jit simply inlines it.
-@functools.partial(jax.jit, static_argnums=(1, 2, 3, 4, 5, 6))
-def _quantize_jit(x, qt, cw, tile_items, calibration, scale_dtype, pack_axis) -> tuple[QArray, jax.Array]:
-    codes_, scale, zp, overflow = quantize_codes(x, qt, cw, dict(tile_items), calibration, scale_dtype,
-                                                 with_overflow=True)
-    return _pack(codes_, scale, zp, qt, x, pack_axis), overflow
+@functools.partial(jax.jit, static_argnums=(1, 2))
+def _quantize_jit(x, spec: Spec, pack_axis) -> tuple[QArray, jax.Array]:
+    codes_, scale, zp, overflow = quantize_codes(x, spec, with_overflow=True)
+    return _pack(codes_, scale, zp, spec.qtype, x, pack_axis), overflow
 
 
 def quantize_with_scale(x: Any, qtype: Any, scale: Any, zero_point: Any = None, *,
@@ -286,8 +422,12 @@ def _dequantize_jit(q: QArray, dtype) -> jax.Array:
     return values_from_codes(codes(q), q.scale, q.zero_point, q.qtype, dtype)
 
 
-def values_from_codes(codes_: jax.Array, scale: jax.Array, zero_point: jax.Array | None, qt, dtype) -> jax.Array:
-    """Codes in logical shape -> values, scales broadcast over their tiles."""
+def values_from_codes(codes_: jax.Array, scale: Any, zero_point: jax.Array | None, qt, dtype) -> jax.Array:
+    """Codes in logical shape -> values, scales (a QArray for quantized scales) broadcast over their tiles."""
+    if isinstance(scale, QArray):  # quantized scales (double quantization, nvfp4, GGUF K-quants)
+        scale = dequantize(scale, _numerics.compute_dtype(dtype))
+    if isinstance(zero_point, QArray):  # a quantized offset in value space (GGUF K-quants' mins)
+        zero_point = dequantize(zero_point, _numerics.compute_dtype(dtype))
     vshape, sshape = _layout.tiled_view(codes_.shape, scale.shape)
     zp = None if zero_point is None else zero_point.reshape(sshape)
     values = _numerics.from_codes(codes_.reshape(vshape), scale.reshape(sshape), zp, qt, dtype)

@@ -26,6 +26,14 @@ Integer ranges (documented choice)
   from finite input.
 * ``nf4`` is the 16-value NormalFloat code book from QLoRA (exact float32
   values); a value is ``codebook[code] * scale`` with ``scale = absmax``.
+* ``float4_e2m1fn`` (alias ``fp4``): OCP FP4 E2M1, 16 codes (±{0, 0.5, 1,
+  1.5, 2, 3, 4, 6}), packed two per byte; rounds half to even, saturates at 6.
+* Microscaling formats store their scales in their own one-byte dtypes:
+  ``mxfp8`` / ``mxfp4`` (OCP MX v1.0): e4m3 / e2m1 elements, one power-of-two
+  E8M0 scale (``float8_e8m0fnu``) per 32 consecutive values; ``nvfp4``
+  (NVIDIA): e2m1 elements, one E4M3 scale per 16 values, itself a QArray under
+  one float32 scale per tensor (the two-level recipe). Bits per value: mxfp8
+  8.25, mxfp4 4.25, nvfp4 4.5 (+ 4 bytes per tensor).
 
 Example:
   >>> from qarray import qtypes
@@ -39,6 +47,7 @@ import dataclasses
 from typing import Any
 
 import jax.numpy as jnp
+from jax import lax
 import ml_dtypes
 import numpy as np
 
@@ -90,6 +99,46 @@ class QType:
     kind: str
     bits: int
     narrow: bool = False  # signed ints only: drop the code -2**(B-1) (see narrow_range)
+    element: str | None = None  # microscaling formats: the element format (the codes' own format)
+    block: int | None = None  # microscaling formats: values sharing one scale along the tiled axis
+    scale_format: str | None = None  # microscaling formats: 'e8m0' (a power of two) or 'e4m3' (under a tensor scale)
+
+    @property
+    def microscaling(self) -> bool:
+        """Whether this is a block format with its own scale format (mxfp8, mxfp4, nvfp4).
+
+        Example:
+          >>> from qarray import qtypes
+          >>> qtypes.get('mxfp4').microscaling, qtypes.get('mxfp4').block, qtypes.get('nvfp4').scale_format
+          (True, 32, 'e4m3')
+        """
+        return self.block is not None
+
+    @property
+    def element_type(self) -> 'QType':
+        """The format of the codes themselves (itself, except for microscaling formats).
+
+        Example:
+          >>> from qarray import qtypes
+          >>> qtypes.get('mxfp8').element_type.name
+          'float8_e4m3fn'
+        """
+        return get(self.element) if self.element else self
+
+    @property
+    def scale_dtype(self) -> np.dtype | None:
+        """The dtype scales are stored in for microscaling formats (else None: chosen by the caller).
+
+        Example:
+          >>> from qarray import qtypes
+          >>> qtypes.get('mxfp4').scale_dtype.name
+          'float8_e8m0fnu'
+        """
+        if self.scale_format == 'e8m0':
+            return np.dtype(ml_dtypes.float8_e8m0fnu)
+        if self.scale_format == 'e4m3':
+            return np.dtype(ml_dtypes.float8_e4m3fn)
+        return None
 
     # ---- integer code ranges -------------------------------------------------
     @property
@@ -159,9 +208,10 @@ class QType:
     @property
     def native_dtype(self) -> np.dtype:
         """dtype of a stored value when not packed (int8, uint8, fp8)."""
+        if self.element:
+            return self.element_type.native_dtype
         if self.kind == 'float':
-            return np.dtype(
-                ml_dtypes.float8_e4m3fn if self.name == 'float8_e4m3fn' else ml_dtypes.float8_e5m2)
+            return np.dtype(_FLOAT_DTYPES[self.name])
         if self.kind == 'uint':
             return np.dtype(np.uint8)
         if self.kind == 'codebook':
@@ -200,6 +250,8 @@ class QType:
                 return (codes > 0).astype(jnp.uint8)
             return (codes.astype(jnp.int8).view(jnp.uint8)
                     & jnp.uint8(2**self.bits - 1))
+        if self.kind == 'float' and self.bits == 4:  # e2m1: its 4 bits, via a 4-bit integer view
+            return lax.bitcast_convert_type(codes.astype(self.native_dtype), jnp.uint4).astype(jnp.uint8)
         return codes.astype(jnp.uint8)
 
     def from_field(self, field: jnp.ndarray) -> jnp.ndarray:
@@ -217,6 +269,8 @@ class QType:
             sign = 1 << (self.bits - 1)
             f = field.astype(jnp.int8)
             return (f ^ sign) - sign  # sign-extend the B-bit two's complement
+        if self.kind == 'float' and self.bits == 4:
+            return lax.bitcast_convert_type(field.astype(jnp.uint4), self.native_dtype)
         return field.astype(jnp.uint8)
 
     def __repr__(self) -> str:
@@ -246,12 +300,22 @@ def _build_registry() -> dict[str, QType]:
     reg['float8_e4m3fn'] = QType('float8_e4m3fn', 'float', 8)
     reg['float8_e5m2'] = QType('float8_e5m2', 'float', 8)
     reg['nf4'] = QType('nf4', 'codebook', 4)
+    reg['float4_e2m1fn'] = QType('float4_e2m1fn', 'float', 4)
+    # Microscaling (OCP MX v1.0): blocks of 32 share a power-of-two E8M0 scale; NVIDIA's nvfp4: blocks of 16
+    # share an E4M3 scale, itself scaled by one float32 per tensor.
+    reg['mxfp8'] = QType('mxfp8', 'float', 8, element='float8_e4m3fn', block=32, scale_format='e8m0')
+    reg['mxfp4'] = QType('mxfp4', 'float', 4, element='float4_e2m1fn', block=32, scale_format='e8m0')
+    reg['nvfp4'] = QType('nvfp4', 'float', 4, element='float4_e2m1fn', block=16, scale_format='e4m3')
     return reg
+
+
+_FLOAT_DTYPES = {'float8_e4m3fn': ml_dtypes.float8_e4m3fn, 'float8_e5m2': ml_dtypes.float8_e5m2,
+                 'float4_e2m1fn': ml_dtypes.float4_e2m1fn}
 
 
 _REGISTRY = _build_registry()
 _ALIASES = {'fp8': 'float8_e4m3fn', 'e4m3': 'float8_e4m3fn', 'fp8_e4m3': 'float8_e4m3fn',
-            'e5m2': 'float8_e5m2', 'fp8_e5m2': 'float8_e5m2'}
+            'e5m2': 'float8_e5m2', 'fp8_e5m2': 'float8_e5m2', 'fp4': 'float4_e2m1fn', 'e2m1': 'float4_e2m1fn'}
 
 
 def names() -> list[str]:

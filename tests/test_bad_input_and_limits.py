@@ -115,8 +115,10 @@ def test_hand_built_qarrays_are_checked():
         qarray.QArray(q.qvalue, jnp.ones((1, 4)), qtype='int4', packed_axis=-1, packed_length=6)
     with pytest.raises(ValueError, match='bit-packed format needs packed_axis'):
         qarray.QArray(jnp.zeros((4, 6), jnp.uint8), q.scale, qtype='int4')
-    with pytest.raises(ValueError, match='zero_point must be integer codes'):
-        qarray.QArray(jnp.zeros((4, 6), jnp.uint8), jnp.ones((1, 6)), jnp.zeros((1, 6)), qtype='uint8')
+    with pytest.raises(ValueError, match=r"zero_point must have the scale's shape \(1, 6\)"):
+        qarray.QArray(jnp.zeros((4, 6), jnp.uint8), jnp.ones((1, 6)), jnp.zeros((1, 3), jnp.uint8), qtype='uint8')
+    with pytest.raises(ValueError, match="as integer codes or a float offset"):
+        qarray.QArray(jnp.zeros((4, 6), jnp.uint8), jnp.ones((1, 6)), jnp.zeros((1, 6), bool), qtype='uint8')
 
 
 def test_leaf_by_leaf_astype_is_caught_with_advice():
