@@ -31,6 +31,8 @@ from typing import Any, Callable
 
 import jax
 
+from qarray import qtypes
+
 
 __all__ = ['OpCall', 'Impl']
 
@@ -63,6 +65,7 @@ class OpCall:
     runner: Callable[[Any, Any], jax.Array]
     original: Callable[[], jax.Array]
     per_channel_only: bool = False
+    block_axis: tuple[int | None, int | None] | None = None  # microscaling blocks (default: tile_axis)
 
     def run(self, lhs: Any, rhs: Any) -> jax.Array:
         """Compute the op on (possibly quantized) operands."""
@@ -73,14 +76,27 @@ class OpCall:
         return self.original()
 
     def layout(self, i: int, role: str, tile_size: int | None,
-               batch_axes: tuple[int, ...] | None = None) -> tuple[tuple[int, ...], dict[int, int] | None]:
+               batch_axes: tuple[int, ...] | None = None, qtype: Any = None
+               ) -> tuple[tuple[int, ...], dict[int, int] | None]:
         """``(channelwise_axes, tiles)`` for operand ``i``.
 
         ``role`` is ``'weight'``, ``'act'`` (dynamic, per token) or
         ``'static_act'`` (per tensor, or per index of the kept axes not in
-        ``batch_axes``).
+        ``batch_axes``). A microscaling ``qtype`` (mxfp8, mxfp4, nvfp4) puts its
+        blocks on the contraction axis (a conv weight's input features), every
+        other axis per index.
         """
         ndim = len(self.operands[i].shape)
+        qt = qtypes.get(qtype) if qtype is not None else None
+        if qt is not None and qt.microscaling:
+            axis = (self.block_axis or self.tile_axis)[i]
+            if role == 'static_act' or axis is None:
+                raise ValueError(f"qtype {qt.name!r} quantizes blocks of {qt.block} along the contraction axis; "
+                                 f"this {self.name} operand has none{' (or its scale is static)' * (role == 'static_act')}"
+                                 ". Use it for weights and dynamic activations of dot_general/einsum/conv.")
+            if tile_size is not None and tile_size != qt.block:
+                raise ValueError(f"tile_size={tile_size}: {qt.name} has blocks of {qt.block}; drop tile_size.")
+            return tuple(a for a in range(ndim) if a != axis), {axis: qt.block}
         tiles = None
         if tile_size is not None and not self.per_channel_only and self.tile_axis[i] is not None:
             tiles = {self.tile_axis[i]: tile_size}

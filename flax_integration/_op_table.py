@@ -211,7 +211,7 @@ def conv_call(impl: Impl, original: Callable, lhs, rhs, window_strides, padding,
         return original(as_float(lhs), as_float(rhs), window_strides, padding, **kwargs, **extra)
 
     return OpCall('conv_general_dilated', [lhs, rhs], kept, contract, (None, None), runner, orig,
-                  per_channel_only=True)
+                  per_channel_only=True, block_axis=(int(dn.lhs_spec[1]), int(dn.rhs_spec[1])))
 
 
 # --------------------------------------------------------------------------- the table

@@ -39,7 +39,7 @@ import jax.numpy as jnp
 from flax import linen as nn
 from flax import nnx
 
-from qarray import gptq, _quantize
+from qarray import _quantize, gptq, qtypes
 from qarray import rotation as rotation_lib
 from qarray._array import QArray
 from qarray.paths import path_name
@@ -73,20 +73,23 @@ def quantize_like(value: jax.Array, abstract: QuantizedParam, path: str = '', he
     if tuple(value.shape) != shape:
         raise ValueError(f"param {path!r}: float shape {tuple(value.shape)} does not match the quantized "
                          f"model's {shape}.")
-    sshape = tuple(a.scale.shape)
-    cw = tuple(i for i, (n, s) in enumerate(zip(shape, sshape)) if s == n and n > 1)
-    tiles = {i: n // s for i, (n, s) in enumerate(zip(shape, sshape)) if 1 < s < n}
+    cw, tiles = a.channelwise_axes, a.tiles
     pack_axis = a.packed_axis if a.packed_axis is not None else -1
     if abstract.rotation is not None:
         axis, block = abstract.rotation
         value = rotation_lib.rotate(value, axis, block=block)
+    # The scale format follows the abstract QArray: a format's own (microscaling), a quantized scale's
+    # format (double quantization), or the plain scale's dtype.
+    nested = isinstance(a.scale, QArray)
+    scale_dtype = None if a.qtype.microscaling or nested else a.scale.dtype
+    scale_qtype = a.scale.qtype if nested and not a.qtype.microscaling else None
     if abstract.gptq is None:
         q = _quantize.quantize(value, a.qtype, channelwise_axes=cw, tiles=tiles or None,
-                          calibration=abstract.calibration, scale_dtype=a.scale.dtype, pack_axis=pack_axis)
+                               calibration=abstract.calibration, scale_dtype=scale_dtype, pack_axis=pack_axis,
+                               scale_qtype=scale_qtype)
     else:
         q = _gptq_like(value, a, abstract, tiles, pack_axis, hessian, path)
-    q = QArray(q.qvalue, q.scale, q.zero_point, qtype=q.qtype, dtype=a.dtype, packed_axis=q.packed_axis,
-               packed_length=q.packed_length)
+    q = q.astype(a.dtype)
     return dataclasses.replace(abstract, array=_rebox(abstract.array, q))
 
 
@@ -304,9 +307,11 @@ def _model_free(params: Any, rules: Sequence[QuantizationRule]) -> Any:
                              f"module_path={rule.module_path!r} but only floating arrays with 2+ dims can be "
                              "quantized; narrow the regex (e.g. '.*/kernel').")
         tiles = {x.ndim - 2: rule.tile_size} if rule.tile_size else None
+        if qtypes.get(rule.weight_qtype).microscaling:  # blocks on the contraction axis of a [..., in, out] kernel
+            tiles = {x.ndim - 2: qtypes.get(rule.weight_qtype).block}
         try:
             return _quantize.quantize(x, rule.weight_qtype, channelwise_axes=(x.ndim - 1,), tiles=tiles,
-                                      calibration=rule.weight_calibration_method)
+                                      calibration=rule.weight_calibration_method, scale_qtype=rule.weight_scale_qtype)
         except (ValueError, TypeError) as e:
             e.add_note(f"While quantizing param {name!r} (shape {x.shape}) by rule module_path={rule.module_path!r}.")
             raise

@@ -47,7 +47,11 @@ class QuantizationRule:
         ``quantize_params(params, rules)`` it matches the leaf path
         (``'Dense_0/kernel'``).
       weight_qtype: format of weights (``'int8'``, ``'int4'``, ``'nf4'``,
-        ``'fp8'``, ...), or None to leave weights in float.
+        ``'fp8'``, ``'mxfp4'``, ``'nvfp4'``, ...), or None to leave weights in
+        float. Microscaling formats put their blocks on the contraction axis.
+      weight_scale_qtype: quantize the weights' scales too (double
+        quantization, e.g. ``'int8'`` for QLoRA-style nf4 with ``tile_size=64``):
+        see ``qarray.quantize(..., scale_qtype=...)``.
       act_qtype: format of activations, or None for weight-only quantization.
       tile_size: sub-channel tiles along the contracting axis (weights and
         activations tile the same axis so the matmul can scale per tile).
@@ -96,6 +100,7 @@ class QuantizationRule:
     module_path: str = '.*'
     weight_qtype: str | None = None
     act_qtype: str | None = None
+    weight_scale_qtype: str | None = None
     tile_size: int | None = None
     weight_calibration_method: str = 'absmax'
     act_calibration_method: str = 'absmax'
@@ -150,6 +155,21 @@ class QuantizationRule:
         if not isinstance(self.gptq_damping, (int, float)) or isinstance(self.gptq_damping, bool) or not (
                 self.gptq_damping >= 0):
             raise ValueError(f"gptq_damping must be a number >= 0; got {self.gptq_damping!r}.")
+        if self.weight_scale_qtype is not None:
+            if self.weight_qtype is None:
+                raise ValueError("weight_scale_qtype quantizes the weights' scales; set weight_qtype too.")
+            sq = qtypes.get(self.weight_scale_qtype)
+            if qtypes.get(self.weight_qtype).microscaling or sq.microscaling or sq.kind == 'uint':
+                raise ValueError(f"weight_scale_qtype={self.weight_scale_qtype!r}: double quantization takes a signed "
+                                 f"int, fp8 or nf4 scale format, and not with the microscaling weight format "
+                                 f"{self.weight_qtype!r} (its scales are already one byte).")
+        if self.weight_algorithm == 'gptq' and self.weight_qtype is not None and (
+                qtypes.get(self.weight_qtype).microscaling or self.weight_scale_qtype is not None):
+            raise ValueError(f"weight_algorithm='gptq' rounds against plain per-tile scales; it does not take "
+                             f"weight_qtype={self.weight_qtype!r} with weight_scale_qtype={self.weight_scale_qtype!r}.")
+        if self.act_static_scale and self.act_qtype is not None and qtypes.get(self.act_qtype).microscaling:
+            raise ValueError(f"act_static_scale=True: {self.act_qtype!r} computes its block scales from the data; "
+                             "use it with dynamic activations (act_static_scale=False).")
         if self.act_static_scale and self.act_qtype is None:
             raise ValueError("act_static_scale=True needs act_qtype (the format of the activations); "
                              "got act_qtype=None.")

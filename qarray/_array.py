@@ -159,13 +159,22 @@ class QArray:
 
     @property
     def tiles(self) -> dict[int, int]:
-        """Sub-channel tile size per tiled axis (axes with 1 < scale size < size)."""
-        return {a: n // s for a, (n, s) in enumerate(zip(self.shape, self.scale.shape)) if 1 < s < n}
+        """Sub-channel tile size per tiled axis (axes with 1 < scale size < size); a microscaling format's
+        block axis always (even when it holds a single block)."""
+        shape, sshape = self.shape, tuple(self.scale.shape)
+        tiles = {a: n // s for a, (n, s) in enumerate(zip(shape, sshape)) if 1 < s < n}
+        block = self.qtype.block
+        if block and not tiles:
+            axes = [a for a, (n, s) in enumerate(zip(shape, sshape)) if n == s * block and n > 1]
+            if axes:
+                tiles = {axes[-1]: block}
+        return tiles
 
     @property
     def channelwise_axes(self) -> tuple[int, ...]:
         """Axes with one scale per index (size > 1)."""
-        return tuple(a for a, (n, s) in enumerate(zip(self.shape, self.scale.shape)) if s == n > 1)
+        tiled = self.tiles
+        return tuple(a for a, (n, s) in enumerate(zip(self.shape, self.scale.shape)) if s == n > 1 and a not in tiled)
 
     @property
     def nbytes(self) -> int:

@@ -83,8 +83,8 @@ def mx_groups(xv: jax.Array, reduce_axes: tuple[int, ...], qt: QType, calibratio
       >>> from qarray import qtypes
       >>> from qarray._microscaling import mx_groups
       >>> c, s = mx_groups(jnp.array([[1.0, -3.0, 0.25, 6.0]]), (1,), qtypes.get('mxfp4'), 'absmax')
-      >>> c.astype(jnp.float32).tolist(), s.astype(jnp.float32).tolist()   # 6 -> 2**2 * 1.5
-      ([[0.5, -1.5, 0.0, 3.0]], [[2.0]])
+      >>> c.astype(jnp.float32).tolist(), s.astype(jnp.float32).tolist()   # floor(log2 6) - 2 = 0; 0.25: tie -> 0
+      ([[1.0, -3.0, 0.0, 6.0]], [[1.0]])
     """
     elem = qt.element_type
     amax = _amax(xv, reduce_axes)

@@ -403,11 +403,12 @@ class Provider:
           ((1,), {0: 8})
         """
         rule = op.rule
-        if op.call.per_channel_only and rule.tile_size is not None:
+        microscaling = qtypes.get(rule.weight_qtype).microscaling
+        if op.call.per_channel_only and rule.tile_size is not None and not microscaling:
             raise ValueError(f"{op.describe()}: tile_size={rule.tile_size} is not supported for "
                              f"{op.call.name} (weights are per output channel); limit the rule with "
                              "op_names=('dot_general', 'einsum') or drop tile_size.")
-        return op.call.layout(op.weight.index, 'weight', op.tile_size)
+        return op.call.layout(op.weight.index, 'weight', op.tile_size, qtype=rule.weight_qtype)
 
     @staticmethod
     def transform_axes(op: Op) -> tuple[int, int]:
@@ -488,7 +489,7 @@ class Provider:
                     rotation = (axis, rotation_lib.block_size(value.shape[axis]))
                     value = rotation_lib.rotate(value, axis, block=rotation[1])
             q = _quantize.quantize(value, rule.weight_qtype, channelwise_axes=cw, tiles=tiles,
-                                   calibration=rule.weight_calibration_method)
+                                   calibration=rule.weight_calibration_method, scale_qtype=rule.weight_scale_qtype)
         except (ValueError, TypeError) as e:
             e.add_note(f"While quantizing {op.describe()}, weight {op.weight.name!r} of shape {value.shape}.")
             raise

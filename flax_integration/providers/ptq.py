@@ -155,7 +155,7 @@ class PtqProvider(Provider):
         if not jnp.issubdtype(jnp.result_type(x), jnp.floating):
             return x
         if not rule.act_static_scale:
-            cw, tiles = op.call.layout(i, 'act', op.tile_size)
+            cw, tiles = op.call.layout(i, 'act', op.tile_size, qtype=rule.act_qtype)
             return self._quantize(op, x, lambda: _quantize.quantize(
                 x, rule.act_qtype, channelwise_axes=cw, tiles=tiles, calibration=rule.act_calibration_method))
         name = op.act_name(i) + '_scale'

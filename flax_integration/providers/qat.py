@@ -147,7 +147,8 @@ class QtProvider(Provider):
         cw, tiles = self.weight_layout(op)
         try:
             return _fake_quant.fake_quant(value, rule.weight_qtype, channelwise_axes=cw, tiles=tiles,
-                                   calibration=rule.weight_calibration_method, ste=self.ste)
+                                          calibration=rule.weight_calibration_method, ste=self.ste,
+                                          scale_qtype=rule.weight_scale_qtype)
         except (ValueError, TypeError) as e:
             e.add_note(f"While fake-quantizing {op.describe()}, weight {op.weight.name!r} of shape {value.shape}.")
             raise
@@ -174,7 +175,7 @@ class QtProvider(Provider):
             return x
         try:
             if not rule.act_static_scale:
-                cw, tiles = op.call.layout(i, 'act', op.tile_size)
+                cw, tiles = op.call.layout(i, 'act', op.tile_size, qtype=rule.act_qtype)
                 return _fake_quant.fake_quant(x, rule.act_qtype, channelwise_axes=cw, tiles=tiles,
                                        calibration=rule.act_calibration_method, ste=self.ste)
             lo, hi = self._static_range(op, i, x)

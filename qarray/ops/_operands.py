@@ -24,7 +24,7 @@ import numpy as np
 from qarray import _layout, _numerics, _quantize
 from qarray._array import QArray
 
-__all__ = ['describe', 'check_operand', 'float_dtype', 'result_dtype', 'int_codes',
+__all__ = ['describe', 'check_operand', 'plain_scales', 'float_dtype', 'result_dtype', 'int_codes',
            'values', 'scale_is_shared', 'is_exact_in']
 
 
@@ -123,6 +123,22 @@ def int_codes(q: QArray) -> tuple[jax.Array, jax.Array | None]:
         c = (c.astype(jnp.int32) - 128).astype(jnp.int8)
         zp = zp - 128
     return c.astype(jnp.int8), zp
+
+
+def plain_scales(q: QArray) -> bool:
+    """Whether ``q``'s scales are a plain array and its zero point (if any) integer codes -- what the
+    integer / fp8 dots and the GPU kernels take; quantized scales (double quantization, nvfp4, GGUF
+    K-quants) and value-space offsets go through the dequantizing path.
+
+    Example:
+      >>> import jax.numpy as jnp, qarray
+      >>> from qarray.ops._operands import plain_scales
+      >>> plain_scales(qarray.quantize(jnp.ones((4, 64)), 'int8')), plain_scales(qarray.quantize(jnp.ones((4, 64)), 'nvfp4'))
+      (True, False)
+    """
+    zp = q.zero_point
+    return not isinstance(q.scale, QArray) and (zp is None or (not isinstance(zp, QArray)
+                                                                and jnp.issubdtype(zp.dtype, jnp.integer)))
 
 
 def scale_is_shared(q: QArray, axes: Any) -> bool:

@@ -34,8 +34,8 @@ from jax import lax
 
 from qarray import _quantize
 from qarray._array import QArray
-from qarray.ops._operands import (check_operand, describe, float_dtype, int_codes, result_dtype,
-                                 values)
+from qarray.ops._operands import (check_operand, describe, float_dtype, int_codes, plain_scales, result_dtype,
+                                  values)
 
 __all__ = ['conv_general_dilated', 'conv_path']
 
@@ -56,10 +56,12 @@ def conv_path(lhs: Any, rhs: Any, dn: lax.ConvDimensionNumbers, batch_group_coun
       >>> conv_path(x, w, lax.conv_dimension_numbers(x.shape, w.shape, ('NHWC', 'HWIO', 'NHWC')))
       'int'
     """
-    if not (isinstance(lhs, QArray) and isinstance(rhs, QArray)):
+    if not (isinstance(lhs, QArray) and isinstance(rhs, QArray)) or not (plain_scales(lhs) and plain_scales(rhs)):
         return 'float'
     kinds = {lhs.qtype.kind, rhs.qtype.kind}
-    path = 'int' if kinds <= {'int', 'uint'} else 'fp8' if kinds == {'float'} else None
+    fp8 = kinds == {'float'} and {lhs.qtype.bits, rhs.qtype.bits} == {8} and not (
+        lhs.qtype.microscaling or rhs.qtype.microscaling)
+    path = 'int' if kinds <= {'int', 'uint'} else 'fp8' if fp8 else None
     if path is None:
         return 'float'
     if not (_scale_only_on(lhs, dn.lhs_spec[0]) and _scale_only_on(rhs, dn.rhs_spec[0])):

@@ -48,9 +48,9 @@ from jax import lax
 
 from qarray import _quantize
 from qarray._array import QArray
-from qarray.ops import _dims, _registry
-from qarray.ops._operands import (check_operand, describe, float_dtype, int_codes, is_exact_in,
-                                 result_dtype, scale_is_shared, values)
+from qarray.ops import _block_scaled, _dims, _registry
+from qarray.ops._operands import (check_operand, describe, float_dtype, int_codes, is_exact_in, plain_scales,
+                                  result_dtype, scale_is_shared, values)
 from qarray.ops._scaled_dot import LazyRows, scaled_dot
 
 __all__ = ['dot_general', 'choose_path', 'MIN_TILE']
@@ -71,7 +71,8 @@ def _contract_count(shape, scale_shape, axes) -> int:
 
 
 def choose_path(lhs: Any, rhs: Any, dimension_numbers: Any) -> str:
-    """``'int'``, ``'fp8'`` or ``'float'`` for these operands (raises when tiles do not nest).
+    """``'int'``, ``'fp8'``, ``'block_scaled'`` (two microscaling operands, where the backend has
+    ``jax.nn.scaled_matmul``) or ``'float'`` for these operands (raises when tiles do not nest).
 
     Example:
       >>> import jax.numpy as jnp, qarray
@@ -83,10 +84,15 @@ def choose_path(lhs: Any, rhs: Any, dimension_numbers: Any) -> str:
     """
     if not (isinstance(lhs, QArray) and isinstance(rhs, QArray)):
         return 'float'
+    if _block_scaled.applies(lhs, rhs, dimension_numbers):
+        return 'block_scaled'
+    if not (plain_scales(lhs) and plain_scales(rhs)):
+        return 'float'
     kinds = {lhs.qtype.kind, rhs.qtype.kind}
     if kinds <= {'int', 'uint'}:
         path = 'int'
-    elif kinds == {'float'}:
+    elif kinds == {'float'} and {lhs.qtype.bits, rhs.qtype.bits} == {8} and not (
+            lhs.qtype.microscaling or rhs.qtype.microscaling):
         path = 'fp8'
     else:
         return 'float'
@@ -149,6 +155,8 @@ def _dot_general_jit(lhs, rhs, *, dn, precision, out_dtype, pet, path, kernels):
     del kernels  # only part of the cache key: a newly registered kernel retraces
     if path in ('int', 'fp8'):
         return _scaled(lhs, rhs, dn, precision, out_dtype, path)
+    if path == 'block_scaled':
+        return _block_scaled.block_scaled_dot(lhs, rhs, dn, out_dtype)
     if not isinstance(lhs, QArray) and isinstance(rhs, QArray):
         for kernel in _registry.kernels_for_backend():
             out = kernel(lhs, rhs, dn, precision, out_dtype)
@@ -209,7 +217,7 @@ def _float(lhs, rhs, dn, precision, out_dtype, pet):
             operands.append(x if x.dtype == ct else x.astype(ct))
             continue
         # A scale shared along the contracting axes can go on the output: do so when that is smaller.
-        if scale_is_shared(x, c) and is_exact_in(x, ct) and out_size <= x.size:
+        if plain_scales(x) and scale_is_shared(x, c) and is_exact_in(x, ct) and out_size <= x.size:
             operands.append(values(x, ct, scaled=False))
             post.append(_output_scale(x, side, b, f, len(lf), len(rf)))
         else:

@@ -94,6 +94,8 @@ def describe(q: Any, rhs_contracting_dim: int) -> WeightLayout | str:
         return f'format {q.qtype.name} has no kernel (kernels: {", ".join(FORMATS)})'
     if q.zero_point is not None:
         return 'weight has a zero point (asymmetric); the kernel reads symmetric weights'
+    if isinstance(q.scale, _array.QArray):
+        return 'weight has quantized scales (double quantization); the kernel reads plain scales'
     kd = rhs_contracting_dim
     nd = 1 - kd
     k, n = q.shape[kd], q.shape[nd]
