@@ -9,6 +9,16 @@ points); errors are against the float64 input.
 Run: ``python benchmarks/quantize_bench.py [--size 4096] [--runs 7] [--write]``
 (``--write`` replaces the "## Quantize (issue 2)" section of benchmarks/RESULTS.md).
 
+Layout suite (issue 19): ``python benchmarks/quantize_bench.py --layouts [--quick] [--write]``
+times quantize, dequantize and one jitted quantize->dequantize for every format on the
+layouts models use -- Dense kernels ``[in, out]`` (one scale per output channel, tiles
+along ``in``), conv kernels HWIO (per output channel, tiles along ``I``), einsum weights
+``[heads, d_model, head_dim]`` (per head and head_dim, tiles along ``d_model``) and
+activations ``[tokens, d]`` (per token, per tensor) -- at 512..4096 per side, each row a
+qwix/qarray ratio from one interleaved run (see ``pairbench.py``). ``--quick`` is a smoke
+run (< 1 min: small shapes, few rounds); ``--write`` replaces the
+"## Quantize layouts vs Qwix (issue 19)" section of RESULTS.md.
+
 Example:
   >>> rows = run(size=256, runs=1)
   >>> rows[0]['row']
@@ -27,9 +37,17 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-import qarray
+import sys
+
+if '--qarray' in sys.argv:  # benchmark another checkout (e.g. a `git archive` of a commit)
+    sys.path.insert(0, os.path.abspath(sys.argv[sys.argv.index('--qarray') + 1]))
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+import qarray  # noqa: E402
+import pairbench  # noqa: E402
 
 SECTION = '## Quantize (issue 2)'
+LAYOUT_SECTION = '## Quantize layouts vs Qwix (issue 19)'
 
 # (row label, qarray kwargs, qwix qtype, qwix kwargs). The weight is (in, out) = (K, N):
 # per-channel means one scale per output column; "tiles t" means runs of t values
@@ -169,7 +187,138 @@ def to_markdown(rows: list[dict], size: int, runs: int) -> str:
     return '\n'.join(lines) + '\n'
 
 
-def write_section(text: str, path: str) -> None:
+# --------------------------------------------------------------------------- layout suite (issue 19)
+# A layout: (name, shape, channelwise axes, tiled axis or None). A format: (label, qarray qtype,
+# extra qarray kwargs, Qwix qtype, extra Qwix kwargs, tile or None). qarray's ``tiles={axis: t}`` is
+# Qwix's ``tiled_axes={axis: t}``; ``channelwise_axes`` means the same in both; axes in neither
+# share one scale in both. Qwix has no asymmetric uint4: qarray's 'uint4' + minmax (codes 0..15
+# and a zero point) is set against Qwix's int4 + minmax (codes -8..7 and a zero point), the same
+# 16 levels per group.
+def _formats(kind: str) -> list[tuple]:
+    fp8 = ('fp8 e4m3', 'float8_e4m3fn', {}, jnp.float8_e4m3fn, {}, None)
+    int8 = ('int8', 'int8', {}, jnp.int8, {}, None)
+    if kind == 'act':
+        return [int8, fp8]
+    return [int8, fp8,
+            ('int4 t128', 'int4', {}, jnp.int4, {}, 128),
+            ('nf4 t64', 'nf4', {}, 'nf4', {}, 64),
+            ('uint4 minmax t128', 'uint4', dict(calibration='minmax'), jnp.int4,
+             dict(calibration_method='minmax'), 128),
+            ('int4 per-channel', 'int4', {}, jnp.int4, {}, None)]
+
+
+def layout_cases(quick: bool) -> list[tuple]:
+    """(layout, shape, channelwise axes, tiled axis, kind) for the quick or the full suite."""
+    if quick:
+        return [('dense [in,out]', (1024, 1024), (1,), 0, 'w'),
+                ('conv HWIO', (3, 3, 128, 256), (3,), 2, 'w'),
+                ('einsum [heads,d_model,head_dim]', (8, 512, 64), (0, 2), 1, 'w'),
+                ('act per-token [tokens,d]', (512, 1024), (0,), None, 'act'),
+                ('act per-tensor [tokens,d]', (512, 1024), (), None, 'act')]
+    return [('dense [in,out]', (2048, 2048), (1,), 0, 'w'),
+            ('dense [in,out]', (4096, 4096), (1,), 0, 'w'),
+            ('dense [in,out]', (1024, 4096), (1,), 0, 'w'),
+            ('dense [in,out]', (4096, 1024), (1,), 0, 'w'),
+            ('dense [in,out]', (512, 512), (1,), 0, 'w'),
+            ('conv HWIO', (3, 3, 256, 256), (3,), 2, 'w'),
+            ('conv HWIO', (3, 3, 512, 512), (3,), 2, 'w'),
+            ('einsum [heads,d_model,head_dim]', (16, 2048, 128), (0, 2), 1, 'w'),
+            ('einsum [heads,d_model,head_dim]', (32, 4096, 128), (0, 2), 1, 'w'),
+            ('act per-token [tokens,d]', (2048, 2048), (0,), None, 'act'),
+            ('act per-token [tokens,d]', (512, 4096), (0,), None, 'act'),
+            ('act per-tensor [tokens,d]', (2048, 2048), (), None, 'act'),
+            ('act per-tensor [tokens,d]', (512, 4096), (), None, 'act')]
+
+
+def layout_kwargs(shape, cw, tile_axis, fmt):
+    """(qarray qtype, qarray kwargs, Qwix qtype, Qwix kwargs) of one format on one layout."""
+    _, qa_t, qa_extra, qw_t, qw_extra, tile = fmt
+    qa_kw = dict(channelwise_axes=cw, **qa_extra)
+    qw_kw = dict(channelwise_axes=cw, **qw_extra)
+    if tile is not None and tile_axis is not None:
+        t = min(tile, shape[tile_axis])
+        qa_kw['tiles'] = {tile_axis: t}
+        qw_kw['tiled_axes'] = {tile_axis: t}
+    return qa_t, qa_kw, qw_t, qw_kw
+
+
+OPS = ('quantize', 'dequantize', 'quantize->dequantize')
+
+
+def run_layouts(quick: bool = False, rounds: int | None = None, max_seconds: float | None = None,
+                only: str | None = None, log=print) -> list[dict]:
+    """Every (layout, format, op) row: qarray vs Qwix in one interleaved run each.
+
+    Example:
+      >>> rows = run_layouts(quick=True, rounds=1, only='per-tensor', log=lambda *a: None)
+      >>> rows[0]['op'], 'ratio_wall' in rows[0]
+      ('quantize', True)
+    """
+    import qwix  # the [bench] extra
+    rounds = rounds or (8 if quick else 40)
+    max_seconds = max_seconds if max_seconds is not None else (0.4 if quick else 5.0)
+    rows = []
+    for li, (layout, shape, cw, tile_axis, kind) in enumerate(layout_cases(quick)):
+        if only and only not in layout:
+            continue
+        x = jax.random.normal(jax.random.key(li), shape, jnp.float32)
+        for fmt in _formats(kind):
+            if quick and fmt[0] == 'int4 per-channel':  # keep the smoke run well under a minute
+                continue
+            qa_t, qa_kw, qw_t, qw_kw = layout_kwargs(shape, cw, tile_axis, fmt)
+            base = dict(case=f'{layout} {"x".join(map(str, shape))}', fmt=fmt[0])
+            qa_q = jax.jit(lambda v, t=qa_t, kw=qa_kw: qarray.quantize(v, t, **kw))
+            qw_q = jax.jit(lambda v, t=qw_t, kw=qw_kw: qwix.quantize(v, t, **kw))
+            try:
+                qa_stored, qw_stored = qa_q(x), qw_q(x)
+                if tuple(qa_stored.scale.shape) != tuple(qw_stored.scale.shape):
+                    raise ValueError(f'scale shapes differ: {qa_stored.scale.shape} vs {qw_stored.scale.shape}')
+            except Exception as e:  # a format one library lacks on this layout
+                rows.append(dict(base, op='all', error=f'{type(e).__name__}: {str(e)[:80]}'))
+                continue
+            progs = {
+                'quantize': (qa_q, (x,), qw_q, (x,)),
+                'dequantize': (jax.jit(qarray.dequantize), (qa_stored,), jax.jit(qwix.dequantize), (qw_stored,)),
+                'quantize->dequantize': (
+                    jax.jit(lambda v, t=qa_t, kw=qa_kw: qarray.dequantize(qarray.quantize(v, t, **kw))), (x,),
+                    jax.jit(lambda v, t=qw_t, kw=qw_kw: qwix.dequantize(qwix.quantize(v, t, **kw))), (x,)),
+            }
+            for op in OPS:
+                fa, aa, fb, ab = progs[op]
+                r = pairbench.time_pair(fa, aa, fb, ab, rounds=rounds, max_seconds=max_seconds)
+                rows.append(dict(base, op=op, **r))
+                log(f"  {base['case']:44s} {fmt[0]:18s} {op:22s} qwix/qarray wall {r['ratio_wall']:.2f}x "
+                    f"CPU {r['ratio_cpu']:.2f}x ({r['a_wall_ms']:.2f} / {r['b_wall_ms']:.2f} ms)")
+    return rows
+
+
+def layouts_markdown(rows: list[dict], quick: bool) -> str:
+    """The RESULTS.md section for the layout suite.
+
+    Example:
+      >>> layouts_markdown([], True).splitlines()[0]
+      '## Quantize layouts vs Qwix (issue 19)'
+    """
+    mode = '--quick' if quick else 'full'
+    return '\n'.join([
+        LAYOUT_SECTION, '',
+        f'`python benchmarks/quantize_bench.py --layouts{" --quick" if quick else ""}` ({mode} suite). '
+        f'{pairbench.machine()}. float32 N(0,1) inputs, every program under `jax.jit`. Each row is ONE '
+        'interleaved run: qarray and Qwix alternate call by call (the order flips every round); the '
+        'ratio columns are medians of the per-round ratios t_Qwix / t_qarray (> 1: qarray faster; '
+        'bold: below 0.9x), for wall time and for process CPU time (all threads). "dequantize" reads '
+        'the stored array of each library; "quantize->dequantize" is one jitted program. Formats: '
+        'qarray `uint4` + minmax is set against Qwix `int4` + minmax (same 16 levels and a zero point; '
+        'Qwix has no asymmetric uint4); "t128" = tiles of 128 along the contracting axis (`in`, `I`, '
+        '`d_model`) with one scale per output channel; activations: int8 / fp8 per token or per tensor.',
+        '',
+        pairbench.ratio_table(rows, ['case', 'fmt', 'op']),
+        '',
+        pairbench.summary(rows),
+    ]) + '\n'
+
+
+def write_section(text: str, path: str, section: str = SECTION) -> None:
     """Replace (or append) this benchmark's section in ``path``, leaving other sections alone.
 
     Example:
@@ -180,7 +329,7 @@ def write_section(text: str, path: str) -> None:
     """
     old = open(path).read() if os.path.exists(path) else ''
     lines = old.splitlines(keepends=True)
-    start = next((i for i, l in enumerate(lines) if l.rstrip() == SECTION), None)
+    start = next((i for i, l in enumerate(lines) if l.rstrip() == section), None)
     if start is None:
         sep = '' if not old or old.endswith('\n\n') else ('\n' if old.endswith('\n') else '\n\n')
         new = old + sep + text
@@ -197,12 +346,25 @@ def main() -> None:
     p.add_argument('--size', type=int, default=4096)
     p.add_argument('--runs', type=int, default=7)
     p.add_argument('--write', action='store_true', help='write the table into benchmarks/RESULTS.md')
+    p.add_argument('--layouts', action='store_true', help='the layout suite (issue 19) instead of the issue-2 table')
+    p.add_argument('--quick', action='store_true', help='layout suite smoke run (< 1 min); implies --layouts')
+    p.add_argument('--rounds', type=int, default=None, help='layout suite: rounds per row')
+    p.add_argument('--only', default=None, help='layout suite: only layouts whose name contains this')
+    p.add_argument('--qarray', default=None, help='path of another qarray checkout to benchmark')
     a = p.parse_args()
+    results = os.path.join(os.path.dirname(os.path.abspath(__file__)), 'RESULTS.md')
+    if a.layouts or a.quick:
+        rows = run_layouts(a.quick, a.rounds, only=a.only)
+        text = layouts_markdown(rows, a.quick)
+        print(text)
+        if a.write:
+            write_section(text, results, LAYOUT_SECTION)
+        return
     rows = run(a.size, a.runs)
     text = to_markdown(rows, a.size, a.runs)
     print(text)
     if a.write:
-        write_section(text, os.path.join(os.path.dirname(os.path.abspath(__file__)), 'RESULTS.md'))
+        write_section(text, results)
 
 
 if __name__ == '__main__':

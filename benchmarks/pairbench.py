@@ -1,0 +1,110 @@
+"""Paired, interleaved timing of qarray against Qwix: the harness behind the layout tables.
+
+Each row times two jitted callables (qarray's and Qwix's) call by call in ONE loop:
+round ``r`` calls ``a`` then ``b`` (odd rounds ``b`` then ``a``), so machine load that
+comes and goes hits both alike. Every call records wall time (what a user waits for)
+and process CPU time (all threads of this process, less sensitive to other jobs on a
+shared machine). A row reports the median of each library's times and the median of
+the per-round ratios ``t_qwix / t_qarray`` (> 1: qarray is faster), for wall and CPU.
+
+Example:
+  >>> import jax.numpy as jnp
+  >>> f = lambda x: x + 1
+  >>> r = time_pair(f, (jnp.ones(4),), f, (jnp.ones(4),), rounds=3, warmup=1)
+  >>> sorted(r)[:3], r['rounds']
+  (['a_cpu_ms', 'a_wall_ms', 'b_cpu_ms'], 3)
+"""
+
+from __future__ import annotations
+
+import os
+import platform
+import statistics
+import sys
+import time
+from typing import Any, Callable
+
+import jax
+
+
+def _call(f: Callable, args: tuple) -> tuple[float, float]:
+    t0, c0 = time.perf_counter(), time.process_time()
+    jax.block_until_ready(f(*args))
+    return time.perf_counter() - t0, time.process_time() - c0
+
+
+def time_pair(a: Callable, a_args: tuple, b: Callable, b_args: tuple, *, rounds: int = 30,
+              warmup: int = 2, max_seconds: float | None = None) -> dict[str, Any]:
+    """Interleaved timing of ``a(*a_args)`` vs ``b(*b_args)``; see the module doc.
+
+    Stops early (after at least 5 rounds) once ``max_seconds`` of timing has passed.
+    Returns medians in ms (``a_wall_ms``, ``a_cpu_ms``, ``b_wall_ms``, ``b_cpu_ms``), the medians
+    of per-round ratios ``b / a`` (``ratio_wall``, ``ratio_cpu``) and the number of rounds.
+    """
+    for _ in range(warmup):
+        jax.block_until_ready(a(*a_args))
+        jax.block_until_ready(b(*b_args))
+    aw, ac, bw, bc = [], [], [], []
+    start = time.perf_counter()
+    for r in range(rounds):
+        if r % 2 == 0:
+            ta, tb = _call(a, a_args), _call(b, b_args)
+        else:
+            tb, ta = _call(b, b_args), _call(a, a_args)
+        aw.append(ta[0]); ac.append(ta[1]); bw.append(tb[0]); bc.append(tb[1])
+        if max_seconds is not None and r >= 4 and time.perf_counter() - start > max_seconds:
+            break
+    med = statistics.median
+    return dict(
+        a_wall_ms=med(aw) * 1e3, a_cpu_ms=med(ac) * 1e3, b_wall_ms=med(bw) * 1e3, b_cpu_ms=med(bc) * 1e3,
+        ratio_wall=med(y / x for x, y in zip(aw, bw)),
+        ratio_cpu=med(y / max(x, 1e-9) for x, y in zip(ac, bc)),
+        rounds=len(aw))
+
+
+def machine() -> str:
+    """One line naming the machine and software the numbers came from."""
+    from importlib.metadata import version
+    try:
+        qv = version('qwix')
+    except Exception:  # not installed
+        qv = 'n/a'
+    load = os.getloadavg()[0] if hasattr(os, 'getloadavg') else float('nan')
+    return (f'{os.cpu_count()}-core {platform.machine()} CPU, jax {jax.__version__} ({jax.default_backend()}), '
+            f'Qwix {qv}, Python {sys.version.split()[0]}, load average at start {load:.1f}')
+
+
+def ratio_table(rows: list[dict], first_cols: list[str]) -> str:
+    """Markdown table: ``first_cols`` of each row, then qarray / Qwix medians and the two ratios.
+
+    Example:
+      >>> print(ratio_table([dict(case='c', op='q', a_wall_ms=2., a_cpu_ms=2., b_wall_ms=1., b_cpu_ms=1.,
+      ...                         ratio_wall=.5, ratio_cpu=.5, rounds=3)], ['case', 'op']).splitlines()[2])
+      | c | q | 2.00 / 1.00 | 2.00 / 1.00 | **0.50x** | 0.50x | 3 |
+    """
+    head = first_cols + ['wall ms qarray / Qwix', 'CPU ms qarray / Qwix', 'qwix/qarray wall',
+                         'qwix/qarray CPU', 'rounds']
+    lines = ['| ' + ' | '.join(head) + ' |', '|' + '---|' * len(first_cols) + '---:|' * 5]
+    for r in rows:
+        if r.get('error'):
+            lines.append('| ' + ' | '.join(str(r[c]) for c in first_cols) + f" | {r['error']} | | | | |")
+            continue
+        w = f"{r['ratio_wall']:.2f}x"
+        lines.append('| ' + ' | '.join(str(r[c]) for c in first_cols)
+                     + f" | {r['a_wall_ms']:.2f} / {r['b_wall_ms']:.2f} | {r['a_cpu_ms']:.2f} / {r['b_cpu_ms']:.2f}"
+                     f" | {'**' + w + '**' if r['ratio_wall'] < 0.9 else w} | {r['ratio_cpu']:.2f}x | {r['rounds']} |")
+    return '\n'.join(lines)
+
+
+def summary(rows: list[dict]) -> str:
+    """Geometric mean and minimum of the wall ratios, and how many rows are below 0.9x."""
+    ok = [r for r in rows if not r.get('error')]
+    if not ok:
+        return 'no rows'
+    import math
+    g = math.exp(sum(math.log(r['ratio_wall']) for r in ok) / len(ok))
+    worst = min(ok, key=lambda r: r['ratio_wall'])
+    slow = sum(r['ratio_wall'] < 0.9 for r in ok)
+    return (f'{len(ok)} rows; geometric mean qwix/qarray wall ratio {g:.2f}x; {slow} rows below 0.9x; '
+            f"slowest: {worst.get('case', '')} {worst.get('fmt', '')} {worst.get('op', '')} "
+            f"{worst['ratio_wall']:.2f}x")
