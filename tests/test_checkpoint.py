@@ -762,7 +762,8 @@ def test_nested_qarrays_round_trip_bit_exact(nested_tree, tmp_path, how):
             for part in ('scale', 'zero_point'):
                 assert isinstance(getattr(got[key], part), qarray.QArray) == isinstance(
                     getattr(nested_tree[key], part), qarray.QArray)
-            assert np.array_equal(np.asarray(qarray.dequantize(got[key])), np.asarray(qarray.dequantize(nested_tree[key])))
+            assert np.array_equal(np.asarray(qarray.dequantize(got[key])),
+                                  np.asarray(qarray.dequantize(nested_tree[key])))
     assert meta['format_version'] == 3  # nested parts: older qarray refuses the file instead of misreading it
     p = meta['params']
     # every level records its format, packing and dtype

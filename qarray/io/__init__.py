@@ -11,6 +11,11 @@ them unless ``verify=False``: a corrupt or edited checkpoint raises
 header). Checkpoints written before the digests load with a ``UserWarning``.
 Needs the ``[checkpoint]`` extra.
 
+:func:`load_gguf` reads llama.cpp's GGUF files: quantized tensors become QArrays
+holding the file's own codes and scales (Q8_0, Q4_0/1, Q5_0/1, Q2_K..Q6_K,
+MXFP4), with the metadata (hyperparameters, tokenizer) as Python values. It
+needs no extra package.
+
 Example:
   >>> import tempfile, os, jax.numpy as jnp, qarray
   >>> from qarray import io
@@ -21,9 +26,11 @@ Example:
   (4, 8)
 """
 
+from qarray.io._gguf import GGUFContents, load_gguf, read_gguf_metadata
 from qarray.io._metadata import CheckpointError, describe
 from qarray.io._orbax import read_metadata, restore, save
 from qarray.io._safetensors import load_safetensors, read_safetensors_metadata, save_safetensors, tensor_names
 
 __all__ = ['CheckpointError', 'describe', 'save', 'restore', 'read_metadata', 'save_safetensors',
-           'load_safetensors', 'read_safetensors_metadata', 'tensor_names']
+           'load_safetensors', 'read_safetensors_metadata', 'tensor_names', 'load_gguf', 'read_gguf_metadata',
+           'GGUFContents']

@@ -10,7 +10,10 @@ the 32-bit CRC is barely faster, while SHA-256 makes a missed corruption
 What is hashed — the **logical bytes** of each tensor: its values in C order,
 little-endian, as :func:`digest` computes them; for a QArray, ``qvalue``
 (the packed uint8 bytes of sub-byte formats), ``scale`` and ``zero_point``
-each get their own digest, so an error says which part is damaged. These are
+each get their own digest, so an error says which part is damaged. A
+quantized scale or zero point (itself a QArray) is hashed part by part under
+dotted names (``scale.qvalue``, ``scale.scale``, ``zero_point.qvalue``, ...,
+to any depth), so every stored array of every level is covered. These are
 exactly the bytes a safetensors file stores for the tensor, and they do not
 depend on how an array was sharded. For an array sharded over several
 devices, each distinct shard written gets its own digest too (its index and
@@ -380,16 +383,16 @@ def verify_array(name: str, part: str, x: jax.Array, record: dict[str, Any], sto
 
 
 def parts_of(meta: dict[str, Any]) -> Iterable[str]:
-    """Checksummed part names of one param's metadata: ``qvalue``, ``scale`` (, ``zero_point``) or ``array``.
+    """Checksummed part names of one param's metadata: ``qvalue``, ``scale`` (, ``zero_point``) or ``array``;
+    the parts of a quantized scale / zero point under dotted names (``scale.qvalue``, ``scale.scale``, ...).
 
     Example:
       >>> from qarray.io._checksum import parts_of
       >>> list(parts_of({'kind': 'array'}))
       ['array']
     """
-    if meta['kind'] != 'qarray':
-        return [ARRAY]
-    return ['qvalue', 'scale'] + (['zero_point'] if meta.get('zero_point') is not None else [])
+    from qarray.io._metadata import part_paths
+    return part_paths(meta)
 
 
 def record_for(meta: dict[str, Any], name: str, part: str, source: str) -> dict[str, Any]:

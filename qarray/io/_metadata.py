@@ -11,6 +11,12 @@ Example:
   >>> meta = qarray.io.describe({'w': qarray.quantize(jnp.ones((4, 8)), 'int4', tiles=4)})
   >>> meta['w']['qtype'], meta['w']['tiles'], meta['w']['qvalue']['shape']
   ('int4', {'1': 4}, [4, 4])
+
+A quantized scale or zero point (itself a QArray: double quantization, nvfp4's
+E4M3 block scales, GGUF K-quants) is described the same way, nested under
+``scale`` / ``zero_point`` with ``'kind': 'qarray'``; its arrays are the parts
+``scale.qvalue``, ``scale.scale``, ... (:func:`array_parts`), and a load checks
+every level (a mismatch names the param and the part, e.g. ``scale.qtype``).
 """
 
 from __future__ import annotations
@@ -24,12 +30,16 @@ import numpy as np
 from qarray._array import QArray
 from qarray.paths import path_name  # re-exported
 
-__all__ = ['CheckpointError', 'FORMAT_VERSION', 'READABLE_VERSIONS', 'path_name', 'flatten', 'describe',
-           'containers', 'leaf_meta', 'check', 'check_leaves', 'abstract_leaf', 'nest']
+__all__ = ['CheckpointError', 'FORMAT_VERSION', 'NESTED_FORMAT_VERSION', 'READABLE_VERSIONS', 'path_name',
+           'flatten', 'describe', 'containers', 'leaf_meta', 'check', 'check_leaves', 'abstract_leaf', 'nest',
+           'array_parts', 'part_paths', 'part_meta', 'get_part', 'rebuild', 'format_version']
 
+# 3: some QArray has a quantized scale or zero point (nested QArray metadata and parts); written only then, so
+#    older qarray versions keep reading every other checkpoint and refuse these with a clear message.
 # 2: per-tensor and metadata checksums (qarray.io._checksum); 1: no checksums (still read, unverified).
 FORMAT_VERSION = 2
-READABLE_VERSIONS = (1, 2)
+NESTED_FORMAT_VERSION = 3
+READABLE_VERSIONS = (1, 2, 3)
 PARTS = ('qvalue', 'scale', 'zero_point')
 
 
@@ -114,11 +124,129 @@ def check_leaves(names: list[str], leaves: list[Any]) -> None:
     """
     for name, leaf in zip(names, leaves):
         if isinstance(leaf, QArray):
-            for part in PARTS:
-                if not (part == 'zero_point' and leaf.zero_point is None):
-                    _check_array(name, getattr(leaf, part), f"the QArray's {part}")
+            for path, x in array_parts(leaf):
+                _check_array(name, x, f"the QArray's {path}")
         else:
             _check_array(name, leaf, 'leaf')
+
+
+def array_parts(leaf: Any, prefix: str = '') -> list[tuple[str, Any]]:
+    """``(part, array)`` for every stored array of a leaf: ``[('array', x)]`` for a plain one; for a QArray
+    ``qvalue``, ``scale`` (, ``zero_point``), a quantized scale or zero point expanded into its own parts
+    (``scale.qvalue``, ``scale.scale``, ...), recursively.
+
+    Example:
+      >>> import jax, jax.numpy as jnp, qarray
+      >>> from qarray.io._metadata import array_parts
+      >>> q = qarray.quantize(jax.random.normal(jax.random.key(0), (4, 64)), 'nvfp4')
+      >>> [p for p, _ in array_parts(q)]
+      ['qvalue', 'scale.qvalue', 'scale.scale']
+    """
+    if not isinstance(leaf, QArray):
+        return [(prefix.rstrip('.') or 'array', leaf)]
+    out: list[tuple[str, Any]] = []
+    for part in PARTS:
+        x = getattr(leaf, part)
+        if isinstance(x, QArray):
+            out.extend(array_parts(x, f'{prefix}{part}.'))
+        elif x is not None:
+            out.append((f'{prefix}{part}', x))
+    return out
+
+
+def _is_nested(meta: Any) -> bool:
+    return isinstance(meta, dict) and meta.get('kind') == 'qarray'
+
+
+def part_paths(meta: dict[str, Any]) -> list[str]:
+    """The parts :func:`array_parts` gives for a leaf described by ``meta`` (same order).
+
+    Example:
+      >>> import jax.numpy as jnp, qarray
+      >>> from qarray.io._metadata import leaf_meta, part_paths
+      >>> part_paths(leaf_meta(qarray.quantize(jnp.ones((4, 8)), 'uint4', calibration='minmax')))
+      ['qvalue', 'scale', 'zero_point']
+    """
+    if meta['kind'] != 'qarray':
+        return ['array']
+    out: list[str] = []
+    for part in PARTS:
+        sub = meta.get(part)
+        if _is_nested(sub):
+            out.extend(f'{part}.{p}' for p in part_paths(sub))
+        elif sub is not None:
+            out.append(part)
+    return out
+
+
+def part_meta(meta: dict[str, Any], path: str) -> dict[str, Any]:
+    """The ``{'shape', 'dtype'}`` entry of one part (a :func:`part_paths` name) in a leaf's metadata.
+
+    Example:
+      >>> from qarray.io._metadata import part_meta
+      >>> part_meta({'kind': 'array', 'shape': [2], 'dtype': 'float32'}, 'array')['dtype']
+      'float32'
+    """
+    if path == 'array':
+        return meta
+    node = meta
+    for key in path.split('.'):
+        node = node[key]
+    return node
+
+
+def get_part(leaf: Any, path: str) -> Any:
+    """The array of one part of a leaf (``'array'``: the leaf itself; ``'scale.qvalue'``: ``leaf.scale.qvalue``).
+
+    Example:
+      >>> import jax, qarray
+      >>> from qarray.io._metadata import get_part
+      >>> q = qarray.quantize(jax.random.normal(jax.random.key(0), (4, 64)), 'nvfp4')
+      >>> get_part(q, 'scale.qvalue').dtype
+      dtype(float8_e4m3fn)
+    """
+    if path == 'array':
+        return leaf
+    for key in path.split('.'):
+        leaf = getattr(leaf, key)
+    return leaf
+
+
+def rebuild(abstract: QArray, read: Any, prefix: str = '') -> QArray:
+    """A QArray shaped like ``abstract`` (nested QArrays included) whose arrays are ``read(part, abstract_array)``.
+
+    Example:
+      >>> import jax, jax.numpy as jnp, qarray
+      >>> from qarray.io._metadata import rebuild
+      >>> q = qarray.quantize(jnp.ones((2, 64)), 'nvfp4')
+      >>> r = rebuild(jax.eval_shape(lambda: q), lambda part, a: jnp.zeros(a.shape, a.dtype))
+      >>> r.scale.qvalue.shape, r.scale.scale.shape
+      ((2, 4), (1, 1))
+    """
+    def sub(part: str) -> Any:
+        x = getattr(abstract, part)
+        if x is None:
+            return None
+        if isinstance(x, QArray):
+            return rebuild(x, read, f'{prefix}{part}.')
+        return read(f'{prefix}{part}', x)
+    return QArray(sub('qvalue'), sub('scale'), sub('zero_point'), qtype=abstract.qtype, dtype=abstract.dtype,
+                  packed_axis=abstract.packed_axis, packed_length=abstract.packed_length)
+
+
+def format_version(params: dict[str, dict[str, Any]]) -> int:
+    """The metadata ``format_version`` to write: 3 when some QArray has a quantized scale or zero point, else 2.
+
+    Example:
+      >>> import jax, qarray
+      >>> from qarray.io._metadata import describe, format_version
+      >>> w = jax.random.normal(jax.random.key(0), (4, 64))
+      >>> [format_version(describe({'w': qarray.quantize(w, f)})) for f in ('int8', 'nvfp4')]
+      [2, 3]
+    """
+    nested = any(_is_nested(m.get(p)) for m in params.values() if m['kind'] == 'qarray'
+                 for p in ('scale', 'zero_point'))
+    return NESTED_FORMAT_VERSION if nested else FORMAT_VERSION
 
 
 def _array_meta(x: Any) -> dict[str, Any]:
@@ -146,12 +274,17 @@ def leaf_meta(leaf: Any) -> dict[str, Any]:
             'packed_axis': leaf.packed_axis,
             'packed_length': leaf.packed_length,
             'qvalue': _array_meta(leaf.qvalue),
-            'scale': _array_meta(leaf.scale),
-            'zero_point': None if leaf.zero_point is None else _array_meta(leaf.zero_point),
+            'scale': _part(leaf.scale),
+            'zero_point': None if leaf.zero_point is None else _part(leaf.zero_point),
         }
     if not hasattr(leaf, 'dtype'):
         leaf = np.asarray(leaf)
     return {'kind': 'array', **_array_meta(leaf)}
+
+
+def _part(x: Any) -> dict[str, Any]:
+    """A scale / zero point: ``{'shape', 'dtype'}`` of an array, or the full description of a quantized one."""
+    return leaf_meta(x) if isinstance(x, QArray) else _array_meta(x)
 
 
 def _child(node: Any, key: Any) -> Any:
@@ -218,6 +351,9 @@ def _fmt(meta: dict[str, Any]) -> str:
         layout.append(f"channelwise_axes={tuple(meta['channelwise_axes'])}")
     if meta['tiles']:
         layout.append(f"tiles={ {int(a): t for a, t in meta['tiles'].items()} }")
+    for part in ('scale', 'zero_point'):
+        if _is_nested(meta.get(part)):
+            layout.append(f"{part}: {meta[part]['qtype']} codes")
     return (f"a {meta['qtype']} QArray of shape {tuple(meta['shape'])}"
             + (f" ({', '.join(layout)})" if layout else ''))
 
@@ -237,6 +373,31 @@ _FIELDS = [
     ('scale', 'the scales have another shape/dtype (scale_dtype differs?)'),
     ('zero_point', 'one side has zero points (asymmetric calibration) and the other has not'),
 ]
+
+
+_NESTED_HINT = ('one side stores quantized scales or offsets (a QArray: double quantization, nvfp4, GGUF '
+                'K-quants) and the other plain ones; the checkpoint was made with different quantization rules')
+
+
+def _value(v: Any) -> str:
+    return _fmt(v) if _is_nested(v) else repr(v)
+
+
+def _first_diff(have: dict[str, Any], want: dict[str, Any], prefix: str = '') -> tuple[str, Any, Any, str] | None:
+    """(field, stored value, expected value, hint) of the first difference, nested QArrays field by field."""
+    for field, hint in _FIELDS:
+        if not (field == 'kind' or have['kind'] == 'qarray' or field in ('shape', 'dtype')):
+            continue
+        a, b = have.get(field), want.get(field)
+        if field in ('scale', 'zero_point') and (_is_nested(a) or _is_nested(b)):
+            if not (_is_nested(a) and _is_nested(b)):
+                return f'{prefix}{field}', a, b, _NESTED_HINT
+            inner = _first_diff(a, b, f'{prefix}{field}.')
+            if inner is not None:
+                return inner
+        elif a != b:
+            return f'{prefix}{field}', a, b, hint + (f' (in the quantized {prefix[:-1]})' if prefix else '')
+    return None
 
 
 def check(stored: dict[str, dict[str, Any]], expected: dict[str, dict[str, Any]], source: str) -> None:
@@ -263,12 +424,12 @@ def check(stored: dict[str, dict[str, Any]], expected: dict[str, dict[str, Any]]
                               f"({len(extra)} extra); restore into a tree with the same params.")
     for name, want in expected.items():
         have = stored[name]
-        for field, hint in _FIELDS:
-            if field == 'kind' or (have['kind'] == 'qarray' or field in ('shape', 'dtype')):
-                if have.get(field) != want.get(field):
-                    raise CheckpointError(
-                        f"param {name!r}: {source} holds {_fmt(have)}, but the target expects {_fmt(want)} "
-                        f"({field}: stored {have.get(field)!r} != expected {want.get(field)!r}); {hint}.")
+        diff = _first_diff(have, want)
+        if diff is not None:
+            field, a, b, hint = diff
+            raise CheckpointError(
+                f"param {name!r}: {source} holds {_fmt(have)}, but the target expects {_fmt(want)} "
+                f"({field}: stored {_value(a)} != expected {_value(b)}); {hint}.")
         # Checkpoints written before wrapper fields were recorded have no 'containers': nothing to compare.
         if 'containers' in have and have['containers'] != want.get('containers', []):
             raise CheckpointError(
@@ -284,7 +445,8 @@ def _sds(meta: dict[str, Any], sharding: Any = None) -> jax.ShapeDtypeStruct:
 def abstract_leaf(meta: dict[str, Any], sharding: Any = None) -> Any:
     """Abstract leaf (``ShapeDtypeStruct`` or QArray of them) rebuilt from its metadata.
 
-    ``sharding``: None, a sharding for an array leaf, or a QArray of shardings.
+    ``sharding``: None, a sharding for an array leaf, or a QArray of shardings (one sharding at a QArray or
+    at a quantized part is used for every array under it).
 
     Example:
       >>> from qarray.io._metadata import abstract_leaf
@@ -293,13 +455,15 @@ def abstract_leaf(meta: dict[str, Any], sharding: Any = None) -> Any:
     """
     if meta['kind'] == 'array':
         return _sds(meta, sharding)
-    sh = sharding if isinstance(sharding, QArray) else None
-    zp = meta['zero_point']
-    part = (lambda name: None) if sh is None else (lambda name: getattr(sh, name))
-    return QArray(_sds(meta['qvalue'], part('qvalue')), _sds(meta['scale'], part('scale')),
-                  None if zp is None else _sds(zp, part('zero_point')),
-                  qtype=meta['qtype'], dtype=jnp.dtype(meta['dtype']),
-                  packed_axis=meta['packed_axis'], packed_length=meta['packed_length'])
+    def part(name: str) -> Any:
+        pm = meta[name]
+        if pm is None:
+            return None
+        s = getattr(sharding, name) if isinstance(sharding, QArray) else sharding
+        return abstract_leaf(pm, s) if _is_nested(pm) else _sds(pm, s)
+
+    return QArray(part('qvalue'), part('scale'), part('zero_point'), qtype=meta['qtype'],
+                  dtype=jnp.dtype(meta['dtype']), packed_axis=meta['packed_axis'], packed_length=meta['packed_length'])
 
 
 def nest(names: list[str], leaves: list[Any]) -> dict[str, Any]:

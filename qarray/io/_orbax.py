@@ -58,11 +58,10 @@ def _key(i: int) -> str:
 
 
 def _parts(leaf: Any) -> Any:
+    """What Orbax stores for a leaf: the array, or a dict of a QArray's parts (nested dicts for quantized
+    scales / zero points)."""
     if isinstance(leaf, QArray):
-        parts = {'qvalue': leaf.qvalue, 'scale': leaf.scale}
-        if leaf.zero_point is not None:
-            parts['zero_point'] = leaf.zero_point
-        return parts
+        return {p: _parts(x) for p in md.PARTS if (x := getattr(leaf, p)) is not None}
     return leaf
 
 
@@ -70,9 +69,7 @@ def _checksums(names: list[str], leaves: list[Any]) -> dict[str, Any]:
     """The checksum table of a tree: every process hashes what it holds; the tables are merged."""
     local = {}
     for name, leaf in zip(names, leaves):
-        parts = _parts(leaf)
-        parts = parts if isinstance(parts, dict) else {cs.ARRAY: parts}
-        local[name] = {p: cs.array_entry(x) for p, x in parts.items()}
+        local[name] = {p: cs.array_entry(x) for p, x in md.array_parts(leaf)}
     return {'algorithm': cs.ALGORITHM, 'params': cs.merge(cs.gather_entries(local))}
 
 
@@ -100,7 +97,8 @@ def save(path: str | os.PathLike, tree: Any, *, force: bool = False) -> None:
     ocp = _ocp()
     names, leaves, _ = md.flatten(tree)
     md.check_leaves(names, leaves)
-    meta = cs.seal({'format_version': md.FORMAT_VERSION, 'names': names, 'params': md.describe(tree),
+    params = md.describe(tree)
+    meta = cs.seal({'format_version': md.format_version(params), 'names': names, 'params': params,
                     cs.CHECKSUM_KEY: _checksums(names, leaves)})
     arrays = {_key(i): _parts(leaf) for i, leaf in enumerate(leaves)}
     with ocp.Checkpointer(ocp.CompositeCheckpointHandler()) as ckptr:
@@ -143,18 +141,34 @@ def _read_meta(path: str, verify: bool) -> tuple[dict[str, Any], bool]:
     return meta, cs.open_seal(meta, f"checkpoint {path!r}", verify)
 
 
+def _shardings_of(leaf: Any) -> Any:
+    """The shardings of a leaf's arrays (a QArray of them for a QArray, nested ones included), or None when
+    some array has none."""
+    if isinstance(leaf, QArray):
+        parts = [None if (p := getattr(leaf, name)) is None else _shardings_of(p) for name in md.PARTS]
+        if parts[0] is None or parts[1] is None or (leaf.zero_point is not None and parts[2] is None):
+            return None
+        return QArray(*parts, qtype=leaf.qtype, dtype=leaf.dtype, packed_axis=leaf.packed_axis,
+                      packed_length=leaf.packed_length)
+    return getattr(leaf, 'sharding', None)
+
+
 def _default_sharding(target_leaf: Any) -> Any:
     """The sharding a target leaf asks for (its own), else device 0."""
-    if isinstance(target_leaf, QArray):
-        parts = [target_leaf.qvalue, target_leaf.scale, target_leaf.zero_point]
-        shs = [getattr(p, 'sharding', None) for p in parts if p is not None]
-        if shs and all(s is not None for s in shs):
-            return QArray(*[None if p is None else p.sharding for p in parts], qtype=target_leaf.qtype,
-                          dtype=target_leaf.dtype, packed_axis=target_leaf.packed_axis,
-                          packed_length=target_leaf.packed_length)
-    elif getattr(target_leaf, 'sharding', None) is not None:
-        return target_leaf.sharding
-    return jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+    own = _shardings_of(target_leaf)
+    return own if own is not None else jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+
+
+def _nested_shardings(abstract: QArray, sh: QArray) -> QArray:
+    """``sh`` (a QArray of shardings from :func:`qarray.sharding.shardings`) with each quantized part laid out by
+    the same rule, taking the sharding of the scale it stands for as its float array's sharding."""
+    def part(name: str) -> Any:
+        a, s = getattr(abstract, name), getattr(sh, name)
+        if isinstance(a, QArray) and isinstance(s, jax.sharding.NamedSharding):
+            return _nested_shardings(a, qsharding.shardings(a, s))
+        return s
+    return QArray(part('qvalue'), part('scale'), part('zero_point'), qtype=sh.qtype, dtype=sh.dtype,
+                  packed_axis=sh.packed_axis, packed_length=sh.packed_length)
 
 
 def leaf_sharding(meta: dict[str, Any], target_leaf: Any, sharding: Any) -> Any:
@@ -170,7 +184,7 @@ def leaf_sharding(meta: dict[str, Any], target_leaf: Any, sharding: Any) -> Any:
         return sharding
     abstract = md.abstract_leaf(meta)
     if isinstance(sharding, jax.sharding.NamedSharding):
-        return qsharding.shardings(abstract, sharding)
+        return _nested_shardings(abstract, qsharding.shardings(abstract, sharding))
     return jax.tree.map(lambda _: sharding, abstract)
 
 
@@ -195,6 +209,13 @@ def resolve(path_meta: dict[str, Any], target: Any, shardings: Any, source: str
     abstract = [md.abstract_leaf(stored[n], leaf_sharding(stored[n], t, s))
                 for n, t, s in zip(t_names, leaves_t, sh_leaves)]
     return t_names, abstract, treedef, leaves_t
+
+
+def _at(parts: dict[str, Any], path: str) -> Any:
+    """The restored array of one dotted part path in Orbax's nested dicts."""
+    for key in path.split('.'):
+        parts = parts[key]
+    return parts
 
 
 def _lookup(tree: Any, name: str) -> Any:
@@ -245,8 +266,8 @@ def _verify(meta: dict[str, Any], names: list[str], leaves: list[Any], source: s
         for name, leaf in zip(names, leaves):
             pm = meta['params'][name]
             for part in cs.parts_of(pm):
-                x = leaf if part == cs.ARRAY else getattr(leaf, part)
-                stored_dtype = pm['dtype'] if part == cs.ARRAY else pm[part]['dtype']
+                x = md.get_part(leaf, part)
+                stored_dtype = md.part_meta(pm, part)['dtype']
                 shards, whole = cs.verify_array(name, part, x, cs.record_for(meta, name, part, source),
                                                 stored_dtype, source)
                 coverage[name if part == cs.ARRAY else f'{name}.{part}'] = [''.join('01'[s] for s in shards), whole]
@@ -283,7 +304,8 @@ def restore(path: str | os.PathLike, target: Any = None, shardings: Any = None, 
       shardings: optional tree with the target's structure (or, without a target,
         nested dicts by name, or one sharding for everything). At a QArray leaf
         give the float array's ``NamedSharding`` (values and scales follow the
-        :mod:`qarray.sharding` rule) or a QArray of shardings.
+        :mod:`qarray.sharding` rule; a quantized scale's own arrays follow the
+        same rule from the scale's sharding) or a QArray of shardings.
       verify: check the SHA-256 digest of the metadata before reading, and of
         every restored tensor after (the whole array when this process holds
         it, and each shard region as saved). This copies each array to host
@@ -332,11 +354,7 @@ def restore(path: str | os.PathLike, target: Any = None, shardings: Any = None, 
     leaves = []
     for n, a in zip(names, abstract):
         g = got[_key(index[n])]
-        if isinstance(a, QArray):
-            leaves.append(QArray(g['qvalue'], g['scale'], g.get('zero_point'), qtype=a.qtype, dtype=a.dtype,
-                                 packed_axis=a.packed_axis, packed_length=a.packed_length))
-        else:
-            leaves.append(g)
+        leaves.append(md.rebuild(a, lambda part, _, g=g: _at(g, part)) if isinstance(a, QArray) else g)
     if checked:
         _verify(meta, names, leaves, source)
     return md.nest(names, leaves) if treedef is None else jax.tree_util.tree_unflatten(treedef, leaves)

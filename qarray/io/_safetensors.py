@@ -2,13 +2,18 @@
 
 Layout: a QArray param ``Dense_0/kernel`` is stored as tensors
 ``Dense_0/kernel.qvalue``, ``Dense_0/kernel.scale`` and (asymmetric formats)
-``Dense_0/kernel.zero_point``; a float param keeps its plain name. The header's
+``Dense_0/kernel.zero_point``; a float param keeps its plain name. A quantized
+scale or zero point (a QArray itself: double quantization, nvfp4, GGUF
+K-quants) is stored as its own parts, ``Dense_0/kernel.scale.qvalue``,
+``Dense_0/kernel.scale.scale``, ... (any depth). The header's
 ``__metadata__`` holds one JSON entry, ``qarray``, with every param's format,
 tiles, channelwise axes, packing and shapes, so the file is self-describing and
 a mismatch on load raises an error naming the param. Packed sub-byte values are
 stored as their uint8 bytes; dtypes safetensors' numpy API cannot write
-(fp8) are stored as raw bytes with the real dtype in the metadata — every
-format round-trips bit-exactly.
+(fp8, and microscaling's ``float8_e8m0fnu`` scales, which safetensors has no
+dtype for) are stored as raw ``U8`` bytes (one extra trailing axis of the item
+size when it is over one byte) with the real dtype in the metadata
+(``raw_tensors``) — every format round-trips bit-exactly.
 
 Integrity: the metadata also holds a SHA-256 digest of every tensor's bytes
 (``checksums``; see :mod:`qarray.io._checksum` for the choice) and a digest of
@@ -67,14 +72,18 @@ def _st():
 
 
 def _tensors_of(name: str, leaf: Any) -> dict[str, tuple[str, Any]]:
-    """``{tensor name: (part, array)}`` of one param (part: qvalue/scale/zero_point, or 'array')."""
+    """``{tensor name: (part, array)}`` of one param (part: qvalue/scale/zero_point, the dotted parts of a
+    quantized scale or zero point such as ``scale.qvalue``, or 'array')."""
     if isinstance(leaf, QArray):
-        return {f'{name}.{p}': (p, getattr(leaf, p)) for p in md.PARTS if getattr(leaf, p) is not None}
+        return {f'{name}.{p}': (p, x) for p, x in md.array_parts(leaf)}
     return {name: (cs.ARRAY, leaf)}
 
 
 def _param_of(tname: str) -> str:
-    return tname.rsplit('.', 1)[0] if tname.rsplit('.', 1)[-1] in md.PARTS else tname
+    """The param a tensor belongs to: its name without the trailing part names (``w.scale.qvalue`` -> ``w``)."""
+    while '.' in tname and tname.rsplit('.', 1)[-1] in md.PARTS:
+        tname = tname.rsplit('.', 1)[0]
+    return tname
 
 
 def _to_storable(x: Any) -> tuple[np.ndarray, bool]:
@@ -134,7 +143,8 @@ def save_safetensors(path: str | os.PathLike, tree: Any, *, metadata: dict[str, 
             sums.setdefault(name, {})[part] = cs.entry(cs.digest(tensors[tname]))
             if is_raw:
                 raw.append(tname)
-    meta = {'format_version': md.FORMAT_VERSION, 'names': names, 'params': md.describe(tree), 'raw_tensors': raw,
+    params = md.describe(tree)
+    meta = {'format_version': md.format_version(params), 'names': names, 'params': params, 'raw_tensors': raw,
             cs.CHECKSUM_KEY: {'algorithm': cs.ALGORITHM, 'params': sums}}
     header[_META_KEY] = json.dumps(cs.seal(meta))
     stnp.save_file(tensors, os.fspath(path), metadata=header)
@@ -358,11 +368,8 @@ def load_safetensors(path: str | os.PathLike, target: Any = None, shardings: Any
     with handle_cm as handle:
         for name, a in zip(names, abstract):
             if isinstance(a, QArray):
-                parts = {p: getattr(a, p) for p in md.PARTS if getattr(a, p) is not None}
-                got = {p: _read_part(handle, f'{name}.{p}', w, f'{name}.{p}' in raw, name)
-                       for p, w in parts.items()}
-                leaves.append(QArray(got['qvalue'], got['scale'], got.get('zero_point'), qtype=a.qtype,
-                                     dtype=a.dtype, packed_axis=a.packed_axis, packed_length=a.packed_length))
+                leaves.append(md.rebuild(a, lambda part, w, name=name: _read_part(
+                    handle, f'{name}.{part}', w, f'{name}.{part}' in raw, name)))
             else:
                 leaves.append(_read_part(handle, name, a, name in raw, name))
     return md.nest(names, leaves) if treedef is None else jax.tree_util.tree_unflatten(treedef, leaves)
