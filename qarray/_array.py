@@ -52,11 +52,11 @@ class QArray:
       4
     """
 
-    __slots__ = ('qvalue', 'scale', 'zero_point', 'qtype', 'dtype', 'packed_axis', 'packed_length')
+    __slots__ = ('qvalue', 'scale', 'zero_point', 'qtype', 'dtype', 'packed_axis', 'packed_length', 'tile_sizes')
 
     def __init__(self, qvalue: Any, scale: Any, zero_point: Any = None, *, qtype: Any,
                  dtype: Any = jnp.float32, packed_axis: int | None = None,
-                 packed_length: int | None = None):
+                 packed_length: int | None = None, tile_sizes: tuple[tuple[int, int], ...] = ()):
         self.qvalue = qvalue
         self.scale = scale
         self.zero_point = zero_point
@@ -68,6 +68,10 @@ class QArray:
             raise ValueError(f"packed_axis is counted from the end and must be negative; got {packed_axis}.")
         self.packed_axis = packed_axis
         self.packed_length = packed_length
+        # Tiles that do not divide their axis (the last tile is partial): (axis counted from the end, tile).
+        self.tile_sizes = tuple(sorted((int(a), int(t)) for a, t in tile_sizes))
+        if any(a >= 0 or t <= 0 for a, t in self.tile_sizes):
+            raise ValueError(f"tile_sizes must be (negative axis, positive tile) pairs; got {tile_sizes!r}.")
         if all(hasattr(leaf, 'shape') and hasattr(leaf, 'dtype') for leaf in (qvalue, scale)):
             self.check()  # (leaves may also be shardings or specs, e.g. in checkpoint code: nothing to check)
 
@@ -109,7 +113,13 @@ class QArray:
                                  f"along the packed axis, but qvalue has {qv.shape[self.packed_axis]} "
                                  f"(shape {tuple(qv.shape)}).")
         shape, sshape = self.shape, tuple(self.scale.shape)
-        if len(sshape) != ndim or any(not (s == 1 or s == n or (s and n % s == 0)) for n, s in zip(shape, sshape)):
+        for a, t in self.tile_sizes:
+            if not -ndim <= a < 0 or len(sshape) != ndim or sshape[a] != -(-shape[a] // t):
+                raise ValueError(f"QArray({qt.name}): an uneven tile {t} on axis {a} of shape {shape} needs "
+                                 f"ceil(n / tile) scales along it; scale shape {sshape}.")
+        uneven = {a % ndim for a, _ in self.tile_sizes}
+        if len(sshape) != ndim or any(not (a in uneven or s == 1 or s == n or (s and n % s == 0))
+                                      for a, (n, s) in enumerate(zip(shape, sshape))):
             raise ValueError(f"QArray({qt.name}): scale of shape {sshape} does not fit shape {shape}: it needs the "
                              "same rank, with every axis 1, the full size, or a divisor of it (tiles).")
         if not isinstance(self.scale, QArray) and not jnp.issubdtype(self.scale.dtype, jnp.floating):
@@ -128,14 +138,15 @@ class QArray:
         K = jax.tree_util.GetAttrKey
         children = ((K('qvalue'), self.qvalue), (K('scale'), self.scale),
                     (K('zero_point'), self.zero_point))
-        return children, (self.qtype, self.dtype, self.packed_axis, self.packed_length)
+        return children, (self.qtype, self.dtype, self.packed_axis, self.packed_length, self.tile_sizes)
 
     @classmethod
     def tree_unflatten(cls, aux, children):
-        qtype, dtype, packed_axis, packed_length = aux
+        qtype, dtype, packed_axis, packed_length, tile_sizes = aux
         obj = object.__new__(cls)
         obj.qvalue, obj.scale, obj.zero_point = children
         obj.qtype, obj.dtype, obj.packed_axis, obj.packed_length = qtype, dtype, packed_axis, packed_length
+        obj.tile_sizes = tile_sizes
         return obj
 
     # array-like ---------------------------------------------------------------
@@ -162,13 +173,27 @@ class QArray:
         """Sub-channel tile size per tiled axis (axes with 1 < scale size < size); a microscaling format's
         block axis always (even when it holds a single block)."""
         shape, sshape = self.shape, tuple(self.scale.shape)
-        tiles = {a: n // s for a, (n, s) in enumerate(zip(shape, sshape)) if 1 < s < n}
+        uneven = self.uneven_tiles
+        tiles = {a: uneven.get(a, n // s) for a, (n, s) in enumerate(zip(shape, sshape)) if 1 < s < n or a in uneven}
         block = self.qtype.block
         if block and not tiles:
             axes = [a for a, (n, s) in enumerate(zip(shape, sshape)) if n == s * block and n > 1]
             if axes:
                 tiles = {axes[-1]: block}
         return tiles
+
+    @property
+    def uneven_tiles(self) -> dict[int, int]:
+        """``{axis: tile}`` for tiled axes whose tile does not divide them (their last tile is partial).
+
+        Example:
+          >>> import jax.numpy as jnp, qarray
+          >>> q = qarray.quantize(jnp.ones((4, 300)), 'int8', tiles=128)
+          >>> q.uneven_tiles, q.scale.shape
+          ({1: 128}, (4, 3))
+        """
+        nd = len(self.qvalue.shape)
+        return {a % nd: t for a, t in self.tile_sizes}
 
     @property
     def channelwise_axes(self) -> tuple[int, ...]:
@@ -209,8 +234,9 @@ class QArray:
         if self.packed_axis is not None:
             packed_axis = axes.index(self.packed_axis % self.ndim) - self.ndim
         zp = None if self.zero_point is None else _transpose(self.zero_point, axes)
+        tile_sizes = tuple((axes.index(a % self.ndim) - self.ndim, t) for a, t in self.tile_sizes)
         return self.replace(qvalue=jnp.transpose(self.qvalue, axes), scale=_transpose(self.scale, axes),
-                            zero_point=zp, packed_axis=packed_axis)
+                            zero_point=zp, packed_axis=packed_axis, tile_sizes=tile_sizes)
 
     def reshape(self, *shape: Any) -> 'QArray':
         """Reshape where the scale layout allows it (else ``ValueError``).
@@ -226,6 +252,9 @@ class QArray:
         if len(shape) == 1 and isinstance(shape[0], (tuple, list)):
             shape = tuple(shape[0])
         new_shape = _resolve_shape(self.shape, shape)
+        if self.tile_sizes and tuple(new_shape) != tuple(self.shape):
+            raise ValueError(f"cannot reshape QArray {tuple(self.shape)} -> {tuple(new_shape)}: it has uneven tiles "
+                             f"{self.uneven_tiles} (a partial last tile); dequantize or re-quantize first.")
         new_scale_shape, packed_new = _reshape_layout(self.shape, self.scale.shape, new_shape,
                                                       self.packed_axis)
         qshape = list(new_shape)
@@ -273,7 +302,7 @@ class QArray:
         current.update(fields)
         return QArray(current['qvalue'], current['scale'], current['zero_point'], qtype=current['qtype'],
                       dtype=current['dtype'], packed_axis=current['packed_axis'],
-                      packed_length=current['packed_length'])
+                      packed_length=current['packed_length'], tile_sizes=current['tile_sizes'])
 
     def __jax_array__(self) -> jax.Array:
         return _dequantize(self)

@@ -106,7 +106,12 @@ def _fake_quant_jit(x, spec, ste) -> jax.Array:
     if isinstance(scale, QArray):  # a quantized scale: the codes were computed with its dequantized value
         scale = scale.__jax_array__()
     qt = spec.qtype
-    return straight_through(x, values_from_codes(c, scale, zp, qt, x.dtype), _pass_mask(xs, scale, zp, qt, ste))
+    uneven = {a: t for a, t in spec.tiles if x.shape[a] % t}
+    values = values_from_codes(c, scale, zp, qt, x.dtype, uneven)
+    if uneven:  # the pass mask works on full-size scales
+        scale = _layout.broadcast_scale(scale, x.shape, uneven)
+        zp = None if zp is None else _layout.broadcast_scale(zp, x.shape, uneven)
+    return straight_through(x, values, _pass_mask(xs, scale, zp, qt, ste))
 
 
 def _check_ste(ste: str) -> None:

@@ -67,12 +67,10 @@ def normalize_layout(shape: tuple[int, ...], channelwise_axes: Any,
     for a, t in tile_map.items():
         if not isinstance(t, (int, np.integer)) or isinstance(t, bool) or t <= 0:
             raise ValueError(f"tiles[{a}] must be a positive int; got {t!r}.")
-        if shape[a] % t:
-            raise ValueError(f"tiles[{a}]={t} does not divide axis {a} of size {shape[a]} (shape {shape}); "
-                             f"pick a tile that divides it.")
         if a in cw:
             raise ValueError(f"axis {a} is both in channelwise_axes and tiles; choose one.")
-    return cw, {a: int(t) for a, t in tile_map.items()}
+    # A tile that does not divide its axis leaves a partial last tile; one at least as long as the axis is one tile.
+    return cw, {a: min(int(t), shape[a]) if shape[a] else int(t) for a, t in tile_map.items()}
 
 
 def _is_int(v: Any) -> bool:
@@ -137,7 +135,8 @@ def group_view(shape: Sequence[int], channelwise_axes: Sequence[int], tiles: Map
         if a in tiles:
             t = tiles[a]
             if n % t:
-                raise ValueError(f"tile {t} does not divide axis {a} of size {n} (shape {tuple(shape)}).")
+                raise ValueError(f"tile {t} does not divide axis {a} of size {n} (shape {tuple(shape)}); "
+                                 "an uneven tile is split off first (see qarray._quantize).")
             view += [n // t, t]
             reduce_axes.append(len(view) - 1)
             scale_shape.append(n // t)
@@ -147,3 +146,24 @@ def group_view(shape: Sequence[int], channelwise_axes: Sequence[int], tiles: Map
                 reduce_axes.append(len(view) - 1)
             scale_shape.append(n if a in channelwise_axes else 1)
     return view, tuple(reduce_axes), tuple(scale_shape)
+
+
+def broadcast_scale(scale: Any, shape: Sequence[int], uneven: Mapping[int, int]) -> Any:
+    """``scale`` repeated over its tiles to the full ``shape`` (for layouts with a partial last tile, where
+    :func:`tiled_view`'s reshape cannot express the groups).
+
+    Example:
+      >>> import jax.numpy as jnp
+      >>> from qarray._layout import broadcast_scale
+      >>> broadcast_scale(jnp.array([[1., 2., 3.]]), (1, 7), {1: 3}).tolist()
+      [[1.0, 1.0, 1.0, 2.0, 2.0, 2.0, 3.0]]
+    """
+    import jax
+    import jax.numpy as jnp
+    for a, (n, s) in enumerate(zip(shape, scale.shape)):
+        if 1 < s < n or a in uneven:
+            t = uneven.get(a, n // s)
+            scale = jnp.repeat(scale, t, axis=a, total_repeat_length=s * t)
+            if s * t != n:
+                scale = jax.lax.slice_in_dim(scale, 0, n, axis=a)
+    return jnp.broadcast_to(scale, tuple(shape))

@@ -131,7 +131,12 @@ def _raw_scale(lo, hi, symmetric: bool, qtype: QType, scale_dtype):
         qa, qb = code_range(qtype, True)
         lo0, hi0 = jnp.minimum(lo, 0.0), jnp.maximum(hi, 0.0)  # zero must be a level
         inv_n = ct.type(1.0 / (qb - qa))  # a multiply, as XLA would rewrite the division anyway
-        return hi0 * inv_n - lo0 * inv_n, lo0  # scale each end first: hi0 - lo0 can overflow
+        # FMA-proof: no product may feed the subtraction, or XLA:CPU's LLVM contracts ``a*c - b*c`` into an
+        # FMA in some fusions and not in others (eager, jitted and fake_quant scales then differ by an ulp).
+        # Where ``hi0 - lo0`` overflows, both ends are huge and their halves exact: products that round nothing.
+        width = hi0 - lo0
+        halves = (hi0 * ct.type(0.5) - lo0 * ct.type(0.5)) * ct.type(2.0 / (qb - qa))
+        return jnp.where(jnp.isfinite(width), width * inv_n, halves), lo0
     return jnp.abs(hi) * ct.type(1.0 / qtype.calibration_bound), None
 
 

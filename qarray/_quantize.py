@@ -54,6 +54,9 @@ def quantize_codes(x, spec: Spec, with_overflow: bool = False):
     """Codes (logical shape), scale (rank of x; a QArray for quantized scales) and zero point; with
     ``with_overflow`` also a scalar bool: whether some finite group needs a scale beyond ``scale_dtype``."""
     qt, scale_dtype = spec.qtype, spec.scale_dtype
+    uneven = [(a, t) for a, t in spec.tiles if x.shape[a] % t]
+    if uneven:
+        return _uneven_codes(x, spec, uneven[0], with_overflow)
     view, reduce_axes, scale_shape = _layout.group_view(x.shape, spec.channelwise_axes, dict(spec.tiles))
     no_overflow = jnp.zeros((), bool)
     if x.size == 0:  # nothing to calibrate: unit scales, no codes
@@ -80,6 +83,24 @@ def quantize_codes(x, spec: Spec, with_overflow: bool = False):
     if with_overflow:
         out = out + (jnp.any(_numerics.scale_overflows(rng.lo, rng.hi, rng.symmetric, qt, scale_dtype)),)
     return out
+
+
+def _uneven_codes(x, spec: Spec, uneven: tuple[int, int], with_overflow: bool):
+    """A tile that does not divide its axis: the whole tiles and the partial last one are quantized as two
+    parts (each part's groups calibrate on their own values only) and joined along the axis."""
+    a, t = uneven
+    n = x.shape[a]
+    whole = (n // t) * t
+    tail = dataclasses.replace(spec, tiles=tuple((b, n - whole if b == a else u) for b, u in spec.tiles))
+    parts = [(jax.lax.slice_in_dim(x, whole, n, axis=a), tail)]
+    if whole:
+        parts.insert(0, (jax.lax.slice_in_dim(x, 0, whole, axis=a), spec))
+    outs = [quantize_codes(p, s, with_overflow) for p, s in parts]
+    if len(outs) == 1:
+        return outs[0]
+    join = lambda i: None if outs[0][i] is None else jnp.concatenate([o[i] for o in outs], axis=a)
+    out = (join(0), join(1), join(2))
+    return out + (outs[0][3] | outs[1][3],) if with_overflow else out
 
 
 def _microscaling_codes(xv, reduce_axes, spec: Spec, shape, scale_shape):
@@ -257,7 +278,11 @@ def resolve_args(x, qtype, channelwise_axes, tiles, calibration, scale_dtype, sc
     scale_dtype = jnp.dtype(scale_dtype or x.dtype)
     if not jnp.issubdtype(scale_dtype, jnp.floating):
         raise TypeError(f"scale_dtype must be a floating dtype (float32, bfloat16, float16); got {scale_dtype}.")
+    uneven = {a: t for a, t in tile_map.items() if x.shape[a] % t}
     sqt = None
+    if scale_qtype is not None and uneven:
+        raise ValueError(f"scale_qtype: double quantization needs tiles that divide their axes; tiles {uneven} "
+                         f"leave a partial last tile on shape {tuple(x.shape)}.")
     if scale_qtype is not None:
         sqt = qtypes.get(scale_qtype)
         if sqt.microscaling or sqt.kind == 'uint':
@@ -285,6 +310,9 @@ def _resolve_microscaling(x, qt, channelwise_axes, tiles, calibration, scale_dty
         raise ValueError(f"tiles: {what} needs tiles={qt.block} (last axis) or {{axis: {qt.block}}}; got {tiles!r}.")
     _, tile_map = _layout.normalize_layout(x.shape, (), tiles)
     axis = next(iter(tile_map))
+    if qt.scale_format == 'e4m3' and x.shape[axis] % qt.block:
+        raise ValueError(f"{what} needs an axis that is a multiple of {qt.block} (its per-tensor scale is computed over "
+                         f"whole blocks); axis {axis} of shape {tuple(x.shape)} has {x.shape[axis]}.")
     cw = tuple(a for a in range(x.ndim) if a != axis)
     del channelwise_axes  # every other axis is per index: each block of the tiled axis has its own scale
     return Spec(qt, cw, tuple(tile_map.items()), calibration, qt.scale_dtype, None)
@@ -295,7 +323,12 @@ def _resolve_microscaling(x, qt, channelwise_axes, tiles, calibration, scale_dty
 @functools.partial(jax.jit, static_argnums=(1, 2))
 def _quantize_jit(x, spec: Spec, pack_axis) -> tuple[QArray, jax.Array]:
     codes_, scale, zp, overflow = quantize_codes(x, spec, with_overflow=True)
-    return _pack(codes_, scale, zp, spec.qtype, x, pack_axis), overflow
+    return _pack(codes_, scale, zp, spec.qtype, x, pack_axis, uneven_tiles(x.shape, spec.tiles)), overflow
+
+
+def uneven_tiles(shape, tiles) -> tuple[tuple[int, int], ...]:
+    """The ``QArray.tile_sizes`` entries (axis from the end, tile) of the tiles that do not divide their axis."""
+    return tuple((a - len(shape), t) for a, t in tiles if shape[a] % t)
 
 
 def quantize_with_scale(x: Any, qtype: Any, scale: Any, zero_point: Any = None, *,
@@ -359,13 +392,14 @@ def _check_pack_axis(x, qt, pack_axis) -> None:
     _layout.normalize_axis(pack_axis, x.ndim, 'pack_axis')
 
 
-def _pack(codes_, scale, zp, qt, x, pack_axis) -> QArray:
+def _pack(codes_, scale, zp, qt, x, pack_axis, tile_sizes=()) -> QArray:
     if not qt.packed:
-        return QArray(codes_, scale, zp, qtype=qt, dtype=x.dtype)
+        return QArray(codes_, scale, zp, qtype=qt, dtype=x.dtype, tile_sizes=tile_sizes)
     _check_pack_axis(x, qt, pack_axis)
     pa = pack_axis % x.ndim
     qvalue = packing.pack(qt.to_field(codes_), qt.bits, axis=pa)
-    return QArray(qvalue, scale, zp, qtype=qt, dtype=x.dtype, packed_axis=pa - x.ndim, packed_length=x.shape[pa])
+    return QArray(qvalue, scale, zp, qtype=qt, dtype=x.dtype, packed_axis=pa - x.ndim, packed_length=x.shape[pa],
+                  tile_sizes=tile_sizes)
 
 
 def codes(q: QArray) -> jax.Array:
@@ -419,15 +453,20 @@ def dequantize(q: QArray, dtype: Any = None) -> jax.Array:
 
 @functools.partial(jax.jit, static_argnums=(1,))
 def _dequantize_jit(q: QArray, dtype) -> jax.Array:
-    return values_from_codes(codes(q), q.scale, q.zero_point, q.qtype, dtype)
+    return values_from_codes(codes(q), q.scale, q.zero_point, q.qtype, dtype, q.uneven_tiles)
 
 
-def values_from_codes(codes_: jax.Array, scale: Any, zero_point: jax.Array | None, qt, dtype) -> jax.Array:
-    """Codes in logical shape -> values, scales (a QArray for quantized scales) broadcast over their tiles."""
+def values_from_codes(codes_: jax.Array, scale: Any, zero_point: jax.Array | None, qt, dtype,
+                      uneven: dict[int, int] | None = None) -> jax.Array:
+    """Codes in logical shape -> values, scales (a QArray for quantized scales) broadcast over their tiles
+    (``uneven``: ``{axis: tile}`` of tiles with a partial last tile)."""
     if isinstance(scale, QArray):  # quantized scales (double quantization, nvfp4, GGUF K-quants)
         scale = dequantize(scale, _numerics.compute_dtype(dtype))
     if isinstance(zero_point, QArray):  # a quantized offset in value space (GGUF K-quants' mins)
         zero_point = dequantize(zero_point, _numerics.compute_dtype(dtype))
+    if uneven:
+        full = lambda a: _layout.broadcast_scale(a, codes_.shape, uneven)
+        return _numerics.from_codes(codes_, full(scale), None if zero_point is None else full(zero_point), qt, dtype)
     vshape, sshape = _layout.tiled_view(codes_.shape, scale.shape)
     zp = None if zero_point is None else zero_point.reshape(sshape)
     values = _numerics.from_codes(codes_.reshape(vshape), scale.reshape(sshape), zp, qt, dtype)

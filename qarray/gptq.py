@@ -213,8 +213,7 @@ def _gptq_jit(w, h, damping, axis, qt, calibration, tile, block, scale_dtype, pa
     q = _quantize.quantize_with_scale(restore(q2), qt, restore(scale), None if zp is None else restore(zp),
                                  pack_axis=pack_axis)
     # The values were float32; the result dequantizes to w's dtype, as quantize's does.
-    return QArray(q.qvalue, q.scale, q.zero_point, qtype=qt, dtype=w.dtype, packed_axis=q.packed_axis,
-                  packed_length=q.packed_length), factor_ok
+    return q.replace(dtype=w.dtype), factor_ok
 
 
 def _gptq_2d(w, u, qt, calibration, tile, block, scale_dtype):

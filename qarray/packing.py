@@ -10,6 +10,16 @@ XLA sees a handful of shifts and ORs it can fuse into the consumer.
 Widths that divide 8 (1, 2, 4 bits) have a third, cheaper reader,
 :func:`split_bytes`: one broadcast shift splits every byte into its
 ``8 // bits`` fields (and can sign-extend them), which XLA fuses into the consumer.
+For 2 and 4 bits there is also a fusible writer, :func:`pack_native`, its inverse.
+
+*Native sub-byte path* (2 and 4 bits, the last axis, CPU only): XLA's own
+``int4``/``uint4``/``int2``/``uint2`` types hold exactly this layout (field
+``i`` of a byte at bits ``[i*B, (i+1)*B)``), so ``lax.bitcast_convert_type``
+between them and ``uint8`` packs or splits bytes as one vectorised convert
+(about 1.6x faster than the broadcast shift on XLA:CPU), and XLA cancels a
+pack followed by a split inside one program. It is selected at trace time by
+``jax.default_backend() == 'cpu'``; on other backends the sub-byte bitcasts
+are not verified yet, so the shift formulations (same bytes) are used there.
 
 Two formulations of the same layout, picked per width by speed on XLA:CPU
 (both are exercised by the tests for every width):
@@ -40,7 +50,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
-__all__ = ['packed_length', 'pack', 'unpack', 'split_bytes']
+__all__ = ['packed_length', 'pack', 'unpack', 'split_bytes', 'pack_native']
 
 
 def _check_bits(bits: int) -> None:
@@ -201,6 +211,10 @@ def split_bytes(packed: jnp.ndarray, bits: int, length: int, axis: int = -1, *, 
     ndim = packed.ndim
     axis = axis % ndim
     per = 8 // bits
+    if _native(bits, axis, ndim):  # see the module doc: XLA's sub-byte types, CPU only
+        v = lax.bitcast_convert_type(packed, _SUBBYTE[bits, signed])  # (..., bytes, per): field i of each byte
+        v = v.reshape(*packed.shape[:-1], packed.shape[-1] * per)[..., :length]
+        return v.astype(jnp.int8 if signed else jnp.uint8)
     b = jnp.expand_dims(packed, axis + 1)
     shifts = (np.arange(per) * bits).reshape([per if i == axis + 1 else 1 for i in range(ndim + 1)])
     if signed:
@@ -211,3 +225,54 @@ def split_bytes(packed: jnp.ndarray, bits: int, length: int, axis: int = -1, *, 
     shape = list(packed.shape)
     shape[axis] *= per
     return lax.slice_in_dim(v.reshape(shape), 0, length, axis=axis)
+
+
+_SUBBYTE = {(4, True): jnp.int4, (4, False): jnp.uint4, (2, True): jnp.int2, (2, False): jnp.uint2}
+
+
+def _native(bits: int, axis: int, ndim: int) -> bool:
+    """Whether the native sub-byte path (module doc) serves ``bits``-wide fields packed along ``axis``."""
+    return bits in (2, 4) and axis == ndim - 1 and jax.default_backend() == 'cpu'
+
+
+@functools.partial(jax.jit, static_argnames=('bits', 'axis', 'signed'))
+def pack_native(codes: jnp.ndarray, bits: int, axis: int = -1, *, signed: bool = False) -> jnp.ndarray:
+    """Pack 2- or 4-bit values along ``axis``: the same bytes as :func:`pack`, the inverse of :func:`split_bytes`.
+
+    ``codes``: unsigned fields in ``[0, 2**bits)`` (``signed=False``), or ``bits``-wide
+    two's-complement values in ``[-2**(bits-1), 2**(bits-1))`` (``signed=True``, e.g. int4
+    codes as int8), exactly what :func:`split_bytes` returns. Unlike :func:`pack` (whose
+    4-bit words are a reduce, which ends a fusion), it is elementwise ops and bitcasts only,
+    so under ``jit`` XLA fuses it into the producer of ``codes`` and cancels it against a
+    :func:`split_bytes` of the result. Along the last axis on CPU: XLA's sub-byte types (module
+    doc); elsewhere one shift and OR per field position over whole slices.
+
+    Example:
+      >>> import jax.numpy as jnp
+      >>> from qarray import packing
+      >>> b = packing.pack_native(jnp.array([-8, -1, 7], jnp.int8), 4, signed=True)
+      >>> b.tolist() == packing.pack(jnp.array([8, 15, 7], jnp.uint8), 4).tolist(), b.tolist()
+      (True, [248, 7])
+      >>> packing.split_bytes(b, 4, 3, signed=True).tolist()
+      [-8, -1, 7]
+    """
+    if bits not in (2, 4):
+        raise ValueError(f"pack_native: bits must be 2 or 4; got {bits!r}. Use pack for other widths.")
+    codes = jnp.asarray(codes)
+    if codes.ndim == 0:
+        raise ValueError("pack_native needs an array with at least one axis; got a scalar.")
+    axis = axis % codes.ndim
+    per = 8 // bits
+    n = codes.shape[axis]
+    pad = [(0, (-n) % per if a == axis else 0) for a in range(codes.ndim)]
+    if _native(bits, axis, codes.ndim):
+        c = jnp.pad(codes.astype(_SUBBYTE[bits, signed]), pad)
+        return lax.bitcast_convert_type(c.reshape(*c.shape[:-1], c.shape[-1] // per, per), jnp.uint8)
+    f = lax.bitcast_convert_type(codes.astype(jnp.int8), jnp.uint8) if signed else codes.astype(jnp.uint8)
+    f = jnp.pad(f & jnp.uint8(2**bits - 1), pad)
+    shape = list(f.shape)
+    f = f.reshape(shape[:axis] + [shape[axis] // per, per] + shape[axis + 1:])
+    out = lax.index_in_dim(f, 0, axis + 1, keepdims=False)
+    for i in range(1, per):
+        out = out | lax.shift_left(lax.index_in_dim(f, i, axis + 1, keepdims=False), jnp.uint8(i * bits))
+    return out

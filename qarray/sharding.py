@@ -95,8 +95,13 @@ def partition_specs(q: QArray, spec: PartitionSpec | None, mesh: Any) -> QArray:
         value_spec.append(entry if even and whole_bytes else None)
         scale_spec.append(entry if s > 1 and s % k == 0 and even else None)
     vs, ss = PartitionSpec(*value_spec), PartitionSpec(*scale_spec)
-    return QArray(vs, ss, None if q.zero_point is None else ss, qtype=q.qtype, dtype=q.dtype,
-                  packed_axis=q.packed_axis, packed_length=q.packed_length)
+
+    def part(x: Any) -> Any:  # a quantized scale / zero point follows the same rule, from the scale's spec
+        if x is None:
+            return None
+        return partition_specs(x, ss, mesh) if isinstance(x, QArray) else ss
+
+    return q.replace(qvalue=vs, scale=part(q.scale), zero_point=part(q.zero_point))
 
 
 def shardings(q: QArray, sharding: NamedSharding) -> QArray:

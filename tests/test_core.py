@@ -14,6 +14,7 @@ from hypothesis import given, strategies as st
 
 import qarray
 from qarray import _fake_quant, _layout, qtypes
+from tolerances import U32, gamma
 
 INTS = [f'int{b}' for b in range(1, 9)]
 UINTS = [f'uint{b}' for b in range(1, 9)]
@@ -59,8 +60,9 @@ def test_absmax_int_error_at_most_half_step(name, x):
     err = np.abs(np_deq(q) - x64)
     # Plus float32 rounding of the scale and its reciprocal, relative to the value (matters at the extremes,
     # e.g. a constant negative row lands on -(qmax + 1/2) * (1 + eps) and rounds to the code -qmax - 1).
-    assert np.all(err <= half_step * (1 + 1e-5) + 4 * np.finfo(np.float32).eps * np.abs(x64) + 1e-30), (err / s).max()
-    # The library's float32 output is that reconstruction rounded once.
+    # (The code is round(x * fl(1 / s)) in float32: 2 roundings of x / s, i.e. <= 2 u |x| off; 8 u |x| is safe.)
+    assert np.all(err <= half_step + 4 * np.finfo(np.float32).eps * np.abs(x64) + 1e-30), (err / s).max()
+    # The library's float32 output is that reconstruction rounded once: relative u = 6e-8 <= 1e-7.
     np.testing.assert_allclose(np.asarray(qarray.dequantize(q), np.float64), np_deq(q), rtol=1e-7, atol=0)
     # Independent scale: absmax / (qmax + half step), in float32 as numpy computes it.
     absmax = np.abs(x).max(axis=1, keepdims=True)
@@ -119,8 +121,11 @@ def test_nf4_error_is_distance_to_nearest_code(x):
     cb = qtypes.get('nf4').codebook.astype(np.float64)
     x64 = x.astype(np.float64)
     nearest = np.abs(x64[..., None] / s[..., None] - cb).min(-1) * s
-    err = np.abs(np.asarray(qarray.dequantize(q), np.float64) - x64)
-    np.testing.assert_allclose(err, nearest, rtol=1e-5, atol=1e-6 * s.max())
+    deq = np.asarray(qarray.dequantize(q), np.float64)
+    err = np.abs(deq - x64)
+    # The float32 x * fl(1 / s) is within 2 u |x| / s of x / s, so at a near-tie the other level may win (its
+    # distance is within 4 u |x| of the nearest); the output is one float32 product (u |deq|).
+    assert np.all(np.abs(err - nearest) <= 4 * U32 * np.abs(x64) + U32 * np.abs(deq) + F32_TINY)
     np.testing.assert_array_equal(np.asarray(q.scale), np.maximum(np.abs(x).max(1, keepdims=True), F32_TINY))
 
 
@@ -155,7 +160,7 @@ def test_minmax_represents_zero_exactly(name, x, data):
     assert np.all(deq[x == 0] == 0.0)
     err = np.abs(np_deq(q) - x.astype(np.float64))
     s = full_scale(q)
-    assert np.all(err <= s / 2 * (1 + 1e-4) + 1e-30)
+    assert np.all(err <= s / 2 + 4 * np.finfo(np.float32).eps * np.abs(x) + 1e-30)  # + the float32 x / s
 
 
 def test_mse_never_worse_than_absmax_on_heavy_tails():
@@ -165,7 +170,9 @@ def test_mse_never_worse_than_absmax_on_heavy_tails():
         for cal in ('absmax', 'mse'):
             d = np.asarray(qarray.dequantize(qarray.quantize(x, name, tiles=64, calibration=cal)), np.float64)
             errs[cal] = np.square(d - x).reshape(8, 4, 64).sum(-1)  # per tile
-        assert np.all(errs['mse'] <= errs['absmax'] * (1 + 1e-6)), name
+        # mse compares the candidates' errors in float32 (64 squares summed: gamma_66 relative, all terms
+        # positive); recomputed in float64 they can swap order by twice that.
+        assert np.all(errs['mse'] <= errs['absmax'] * (1 + 2 * gamma(66))), name
         assert errs['mse'].sum() < errs['absmax'].sum(), name
 
 
@@ -208,8 +215,9 @@ def test_extreme_magnitudes_give_finite_positive_scales(name, x_dtype, scale_dty
     if qt.is_integer:
         x64 = np.asarray(x, np.float64)
         fits = (np.abs(x64).max(1) / qt.calibration_bound * 1.01 < float(jnp.finfo(sdt).max))
-        # + tiny: XLA flushes subnormal inputs to zero, so they may be off by their own size.
-        bound = full_scale(q) * qt.step_in_scales / 2 * (1 + 2e-2) + float(info.tiny)
+        # + tiny: XLA flushes subnormal inputs to zero, so they may be off by their own size. Codes use the
+        # stored (rounded) scale; the float32 x * fl(1 / s) adds <= 2 u |x| (8 u |x| is safe).
+        bound = full_scale(q) * qt.step_in_scales / 2 + 8 * U32 * np.abs(x64) + float(info.tiny)
         assert np.all((np.abs(np_deq(q) - x64) <= bound)[fits])  # before rounding to the output dtype
 
 
@@ -292,6 +300,8 @@ def _check_scale_shape(name, kw, scale_shape, tiles, cw):
         ref = (hi - lo) / (qt.asym_range[1] - qt.asym_range[0])
     else:
         ref = np.abs(xv).max(reduce, keepdims=True) / qt.calibration_bound
+    # absmax * fl(1 / bound) vs numpy's float32 absmax / bound (minmax: (hi - lo) scaled, lo <= 0 <= hi so no
+    # cancellation): <= 5 roundings, 3e-7 < 1e-6.
     np.testing.assert_allclose(np.asarray(q.scale).reshape(sshape), ref, rtol=1e-6)
 
 
@@ -413,7 +423,8 @@ def test_jnp_functions_accept_qarray():
     x = jax.random.normal(jax.random.key(8), (4, 8))
     q = qarray.quantize(x, 'int4', tiles=4)
     d = qarray.dequantize(q)
-    chex.assert_trees_all_close(jnp.sum(q), jnp.sum(d), atol=1e-5)  # fused reduction order may differ
+    # fused reduction order may differ: two float32 sums of 32 values, 2 gamma_31 sum |d|
+    chex.assert_trees_all_close(jnp.sum(q), jnp.sum(d), atol=2 * gamma(31) * float(jnp.sum(jnp.abs(d))))
     chex.assert_trees_all_equal(jnp.tanh(q), jnp.tanh(d))
     chex.assert_trees_all_equal(jnp.asarray(q), d)
     chex.assert_trees_all_equal(q + 1.0, d + 1.0)
@@ -428,7 +439,7 @@ def test_bf16_input_keeps_dtype_and_bound():
     assert q.dtype == jnp.bfloat16 and q.scale.dtype == jnp.bfloat16
     assert qarray.dequantize(q).dtype == jnp.bfloat16
     err = np.abs(np_deq(q) - np.asarray(x, np.float64))
-    assert np.all(err <= full_scale(q) / 2 * (1 + 1e-3))
+    assert np.all(err <= full_scale(q) / 2 + 8 * U32 * np.abs(np.asarray(x, np.float64)))  # + the float32 x / s
 
 
 # --------------------------------------------------------------------------- fake quant
@@ -493,7 +504,6 @@ def test_error_messages():
         (TypeError, 'x must be a floating-point array; got dtype int32', lambda: qarray.quantize(jnp.ones(3, int), 'int8')),
         (TypeError, 'x is already a QArray', lambda: qarray.quantize(qarray.quantize(x, 'int8'), 'int8')),
         (ValueError, r'Unknown qtype .*valid qtypes are', lambda: qarray.quantize(x, 'int12')),
-        (ValueError, r'tiles\[1\]=4 does not divide axis 1 of size 6', lambda: qarray.quantize(x, 'int8', tiles=4)),
         (ValueError, r'axis 1 is both in channelwise_axes and tiles',
          lambda: qarray.quantize(jnp.ones((4, 8)), 'int4', channelwise_axes=(1,), tiles=4)),
         (ValueError, r'tiles\[0\] must be a positive int; got 0', lambda: qarray.quantize(x, 'int8', tiles={0: 0})),

@@ -13,13 +13,16 @@ from __future__ import annotations
 
 import jax.numpy as jnp
 
+from qarray.calibration._reduce import group_max, group_min
 from qarray.calibration.registry import Range, register
 from qarray.qtypes import QType
 
 
-@register('absmax', usage='absmax')
+@register('absmax', usage='absmax', nan_safe=True)
 def absmax(x: jnp.ndarray, axes: tuple[int, ...], qtype: QType) -> Range:
-    """Symmetric range ``[-max|x|, max|x|]``.
+    """Symmetric range ``[-max|x|, max|x|]``; NaN for a group holding NaN or ±Inf.
+
+    One pass over the data (:func:`~qarray.calibration._reduce.group_max`), NaN-safe on its own.
 
     Example:
       >>> import jax.numpy as jnp
@@ -27,13 +30,16 @@ def absmax(x: jnp.ndarray, axes: tuple[int, ...], qtype: QType) -> Range:
       >>> float(absmax(jnp.array([-3., 2.]), (0,), None).hi[0])
       3.0
     """
-    hi = jnp.max(jnp.abs(x), axis=axes, keepdims=True)
+    hi = group_max(x, axes, leaf=jnp.abs)
+    hi = jnp.where(hi < jnp.inf, hi, jnp.nan)  # +inf: the group held NaN or ±Inf
     return Range(-hi, hi, True)
 
 
-@register('minmax', usage='minmax')
+@register('minmax', usage='minmax', nan_safe=True)
 def minmax(x: jnp.ndarray, axes: tuple[int, ...], qtype: QType) -> Range:
-    """Asymmetric range ``[min x, max x]`` (the quantizer adds a zero point).
+    """Asymmetric range ``[min x, max x]`` (the quantizer adds a zero point); NaN for a group holding NaN or ±Inf.
+
+    Two passes over the data (:func:`~qarray.calibration._reduce.group_min` / ``group_max``), NaN-safe on their own.
 
     Example:
       >>> import jax.numpy as jnp
@@ -41,7 +47,9 @@ def minmax(x: jnp.ndarray, axes: tuple[int, ...], qtype: QType) -> Range:
       >>> float(minmax(jnp.array([-1., 3.]), (0,), None).lo[0])
       -1.0
     """
-    return Range(jnp.min(x, axis=axes, keepdims=True), jnp.max(x, axis=axes, keepdims=True), False)
+    lo, hi = group_min(x, axes), group_max(x, axes)
+    finite = (lo > -jnp.inf) & (hi < jnp.inf)  # -inf / +inf: the group held NaN or ±Inf
+    return Range(jnp.where(finite, lo, jnp.nan), jnp.where(finite, hi, jnp.nan), False)
 
 
 @register('rms', max_args=1, usage='rms[,k] (k*RMS, capped at absmax; k defaults to 3)')

@@ -5,10 +5,13 @@ register themselves with the number of float arguments they accept, so a
 bad spec fails at parse time with a message listing what is valid.
 
 NaN/Inf: a group holding NaN or ±Inf gets a NaN range (the quantizer then
-gives it a NaN scale). :func:`calibrate` enforces this for every method with
-one ``isfinite`` reduction that XLA fuses into the method's own pass; it does
-not trust the method's reductions, because XLA's vectorised CPU ``max``
-drops NaN on larger arrays.
+gives it a NaN scale). A plain ``jnp.max`` does not guarantee it: XLA:CPU
+hands reduces of 4096 or more input elements to YNNPACK, whose max drops NaN.
+So :func:`calibrate` enforces the policy with a separate ``all(isfinite(x))``
+reduction per group (a second pass over the data, which XLA:CPU does not fuse
+with the method's own), except for methods registered ``nan_safe=True``, which
+guarantee it themselves in their single pass (``absmax`` and ``minmax``, via
+the NaN-safe group reductions of :mod:`qarray.calibration._reduce`).
 
 Example:
   >>> from qarray import calibration
@@ -52,13 +55,21 @@ class _Method:
     min_args: int
     max_args: int
     usage: str
+    nan_safe: bool = False
 
 
 _METHODS: dict[str, _Method] = {}
 
 
-def register(name: str, *, min_args: int = 0, max_args: int = 0, usage: str = '') -> Callable:
+def register(name: str, *, min_args: int = 0, max_args: int = 0, usage: str = '', nan_safe: bool = False
+             ) -> Callable:
     """Decorator adding a calibration method ``fn(x, axes, qtype, *args) -> Range``.
+
+    ``nan_safe=True`` promises that ``fn`` itself returns a NaN ``lo`` and ``hi``
+    for every group holding NaN or ±Inf, at every size and under ``jit``
+    (e.g. built on :func:`qarray.calibration._reduce.group_max`); :func:`calibrate`
+    then skips its own ``isfinite`` pass. Leave it False unless that holds: a
+    plain ``jnp.max`` drops NaN on XLA:CPU from 4096 elements on.
 
     Example:
       >>> import jax.numpy as jnp
@@ -72,7 +83,7 @@ def register(name: str, *, min_args: int = 0, max_args: int = 0, usage: str = ''
     """
 
     def wrap(fn: CalibrationFn) -> CalibrationFn:
-        _METHODS[name] = _Method(fn, min_args, max_args, usage or name)
+        _METHODS[name] = _Method(fn, min_args, max_args, usage or name, nan_safe)
         return fn
 
     return wrap
@@ -124,6 +135,9 @@ def calibrate(spec: str, x: jnp.ndarray, axes: tuple[int, ...], qtype: QType) ->
     name, args = parse(spec)
     method = _METHODS[name]
     rng = method.fn(x, tuple(axes), qtype, *args)
+    if method.nan_safe:  # the method enforces the NaN/Inf policy itself, in its own pass
+        dt = jnp.promote_types(jnp.result_type(rng.lo, rng.hi), jnp.float32)  # as the guarded path returns
+        return Range(jnp.asarray(rng.lo, dt), jnp.asarray(rng.hi, dt), rng.symmetric)
     finite = jnp.all(jnp.isfinite(x), axis=tuple(axes), keepdims=True)
     nan = jnp.asarray(jnp.nan, jnp.float32)
     return Range(jnp.where(finite, rng.lo, nan), jnp.where(finite, rng.hi, nan), rng.symmetric)

@@ -230,8 +230,7 @@ def rebuild(abstract: QArray, read: Any, prefix: str = '') -> QArray:
         if isinstance(x, QArray):
             return rebuild(x, read, f'{prefix}{part}.')
         return read(f'{prefix}{part}', x)
-    return QArray(sub('qvalue'), sub('scale'), sub('zero_point'), qtype=abstract.qtype, dtype=abstract.dtype,
-                  packed_axis=abstract.packed_axis, packed_length=abstract.packed_length)
+    return abstract.replace(qvalue=sub('qvalue'), scale=sub('scale'), zero_point=sub('zero_point'))
 
 
 def format_version(params: dict[str, dict[str, Any]]) -> int:
@@ -273,6 +272,7 @@ def leaf_meta(leaf: Any) -> dict[str, Any]:
             'tiles': {str(a): int(t) for a, t in sorted(leaf.tiles.items())},
             'packed_axis': leaf.packed_axis,
             'packed_length': leaf.packed_length,
+            **({'tile_sizes': [[int(a), int(t)] for a, t in leaf.tile_sizes]} if leaf.tile_sizes else {}),
             'qvalue': _array_meta(leaf.qvalue),
             'scale': _part(leaf.scale),
             'zero_point': None if leaf.zero_point is None else _part(leaf.zero_point),
@@ -463,7 +463,8 @@ def abstract_leaf(meta: dict[str, Any], sharding: Any = None) -> Any:
         return abstract_leaf(pm, s) if _is_nested(pm) else _sds(pm, s)
 
     return QArray(part('qvalue'), part('scale'), part('zero_point'), qtype=meta['qtype'],
-                  dtype=jnp.dtype(meta['dtype']), packed_axis=meta['packed_axis'], packed_length=meta['packed_length'])
+                  dtype=jnp.dtype(meta['dtype']), packed_axis=meta['packed_axis'], packed_length=meta['packed_length'],
+                  tile_sizes=tuple(tuple(p) for p in meta.get('tile_sizes', ())))
 
 
 def nest(names: list[str], leaves: list[Any]) -> dict[str, Any]:

@@ -148,8 +148,7 @@ def _shardings_of(leaf: Any) -> Any:
         parts = [None if (p := getattr(leaf, name)) is None else _shardings_of(p) for name in md.PARTS]
         if parts[0] is None or parts[1] is None or (leaf.zero_point is not None and parts[2] is None):
             return None
-        return QArray(*parts, qtype=leaf.qtype, dtype=leaf.dtype, packed_axis=leaf.packed_axis,
-                      packed_length=leaf.packed_length)
+        return leaf.replace(qvalue=parts[0], scale=parts[1], zero_point=parts[2])
     return getattr(leaf, 'sharding', None)
 
 
@@ -167,8 +166,7 @@ def _nested_shardings(abstract: QArray, sh: QArray) -> QArray:
         if isinstance(a, QArray) and isinstance(s, jax.sharding.NamedSharding):
             return _nested_shardings(a, qsharding.shardings(a, s))
         return s
-    return QArray(part('qvalue'), part('scale'), part('zero_point'), qtype=sh.qtype, dtype=sh.dtype,
-                  packed_axis=sh.packed_axis, packed_length=sh.packed_length)
+    return sh.replace(qvalue=part('qvalue'), scale=part('scale'), zero_point=part('zero_point'))
 
 
 def leaf_sharding(meta: dict[str, Any], target_leaf: Any, sharding: Any) -> Any:

@@ -1,4 +1,5 @@
-"""Quantized ops: ``dot_general``, ``einsum``, ``dot``, ``matmul``, ``conv_general_dilated``.
+"""Quantized ops: ``dot_general``, ``einsum``, ``dot``, ``matmul``, ``conv_general_dilated``, ``ragged_dot``
+(mixture of experts) and ``take`` (embedding lookups).
 
 Drop-in for ``jax.lax`` / ``jnp``: either operand may be a plain array or a
 QArray of any format; results are plain arrays. The path (integer, fp8 or
@@ -18,7 +19,10 @@ from qarray.ops.conv import conv_general_dilated
 from qarray.ops.dot_general import choose_path, dot_general
 from qarray.ops.einsum import einsum
 from qarray.ops.matmul import dot, matmul
+from qarray.ops.ragged_dot import ragged_dot, ragged_dot_general
+from qarray.ops.take import take
 from qarray.ops._registry import register_kernel, registered_kernels, unregister_kernel
 
-__all__ = ['dot_general', 'einsum', 'dot', 'matmul', 'conv_general_dilated', 'choose_path',
+__all__ = ['dot_general', 'einsum', 'dot', 'matmul', 'conv_general_dilated', 'ragged_dot', 'ragged_dot_general',
+           'take', 'choose_path',
            'register_kernel', 'unregister_kernel', 'registered_kernels']

@@ -126,9 +126,9 @@ def int_codes(q: QArray) -> tuple[jax.Array, jax.Array | None]:
 
 
 def plain_scales(q: QArray) -> bool:
-    """Whether ``q``'s scales are a plain array and its zero point (if any) integer codes -- what the
-    integer / fp8 dots and the GPU kernels take; quantized scales (double quantization, nvfp4, GGUF
-    K-quants) and value-space offsets go through the dequantizing path.
+    """Whether ``q``'s scales are a plain array tiling its axes evenly and its zero point (if any) integer
+    codes -- what the integer / fp8 dots and the GPU kernels take; quantized scales (double quantization,
+    nvfp4, GGUF K-quants), value-space offsets and partial last tiles go through the dequantizing path.
 
     Example:
       >>> import jax.numpy as jnp, qarray
@@ -137,8 +137,8 @@ def plain_scales(q: QArray) -> bool:
       (True, False)
     """
     zp = q.zero_point
-    return not isinstance(q.scale, QArray) and (zp is None or (not isinstance(zp, QArray)
-                                                                and jnp.issubdtype(zp.dtype, jnp.integer)))
+    return not q.tile_sizes and not isinstance(q.scale, QArray) and (
+        zp is None or (not isinstance(zp, QArray) and jnp.issubdtype(zp.dtype, jnp.integer)))
 
 
 def scale_is_shared(q: QArray, axes: Any) -> bool:

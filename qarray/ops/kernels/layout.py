@@ -96,6 +96,8 @@ def describe(q: Any, rhs_contracting_dim: int) -> WeightLayout | str:
         return 'weight has a zero point (asymmetric); the kernel reads symmetric weights'
     if isinstance(q.scale, _array.QArray):
         return 'weight has quantized scales (double quantization); the kernel reads plain scales'
+    if q.tile_sizes:
+        return f'weight has a partial last tile {q.uneven_tiles}; the kernel reads whole tiles'
     kd = rhs_contracting_dim
     nd = 1 - kd
     k, n = q.shape[kd], q.shape[nd]
