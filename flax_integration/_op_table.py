@@ -12,12 +12,26 @@ NNX late bindings.
 Adding an op: write its ``qarray.ops`` module (exported from ``qarray.ops``),
 add its canonicalizer and one entry here, and tests.
 
+Two ops take a call form of their own, a subclass of ``OpCall`` with ``kind`` saying what it is:
+
+* ``'ragged_dot'`` (:class:`RaggedCall`, ``kind='ragged'``): ``jax.lax.ragged_dot(lhs[M, K], rhs[G, K, N],
+  group_sizes)`` (and ``ragged_dot_general`` in that form), a mixture of experts. The weight ``rhs`` keeps
+  its expert and output-channel axes (one scale per expert and output channel, tiles along K); the
+  activation ``lhs`` keeps its rows (one scale per token). A static activation scale is per tensor, or
+  per expert when the rule keeps the ragged axis (``act_batch_axes=()``): the scale of row ``m`` is its
+  group's, gathered through ``group_sizes`` (:meth:`RaggedCall.group_rows`).
+* ``'take'`` (:class:`GatherCall`, ``kind='gather'``): ``jnp.take(table, indices, axis)``, an embedding
+  lookup (``nn.Embed`` / ``nnx.Embed``). Only the table can be the weight; it keeps the gathered axis
+  (one scale per row, i.e. per token id) and tiles along its feature axis, the layout the tied head
+  ``jnp.dot(query, table.T)`` contracts, so one stored table serves both. Nothing else is quantized:
+  the indices are integers, and a lookup in an activation runs as it is.
+
 Example:
   >>> from flax_integration._op_table import OP_NAMES, entry_points
   >>> OP_NAMES
-  ('dot_general', 'einsum', 'conv_general_dilated')
-  >>> sorted(f'{ep.owner_name}.{ep.attr}' for _, ep in entry_points())[:2]
-  ['jax.lax.conv_general_dilated', 'jax.lax.dot_general']
+  ('dot_general', 'einsum', 'conv_general_dilated', 'ragged_dot', 'take')
+  >>> sorted(f'{ep.owner_name}.{ep.attr}' for _, ep in entry_points())[:4]
+  ['jax.lax.conv_general_dilated', 'jax.lax.dot_general', 'jax.lax.ragged_dot', 'jax.lax.ragged_dot_general']
 """
 
 from __future__ import annotations
@@ -25,18 +39,21 @@ from __future__ import annotations
 import dataclasses
 import functools
 import importlib
-from typing import Any, Callable, Iterator
+from typing import Any, Callable, ClassVar, Iterator
 
 import jax
+import jax.numpy as jnp
 
 import qarray.ops
+from qarray.ops.ragged_dot import canonical_axes as _canonical_axes, row_groups as _row_groups
 from qarray.ops.einsum import parse_subscripts
 
 from flax_integration._op_calls import Impl, OpCall
 from flax_integration.wrappers import as_float
 
 __all__ = ['EntryPoint', 'OpEntry', 'OP_TABLE', 'OP_NAMES', 'entry_points', 'nnx_late_bindings', 'original',
-           'dot_general_call', 'dot_call', 'matmul_call', 'einsum_call', 'conv_call']
+           'dot_general_call', 'dot_call', 'matmul_call', 'einsum_call', 'conv_call', 'ragged_dot_call',
+           'ragged_dot_general_call', 'take_call', 'RaggedCall', 'GatherCall', 'call_kind']
 
 
 @dataclasses.dataclass(frozen=True)
@@ -214,6 +231,245 @@ def conv_call(impl: Impl, original: Callable, lhs, rhs, window_strides, padding,
                   per_channel_only=True, block_axis=(int(dn.lhs_spec[1]), int(dn.rhs_spec[1])))
 
 
+# --------------------------------------------------------------------------- call forms of their own
+def call_kind(call: Any) -> str:
+    """``'dense'`` (dot_general, einsum, conv), ``'ragged'`` (:class:`RaggedCall`) or ``'gather'``
+    (:class:`GatherCall`): what providers ask where an op's nature matters (GPTQ and rotations need a
+    dense contraction, LoRA adapts dense ops, LiteRT exports dense ops).
+
+    Example:
+      >>> import jax, jax.numpy as jnp, qarray
+      >>> from flax_integration._op_table import call_kind, take_call
+      >>> call_kind(take_call(qarray.ops.take, jnp.take, jnp.ones((4, 2)), jnp.array([1]), axis=0))
+      'gather'
+    """
+    return getattr(call, 'kind', 'dense')
+
+
+@dataclasses.dataclass
+class RaggedCall(OpCall):
+    """A ``ragged_dot`` call: :class:`OpCall` plus the ``group_sizes`` that assign rows to experts.
+
+    ``operands`` are ``[lhs[M, K], rhs[G, K, N]]`` in the canonical order (a ``ragged_dot_general`` call is
+    transposed to it). Static activation scales of ``lhs`` may be per group (:meth:`per_group`): computed
+    per row, reduced over each group's rows (:meth:`group_range`), and gathered back per row
+    (:meth:`group_rows`) to quantize.
+
+    Example:
+      >>> import jax, jax.numpy as jnp, qarray
+      >>> from flax_integration._op_table import ragged_dot_call
+      >>> c = ragged_dot_call(qarray.ragged_dot, jax.lax.ragged_dot, jnp.ones((5, 8)), jnp.ones((3, 8, 4)),
+      ...                     jnp.array([2, 0, 3]))
+      >>> c.kept, c.contract, c.tile_axis, c.row_groups().tolist()
+      (((0,), (0, 2)), ((1,), (1,)), (1, 1), [0, 0, 2, 2, 2])
+    """
+
+    group_sizes: Any = None
+    ragged_axis: int = 0  # lhs's ragged (row) axis
+    group_axis: int = 0   # rhs's group (expert) axis
+    kind: ClassVar[str] = 'ragged'
+
+    @property
+    def num_groups(self) -> int:
+        """``G``, the number of groups (experts).
+
+        Example:
+          >>> import jax, jax.numpy as jnp, qarray
+          >>> from flax_integration._op_table import ragged_dot_call
+          >>> ragged_dot_call(qarray.ragged_dot, jax.lax.ragged_dot, jnp.ones((5, 8)), jnp.ones((3, 8, 4)),
+          ...                 jnp.array([2, 0, 3])).num_groups
+          3
+        """
+        return int(self.operands[1].shape[self.group_axis])
+
+    def row_groups(self) -> jax.Array:
+        """The group of each row of ``lhs`` (``G`` for rows past ``sum(group_sizes)``).
+
+        Example:
+          >>> import jax, jax.numpy as jnp, qarray
+          >>> from flax_integration._op_table import ragged_dot_call
+          >>> ragged_dot_call(qarray.ragged_dot, jax.lax.ragged_dot, jnp.ones((4, 8)), jnp.ones((2, 8, 4)),
+          ...                 jnp.array([1, 2])).row_groups().tolist()
+          [0, 1, 1, 2]
+        """
+        return _row_groups(self.group_sizes, self.operands[0].shape[self.ragged_axis])
+
+    def per_group(self, i: int, batch_axes: tuple[int, ...] | None) -> bool:
+        """Whether operand ``i``'s static scale is per group: it is ``lhs`` and the rule keeps its ragged axis
+        (``act_batch_axes`` given without axis 0, e.g. ``()``).
+
+        Example:
+          >>> import jax, jax.numpy as jnp, qarray
+          >>> from flax_integration._op_table import ragged_dot_call
+          >>> c = ragged_dot_call(qarray.ragged_dot, jax.lax.ragged_dot, jnp.ones((4, 8)), jnp.ones((2, 8, 4)),
+          ...                     jnp.array([1, 2]))
+          >>> c.per_group(0, None), c.per_group(0, ()), c.per_group(0, (0,))
+          (False, True, False)
+        """
+        return i == 0 and batch_axes is not None and self.ragged_axis not in {a % 2 for a in batch_axes}
+
+    def group_range(self, lo: jax.Array, hi: jax.Array) -> tuple[jax.Array, jax.Array]:
+        """Per-row ranges ``[M, S]`` -> per-group ranges ``[G, S]`` (min of lo, max of hi over the group's rows),
+        in the axis order of ``lhs`` (the ragged axis in place of M). A group without rows gets the range of
+        all rows, so its scale stays usable.
+
+        Example:
+          >>> import jax, jax.numpy as jnp, qarray
+          >>> from flax_integration._op_table import ragged_dot_call
+          >>> c = ragged_dot_call(qarray.ragged_dot, jax.lax.ragged_dot, jnp.ones((3, 8)), jnp.ones((3, 8, 4)),
+          ...                     jnp.array([2, 0, 1]))
+          >>> hi = jnp.array([[1.], [3.], [2.]])
+          >>> c.group_range(-hi, hi)[1].tolist()   # group 1 has no rows: the range of all rows
+          [[3.0], [3.0], [2.0]]
+        """
+        flip = self.ragged_axis != 0  # lhs[K, M]: ranges are [S, M]
+        if flip:
+            lo, hi = lo.T, hi.T
+        g = self.num_groups
+        gid = self.row_groups()
+        hi_g = jax.ops.segment_max(hi, gid, num_segments=g + 1)[:g]
+        lo_g = jax.ops.segment_min(lo, gid, num_segments=g + 1)[:g]
+        count = jax.ops.segment_sum(jnp.ones_like(gid), gid, num_segments=g + 1)[:g]
+        valid = (gid < g)[:, None]
+        hi_t = jnp.max(jnp.where(valid, hi, -jnp.inf), axis=0, keepdims=True)
+        lo_t = jnp.min(jnp.where(valid, lo, jnp.inf), axis=0, keepdims=True)
+        hi_t, lo_t = jnp.where(jnp.isfinite(hi_t), hi_t, 0), jnp.where(jnp.isfinite(lo_t), lo_t, 0)
+        empty = (count == 0)[:, None]
+        lo_g, hi_g = jnp.where(empty, lo_t, lo_g).astype(lo.dtype), jnp.where(empty, hi_t, hi_g).astype(hi.dtype)
+        return (lo_g.T, hi_g.T) if flip else (lo_g, hi_g)
+
+    def group_rows(self, x: Any) -> Any:
+        """A per-group scale or zero point ``[G, S]`` laid out per row ``[M, S]`` (None stays None).
+
+        Example:
+          >>> import jax, jax.numpy as jnp, qarray
+          >>> from flax_integration._op_table import ragged_dot_call
+          >>> c = ragged_dot_call(qarray.ragged_dot, jax.lax.ragged_dot, jnp.ones((3, 8)), jnp.ones((2, 8, 4)),
+          ...                     jnp.array([1, 2]))
+          >>> c.group_rows(jnp.array([[0.5], [2.0]])).tolist()
+          [[0.5], [2.0], [2.0]]
+        """
+        if x is None:
+            return None
+        return jnp.take(x, jnp.minimum(self.row_groups(), self.num_groups - 1), axis=self.ragged_axis)
+
+
+@dataclasses.dataclass
+class GatherCall(OpCall):
+    """A ``jnp.take`` call (an embedding lookup): operands ``[table, indices]``; only the table can be the
+    weight (``weight_candidates``), and activations are never quantized (``quantize_activations``).
+
+    Example:
+      >>> import jax.numpy as jnp, qarray
+      >>> from flax_integration._op_table import take_call
+      >>> c = take_call(qarray.ops.take, jnp.take, jnp.ones((10, 64)), jnp.array([[1, 2]]), axis=0)
+      >>> c.kept, c.contract, c.layout(0, 'weight', 32)   # one scale per row, tiles of 32 along the features
+      (((0,), (0, 1)), ((1,), ()), ((0,), {1: 32}))
+    """
+
+    kind: ClassVar[str] = 'gather'
+    weight_candidates: ClassVar[tuple[int, ...]] = (0,)
+    quantize_activations: ClassVar[bool] = False
+
+
+def ragged_dot_call(impl: Impl, original: Callable, lhs, rhs, group_sizes, precision=None,
+                    preferred_element_type=None, group_offset=None, **extra) -> RaggedCall | None:
+    """Canonicalize ``jax.lax.ragged_dot`` arguments (None for shapes it does not take: the float op runs).
+
+    Example:
+      >>> import jax, jax.numpy as jnp, qarray
+      >>> from flax_integration._op_table import ragged_dot_call
+      >>> c = ragged_dot_call(qarray.ragged_dot, jax.lax.ragged_dot, jnp.ones((5, 8)), jnp.ones((3, 8, 4)),
+      ...                     jnp.array([2, 0, 3]))
+      >>> c.run(*c.operands).shape
+      (5, 4)
+    """
+    if len(lhs.shape) != 2 or len(rhs.shape) != 3:
+        return None
+    kwargs = dict(precision=precision, preferred_element_type=preferred_element_type, group_offset=group_offset,
+                  **extra)
+
+    def runner(a, b):
+        return impl(a, b, group_sizes, **kwargs)
+
+    def orig():
+        return original(as_float(lhs), as_float(rhs), group_sizes, **kwargs)
+
+    return RaggedCall('ragged_dot', [lhs, rhs], ((0,), (0, 2)), ((1,), (1,)), (1, 1), runner, orig,
+                      group_sizes=group_sizes)
+
+
+def ragged_dot_general_call(impl: Impl, original: Callable, lhs, rhs, group_sizes, ragged_dot_dimension_numbers,
+                            precision=None, preferred_element_type=None, group_offset=None,
+                            **extra) -> RaggedCall | None:
+    """``jax.lax.ragged_dot_general`` in the form of ``ragged_dot`` (any axis order, see
+    :func:`qarray.ops.ragged_dot.canonical_axes`) as a :class:`RaggedCall` on the operands as given (so a
+    weight is still recognised as the module's param); None for other forms (the float op runs).
+
+    Example:
+      >>> import jax, jax.numpy as jnp, qarray
+      >>> from flax_integration._op_table import ragged_dot_general_call
+      >>> dn = jax.lax.RaggedDotDimensionNumbers((((0,), (2,)), ((), ())), (1,), (0,))  # lhs[K, M], rhs[G, N, K]
+      >>> c = ragged_dot_general_call(qarray.ragged_dot, jax.lax.ragged_dot_general, jnp.ones((8, 5)),
+      ...                             jnp.ones((3, 4, 8)), jnp.array([2, 0, 3]), dn)
+      >>> c.kept, c.contract, c.run(*c.operands).shape
+      (((1,), (0, 1)), ((0,), (2,)), (5, 4))
+    """
+    try:
+        (ragged, lc), (group, rc, free) = _canonical_axes(ragged_dot_dimension_numbers, len(lhs.shape),
+                                                                 len(rhs.shape))
+    except (TypeError, ValueError):
+        return None
+    kwargs = dict(precision=precision, preferred_element_type=preferred_element_type, group_offset=group_offset,
+                  **extra)
+
+    def runner(a, b):
+        return qarray.ops.ragged_dot_general(a, b, group_sizes, ragged_dot_dimension_numbers, **kwargs)
+
+    def orig():
+        return original(as_float(lhs), as_float(rhs), group_sizes, ragged_dot_dimension_numbers, **kwargs)
+
+    return RaggedCall('ragged_dot', [lhs, rhs], ((ragged,), tuple(sorted((group, free)))), ((lc,), (rc,)),
+                      (lc, rc), runner, orig, group_sizes=group_sizes, ragged_axis=ragged, group_axis=group)
+
+
+def take_call(impl: Impl, original: Callable, a, indices, axis=None, out=None, mode=None, unique_indices=False,
+              indices_are_sorted=False, fill_value=None) -> GatherCall | None:
+    """Canonicalize ``jnp.take(a, indices, axis)`` with an axis and a floating (or quantized) ``a``; None
+    otherwise (the float op runs).
+
+    The table keeps the gathered axis (one scale per row); its other axes are where a row's scale group
+    lies, tiles on the last of them.
+
+    Example:
+      >>> import jax.numpy as jnp, qarray
+      >>> from flax_integration._op_table import take_call
+      >>> c = take_call(qarray.ops.take, jnp.take, jnp.ones((10, 64)), jnp.array([3, 4]), axis=0)
+      >>> c.run(*c.operands).shape, c.tile_axis
+      ((2, 64), (1, None))
+    """
+    if axis is None or out is not None or len(a.shape) == 0:
+        return None
+    dtype = getattr(a, 'dtype', None)
+    if dtype is None or not jnp.issubdtype(dtype, jnp.floating):
+        return None
+    nd = len(a.shape)
+    ax = int(axis) % nd
+    features = tuple(d for d in range(nd) if d != ax)
+    ni = len(getattr(indices, 'shape', ()))
+    kwargs = dict(mode=mode, fill_value=fill_value, unique_indices=unique_indices,
+                  indices_are_sorted=indices_are_sorted)
+
+    def runner(t, i):
+        return impl(t, i, ax, **kwargs)
+
+    def orig():
+        return original(as_float(a), indices, axis, **kwargs)
+
+    return GatherCall('take', [a, indices], ((ax,), tuple(range(ni))), (features, ()),
+                      (features[-1] if features else None, None), runner, orig)
+
+
 # --------------------------------------------------------------------------- the table
 OP_TABLE: tuple[OpEntry, ...] = (
     OpEntry('dot_general', qarray.ops.dot_general,
@@ -227,6 +483,11 @@ OP_TABLE: tuple[OpEntry, ...] = (
     OpEntry('conv_general_dilated', qarray.ops.conv_general_dilated,
             (EntryPoint('jax.lax', 'conv_general_dilated', conv_call),),
             nnx_attrs=('conv_general_dilated',)),
+    OpEntry('ragged_dot', qarray.ops.ragged_dot,
+            (EntryPoint('jax.lax', 'ragged_dot', ragged_dot_call),
+             EntryPoint('jax.lax', 'ragged_dot_general', ragged_dot_general_call))),
+    OpEntry('take', qarray.ops.take,
+            (EntryPoint('jax.numpy', 'take', take_call),)),
 )
 
 OP_NAMES: tuple[str, ...] = tuple(e.name for e in OP_TABLE)
@@ -238,7 +499,7 @@ def entry_points() -> Iterator[tuple[OpEntry, EntryPoint]]:
     Example:
       >>> from flax_integration._op_table import entry_points
       >>> len(list(entry_points()))
-      5
+      8
     """
     for entry in OP_TABLE:
         for ep in entry.entry_points:

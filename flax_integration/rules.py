@@ -86,6 +86,9 @@ class QuantizationRule:
         weight and the activation alike. PTQ (and its calibration) only.
       gptq_damping: GPTQ's damping, a fraction of the mean Hessian diagonal
         added to the diagonal (larger is more stable, less exact).
+      kv_cache_qtype: keep the attention decode cache of the matched attention
+        modules quantized in this format (``'int8'``, ``'fp8'``, ``'int4'``;
+        see :mod:`qarray.kv_cache`), or None for Flax's float cache.
       warn_if_unused: warn (:class:`UnusedRuleWarning`) when the rule matches
         nothing -- after a quantized model's first run, and in the model-free
         ``quantize_params(params, rules)``. Set False for a rule that only
@@ -110,6 +113,7 @@ class QuantizationRule:
     weight_algorithm: str = 'rtn'
     rotation: str | None = None
     gptq_damping: float = 0.01
+    kv_cache_qtype: str | None = None
     warn_if_unused: bool = True
 
     def __post_init__(self):
@@ -170,6 +174,15 @@ class QuantizationRule:
         if self.act_static_scale and self.act_qtype is not None and qtypes.get(self.act_qtype).microscaling:
             raise ValueError(f"act_static_scale=True: {self.act_qtype!r} computes its block scales from the data; "
                              "use it with dynamic activations (act_static_scale=False).")
+        if self.kv_cache_qtype is not None:
+            from qarray import kv_cache as _kv  # noqa: PLC0415 (kv_cache imports ops; keep rules light)
+            try:
+                name = qtypes.get(self.kv_cache_qtype).name
+            except ValueError as e:
+                raise ValueError(f"kv_cache_qtype: {e}") from None
+            if name not in _kv.SUPPORTED_QTYPES:
+                raise ValueError(f"kv_cache_qtype must be one of {_kv.SUPPORTED_QTYPES[1:]} (or an alias such as "
+                                 f"'fp8'); got {self.kv_cache_qtype!r}.")
         if self.act_static_scale and self.act_qtype is None:
             raise ValueError("act_static_scale=True needs act_qtype (the format of the activations); "
                              "got act_qtype=None.")

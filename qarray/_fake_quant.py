@@ -79,7 +79,8 @@ def representable_range(scale: jax.Array, zero_point: jax.Array | None, qtype: A
 
 def fake_quant(x: Any, qtype: Any, *, channelwise_axes: int | Sequence[int] = (),
                tiles: int | Mapping[int, int] | None = None, calibration: str = 'absmax',
-               scale_dtype: Any = None, ste: str = 'clipped', scale_qtype: Any = None) -> jax.Array:
+               scale_dtype: Any = None, ste: str = 'clipped', scale_qtype: Any = None,
+               rounding: str = 'nearest', key: jax.Array | None = None) -> jax.Array:
     """Quantize then dequantize, with a straight-through gradient (arguments as :func:`qarray.quantize`).
 
     The forward value equals ``dequantize(quantize(x, ...))`` bit for bit.
@@ -95,14 +96,14 @@ def fake_quant(x: Any, qtype: Any, *, channelwise_axes: int | Sequence[int] = ()
     """
     _check_ste(ste)
     x = check_input(x, False)
-    spec = resolve_args(x, qtype, channelwise_axes, tiles, calibration, scale_dtype, scale_qtype)
-    return _fake_quant_jit(x, spec, ste)
+    spec = resolve_args(x, qtype, channelwise_axes, tiles, calibration, scale_dtype, scale_qtype, rounding, key)
+    return _fake_quant_jit(x, spec, ste, key)
 
 
 @functools.partial(jax.jit, static_argnums=(1, 2))
-def _fake_quant_jit(x, spec, ste) -> jax.Array:
+def _fake_quant_jit(x, spec, ste, key) -> jax.Array:
     xs = jax.lax.stop_gradient(x)
-    c, scale, zp = quantize_codes(xs, spec)
+    c, scale, zp = quantize_codes(xs, spec, key=key)
     if isinstance(scale, QArray):  # a quantized scale: the codes were computed with its dequantized value
         scale = scale.__jax_array__()
     qt = spec.qtype

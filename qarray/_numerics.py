@@ -16,6 +16,7 @@ Example:
 from __future__ import annotations
 
 import jax.numpy as jnp
+import ml_dtypes
 import numpy as np
 
 from qarray.qtypes import QType
@@ -178,7 +179,7 @@ def _finite_positive(raw: jnp.ndarray, scale_dtype) -> jnp.ndarray:
 
 
 def to_codes(x: jnp.ndarray, scale: jnp.ndarray, zero_point: jnp.ndarray | None,
-             qtype: QType, *, calibrated: bool = False) -> jnp.ndarray:
+             qtype: QType, *, calibrated: bool = False, noise: jnp.ndarray | None = None) -> jnp.ndarray:
     """Round (half to even) and clip ``x / scale`` to codes in ``qtype.code_dtype``.
 
     ``scale``/``zero_point`` must broadcast against ``x``. ``x / scale`` is
@@ -198,13 +199,18 @@ def to_codes(x: jnp.ndarray, scale: jnp.ndarray, zero_point: jnp.ndarray | None,
     """
     huge = not calibrated or _may_exceed_2_126(qtype, zero_point is not None)
     y = _divide_by_scale(x, scale, huge)
+    if noise is not None:
+        return _stochastic_codes(y, zero_point, qtype, noise)
     if qtype.kind == 'float':
         m = qtype.qmax
         return jnp.clip(y, -m, m).astype(qtype.native_dtype)
     if qtype.kind == 'codebook':
         cb = qtype.codebook
         mids = (cb[1:] + cb[:-1]) / 2  # nearest level = number of midpoints below y
-        idx = sum((y > float(m)).astype(jnp.uint8) for m in mids)
+        if len(cb) <= 16:  # a handful of compares vectorises best
+            idx = sum((y > float(m)).astype(jnp.uint8) for m in mids)
+        else:  # binary search over the midpoints
+            idx = jnp.searchsorted(jnp.asarray(mids, y.dtype), y, side='left')
         return jnp.asarray(idx, jnp.uint8)
     if qtype.kind == 'int' and qtype.bits == 1:
         return jnp.where(y >= 0, 1, -1).astype(jnp.int8)  # binary {-1, +1}; 0 goes to +1
@@ -295,9 +301,39 @@ def unscaled_values(codes: jnp.ndarray, zero_point: jnp.ndarray | None, qtype: Q
 
 
 def _codebook_lookup(c: jnp.ndarray, codebook: np.ndarray) -> jnp.ndarray:
+    if len(codebook) > 16:  # 256 levels: a gather (a select tree would be 255 selects per value)
+        return jnp.asarray(codebook)[c.astype(jnp.int32)]
     levels = [jnp.float32(v) for v in codebook]
     c = c.astype(jnp.uint8)
     for i in range(int(np.log2(len(levels)))):
         bit = ((c >> i) & 1).astype(bool)
         levels = [jnp.where(bit, levels[2 * j + 1], levels[2 * j]) for j in range(len(levels) // 2)]
     return levels[0]
+
+
+def _stochastic_codes(y: jnp.ndarray, zero_point, qtype: QType, noise: jnp.ndarray) -> jnp.ndarray:
+    """Stochastic rounding of ``y`` (in code units) to the format's grid: up with probability equal to the
+    distance from the level below, so E[value] = y inside the representable range. ``noise`` ~ U[0, 1)."""
+    if qtype.kind == 'float':
+        info = ml_dtypes.finfo(qtype.native_dtype)
+        m = float(qtype.qmax)
+        ay = jnp.minimum(jnp.abs(y), m)
+        _, ex = jnp.frexp(ay)
+        e = jnp.maximum(ex - 1, int(info.minexp))  # the binade (subnormals share the smallest normal's spacing)
+        ulp = jnp.exp2((e - int(info.nmant)).astype(y.dtype))
+        lo = jnp.floor(ay / ulp) * ulp
+        r = jnp.minimum(lo + ulp * (noise < (ay - lo) / ulp), m)
+        return (jnp.sign(y) * r).astype(qtype.native_dtype)
+    if qtype.kind == 'codebook':
+        levels = jnp.asarray(qtype.codebook, y.dtype)
+        yc = jnp.clip(y, levels[0], levels[-1])
+        i = jnp.clip(jnp.searchsorted(levels, yc, side='right') - 1, 0, len(qtype.codebook) - 2)
+        lo, hi = levels[i], levels[i + 1]
+        return (i + (noise < (yc - lo) / (hi - lo))).astype(jnp.uint8)
+    if qtype.kind == 'int' and qtype.bits == 1:  # levels -1, +1
+        return jnp.where(noise < (jnp.clip(y, -1, 1) + 1) / 2, 1, -1).astype(jnp.int8)
+    qa, qb = code_range(qtype, zero_point is not None)
+    q = jnp.floor(y + noise.astype(y.dtype))
+    if zero_point is not None:
+        q = q + zero_point.astype(y.dtype)
+    return jnp.clip(q, qa, qb).astype(qtype.code_dtype)

@@ -48,15 +48,17 @@ class Spec:
     calibration: str
     scale_dtype: Any
     scale_qtype: qtypes.QType | None = None  # quantize the scales themselves (double quantization)
+    rounding: str = 'nearest'  # or 'stochastic' (then quantize_codes needs a key)
 
 
-def quantize_codes(x, spec: Spec, with_overflow: bool = False):
+def quantize_codes(x, spec: Spec, with_overflow: bool = False, key: jax.Array | None = None):
     """Codes (logical shape), scale (rank of x; a QArray for quantized scales) and zero point; with
-    ``with_overflow`` also a scalar bool: whether some finite group needs a scale beyond ``scale_dtype``."""
+    ``with_overflow`` also a scalar bool: whether some finite group needs a scale beyond ``scale_dtype``.
+    ``key`` drives stochastic rounding (``spec.rounding == 'stochastic'``)."""
     qt, scale_dtype = spec.qtype, spec.scale_dtype
     uneven = [(a, t) for a, t in spec.tiles if x.shape[a] % t]
     if uneven:
-        return _uneven_codes(x, spec, uneven[0], with_overflow)
+        return _uneven_codes(x, spec, uneven[0], with_overflow, key)
     view, reduce_axes, scale_shape = _layout.group_view(x.shape, spec.channelwise_axes, dict(spec.tiles))
     no_overflow = jnp.zeros((), bool)
     if x.size == 0:  # nothing to calibrate: unit scales, no codes
@@ -77,7 +79,8 @@ def quantize_codes(x, spec: Spec, with_overflow: bool = False):
             zp = _numerics.zero_point_for(rng.lo, rng.hi, rng.symmetric, qt, scale)
     if zp is not None:
         zp = jnp.broadcast_to(zp, bshape)
-    q = _numerics.to_codes(xv, scale, zp, qt, calibrated=True)
+    noise = None if spec.rounding == 'nearest' else jax.random.uniform(key, xv.shape, xv.dtype)
+    q = _numerics.to_codes(xv, scale, zp, qt, calibrated=True, noise=noise)
     out = (q.reshape(x.shape), stored if spec.scale_qtype is not None else scale.reshape(scale_shape),
            None if zp is None else zp.reshape(scale_shape))
     if with_overflow:
@@ -85,7 +88,7 @@ def quantize_codes(x, spec: Spec, with_overflow: bool = False):
     return out
 
 
-def _uneven_codes(x, spec: Spec, uneven: tuple[int, int], with_overflow: bool):
+def _uneven_codes(x, spec: Spec, uneven: tuple[int, int], with_overflow: bool, key):
     """A tile that does not divide its axis: the whole tiles and the partial last one are quantized as two
     parts (each part's groups calibrate on their own values only) and joined along the axis."""
     a, t = uneven
@@ -95,7 +98,8 @@ def _uneven_codes(x, spec: Spec, uneven: tuple[int, int], with_overflow: bool):
     parts = [(jax.lax.slice_in_dim(x, whole, n, axis=a), tail)]
     if whole:
         parts.insert(0, (jax.lax.slice_in_dim(x, 0, whole, axis=a), spec))
-    outs = [quantize_codes(p, s, with_overflow) for p, s in parts]
+    keys = [None] * len(parts) if key is None else [jax.random.fold_in(key, i) for i in range(len(parts))]
+    outs = [quantize_codes(p, s, with_overflow, k) for (p, s), k in zip(parts, keys)]
     if len(outs) == 1:
         return outs[0]
     join = lambda i: None if outs[0][i] is None else jnp.concatenate([o[i] for o in outs], axis=a)
@@ -212,7 +216,7 @@ def _raise_nonfinite(all_finite) -> None:
 def quantize(x: Any, qtype: Any, *, channelwise_axes: int | Sequence[int] = (),
              tiles: int | Mapping[int, int] | None = None, calibration: str = 'absmax',
              scale_dtype: Any = None, pack_axis: int = -1, check_finite: bool = False,
-             scale_qtype: Any = None) -> QArray:
+             scale_qtype: Any = None, rounding: str = 'nearest', key: jax.Array | None = None) -> QArray:
     """Quantize ``x`` to ``qtype``.
 
     Args:
@@ -234,6 +238,13 @@ def quantize(x: Any, qtype: Any, *, channelwise_axes: int | Sequence[int] = (),
         block of 256 scales; ``q.scale`` is then a QArray. nf4 t64 goes from
         4.5 to about 4.13 bits per value. Any format but the microscaling ones
         (whose scales are already one byte).
+      rounding: ``'nearest'`` (half to even) or ``'stochastic'``: round up with
+        probability equal to the distance from the level below, so the
+        expected dequantized value is ``x`` wherever ``x`` is inside the
+        format's range (unbiased; for gradients and optimizer states). Needs
+        ``key`` (a ``jax.random`` key). Any int, uint, fp8/fp4 or code-book
+        format (not the microscaling formats).
+      key: the random key for ``rounding='stochastic'``.
       check_finite: raise ``ValueError`` if ``x`` holds NaN/Inf. Under ``jit`` the
         check runs inside the compiled program, so it surfaces as JAX's
         ``jax.errors.JaxRuntimeError`` carrying the ``ValueError``'s message
@@ -254,11 +265,11 @@ def quantize(x: Any, qtype: Any, *, channelwise_axes: int | Sequence[int] = (),
       (1, 2)
     """
     x = check_input(x, check_finite)
-    spec = resolve_args(x, qtype, channelwise_axes, tiles, calibration, scale_dtype, scale_qtype)
+    spec = resolve_args(x, qtype, channelwise_axes, tiles, calibration, scale_dtype, scale_qtype, rounding, key)
     qt, scale_dtype = spec.qtype, spec.scale_dtype
     if qt.packed:
         _check_pack_axis(x, qt, pack_axis)
-    q, overflow = _quantize_jit(x, spec, pack_axis)
+    q, overflow = _quantize_jit(x, spec, pack_axis, key)
     if not isinstance(overflow, jax.core.Tracer) and bool(overflow):
         raise ValueError(
             f"x's range needs a scale larger than {scale_dtype.name} can hold (max {jnp.finfo(scale_dtype).max:.4g}) "
@@ -268,9 +279,20 @@ def quantize(x: Any, qtype: Any, *, channelwise_axes: int | Sequence[int] = (),
     return q
 
 
-def resolve_args(x, qtype, channelwise_axes, tiles, calibration, scale_dtype, scale_qtype=None) -> Spec:
+def resolve_args(x, qtype, channelwise_axes, tiles, calibration, scale_dtype, scale_qtype=None,
+                 rounding: str = 'nearest', key: Any = None) -> Spec:
     """Validate everything static up front, so errors name the argument before any tracing."""
     qt = qtypes.get(qtype)
+    if rounding not in ('nearest', 'stochastic'):
+        raise ValueError(f"rounding must be 'nearest' or 'stochastic'; got {rounding!r}.")
+    if rounding == 'stochastic':
+        if key is None:
+            raise ValueError("rounding='stochastic' needs key=jax.random.key(...) (the random bits of the rounding).")
+        if qt.microscaling:
+            raise ValueError(f"rounding='stochastic' is not available for the microscaling format {qt.name!r}; use "
+                             "its element format with tiles (e.g. 'fp4' or 'fp8') or rounding='nearest'.")
+    elif key is not None:
+        raise ValueError("key is only used with rounding='stochastic'; pass rounding='stochastic' or drop key.")
     if qt.microscaling:
         return _resolve_microscaling(x, qt, channelwise_axes, tiles, calibration, scale_dtype, scale_qtype)
     cw, tile_map = _layout.normalize_layout(x.shape, channelwise_axes, tiles)
@@ -288,7 +310,7 @@ def resolve_args(x, qtype, channelwise_axes, tiles, calibration, scale_dtype, sc
         if sqt.microscaling or sqt.kind == 'uint':
             raise ValueError(f"scale_qtype: the scales are quantized symmetrically after their mean is taken out; use "
                              f"a signed int, fp8 or nf4 format such as 'int8'; got {sqt.name!r}.")
-    return Spec(qt, cw, tuple(sorted(tile_map.items())), calibration, scale_dtype, sqt)
+    return Spec(qt, cw, tuple(sorted(tile_map.items())), calibration, scale_dtype, sqt, rounding)
 
 
 def _resolve_microscaling(x, qt, channelwise_axes, tiles, calibration, scale_dtype, scale_qtype) -> Spec:
@@ -321,8 +343,8 @@ def _resolve_microscaling(x, qt, channelwise_axes, tiles, calibration, scale_dty
 # One compiled program per (format, layout, shape): eager calls run as fast as jitted ones
 # and an outer jit simply inlines it.
 @functools.partial(jax.jit, static_argnums=(1, 2))
-def _quantize_jit(x, spec: Spec, pack_axis) -> tuple[QArray, jax.Array]:
-    codes_, scale, zp, overflow = quantize_codes(x, spec, with_overflow=True)
+def _quantize_jit(x, spec: Spec, pack_axis, key) -> tuple[QArray, jax.Array]:
+    codes_, scale, zp, overflow = quantize_codes(x, spec, with_overflow=True, key=key)
     return _pack(codes_, scale, zp, spec.qtype, x, pack_axis, uneven_tiles(x.shape, spec.tiles)), overflow
 
 

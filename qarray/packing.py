@@ -16,7 +16,8 @@ For 2 and 4 bits there is also a fusible writer, :func:`pack_native`, its invers
 ``int4``/``uint4``/``int2``/``uint2`` types hold exactly this layout (field
 ``i`` of a byte at bits ``[i*B, (i+1)*B)``), so ``lax.bitcast_convert_type``
 between them and ``uint8`` packs or splits bytes as one vectorised convert
-(about 1.6x faster than the broadcast shift on XLA:CPU), and XLA cancels a
+(an int4 dequantize of 2048x2048 ran 1.4-1.7x faster than with the broadcast
+shift on XLA:CPU), and XLA cancels a
 pack followed by a split inside one program. It is selected at trace time by
 ``jax.default_backend() == 'cpu'``; on other backends the sub-byte bitcasts
 are not verified yet, so the shift formulations (same bytes) are used there.

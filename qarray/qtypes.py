@@ -26,6 +26,9 @@ Integer ranges (documented choice)
   from finite input.
 * ``nf4`` is the 16-value NormalFloat code book from QLoRA (exact float32
   values); a value is ``codebook[code] * scale`` with ``scale = absmax``.
+* ``dynamic8`` / ``dynamic8u``: non-linear 8-bit code books (signed in
+  [-1, 1], unsigned in [0, 1]) that stay relatively precise over 7-8 decades,
+  for optimizer states (as bitsandbytes' 8-bit Adam); ``scale = absmax``.
 * ``float4_e2m1fn`` (alias ``fp4``): OCP FP4 E2M1, 16 codes (±{0, 0.5, 1,
   1.5, 2, 3, 4, 6}), packed two per byte; rounds half to even, saturates at 6.
 * Microscaling formats store their scales in their own one-byte dtypes:
@@ -73,6 +76,25 @@ NF4_CODEBOOK = np.array(
     ],
     dtype=np.float32,
 )
+
+
+def _dynamic_map(signed: bool) -> np.ndarray:
+    """A non-linear 8-bit code in [-1, 1] ([0, 1] unsigned): decade 10**(i - d) holds 2**i values, the midpoints of
+    ``linspace(0.1, 1, 2**i + 1)`` (i = 0..6 with both signs, plus 0 and 1, for the signed code; i = 0..7
+    plus 0 for the unsigned one). Dense near 0 and relative-precise across 7-8 decades: the 8-bit code
+    bitsandbytes' 8-bit optimizers use for their states."""
+    vals, top = ([0.0, 1.0], 7) if signed else ([0.0], 8)
+    for i in range(top):
+        edges = np.linspace(0.1, 1.0, 2**i + 1)
+        mids = (edges[:-1] + edges[1:]) / 2 * 10.0 ** (i - (top - 1))
+        vals += list(mids) + (list(-mids) if signed else [])
+    out = np.sort(np.asarray(vals, np.float64)).astype(np.float32)
+    assert out.shape == (256,)
+    return out
+
+
+DYNAMIC8_CODEBOOK = _dynamic_map(signed=True)
+DYNAMIC8U_CODEBOOK = _dynamic_map(signed=False)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -230,8 +252,10 @@ class QType:
 
     @property
     def codebook(self) -> np.ndarray | None:
-        """Code book values for code-book formats (nf4), else None."""
-        return NF4_CODEBOOK if self.kind == 'codebook' else None
+        """Code book values for code-book formats (nf4, dynamic8, dynamic8u), else None."""
+        if self.kind != 'codebook':
+            return None
+        return {'nf4': NF4_CODEBOOK, 'dynamic8': DYNAMIC8_CODEBOOK, 'dynamic8u': DYNAMIC8U_CODEBOOK}[self.name]
 
     # ---- codes <-> unsigned bit fields for packing ----------------------------
     def to_field(self, codes: jnp.ndarray) -> jnp.ndarray:
@@ -300,6 +324,8 @@ def _build_registry() -> dict[str, QType]:
     reg['float8_e4m3fn'] = QType('float8_e4m3fn', 'float', 8)
     reg['float8_e5m2'] = QType('float8_e5m2', 'float', 8)
     reg['nf4'] = QType('nf4', 'codebook', 4)
+    reg['dynamic8'] = QType('dynamic8', 'codebook', 8)
+    reg['dynamic8u'] = QType('dynamic8u', 'codebook', 8)
     reg['float4_e2m1fn'] = QType('float4_e2m1fn', 'float', 4)
     # Microscaling (OCP MX v1.0): blocks of 32 share a power-of-two E8M0 scale; NVIDIA's nvfp4: blocks of 16
     # share an E4M3 scale, itself scaled by one float32 per tensor.

@@ -93,3 +93,95 @@ def test_unpack_errors():
         packing.unpack(jnp.zeros(2, jnp.int8), 3, 5)
     with pytest.raises(ValueError, match=r'packed axis has 3 bytes but length=5 fields of 3 bits need 2'):
         packing.unpack(jnp.zeros(3, jnp.uint8), 3, 5)
+
+
+# --------------------------------------------------------------------------- native sub-byte path (issue 19)
+@pytest.fixture(params=['cpu', 'other'])
+def backend(request, monkeypatch):
+    """'cpu': the native int4/uint4/int2/uint2 bitcasts (on a CPU host); 'other': the shift formulation the
+    library uses on any other backend (forced by pretending the default backend is not CPU)."""
+    if request.param == 'other' or jax.default_backend() != 'cpu':
+        monkeypatch.setattr(jax, 'default_backend', lambda: 'gpu' if request.param == 'other' else 'cpu')
+    jax.clear_caches()  # the choice is made at trace time: no trace of the other path may be reused
+    yield request.param
+    jax.clear_caches()
+
+
+def np_split(packed: np.ndarray, bits: int, length: int, signed: bool) -> np.ndarray:
+    """Reference split_bytes along the last axis: field i of a byte at bits [i*bits, (i+1)*bits)."""
+    per = 8 // bits
+    f = (packed[..., :, None] >> (np.arange(per) * bits).astype(np.uint8)) & np.uint8(2**bits - 1)
+    f = f.reshape(*packed.shape[:-1], -1)[..., :length]
+    if signed:
+        return ((f.astype(np.int16) ^ (1 << bits - 1)) - (1 << bits - 1)).astype(np.int8)
+    return f
+
+
+@pytest.mark.parametrize('bits', [1, 2, 4])
+def test_split_bytes_is_the_reference_layout_on_both_paths(backend, bits):
+    rng = np.random.default_rng(bits)
+    for n in (1, 2, 3, 5, 7, 9, 33):  # odd lengths: the last byte is part padding
+        fields = rng.integers(0, 2**bits, size=(3, n)).astype(np.uint8)
+        packed = packing.pack(jnp.asarray(fields), bits)
+        for signed in (False, True):
+            ref = np_split(np.asarray(packed), bits, n, signed)
+            for split in (packing.split_bytes, jax.jit(packing.split_bytes, static_argnums=(1, 2, 3),
+                                                       static_argnames='signed')):
+                got = split(packed, bits, n, -1, signed=signed)
+                assert got.dtype == (jnp.int8 if signed else jnp.uint8) and got.shape == (3, n)
+                np.testing.assert_array_equal(np.asarray(got), ref)
+            # and along a leading axis (always the shift formulation)
+            got0 = packing.split_bytes(packing.pack(jnp.asarray(fields.T), bits, axis=0), bits, n, 0, signed=signed)
+            np.testing.assert_array_equal(np.asarray(got0), ref.T)
+        np.testing.assert_array_equal(np.asarray(packing.split_bytes(packed, bits, n)),
+                                      np.asarray(packing.unpack(packed, bits, n)))
+
+
+@pytest.mark.parametrize('bits', [2, 4])
+def test_pack_native_gives_the_bytes_of_pack_on_both_paths(backend, bits):
+    rng = np.random.default_rng(10 + bits)
+    for shape in ((1,), (7,), (3, 5), (2, 3, 9), (4, 6)):
+        fields = rng.integers(0, 2**bits, size=shape).astype(np.uint8)
+        codes = np.asarray(qarray.qtypes.get(f'int{bits}').from_field(jnp.asarray(fields)))  # two's complement
+        for axis in range(-len(shape), len(shape)):
+            ref = np.asarray(packing.pack(jnp.asarray(fields), bits, axis=axis))
+            for signed, vals in ((False, fields), (True, codes)):
+                got = packing.pack_native(jnp.asarray(vals), bits, axis, signed=signed)
+                assert got.dtype == jnp.uint8
+                np.testing.assert_array_equal(np.asarray(got), ref)
+                inner = jax.jit(lambda v, a=axis, s=signed: packing.pack_native(v, bits, a, signed=s))(vals)
+                np.testing.assert_array_equal(np.asarray(inner), ref)
+                back = packing.split_bytes(got, bits, shape[axis], axis, signed=signed)
+                np.testing.assert_array_equal(np.asarray(back), vals)
+
+
+def test_native_path_is_cpu_only(backend):
+    """On CPU the last-axis split / pack go through XLA's sub-byte types; elsewhere no sub-byte type appears."""
+    b = jnp.zeros((4, 6), jnp.uint8)
+    for bits, t in ((4, 'i4'), (2, 'i2')):
+        split = jax.jit(lambda v: packing.split_bytes(v, bits, 11, signed=True)).lower(b).as_text()
+        pack = jax.jit(lambda v: packing.pack_native(v, bits, signed=True)).lower(jnp.zeros((4, 11), jnp.int8)).as_text()
+        assert (f'x{t}>' in split and f'x{t}>' in pack) == (backend == 'cpu' and jax.default_backend() == 'cpu')
+
+
+@pytest.mark.parametrize('name', ['int4', 'uint4', 'nf4', 'int2', 'uint2', 'float4_e2m1fn'])
+def test_sub_byte_formats_round_trip_on_both_paths(backend, name):
+    """Codes of every 2/4-bit format (fp4 included: its fields are a uint4 view) survive quantize -> codes,
+    with bytes equal to the generic packer's, eagerly and inside one jit."""
+    x = jax.random.normal(jax.random.key(3), (3, 11)) * 2
+    qt = qarray.qtypes.get(name)
+    cal = 'minmax' if name.startswith('uint') else 'absmax'
+    q = qarray.quantize(x, name, calibration=cal)
+    c = qarray.codes(q)
+    np.testing.assert_array_equal(np.asarray(q.qvalue), np.asarray(packing.pack(qt.to_field(c), qt.bits)))
+    np.testing.assert_array_equal(np.asarray(packing.unpack(q.qvalue, qt.bits, 11)), np.asarray(qt.to_field(c)))
+    jq = jax.jit(lambda v: qarray.dequantize(qarray.quantize(v, name, calibration=cal)))(x)
+    np.testing.assert_array_equal(np.asarray(jq), np.asarray(qarray.dequantize(q)))
+
+
+def test_pack_native_errors():
+    for bits in (1, 3, 8):
+        with pytest.raises(ValueError, match='pack_native: bits must be 2 or 4'):
+            packing.pack_native(jnp.zeros(4, jnp.uint8), bits)
+    with pytest.raises(ValueError, match='at least one axis'):
+        packing.pack_native(jnp.zeros((), jnp.uint8), 4)

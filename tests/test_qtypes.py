@@ -10,7 +10,7 @@ from qarray import qtypes
 
 def test_every_required_format_is_registered():
     expected = {f'int{b}' for b in range(1, 9)} | {f'uint{b}' for b in range(1, 9)} | {
-        'float8_e4m3fn', 'float8_e5m2', 'nf4', 'float4_e2m1fn', 'mxfp8', 'mxfp4', 'nvfp4'}
+        'float8_e4m3fn', 'float8_e5m2', 'nf4', 'float4_e2m1fn', 'mxfp8', 'mxfp4', 'nvfp4', 'dynamic8', 'dynamic8u'}
     assert set(qtypes.names()) == expected
 
 

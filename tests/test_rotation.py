@@ -11,6 +11,7 @@ from absl.testing import parameterized
 from hypothesis import given, strategies as st
 
 from qarray import rotation
+from tolerances import U32, assert_within, gamma, unit_roundoff
 
 RNG = np.random.default_rng(0)
 
@@ -22,16 +23,25 @@ def ref_rotation_matrix(k: int, block: int, seed: int) -> np.ndarray:
     return np.diag(rotation.signs(k, seed).astype(np.float64)) @ b
 
 
-def ref_rotate(x: np.ndarray, axis: int, block: int, seed: int) -> np.ndarray:
+def ref_rotate(x: np.ndarray, axis: int, block: int, seed: int, absolute: bool = False) -> np.ndarray:
     r = ref_rotation_matrix(x.shape[axis], block, seed)
+    if absolute:  # |x| |R|: what each output's rounding error is relative to
+        x, r = np.abs(x), np.abs(r)
     return np.moveaxis(np.moveaxis(x.astype(np.float64), axis, -1) @ r, -1, axis)
+
+
+def rotate_bound(x: np.ndarray, axis: int, block: int) -> np.ndarray:
+    """A float32 rotation vs float64: each output sums ``block`` terms (a fast transform rounds each through
+    fewer, log2(block), additions), scaled by fl(1/sqrt(block)) (+2 roundings): gamma_{block+2} |x| |R|."""
+    return gamma(block + 2) * ref_rotate(x, axis, block, 0, absolute=True) + 1e-30
 
 
 @pytest.mark.parametrize('n', [2**i for i in range(9)])
 def test_hadamard_matches_scipy_and_is_orthonormal(n):
     h = np.asarray(rotation.hadamard(n))
     assert h.dtype == np.float32 and h.shape == (n, n)
-    np.testing.assert_allclose(h, scipy.linalg.hadamard(n) / np.sqrt(n), rtol=1e-6, atol=0)
+    np.testing.assert_allclose(h, scipy.linalg.hadamard(n) / np.sqrt(n), rtol=1e-6, atol=0)  # +-fl(1/sqrt n): u
+    # each entry within u relative: (h h^T)_ij within n * (1/n) * 2u = 2u of I (a float64 sum of exact products)
     np.testing.assert_allclose(h.astype(np.float64) @ h.T, np.eye(n), atol=1e-6)
     np.testing.assert_array_equal(h, h.T)
     assert rotation.hadamard(n, jnp.bfloat16).dtype == jnp.bfloat16
@@ -59,18 +69,21 @@ def test_rotate_matches_dense_float64_reference_and_round_trips(shape, axis_pick
     block = 2 if small_block else rotation.block_size(k)
     y = rotation.rotate(x, axis, block=block, seed=seed)
     assert y.shape == x.shape and y.dtype == jnp.float32
-    np.testing.assert_allclose(np.asarray(y), ref_rotate(x, axis, block, seed), atol=2e-6, rtol=1e-6)
-    # orthogonal: norms along the axis are kept, and unrotate undoes it
-    np.testing.assert_allclose(np.linalg.norm(np.asarray(y, np.float64), axis=axis),
-                               np.linalg.norm(x.astype(np.float64), axis=axis), rtol=1e-5, atol=1e-6)
+    bound = rotate_bound(x, axis, block)
+    assert_within(y, ref_rotate(x, axis, block, seed), bound)
+    # orthogonal: norms along the axis are kept (| ||y|| - ||x R|| | <= ||y - x R||), and unrotate undoes it
+    assert_within(np.linalg.norm(np.asarray(y, np.float64), axis=axis), np.linalg.norm(x.astype(np.float64), axis=axis),
+                  np.linalg.norm(bound, axis=axis) * (1 + 1e-6))
     back = rotation.unrotate(y, axis, block=block, seed=seed)
-    np.testing.assert_allclose(np.asarray(back), x, atol=2e-6)
+    # the inverse rotation of y (each |y| + bound) plus y's own error carried through |R| (|R| is symmetric)
+    y_abs = ref_rotate(x, axis, block, 0, absolute=True) + bound
+    assert_within(back, x, rotate_bound(y_abs, axis, block) + ref_rotate(bound, axis, block, 0, absolute=True))
 
 
 def test_unrotate_matches_inverse_of_dense_reference():
     x = RNG.standard_normal((5, 96)).astype(np.float32)
     r = ref_rotation_matrix(96, 32, 1)
-    np.testing.assert_allclose(np.asarray(rotation.unrotate(x, 1, seed=1)), x.astype(np.float64) @ r.T, atol=2e-6)
+    assert_within(rotation.unrotate(x, 1, seed=1), x.astype(np.float64) @ r.T, rotate_bound(x, 1, 32))
 
 
 @pytest.mark.parametrize('k,block', [(256, None), (384, None), (96, 32), (512, 8)])
@@ -79,20 +92,25 @@ def test_matmul_invariance_against_float64(k, block):
     w = RNG.standard_normal((k, 10)).astype(np.float32)
     y = jnp.matmul(rotation.rotate(x, -1, block=block, seed=5), rotation.rotate(w, 0, block=block, seed=5),
                    precision=jax.lax.Precision.HIGHEST)
-    np.testing.assert_allclose(np.asarray(y, np.float64), x.astype(np.float64) @ w.astype(np.float64),
-                               atol=2e-4 * np.sqrt(k))
-    # an einsum weight [K, heads, dim] rotated along its contracting axis works the same way
+    # vs float64: both rotations (gamma_{b+2} |x| |R| and |R|^T |w|) and the K=k float32 matmul of the rotated
+    # operands, all relative to (|x| |R|) . (|R|^T |w|).
+    b = block or rotation.block_size(k)
+    ax = ref_rotate(x, -1, b, 0, absolute=True)
+    aw = ref_rotate(w, 0, b, 0, absolute=True)
+    assert_within(y, x.astype(np.float64) @ w.astype(np.float64), (2 * gamma(b + 2) + gamma(k + 2)) * ax @ aw)
+    # an einsum weight [K, heads, dim] rotated along its contracting axis works the same way: the same operands,
+    # two float32 evaluations of the K=k sum
     w3 = w.reshape(k, 2, 5)
     y3 = jnp.einsum('btk,khd->bthd', rotation.rotate(x, -1, block=block, seed=5),
                     rotation.rotate(w3, 0, block=block, seed=5), precision=jax.lax.Precision.HIGHEST)
-    np.testing.assert_allclose(np.asarray(y3).reshape(3, 7, 10), np.asarray(y), atol=1e-4)
+    assert_within(np.asarray(y3).reshape(3, 7, 10), y, 2 * gamma(k) * (1 + 4 * gamma(b + 2)) * ax @ aw)
 
 
 def test_rotation_spreads_an_outlier():
     x = np.zeros((1, 256), np.float32)
     x[0, 3] = 100.0
     y = np.asarray(rotation.rotate(x, -1))
-    np.testing.assert_allclose(np.abs(y[0, :128]), 100 / np.sqrt(128), rtol=1e-6)
+    np.testing.assert_allclose(np.abs(y[0, :128]), 100 / np.sqrt(128), rtol=1e-6)  # 100 * fl(1/sqrt 128): 2 u
     np.testing.assert_array_equal(y[0, 128:], 0)
 
 
@@ -105,9 +123,15 @@ def test_rotate_hessian_is_gram_of_rotated_activations(block):
     b = block or 64
     xr = ref_rotate(x, -1, b, 2)
     ref = xr.T @ xr
-    np.testing.assert_allclose(got, ref, atol=1e-5 * np.abs(ref).max())
+    # R^T H R in float32 from H rounded to float32 (u |H|): two rotations, each gamma_{b+2} relative to
+    # |R|^T |H| |R|, vs float64.
+    ra = np.abs(ref_rotation_matrix(64, b, 2))
+    bound = (2 * gamma(b + 2) + U32) * ra.T @ np.abs(h) @ ra * (1 + gamma(b + 2))
+    assert_within(got, ref, bound)
+    # vs the Gram matrix of the float32-rotated activations: those differ from x R by dx <= gamma_{b+2} |x| |R|
     xr32 = np.asarray(rotation.rotate(x, -1, block=block, seed=2), np.float64)
-    np.testing.assert_allclose(got, xr32.T @ xr32, atol=1e-5 * np.abs(ref).max())
+    dx = gamma(b + 2) * np.abs(x.astype(np.float64)) @ ra
+    assert_within(got, xr32.T @ xr32, bound + 2 * np.abs(xr32).T @ dx + dx.T @ dx)
 
 
 @pytest.mark.parametrize('dtype', [jnp.bfloat16, jnp.float16])
@@ -116,7 +140,9 @@ def test_narrow_dtypes_are_kept_and_computed_in_float32(dtype):
     y = rotation.rotate(x, 1)
     assert y.dtype == dtype
     ref = ref_rotate(np.asarray(x, np.float64), 1, 128, 0)
-    np.testing.assert_allclose(np.asarray(y, np.float64), ref, rtol=1e-2, atol=1e-2)
+    # computed in float32 (rotate_bound), then rounded once to the narrow dtype (u_dtype relative)
+    ud, b32 = unit_roundoff(dtype), rotate_bound(np.asarray(x, np.float64), 1, 128)
+    assert_within(y, ref, ud * (np.abs(ref) + b32) + b32)
     assert rotation.unrotate(y, 1).dtype == dtype
 
 
@@ -128,12 +154,16 @@ class JitTest(parameterized.TestCase):
         rot = self.variant(lambda a: rotation.rotate(a, 2, seed=7))
         unrot = self.variant(lambda a: rotation.unrotate(a, 2, seed=7))
         y = rot(x)
-        np.testing.assert_allclose(np.asarray(y), ref_rotate(x, 2, 16, 7), atol=2e-6)
-        chex.assert_trees_all_close(unrot(y), x, atol=2e-6)
+        bound = rotate_bound(x, 2, 16)
+        assert_within(y, ref_rotate(x, 2, 16, 7), bound)
+        y_abs = ref_rotate(x, 2, 16, 0, absolute=True) + bound
+        assert_within(unrot(y), x, rotate_bound(y_abs, 2, 16) + ref_rotate(bound, 2, 16, 0, absolute=True))
         hess = self.variant(lambda h: rotation.rotate_hessian(h, seed=7))
-        h = x.reshape(-1, 48).T @ x.reshape(-1, 48)
+        h = x.reshape(-1, 48).T @ x.reshape(-1, 48)   # float32, 18 terms: gamma_18 |x|^T |x|
         xr = ref_rotate(x.reshape(-1, 48), 1, 16, 7)
-        np.testing.assert_allclose(np.asarray(hess(h)), xr.T @ xr, atol=1e-4)
+        ra = np.abs(ref_rotation_matrix(48, 16, 7))
+        gram = np.abs(x.reshape(-1, 48).astype(np.float64)).T @ np.abs(x.reshape(-1, 48).astype(np.float64))
+        assert_within(hess(h), xr.T @ xr, (gamma(18) + 2 * gamma(18) * (1 + gamma(18))) * ra.T @ gram @ ra)
 
 
 def test_errors():

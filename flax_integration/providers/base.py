@@ -32,11 +32,12 @@ from qarray._array import QArray
 from flax_integration._frame import Frame
 from flax_integration._interception import ExtraOp, Intercept
 from flax_integration._op_calls import OpCall
+from flax_integration._op_table import call_kind
 from flax_integration.rules import QuantizationRule, RuleSet, UnusedRuleWarning
 from flax_integration.wrappers import QuantizedParam, unbox_leaves
 
 __all__ = ['Provider', 'Op', 'Weight', 'Frame', 'FloatParamError', 'find_weight', 'act_range', 'range_to_scale',
-           'is_symmetric', 'hessian_name']
+           'is_symmetric', 'hessian_name', 'quantizes_activations', 'static_act_range', 'static_scale_rows']
 
 
 class FloatParamError(ValueError):
@@ -82,7 +83,8 @@ class Weight:
 
 
 def find_weight(call: OpCall, frame: Frame | None) -> Weight | None:
-    """The operand that is a param of the running module (rhs preferred), or None.
+    """The operand that is a param of the running module (rhs preferred; for a table lookup only the
+    table, ``call.weight_candidates``), or None.
 
     Decided from the module's params, never from shapes: an operand is the
     weight when it is a quantized value (a stored ``QuantizedParam`` or QArray,
@@ -101,7 +103,7 @@ def find_weight(call: OpCall, frame: Frame | None) -> Weight | None:
       >>> find_weight(call, None).index
       1
     """
-    for i in (1, 0):
+    for i in getattr(call, 'weight_candidates', (1, 0)):
         x = call.operands[i]
         name = frame.param_name(x) if frame is not None else None
         if isinstance(x, (QuantizedParam, QArray)) or name is not None:
@@ -425,6 +427,13 @@ class Provider:
         """
         wi = op.weight.index
         wc, ac = op.call.contract[wi], op.call.contract[1 - wi]
+        kind = call_kind(op.call)
+        if kind != 'dense':
+            what = ('a table lookup: no activation is contracted with the table' if kind == 'gather' else
+                    'per-expert weights: per-expert statistics and rotations are not implemented')
+            raise ValueError(
+                f"{op.describe()}: weight_algorithm='gptq' and rotation act on dot_general/einsum projections; this "
+                f"{op.call.name} is {what}. Narrow the rule with module_path or op_names=('dot_general', 'einsum').")
         if op.call.per_channel_only or len(wc) != 1:
             raise ValueError(
                 f"{op.describe()}: weight_algorithm='gptq' and rotation need a weight with exactly one contracting "
@@ -508,6 +517,20 @@ def hessian_name(op: Op) -> str:
     return f"{op.op_id}_hessian"
 
 
+def quantizes_activations(call: OpCall) -> bool:
+    """Whether a rule's ``act_qtype`` applies to the call's activation operands (not for a table lookup:
+    its indices are integers and a lookup in an activation stays as it is).
+
+    Example:
+      >>> import jax, jax.numpy as jnp, qarray
+      >>> from flax_integration._op_table import take_call
+      >>> from flax_integration.providers.base import quantizes_activations
+      >>> quantizes_activations(take_call(qarray.ops.take, jnp.take, jnp.ones((4, 2)), jnp.array([1]), axis=0))
+      False
+    """
+    return getattr(call, 'quantize_activations', True)
+
+
 # --- activation ranges (shared by PTQ static init and calibration) -----------------------------
 def act_range(x: jax.Array, qtype: str, cw, tiles, calibration: str) -> tuple[jax.Array, jax.Array]:
     """Calibrated ``(lo, hi)`` of ``x`` in scale shape (rank of ``x``).
@@ -550,3 +573,65 @@ def range_to_scale(lo, hi, qtype: str, calibration: str, dtype=jnp.float32):
       ((1,), None)
     """
     return _numerics.scale_and_zero_point(lo, hi, is_symmetric(calibration), qtypes.get(qtype), dtype)
+
+
+_GROUP_CALIBRATIONS = ('absmax', 'minmax', 'fixed')  # ranges of a group of rows = min / max of the rows' ranges
+
+
+def _per_group(op: Op, i: int) -> bool:
+    per_group = getattr(op.call, 'per_group', None)
+    return per_group is not None and per_group(i, op.rule.act_batch_axes)
+
+
+def static_act_range(op: Op, i: int, x: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """Calibrated ``(lo, hi)`` of static-scale activation operand ``i`` in its stored shape: the rule's
+    static layout (:meth:`OpCall.layout`), or per group for a ragged_dot whose rule keeps the ragged axis
+    (``act_batch_axes=()``: one range per expert, over the rows routed to it).
+
+    Example:
+      >>> import jax, jax.numpy as jnp, qarray
+      >>> from flax_integration import QuantizationRule
+      >>> from flax_integration._op_table import ragged_dot_call
+      >>> from flax_integration.providers import Op, Weight
+      >>> from flax_integration.providers.base import static_act_range
+      >>> x = jnp.array([[1.], [-4.], [2.]])
+      >>> call = ragged_dot_call(qarray.ragged_dot, jax.lax.ragged_dot, x, jnp.ones((2, 1, 3)), jnp.array([2, 1]))
+      >>> rule = QuantizationRule(act_qtype='int8', act_static_scale=True, act_batch_axes=())
+      >>> static_act_range(Op(call, None, rule, Weight(1, 'w', None), 'ragged_dot0'), 0, x)[1].tolist()
+      [[4.0], [2.0]]
+    """
+    rule = op.rule
+    cw, tiles = op.call.layout(i, 'static_act', op.tile_size, rule.act_batch_axes)
+    lo, hi = act_range(x, rule.act_qtype, cw, tiles, rule.act_calibration_method)
+    if _per_group(op, i):
+        method = _calibration.parse(rule.act_calibration_method)[0]
+        if method not in _GROUP_CALIBRATIONS:
+            raise ValueError(
+                f"{op.describe()}: a static scale per group (act_batch_axes keeps the ragged axis) takes "
+                f"act_calibration_method in {_GROUP_CALIBRATIONS} (a group's range is the min/max of its rows'); "
+                f"got {rule.act_calibration_method!r}. Use one of those, or a per-tensor scale (act_batch_axes=None).")
+        lo, hi = op.call.group_range(lo, hi)
+    return lo, hi
+
+
+def static_scale_rows(op: Op, i: int, scale: Any, zero_point: Any) -> tuple[Any, Any]:
+    """A stored static scale and zero point laid out to quantize operand ``i``: as stored, or, for a per-group
+    scale, each row's group's (:meth:`RaggedCall.group_rows`).
+
+    Example:
+      >>> import jax, jax.numpy as jnp, qarray
+      >>> from flax_integration import QuantizationRule
+      >>> from flax_integration._op_table import ragged_dot_call
+      >>> from flax_integration.providers import Op, Weight
+      >>> from flax_integration.providers.base import static_scale_rows
+      >>> x = jnp.ones((3, 4))
+      >>> call = ragged_dot_call(qarray.ragged_dot, jax.lax.ragged_dot, x, jnp.ones((2, 4, 3)), jnp.array([2, 1]))
+      >>> rule = QuantizationRule(act_qtype='int8', act_static_scale=True, act_batch_axes=())
+      >>> s, _ = static_scale_rows(Op(call, None, rule, Weight(1, 'w', None), 'ragged_dot0'), 0,
+      ...                          jnp.array([[0.1], [0.2]]), None)
+      >>> s.tolist()
+      [[0.1], [0.1], [0.2]]
+    """
+    if _per_group(op, i):
+        return op.call.group_rows(scale), op.call.group_rows(zero_point)
+    return scale, zero_point

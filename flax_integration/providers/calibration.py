@@ -17,7 +17,8 @@ matters). With ``rotation`` the ranges are those of the rotated activation,
 as PTQ will quantize it; the Hessian is kept unrotated.
 
 Shapes depend only on the contracting axis (and tiles), never on batch size
-or sequence length. The model computes in float. Give the statistics to
+or sequence length (a ``ragged_dot`` whose rule keeps the ragged axis, ``act_batch_axes=()``, keeps one
+range per expert: ``[G, 1]``). The model computes in float. Give the statistics to
 ``quantize_params(fp_params, abstract_ptq_params, quant_stats)``; the
 :func:`~flax_integration._calibrate` helper runs the loop.
 
@@ -40,7 +41,7 @@ import jax.numpy as jnp
 from qarray import gptq
 from qarray import rotation as rotation_lib
 
-from flax_integration.providers.base import Op, Provider, act_range, hessian_name
+from flax_integration.providers.base import Op, Provider, hessian_name, quantizes_activations, static_act_range
 
 __all__ = ['CalibrationProvider', 'update_moving_average']
 
@@ -104,7 +105,7 @@ class CalibrationProvider(Provider):
           (True, (8, 8))
         """
         rule = op.rule
-        if rule is not None and rule.act_static_scale:
+        if rule is not None and rule.act_static_scale and quantizes_activations(op.call):
             for i in op.act_indices():
                 self._observe(op, i)
         if rule is not None and rule.weight_algorithm == 'gptq' and op.weight is not None:
@@ -119,10 +120,8 @@ class CalibrationProvider(Provider):
         if rule.rotation is not None and op.weight is not None:  # PTQ quantizes the rotated activation
             axis = self.transform_axes(op)[1]
             x = rotation_lib.rotate(x, axis, block=rotation_lib.block_size(x.shape[axis]))
-        cw, tiles = op.call.layout(i, 'static_act', op.tile_size, rule.act_batch_axes)
         try:
-            lo, hi = act_range(jax.lax.stop_gradient(x), rule.act_qtype, cw, tiles,
-                               rule.act_calibration_method)
+            lo, hi = static_act_range(op, i, jax.lax.stop_gradient(x))
         except ValueError as e:
             e.add_note(f"While calibrating {op.describe()}, activation of shape {tuple(x.shape)}.")
             raise

@@ -35,6 +35,10 @@ Rules that are plain ``QuantizationRule`` act exactly as in PTQ.
   ``optax.set_to_zero()`` for the frozen label works too, but it still
   computes their gradients: integer codes have none, so split instead).
 
+Adapters go on dense ops only: a ``ragged_dot`` (experts) or a lookup (``jnp.take``, ``nn.Embed``) that a
+``LoraRule`` matches gets no adapter; its base weight is handled as in PTQ (quantized with
+``weight_qtype``, float without).
+
 Dropout (``dropout > 0``) is applied to the adapter's input only. Linen: when
 an rng named ``'dropout'`` is passed to ``apply`` (none: no dropout). NNX: an
 ``nnx.Dropout`` submodule ``<W>_lora_dropout``; ``model.eval()`` turns it off.
@@ -64,6 +68,7 @@ from typing import Any, Sequence
 import jax
 import jax.numpy as jnp
 
+from flax_integration._op_table import call_kind
 from flax_integration.providers.base import Op
 from flax_integration.providers.ptq import PtqProvider
 from flax_integration.rules import QuantizationRule
@@ -171,7 +176,7 @@ class LoraProvider(PtqProvider):
         """
         out = super().process_op(op)
         rule = op.rule
-        if not isinstance(rule, LoraRule) or op.weight is None:
+        if not isinstance(rule, LoraRule) or op.weight is None or call_kind(op.call) != 'dense':
             return out
         return out + self.lora_delta(op).astype(out.dtype)
 

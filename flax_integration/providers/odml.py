@@ -8,7 +8,8 @@ Quantization parameters belong to *tensors*, so both providers decide per
 tensor, not per op:
 
 * every dot_general / einsum / conv (and ``jnp.dot``/``jnp.matmul``) weight
-  is fake-quantized per output channel;
+  is fake-quantized per output channel; a ``ragged_dot`` or a lookup (``jnp.take``) runs in float (LiteRT
+  has no int8 ragged dot, and its int8 gather is not annotated here);
 * an activation tensor is annotated once, where it is first consumed by an
   annotated op (a conv's input, a residual add's operand) or where an op in
   :mod:`~flax_integration.providers._odml_ops` produces it (relu's output,
@@ -60,6 +61,7 @@ from qarray import _fake_quant, qtypes
 from qarray._array import QArray
 
 from flax_integration import _interception
+from flax_integration._op_table import call_kind
 from flax_integration._interception import ExtraOp, Intercept
 from flax_integration.providers import _odml_ops as odml_ops
 from flax_integration.providers._odml_ops import Annotation, lookup, register
@@ -243,6 +245,8 @@ class OdmlQatProvider(Provider):
           >>> bool(jnp.abs(y - nn.Dense(4).apply(v, x)).max() < 0.02)  # int8 numerics, close to float
           True
         """
+        if call_kind(op.call) != 'dense':  # ragged_dot, lookups: float (see the module docstring)
+            return op.call.run_original()
         operands = list(op.call.operands)
         for x in operands:
             if isinstance(x, (QuantizedParam, QArray)):

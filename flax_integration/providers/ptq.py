@@ -11,7 +11,13 @@
   :class:`~flax_integration.wrappers.ActivationScale` param named
   ``<op_id>_lhs_scale`` / ``<op_id>_rhs_scale``, set from calibration
   statistics by ``quantize_params(..., quant_stats)`` (at ``init`` it is taken
-  from the init batch so the model runs before calibration).
+  from the init batch so the model runs before calibration). For a ``ragged_dot`` (mixture of experts) whose
+  rule keeps the ragged axis (``act_batch_axes=()``) the static scale is one per expert, applied to the
+  rows routed to it.
+* **Lookups** (``jnp.take``, e.g. ``nn.Embed``): the table is stored quantized with one scale per row
+  (tiled along the features with ``tile_size``); a lookup dequantizes only the rows it gathers, and a
+  tied head (``Embed.attend``: ``jnp.dot(query, table.T)``) computes with the same stored table through
+  the quantized matmul.
 * **GPTQ and rotations** (rules with ``weight_algorithm='gptq'`` or
   ``rotation='hadamard'``): a rotated weight is stored rotated along its
   contracting axis and the activation is rotated to match before it is
@@ -41,7 +47,8 @@ import jax.numpy as jnp
 from qarray import _quantize
 from qarray import rotation as rotation_lib
 
-from flax_integration.providers.base import FloatParamError, Op, Provider, act_range, range_to_scale
+from flax_integration.providers.base import (FloatParamError, Op, Provider, quantizes_activations, range_to_scale,
+                                             static_act_range, static_scale_rows)
 from flax_integration.wrappers import ActivationScale, QuantizedParam, as_operand, unbox_leaves
 
 __all__ = ['PtqProvider']
@@ -92,7 +99,7 @@ class PtqProvider(Provider):
                 a = 1 - op.weight.index
                 operands[op.weight.index] = rotated[0]
                 operands[a] = rotation_lib.rotate(operands[a], self.transform_axes(op)[1], block=rotated[1])
-        if rule.act_qtype is not None:
+        if rule.act_qtype is not None and quantizes_activations(op.call):
             for i in op.act_indices():
                 operands[i] = self.activation(op, i, operands[i])
         return op.call.run(*operands)
@@ -165,15 +172,13 @@ class PtqProvider(Provider):
                 raise ValueError(
                     f"{op.describe()}: the static activation scale {name!r} is missing from the params. Build "
                     "the params with quantize_params(fp_params, abstract_params, quant_stats).")
-            cw, tiles = op.call.layout(i, 'static_act', op.tile_size, rule.act_batch_axes)
-            lo, hi = self._quantize(op, x, lambda: act_range(x, rule.act_qtype, cw, tiles,
-                                                             rule.act_calibration_method))
+            lo, hi = self._quantize(op, x, lambda: static_act_range(op, i, x))
             scale, zp = range_to_scale(lo, hi, rule.act_qtype, rule.act_calibration_method, x.dtype)
             stored = ActivationScale(scale, zp, rule.act_qtype, rule.act_calibration_method)
             op.frame.put_param(name, stored)
         stored = unbox_leaves(stored)
-        return self._quantize(op, x, lambda: _quantize.quantize_with_scale(
-            x, stored.qtype, stored.scale.astype(jnp.float32), stored.zero_point))
+        scale, zp = static_scale_rows(op, i, stored.scale.astype(jnp.float32), stored.zero_point)
+        return self._quantize(op, x, lambda: _quantize.quantize_with_scale(x, stored.qtype, scale, zp))
 
     @staticmethod
     def _quantize(op: Op, x, fn):

@@ -64,7 +64,8 @@ from qarray._fake_quant import fake_quant_with_scale
 
 from flax_integration.providers.calibration import update_moving_average
 from flax_integration.wrappers import as_operand
-from flax_integration.providers.base import Op, Provider, act_range, range_to_scale
+from flax_integration.providers.base import (Op, Provider, quantizes_activations, range_to_scale, static_act_range,
+                                             static_scale_rows)
 from flax_integration.rules import QuantizationRule
 
 __all__ = ['QtProvider', 'QatProvider']
@@ -119,7 +120,7 @@ class QtProvider(Provider):
         w = op.weight
         if w is not None and rule.weight_qtype is not None and not w.quantized:
             operands[w.index] = self.fake_quant_weight(op, operands[w.index])
-        if rule.act_qtype is not None:
+        if rule.act_qtype is not None and quantizes_activations(op.call):
             for i in op.act_indices():
                 operands[i] = self.fake_quant_activation(op, i, operands[i])
         return op.call.run(*operands)
@@ -180,7 +181,8 @@ class QtProvider(Provider):
                                        calibration=rule.act_calibration_method, ste=self.ste)
             lo, hi = self._static_range(op, i, x)
             scale, zp = range_to_scale(lo, hi, rule.act_qtype, rule.act_calibration_method, x.dtype)
-            return fake_quant_with_scale(x, rule.act_qtype, scale.astype(jnp.float32), zp, ste=self.ste)
+            scale, zp = static_scale_rows(op, i, scale.astype(jnp.float32), zp)
+            return fake_quant_with_scale(x, rule.act_qtype, scale, zp, ste=self.ste)
         except (ValueError, TypeError) as e:
             e.add_note(f"While fake-quantizing {op.describe()}, activation of shape {tuple(x.shape)}.")
             raise
@@ -188,8 +190,7 @@ class QtProvider(Provider):
     def _static_range(self, op: Op, i: int, x: jax.Array) -> tuple[jax.Array, jax.Array]:
         """Range for a static-scale operand; updates ``quant_stats`` when training."""
         rule, frame = op.rule, op.frame
-        cw, tiles = op.call.layout(i, 'static_act', op.tile_size, rule.act_batch_axes)
-        lo, hi = act_range(jax.lax.stop_gradient(x), rule.act_qtype, cw, tiles, rule.act_calibration_method)
+        lo, hi = static_act_range(op, i, jax.lax.stop_gradient(x))
         name = op.act_name(i)
         stat = frame.get_stat(name)
         if stat is None:  # first sight (Linen init / NNX quantize_model): zeros, count 0, as calibration does

@@ -111,19 +111,22 @@ def gather(q: QArray, rows: jax.Array, axis: int) -> QArray:
       ((2, 64), (2, 32), (2, 2))
     """
     n = q.shape[axis]
+    tile = q.uneven_tiles.get(axis)  # a partial last tile along the gathered axis: its scale is still rows // tile
     qvalue, length = _gather_values(q, rows, axis)
-    scale = _gather_group(q.scale, rows, axis, n)
-    zp = _gather_group(q.zero_point, rows, axis, n)
-    return q.replace(qvalue=qvalue, scale=scale, zero_point=zp,
+    scale = _gather_group(q.scale, rows, axis, n, tile)
+    zp = _gather_group(q.zero_point, rows, axis, n, tile)
+    # The gathered axis has a scale per gathered row (or one shared): no uneven tile along it any more.
+    tile_sizes = tuple((a, t) for a, t in q.tile_sizes if a % q.ndim != axis)
+    return q.replace(qvalue=qvalue, scale=scale, zero_point=zp, tile_sizes=tile_sizes,
                      packed_length=q.packed_length if length is None else length)
 
 
-def _gather_group(s: Any, rows: jax.Array, axis: int, n: int) -> Any:
+def _gather_group(s: Any, rows: jax.Array, axis: int, n: int, tile: int | None) -> Any:
     """A scale / zero point (array or QArray) for the gathered rows: per row, the row's tile, or shared."""
-    if s is None or s.shape[axis] == 1:
+    if s is None or (s.shape[axis] == 1 and tile is None):
         return s
     k = s.shape[axis]
-    idx = rows if k == n else rows // (n // k)
+    idx = rows if k == n and tile is None else rows // (tile or n // k)
     if isinstance(s, QArray):
         return gather(s, idx, axis)
     return jnp.take(s, idx, axis=axis)

@@ -27,6 +27,7 @@ from examples.smollm.tokenizer import build_tokenizer
 
 sys.path.insert(0, str(pathlib.Path(__file__).parent))
 import smollm_reference  # noqa: E402  (the independent numpy forward, next to this file)
+from tolerances import U32, gamma, unit_roundoff  # noqa: E402
 
 needs_model = pytest.mark.skipif(not gguf_file.available(), reason=str(gguf_file.missing_reason()))
 needs_corpus = pytest.mark.skipif(not corpus.available(), reason=str(corpus.missing_reason()))
@@ -65,7 +66,13 @@ def test_tiny_forward_matches_numpy_reference(tiny):
     ids = [3, 17, 42, 5, 63, 0, 9, 9, 1, 30]
     got = np.asarray(tiny.forward(tiny.params, jnp.asarray([ids])))[0]
     want = smollm_reference.forward(tiny.arrays, tiny.meta, ids)
-    np.testing.assert_allclose(got, want, atol=1e-4 * np.abs(want).max())
+    np.testing.assert_allclose(got, want, rtol=0, atol=_forward_tol(tiny.cfg, want))
+
+
+def _forward_tol(cfg, want, evals=1):
+    """As test_forward_matches_numpy_float64_reference: eps sqrt(K) per dot (statistical), the layers add
+    theirs, at the logits' scale; x evals for two float32 evaluations (not float64)."""
+    return evals * float(np.finfo(np.float32).eps) * math.sqrt(cfg.intermediate) * cfg.layers * np.abs(want).max()
 
 
 def test_tiny_cache_steps_equal_full_forward(tiny):
@@ -76,7 +83,9 @@ def test_tiny_cache_steps_equal_full_forward(tiny):
     for lo, hi in [(0, 3), (3, 4), (4, 5), (5, 8)]:  # a prefill chunk, single tokens, another chunk
         logits, caches = tiny.step(tiny.params, ids[:, lo:hi], jnp.arange(lo, hi)[None], caches)
         pieces.append(logits)
-    np.testing.assert_allclose(np.concatenate(pieces, axis=1), full, rtol=1e-5, atol=1e-5)
+    # a different program per chunk shape: two float32 evaluations of the same logits
+    np.testing.assert_allclose(np.concatenate(pieces, axis=1), full, rtol=0,
+                               atol=_forward_tol(tiny.cfg, np.asarray(full), evals=2))
 
 
 def test_tiny_generate_is_greedy_argmax_of_full_forward(tiny):
@@ -110,7 +119,12 @@ def test_cache_class_is_pluggable(tiny):
     ids = jnp.asarray([[3, 17, 42, 5, 63, 0, 9, 9]])
     logits, caches = tiny.step(tiny.params, ids, jnp.arange(8)[None], caches)
     assert isinstance(caches[1], _Bf16Cache) and caches[1].k.dtype == jnp.bfloat16
-    np.testing.assert_allclose(logits, tiny.forward(tiny.params, ids), atol=0.05)
+    # bf16 storage rounds every cached k and v by u_bf16 = 2**-8 relative; that carries to the logits at
+    # about that relative size per layer (statistical, as the float32 tolerance), x 4 margin. A cache that
+    # stored or read the wrong positions would move the logits by O(1).
+    full = np.asarray(tiny.forward(tiny.params, ids))
+    tol = 4 * unit_roundoff(jnp.bfloat16) * tiny.cfg.layers * np.abs(full).max()
+    np.testing.assert_allclose(logits, full, rtol=0, atol=tol)
     assert len(decoding.generate(tiny.model, tiny.params, [1, 2], 3, cache_cls=_Bf16Cache)) == 3
 
 
@@ -146,8 +160,15 @@ def test_adjacent_rope_on_permuted_rows_is_half_rope():
         return gguf_q, hf_q[..., perm], attend(gguf_q, gguf_k, v, pos, pos), attend(hf_q, hf_k, v, pos, pos)
 
     gguf_q, hf_q_permuted, gguf_out, hf_out = both(q, k, v)
-    np.testing.assert_allclose(gguf_q, hf_q_permuted, rtol=1e-6, atol=1e-6)
-    np.testing.assert_allclose(gguf_out, hf_out, rtol=1e-5, atol=1e-6)  # and so attention is the same either way
+    # The same x cos - y sin per pair, possibly fused differently (FMA): <= 2 u (|x| + |y|) each, and the
+    # angles pos * freq (<= 4 rad) rounded: |d cos|, |d sin| <= 4 * 2u; two evaluations: <= 32 u max|q|.
+    qmax, kmax, vmax = (float(np.abs(np.asarray(a)).max()) for a in (q, k, v))
+    np.testing.assert_allclose(gguf_q, hf_q_permuted, rtol=0, atol=32 * U32 * qmax)
+    # and so attention is the same either way: scores (d=8 terms, permuted order; 1/sqrt(8)) differ by
+    # ds <= (2 gamma_9 + 64 u) * 8 qmax kmax / sqrt(8); softmax weights by <= 4 ds in l1; the 5-term sum with v
+    # by 2 gamma_5 vmax more.
+    ds = (2 * gamma(9) + 64 * U32) * 8 * qmax * kmax / math.sqrt(8)
+    np.testing.assert_allclose(gguf_out, hf_out, rtol=0, atol=4 * ds * vmax + 2 * gamma(6) * vmax)
 
 
 def test_perplexity_of_uniform_logits_is_vocab_size():

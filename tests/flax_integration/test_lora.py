@@ -13,6 +13,7 @@ from examples.digits import train
 from flax_integration import (LoraProvider, LoraRule, PtqProvider, QuantizedParam, lora_param_count,
                               lora_trainable, merge_lora, quantize_model, quantize_params, with_base_weights)
 from tiny_models import CNN, NnxCNN
+from tolerances import U32, abs_dot, assert_within, einsum_bound, gamma, propagate, propagate_conv
 
 
 class Raw(nn.Module):
@@ -79,8 +80,17 @@ def test_linen_adapter_output_matches_numpy(weight_qtype):
     y_ref = np.einsum('btd,ndh->bnth', x, w) + np.einsum('btd,dr,rnh->bnth', x, p['w_lora_a'], p['w_lora_b']) * s
     z_ref = np.einsum('btd,hd->bht', x, v) + np.einsum('btd,dr,rh->bht', x, p['v_lora_a'], p['v_lora_b']) * s
     d_ref = x @ k + _f64(p['dense']['bias']) + x @ p['dense']['kernel_lora_a'] @ p['dense']['kernel_lora_b'] * s
-    for got, ref in ((y, y_ref), (z, z_ref), (d, d_ref)):
-        np.testing.assert_allclose(np.asarray(got, np.float64), ref, rtol=1e-4, atol=1e-4)
+    # One float32 evaluation vs float64: the base einsum (16 terms), the adapter x . A . B (16 + 2 terms) times
+    # s, their sum (u), the Dense bias (u).
+    a = {n: p[n] for n in ('w_lora_a', 'w_lora_b', 'v_lora_a', 'v_lora_b')}
+    bounds = (einsum_bound('btd,ndh->bnth', x, w, k=16) + s * einsum_bound('btd,dr,rnh->bnth', x, a['w_lora_a'],
+                                                                           a['w_lora_b'], k=18),
+              einsum_bound('btd,hd->bht', x, v, k=16) + s * einsum_bound('btd,dr,rh->bht', x, a['v_lora_a'],
+                                                                         a['v_lora_b'], k=18),
+              einsum_bound('btd,de->bte', x, k, k=16) + s * einsum_bound(
+                  'btd,dr,re->bte', x, p['dense']['kernel_lora_a'], p['dense']['kernel_lora_b'], k=18))
+    for got, ref, bound in zip((y, z, d), (y_ref, z_ref, d_ref), bounds):
+        assert_within(got, ref, bound + 2 * U32 * np.abs(ref))
 
 
 def test_conv_adapter_and_zero_b_changes_nothing():
@@ -98,11 +108,27 @@ def test_conv_adapter_and_zero_b_changes_nothing():
     a, b = np.asarray(p['Conv_0']['kernel_lora_a'], np.float64), np.asarray(p['Conv_0']['kernel_lora_b'])
     dw = np.einsum('hwir,ro->hwio', a, b) * 2.0
     merged = merge_lora(lora, p, x)
-    np.testing.assert_allclose(np.asarray(merged['Conv_0']['kernel'], np.float64),
-                               _f64(p['Conv_0']['kernel']) + dw, rtol=1e-5, atol=1e-6)
-    np.testing.assert_allclose(np.asarray(CNN().apply({'params': merged}, x)),
-                               np.asarray(lora.apply({'params': p}, x)), rtol=1e-4, atol=1e-4)
+    # W + A B * 2 in float32: the rank-2 sum and the add (gamma_3), and the dequantize (u).
+    dw_abs = np.einsum('hwir,ro->hwio', np.abs(a), np.abs(b)) * 2.0
+    assert_within(merged['Conv_0']['kernel'], _f64(p['Conv_0']['kernel']) + dw, gamma(4) * (
+        np.abs(_f64(p['Conv_0']['kernel'])) + dw_abs))
+    assert_within(CNN().apply({'params': merged}, x), lora.apply({'params': p}, x), _merged_cnn_bound(p, x))
     assert set(merged['Dense_0']) == {'kernel', 'bias'} and merged['Dense_0']['kernel'].dtype == jnp.float32
+
+
+def _merged_cnn_bound(p, x):
+    """|float CNN on merged weights - QLoRA CNN| (tiny_models.CNN, weight-only: no activation codes): two float32
+    evaluations of the conv (9 terms + the rank-2 adapter) and the dense (64 + 2), each with its weight
+    |W| + |A||B| s (the merged weight rounds once more: + u), the bias adds (u each), relu 1-Lipschitz."""
+    kw = dict(window_strides=(2, 2), padding='SAME', dimension_numbers=('NHWC', 'HWIO', 'NHWC'))
+    c, d = p['Conv_0'], p['Dense_0']
+    wc = np.abs(_f64(c['kernel'])) + 2.0 * np.einsum('hwir,ro->hwio', np.abs(np.asarray(c['kernel_lora_a'])),
+                                                     np.abs(np.asarray(c['kernel_lora_b'])))
+    wd = np.abs(_f64(d['kernel'])) + 2.0 * np.abs(np.asarray(d['kernel_lora_a'])) @ np.abs(np.asarray(d['kernel_lora_b']))
+    conv = np.asarray(jax.lax.conv_general_dilated(jnp.asarray(x), jnp.asarray(wc, jnp.float32), **kw), np.float64)
+    dh = propagate_conv(x, 0, wc, extra=2 + 4, **kw) + 2 * U32 * (conv + np.abs(np.asarray(c['bias'])))
+    h = np.maximum(conv, 0).reshape(x.shape[0], -1) + np.abs(np.asarray(c['bias'])).max()  # |h| upper bound
+    return propagate(h, dh.reshape(h.shape), wd, extra=2 + 4) + 2 * U32 * (abs_dot(h, wd) + np.abs(np.asarray(d['bias'])))
 
 
 # --------------------------------------------------------------------------- QLoRA training, Linen
@@ -151,7 +177,7 @@ def test_linen_dropout_only_with_rng():
     y0 = lora.apply({'params': p}, x)
     np.testing.assert_array_equal(np.asarray(y0), np.asarray(lora.apply({'params': p}, x)))
     y1 = lora.apply({'params': p}, x, rngs={'dropout': jax.random.key(1)})
-    assert not np.allclose(np.asarray(y0), np.asarray(y1))
+    assert not np.allclose(np.asarray(y0), np.asarray(y1))  # dropout of half the inputs: an O(1) change
 
 
 # --------------------------------------------------------------------------- NNX
@@ -177,7 +203,11 @@ def test_nnx_qlora_lora_params_optimizer_and_merge():
     s = nnx.state(fp, nnx.Param)
     nnx.replace_by_pure_dict(s, merged)
     nnx.update(fp, s)
-    np.testing.assert_allclose(np.asarray(fp(x)), np.asarray(lora(x)), rtol=1e-4, atol=1e-4)
+    params = {'Conv_0': {'kernel': lora.conv.kernel[...], 'bias': lora.conv.bias[...],
+                         'kernel_lora_a': lora.conv.kernel_lora_a[...], 'kernel_lora_b': lora.conv.kernel_lora_b[...]},
+              'Dense_0': {'kernel': lora.fc.kernel[...], 'bias': lora.fc.bias[...],
+                          'kernel_lora_a': lora.fc.kernel_lora_a[...], 'kernel_lora_b': lora.fc.kernel_lora_b[...]}}
+    assert_within(fp(x), lora(x), _merged_cnn_bound(params, x))  # the same network as the Linen CNN
 
 
 def test_nnx_dropout_follows_train_eval():
@@ -185,7 +215,7 @@ def test_nnx_dropout_follows_train_eval():
                           jnp.ones((1, 8)))
     lora.kernel_lora_b[...] = jnp.ones((2, 3))
     x = jnp.ones((4, 8))
-    assert not np.allclose(np.asarray(lora(x)), np.asarray(lora(x)))  # fresh dropout masks
+    assert not np.allclose(np.asarray(lora(x)), np.asarray(lora(x)))  # fresh dropout masks: an O(1) change
     lora.eval()
     np.testing.assert_array_equal(np.asarray(lora(x)), np.asarray(lora(x)))
 

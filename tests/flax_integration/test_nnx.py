@@ -9,6 +9,7 @@ from flax import nnx
 
 import flax_integration as fi
 import qarray
+from tolerances import assert_within, hidden_bound, propagate
 
 DN = (((1,), (0,)), ((), ()))
 
@@ -58,12 +59,17 @@ def test_mlp_equals_ops_on_same_quantized_operands(x16, wq, aq, tile):
     def act(h):
         return h if aq is None else qarray.quantize(h, aq, channelwise_axes=(0,), tiles={1: tile} if tile else None)
 
-    h = jax.nn.relu(qarray.dot_general(act(x16), k1, DN))
-    by_hand = qarray.dot_general(act(h), k2, DN)
-    chex.assert_trees_all_close(q(x16), by_hand, atol=1e-5, rtol=1e-5)
-    ref = np.asarray(qarray.dequantize(act(h)) if aq else h, np.float64) @ np.asarray(qarray.dequantize(k2), np.float64)
-    np.testing.assert_allclose(np.asarray(q(x16), np.float64), ref, atol=1e-4, rtol=1e-4)
-    chex.assert_trees_all_close(nnx.jit(lambda m, x: m(x))(q, x16), q(x16), atol=1e-5)
+    xa = act(x16)
+    h = jax.nn.relu(qarray.dot_general(xa, k1, DN))
+    ha = act(h)
+    by_hand = qarray.dot_general(ha, k2, DN)
+    # Two float32 evaluations of the same quantized network: layer 1's accumulation error, a hidden code that
+    # may move at a near-tie (tolerances.hidden_bound), then layer 2's dot.
+    bound = propagate(ha, hidden_bound(x16, xa, k1, h, ha), k2)
+    assert_within(q(x16), by_hand, bound)
+    ref = np.asarray(qarray.dequantize(ha) if aq else h, np.float64) @ np.asarray(qarray.dequantize(k2), np.float64)
+    assert_within(q(x16), ref, propagate(ha, hidden_bound(x16, xa, k1, h, ha), k2, evals=1))  # vs float64
+    assert_within(nnx.jit(lambda m, x: m(x))(q, x16), q(x16), bound)  # one program vs op by op
 
 
 def test_quantize_params_and_update_equal_quantize_model(x16):
@@ -73,7 +79,8 @@ def test_quantize_params_and_update_equal_quantize_model(x16):
     abstract = nnx.eval_shape(lambda: fi.quantize_model(MLP(nnx.Rngs(1)), fi.PtqProvider(rules), x16))
     nnx.update(abstract, fi.quantize_params(fp, abstract))
     chex.assert_trees_all_equal(nnx.state(abstract, nnx.Param), nnx.state(q, nnx.Param))
-    chex.assert_trees_all_close(abstract(x16), q(x16))
+    # The same module code on the same (bit-equal) parameters runs the same programs: bit-identical anywhere.
+    chex.assert_trees_all_equal(abstract(x16), q(x16))
 
 
 def test_static_range_nnx(x16):
@@ -83,6 +90,7 @@ def test_static_range_nnx(x16):
     x2 = 2.0 * x16
     stats = fi.calibrate(calib, None, [x16, x2], progress=False)
     expected = np.mean([np.abs(np.asarray(x16)).max(), np.abs(np.asarray(x2)).max()])
+    # A float32 running mean of two exact maxima: a few roundings (gamma_4 = 2.4e-7) below 1e-6.
     np.testing.assert_allclose(float(stats['l1']['dot_general0_lhs']['hi'][0, 0]), expected, rtol=1e-6)
     abstract = nnx.eval_shape(lambda: fi.quantize_model(MLP(nnx.Rngs(0)), fi.PtqProvider(rules), x16))
     nnx.update(abstract, fi.quantize_params(fp, abstract, stats))
@@ -90,8 +98,10 @@ def test_static_range_nnx(x16):
     xq = qarray.quantize_with_scale(x16, 'int8', s1.scale)
     h = jax.nn.relu(qarray.dot_general(xq, abstract.l1.kernel[...].array, DN))
     hq = qarray.quantize_with_scale(h, 'int8', abstract.l2.dot_general0_lhs_scale[...].scale)
-    chex.assert_trees_all_close(abstract(x16), qarray.dot_general(hq, abstract.l2.kernel[...].array, DN),
-                                atol=1e-5, rtol=1e-5)
+    k2 = abstract.l2.kernel[...].array
+    # Static scales: only codes at near-ties can move between the two evaluations.
+    da = hidden_bound(x16, xq, abstract.l1.kernel[...].array, h, hq, dynamic=False)
+    assert_within(abstract(x16), qarray.dot_general(hq, k2, DN), propagate(hq, da, k2))
 
 
 def test_cnn_conv_and_einsum_layers():
@@ -101,7 +111,7 @@ def test_cnn_conv_and_einsum_layers():
     assert q.conv.kernel[...].array.scale.shape == (1, 1, 1, 8)
     assert q.ein.kernel[...].array.scale.shape == (1, 4)
     out, ref = q(x), fp(x)
-    assert float(jnp.max(jnp.abs(out - ref))) < 0.05 * float(jnp.max(jnp.abs(ref))) + 0.02
+    assert float(jnp.max(jnp.abs(out - ref))) < 0.05 * float(jnp.max(jnp.abs(ref))) + 0.02  # int8 error, not rounding
 
 
 def test_attention_block_quantizes_projections():
@@ -110,7 +120,7 @@ def test_attention_block_quantizes_projections():
     q = fi.quantize_model(fp, fi.PtqProvider([fi.QuantizationRule(weight_qtype='int8', act_qtype='int8')]), x)
     for name in ('query', 'key', 'value', 'out'):
         assert isinstance(getattr(q.attn, name).kernel, fi.QuantizedParam)
-    assert float(jnp.max(jnp.abs(q(x) - fp(x)))) < 0.1
+    assert float(jnp.max(jnp.abs(q(x) - fp(x)))) < 0.1  # w8a8 quantization error, not rounding
 
 
 def test_sharding_annotations_carry_to_scales(x16):
@@ -162,4 +172,4 @@ def test_packed_int4_and_tiled_scales_keep_their_mesh_axes(x16):
         q = fi.quantize_model(lin, fi.PtqProvider(rules), x16)
     arr = q.kernel.array
     assert names(arr.qvalue) == ('a', 'b') and names(arr.scale) == ('a', 'b')
-    assert float(jnp.max(jnp.abs(q(x16) - lin(x16)))) < 0.2
+    assert float(jnp.max(jnp.abs(q(x16) - lin(x16)))) < 0.2  # int4 t8 quantization error, not rounding

@@ -20,6 +20,7 @@ def test_model_free_quantizes_matching_leaves():
     W = params['Dense_0']['kernel']
     for t in range(2):  # each 8-row tile has its own per-column scale, as quantizing that tile alone gives
         alone = qarray.quantize(W[8 * t:8 * (t + 1)], 'int4', channelwise_axes=(1,)).scale
+        # absmax (exact) * fl(1 / bound): one correctly rounded product, so equal bits (rtol only names it)
         np.testing.assert_allclose(np.asarray(k.scale[t]), np.asarray(alone[0]), rtol=1e-6)
     assert isinstance(q['blocks'][0]['w'], qarray.QArray)
     assert q['Dense_0']['bias'] is params['Dense_0']['bias']

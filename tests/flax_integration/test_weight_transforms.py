@@ -16,6 +16,7 @@ import flax_integration as fi
 import qarray
 from flax_integration import CalibrationProvider, QuantizedParam
 from qarray import rotation
+from tolerances import U32, abs_dot, assert_within, gamma, propagate, running_mean_bound
 
 K, N = 64, 32
 
@@ -83,18 +84,28 @@ def test_rotated_weight_is_stored_rotated_and_output_matches_float64_reference()
     # Stored codes are those of R^T W (the rotated weight), quantized as usual. (Codes compared on the library's
     # float32 rotation: a float64 R^T W can flip the tie of a tile's negative extreme between -7 and -8.)
     rotated = rotation.rotate(params['Dense_0']['kernel'], 0)
-    np.testing.assert_allclose(np.asarray(rotated, np.float64), r.T @ w, rtol=1e-5, atol=1e-6)
+    # A K=64 rotation in float32 vs float64: gamma_{64+2} |R|^T |w| (+2: the 1/sqrt(64) scaling, the signs).
+    ra = np.abs(r)
+    assert_within(rotated, r.T @ w, gamma(66) * ra.T @ np.abs(w))
     expect = qarray.quantize(rotated, 'int4', channelwise_axes=(1,), tiles={0: 16})
     np.testing.assert_array_equal(np.asarray(qarray.codes(kernel.array)), np.asarray(qarray.codes(expect)))
     # __jax_array__ undoes the rotation: R @ deq, close to W within the int4 step.
     deq_rot = np.asarray(qarray.dequantize(kernel.array), np.float64)
-    np.testing.assert_allclose(np.asarray(jnp.asarray(kernel), np.float64), r @ deq_rot, atol=1e-5)
+    assert_within(jnp.asarray(kernel), r @ deq_rot, gamma(67) * ra @ np.abs(deq_rot))  # unrotate (+1: dequantize)
     # The model output is x @ (R deq) + b: the activation is rotated at run time.
     x = _inputs(1)[:16]
     h = np.asarray(x, np.float64) @ (r @ deq_rot) + np.asarray(params['Dense_0']['bias'])
+    h_pre = h
     h = np.asarray(jax.nn.gelu(jnp.asarray(h, jnp.float32)), np.float64)
     ref = h @ np.asarray(params['Dense_1']['kernel'], np.float64) + np.asarray(params['Dense_1']['bias'])
-    np.testing.assert_allclose(np.asarray(qm.apply({'params': qp}, x)), ref, rtol=2e-4, atol=2e-4)
+    # One float32 evaluation vs float64: the run-time rotation of x (gamma_66 |x| |R|), layer 1's dot on it
+    # (64 terms), the bias (u); gelu is 1.13-Lipschitz and within a few ulps (8 u |h| + 8 u); the reference's
+    # gelu ran in float32 on h rounded once (u |h|); then layer 2 (32 terms) and its bias.
+    xa = np.abs(np.asarray(x, np.float64)) @ ra
+    dh = gamma(66) * xa @ np.abs(deq_rot) + propagate(xa, 0, deq_rot, evals=1) + U32 * np.abs(h_pre)
+    dg = 1.13 * (dh + U32 * np.abs(h_pre)) + 16 * U32 * (np.abs(h) + 1)
+    w1 = np.asarray(params['Dense_1']['kernel'], np.float64)
+    assert_within(qm.apply({'params': qp}, x), ref, propagate(h, dg, w1, evals=1) + U32 * np.abs(ref))
 
 
 def test_rotation_lowers_w8a8_error_on_outlier_channels():
@@ -116,10 +127,13 @@ def test_static_ranges_are_collected_on_the_rotated_activation():
     stats = fi.calibrate(model, params, [x], rules=rules, progress=False)
     hi = float(np.asarray(stats['Dense_0']['dot_general0_lhs']['hi']).max())
     expect = np.abs(np.asarray(x, np.float64) @ _dense_rotation(K)).max()
-    np.testing.assert_allclose(hi, expect, rtol=1e-5)
+    # The float32 rotation moves each value by <= gamma_66 |x| |R|, so the max by at most the largest of those;
+    # one batch's running mean is that value (+ running_mean_bound's roundings).
+    slack = gamma(66) * (np.abs(np.asarray(x, np.float64)) @ np.abs(_dense_rotation(K))).max()
+    np.testing.assert_allclose(hi, expect, rtol=0, atol=slack + running_mean_bound(1, expect))
     assert hi < 0.5 * float(jnp.abs(x).max())  # the outlier channels are spread out
     qm, qp = _ptq(rules, params, stats)
-    assert _first_layer_error(qm, qp, params, x) < 1e-2
+    assert _first_layer_error(qm, qp, params, x) < 1e-2  # w8a8 quantization error (statistical), not rounding
 
 
 def _gptq_rules(rotation_=None, tile=16, qtype='int4', path='Dense_.*'):
@@ -133,7 +147,10 @@ def test_hessian_statistic_is_the_token_weighted_mean_gram_matrix():
     stats = fi.calibrate(model, params, [a, b], rules=_gptq_rules(), progress=False)
     s = stats['Dense_0']['dot_general0_hessian']
     flat = np.concatenate([np.asarray(a, np.float64), np.asarray(b, np.float64).reshape(-1, K)])
-    np.testing.assert_allclose(np.asarray(s['hessian']), flat.T @ flat / len(flat), rtol=2e-4, atol=1e-3)
+    # A float32 Gram matrix over 64 tokens (two batches: each a dot of 40 or 24 terms, then a token-weighted
+    # mean: a few more roundings per term): gamma_{64+6} |x|^T |x| / n vs float64.
+    n = len(flat)
+    assert_within(s['hessian'], flat.T @ flat / n, gamma(n + 6) * np.abs(flat).T @ np.abs(flat) / n)
     assert float(s['tokens']) == 64 and int(s['count']) == 2
     assert stats['Dense_1']['dot_general0_hessian']['hessian'].shape == (N, N)
 
@@ -233,8 +250,13 @@ def test_float_fallback_of_a_rotated_param_unrotates_it():
     q = QuantizedParam(qarray.quantize(rotation.rotate(w, 0), 'int8', channelwise_axes=(1,)), rotation=(0, 64))
     x = _inputs(8)[:4]
     out = dot_general_call(qarray.dot_general, jax.lax.dot_general, x, q, (((1,), (0,)), ((), ()))).run_original()
-    ref = np.asarray(x, np.float64) @ (_dense_rotation(K) @ np.asarray(qarray.dequantize(q.array), np.float64))
-    np.testing.assert_allclose(np.asarray(out), ref, rtol=1e-4, atol=1e-3)
+    deq = np.asarray(qarray.dequantize(q.array), np.float64)
+    ref = np.asarray(x, np.float64) @ (_dense_rotation(K) @ deq)
+    # The float fallback unrotates the dequantized weight (K=64 rotation: gamma_67 |R| |deq|) and runs a
+    # float32 dot on it (64 terms), vs float64.
+    dw = gamma(67) * np.abs(_dense_rotation(K)) @ np.abs(deq)
+    assert_within(out, ref, abs_dot(x, dw) + propagate(x, 0, np.abs(_dense_rotation(K)) @ np.abs(deq) + dw, evals=1))
+    # and it is the float layer up to int8's quantization error (statistical: |out| ~ 80), not rounding
     np.testing.assert_allclose(np.asarray(out), np.asarray(x @ w), rtol=0.05, atol=0.5)
 
 

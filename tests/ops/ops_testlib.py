@@ -9,11 +9,33 @@ import jax.numpy as jnp
 import numpy as np
 
 import qarray
+from tolerances import OP_EXTRA as EXTRA, U64, gamma
 
-# Integer paths: exact int32 tile sums, then float32 scale products and a float32 sum over tiles.
-INT_RTOL = 1e-5
-# Float paths accumulate in float32 like the float op itself; same bound for the small K used here.
-FLOAT_RTOL = 1e-5
+# The reference is float64 on the dequantized operands; the op is one float32 evaluation of the same sum, in
+# whatever order XLA picks on this machine. Bound (tests/tolerances.py): gamma_{K + EXTRA} * (|lhs| . |rhs|)
+# elementwise, K the contraction length. EXTRA (4) counts the roundings a term goes through besides the sum:
+# each operand's dequantize inside the op (2), and on the integer path the product of the two scales and its
+# product with the exact int32 tile sum (2). Integer paths (exact int32 sums, a float32 sum over tiles only)
+# stay far inside it; float paths may reach it. A wrong scale, tile or zero point is an O(1) relative error.
+
+
+def op_rtol(k: int) -> float:
+    """Relative (to |lhs| . |rhs|) bound for a contraction of length ``k`` vs the float64 reference."""
+    return gamma(k + EXTRA) + gamma(k, U64)
+
+
+def einsum_k(sub: str, shapes) -> int:
+    """Number of terms summed per output element of ``einsum(sub)``: the product of the summed letters."""
+    ins, _, out = sub.replace('...', '').partition('->')
+    ins = ins.split(',')
+    if not _:
+        letters = ''.join(ins)
+        out = ''.join(sorted(c for c in set(letters) if letters.count(c) == 1))
+    size = {}
+    for term, shape in zip(ins, shapes):
+        for c, n in zip(term[::-1], shape[::-1]):  # from the right: '...' covers the leading axes
+            size[c] = n
+    return int(np.prod([n for c, n in size.items() if c not in out]))
 
 
 def deq64(x) -> np.ndarray:
@@ -42,9 +64,13 @@ def np_dot_general(a: np.ndarray, b: np.ndarray, dn) -> np.ndarray:
     return np.einsum(f"{''.join(la)},{''.join(rb_)}->{''.join(out)}", a, b)
 
 
-def assert_dot_close(out, lhs, rhs, dn, rtol=INT_RTOL):
-    """|out - ref| <= rtol * (|lhs| . |rhs|) elementwise, ref in float64 on dequantized operands."""
+def assert_dot_close(out, lhs, rhs, dn, rtol=None):
+    """|out - ref| <= rtol * (|lhs| . |rhs|) elementwise, ref in float64 on dequantized operands.
+
+    ``rtol`` defaults to :func:`op_rtol` of the contraction length."""
     a, b = deq64(lhs), deq64(rhs)
+    if rtol is None:
+        rtol = op_rtol(int(np.prod([a.shape[i] for i in dn[0][0]])))
     ref = np_dot_general(a, b, dn)
     bound = np_dot_general(np.abs(a), np.abs(b), dn)
     assert out.shape == ref.shape, (out.shape, ref.shape)
@@ -59,8 +85,13 @@ def conv64(a, b, **kw):
                                                        **kw))
 
 
-def assert_conv_close(out, lhs, rhs, rtol=INT_RTOL, **kw):
+def assert_conv_close(out, lhs, rhs, rtol=None, **kw):
+    """As assert_dot_close; ``rtol`` defaults to op_rtol of the terms per output (the kernel's size per
+    output feature: input features per group x window; padding and dilation only drop terms)."""
     a, b = deq64(lhs), deq64(rhs)
+    if rtol is None:
+        dnums = jax.lax.conv_dimension_numbers(a.shape, b.shape, kw['dimension_numbers'])
+        rtol = op_rtol(b.size // b.shape[dnums.rhs_spec[0]])
     ref = conv64(a, b, **kw)
     bound = conv64(np.abs(a), np.abs(b), **kw)
     assert out.shape == ref.shape, (out.shape, ref.shape)

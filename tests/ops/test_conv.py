@@ -7,8 +7,9 @@ import numpy as np
 import pytest
 from hypothesis import given, settings
 
+import budget
 from qarray import ops
-from ops_testlib import FLOAT_RTOL, INT_RTOL, assert_conv_close, rand, random_qarray
+from ops_testlib import assert_conv_close, rand, random_qarray
 
 LAYOUTS = [('NHWC', 'HWIO', 'NHWC'), ('NCHW', 'OIHW', 'NCHW'), ('NHWC', 'OIHW', 'NCHW')]
 
@@ -46,7 +47,7 @@ def convs(draw):
     return lshape, rshape, kw, (lfmt, lcw, lzp), (rfmt, rcw, rzp), draw(st.integers(0, 999))
 
 
-@settings(max_examples=25)
+@settings(max_examples=budget.examples(10))
 @given(convs())
 def test_hypothesis_conv(case):
     lshape, rshape, kw, (lfmt, lcw, lzp), (rfmt, rcw, rzp), seed = case
@@ -55,10 +56,8 @@ def test_hypothesis_conv(case):
     else:
         lhs, _ = random_qarray(seed, lshape, lfmt, channelwise_axes=lcw, zero_point=lzp)
     rhs, _ = random_qarray(seed + 1, rshape, rfmt, channelwise_axes=rcw, zero_point=rzp)
-    path = ops.conv.conv_path(lhs, rhs, jax.lax.conv_dimension_numbers(lshape, rshape, kw['dimension_numbers']),
-                              kw['batch_group_count'])
     out = ops.conv_general_dilated(lhs, rhs, **kw)
-    assert_conv_close(out, lhs, rhs, rtol=INT_RTOL if path == 'int' else FLOAT_RTOL, **kw)
+    assert_conv_close(out, lhs, rhs, **kw)  # bound: op_rtol(terms per output), whichever path ran
 
 
 @pytest.mark.parametrize('lzp,rzp', [(False, False), (True, False), (False, True), (True, True)])

@@ -3,7 +3,7 @@
 The reference is numpy float64 on the dequantized operands, built here from
 the codes and scales (not from the kernel or ``qarray.dequantize``). bf16
 activations must land within the issue's 4e-3 relative (Frobenius) error;
-f32 activations within 1e-5. A lowering test compiles each kernel variant to
+f32 activations within the float32 accumulation bound (``f32_rel``). A lowering test compiles each kernel variant to
 Triton IR for the ``cuda`` platform (no GPU needed), so CI catches Pallas
 ops the Triton backend cannot lower.
 """
@@ -21,6 +21,7 @@ import pytest
 import qarray
 from qarray.ops import kernels
 from qarray.ops.kernels import config, layout
+from tolerances import OP_EXTRA, gamma
 
 K, N = 256, 128
 FORMATS = ['int4', 'nf4', 'int8', 'fp8']
@@ -58,6 +59,20 @@ def _rel_err(y, x, wd):
     return np.linalg.norm(np.asarray(jnp.asarray(y, jnp.float32), np.float64) - ref) / np.linalg.norm(ref)
 
 
+# bf16 activations: the issue's requirement on the relative Frobenius error (a specification, not a measurement).
+# What it measures is dominated by deterministic roundings (the dequantized weight and a bf16 output rounded to
+# bf16: u_bf16 = 3.9e-3 relative per term, averaging down in the norm); the order-dependent float32 accumulation
+# (F32_REL below, ~1e-4 here) cannot move a case across it by more than that.
+BF16_REL = 4e-3
+
+
+def f32_rel(x, wd):
+    """float32 activations: one float32 evaluation vs float64 of a K-term dot on the dequantized weight (+4
+    roundings per term: tolerances.OP_EXTRA): ||gamma_{K+4} |x| |w| ||_F / ||ref||_F."""
+    x64 = np.asarray(jnp.asarray(x, jnp.float32), np.float64)
+    return gamma(K + OP_EXTRA) * np.linalg.norm(np.abs(x64) @ np.abs(wd)) / np.linalg.norm(x64 @ wd)
+
+
 # Every (format, tile, orientation); M cycles through 1, 5, 16 so each format sees every M
 # (one compile per case keeps the interpreter runs short).
 CASES = [(qt, tile, orient, (1, 5, 16)[i % 3]) for i, (qt, tile, orient) in
@@ -70,7 +85,7 @@ def test_matches_float64_reference_bf16(qt, tile, orient, m):
     x = jax.random.normal(jax.random.key(m), (m, K)).astype(jnp.bfloat16)
     y = kernels.weight_only_matmul(x, q, rhs_contracting_dim=rcd, interpret=True)
     assert y is not None and y.shape == (m, N) and y.dtype == jnp.float32  # bf16 x f32-dequant -> f32
-    assert _rel_err(y, x, _np_dequant_kn(q, rcd)) <= 4e-3
+    assert _rel_err(y, x, _np_dequant_kn(q, rcd)) <= BF16_REL
 
 
 @pytest.mark.parametrize('qt', FORMATS)
@@ -79,10 +94,10 @@ def test_bf16_output_and_f32_activations(qt):
     wd = _np_dequant_kn(q, rcd)
     x = jax.random.normal(jax.random.key(3), (5, K))
     y32 = kernels.weight_only_matmul(x, q, rhs_contracting_dim=rcd, interpret=True)
-    assert y32.dtype == jnp.float32 and _rel_err(y32, x, wd) <= 1e-5
+    assert y32.dtype == jnp.float32 and _rel_err(y32, x, wd) <= f32_rel(x, wd)
     xb = x.astype(jnp.bfloat16)
     yb = kernels.weight_only_matmul(xb, q, rhs_contracting_dim=rcd, out_dtype=jnp.bfloat16, interpret=True)
-    assert yb.dtype == jnp.bfloat16 and _rel_err(yb, xb, wd) <= 4e-3
+    assert yb.dtype == jnp.bfloat16 and _rel_err(yb, xb, wd) <= BF16_REL
 
 
 VARIANTS = [
@@ -101,7 +116,7 @@ def test_config_variants_agree(qt, cfg):
     q, rcd = _quantized(qt, 64, orient, seed=1)
     x = jax.random.normal(jax.random.key(7), (5, K)).astype(jnp.bfloat16)
     y = kernels.weight_only_matmul(x, q, rhs_contracting_dim=rcd, kernel_config=cfg, interpret=True)
-    assert _rel_err(y, x, _np_dequant_kn(q, rcd)) <= 4e-3
+    assert _rel_err(y, x, _np_dequant_kn(q, rcd)) <= BF16_REL
 
 
 def test_batched_activations_under_jit():
@@ -110,7 +125,7 @@ def test_batched_activations_under_jit():
     f = jax.jit(lambda x, q: kernels.weight_only_matmul(x, q, rhs_contracting_dim=1, interpret=True))
     y = f(x, q)
     assert y.shape == (2, 3, N)
-    assert _rel_err(y.reshape(6, N), x.reshape(6, K), _np_dequant_kn(q, 1)) <= 4e-3
+    assert _rel_err(y.reshape(6, N), x.reshape(6, K), _np_dequant_kn(q, 1)) <= BF16_REL
 
 
 def test_shared_and_per_tensor_scales_are_broadcast():
@@ -119,7 +134,7 @@ def test_shared_and_per_tensor_scales_are_broadcast():
               qarray.quantize(w, 'int8', tiles={0: 64})):              # K tiles shared along N
         x = jax.random.normal(jax.random.key(4), (3, K)).astype(jnp.bfloat16)
         y = kernels.weight_only_matmul(x, q, interpret=True)
-        assert _rel_err(y, x, _np_dequant_kn(q, 0)) <= 4e-3
+        assert _rel_err(y, x, _np_dequant_kn(q, 0)) <= BF16_REL
 
 
 def test_nan_scale_propagates():
