@@ -103,14 +103,6 @@ from tolerances import OP_EXTRA, dot_bound
 
 # KNOWN BUGS, each narrowed in the sweep where marked and reproduced by a strict xfail test below:
 KNOWN_BUGS = {
-    'B1': "rms calibration squares in the compute dtype: |x| below ~1e-19 (float32) underflows, RMS -> 0, "
-          "scale -> tiny, every value clips to qmax * 1.2e-38",
-    'B2': "percentile calibration of float64 data runs in float32: |x| beyond float32's range gives a NaN "
-          "scale (finite input -> NaN), below its normal range a ~0 range (everything clips)",
-    'B3': "mse calibration raises a jax TypeError (fori_loop carry float32 vs float64) whenever "
-          "jax_enable_x64 is on, for any data dtype",
-    'B4': "a 'fixed,lo,hi' range beyond float32 (even for float64 data) gives NaN scales for finite input "
-          "instead of a range or the overflow ValueError",
     'B5': "size-0 x with an asymmetric calibration on int1 / nf4 returns a QArray with a zero point (fp8: an "
           "undocumented QArray.check error) instead of the documented 'no zero level / no zero point' error",
     'B6': "scale_dtype=float64 without jax_enable_x64: scales are stored as float32 but floored at float64's "
@@ -249,9 +241,6 @@ def random_cases(draw, valid_only: bool = False) -> Case:
     if what == 'dtype':
         dtype = 'int32'
     c = Case(shape, dtype, qtype, cw, tiles, cal, scale_dtype, pack_axis)
-    # KNOWN BUG B3: mse under jax_enable_x64 raises a TypeError, so mse is drawn only without x64.
-    if c.x64 and cal.startswith('mse'):
-        c = Case(shape, dtype, qtype, cw, tiles, 'absmax', scale_dtype, pack_axis)
     return c
 
 
@@ -372,10 +361,9 @@ def check_qarray(case: Case, x: np.ndarray, q: qarray.QArray, data) -> None:
             y2 = np.asarray(qarray.dequantize(qarray.quantize(jnp.asarray(clean), case.qtype, **case.kwargs())),
                             np.float64)
             np.testing.assert_array_equal(y[fin], y2[fin], err_msg='NaN/Inf leaked into other groups')
-    bug = known_bug_groups(case, xs, sshape)  # KNOWN BUG B2: groups whose output is NaN for finite input
-    good = fin & ~expand(bug, case.shape)
+    good = fin
     # Scales of finite groups: finite, positive and normal in scale_dtype; zero points integer codes.
-    sgood = finite_g & ~bug
+    sgood = finite_g
     assert np.all(np.isfinite(sg[sgood]) & (sg[sgood] >= float(finfo(sd).tiny))), \
         f"finite groups need finite positive normal scales; got {sg[sgood]}"
     if zg is not None:
@@ -422,20 +410,6 @@ def check_qarray(case: Case, x: np.ndarray, q: qarray.QArray, data) -> None:
         np.testing.assert_array_equal(c2[exact], codes[exact], err_msg='quantize_with_scale(dequantize(q)) changed codes')
 
 
-def known_bug_groups(case: Case, xs: np.ndarray, sshape) -> np.ndarray:
-    """Groups whose result is wrong because of a known bug (the sweep does not judge them further)."""
-    name, _ = parse_calibration(case.calibration)
-    bug = np.zeros(sshape, bool)
-    if name == 'percentile' and case.dtype == 'float64':  # KNOWN BUG B2
-        a = np.abs(np.where(np.isfinite(xs), xs, 0))
-        f32 = np.finfo(np.float32)
-        off = (a > float(f32.max)) | ((a > 0) & (a < float(f32.tiny)))
-        bug = per_group(off, sshape, np.any)
-        if np.any(bug):
-            event('skipped groups: known bug B2')
-    return bug
-
-
 def check_calibrated_range(case, qt, xs, sg, sgood, sd, ct, cx) -> None:
     """The stored scale is the documented function of the documented calibrated range."""
     name, args = parse_calibration(case.calibration)
@@ -450,28 +424,20 @@ def check_calibrated_range(case, qt, xs, sg, sgood, sd, ct, cx) -> None:
         lo, hi = per_group(xf, sshape, np.min), per_group(xf, sshape, np.max)
         lo_alt, hi_alt = lo, hi
     elif name == 'fixed':
-        lo = lo_alt = np.full(sshape, float(np.float32(args[0])))
-        hi = hi_alt = np.full(sshape, float(np.float32(args[1])))
+        as_ct = (lambda v: float(v)) if case.dtype == 'float64' else (lambda v: float(np.float32(v)))
+        lo = lo_alt = np.full(sshape, as_ct(args[0]))   # float64 data keeps a range beyond float32's
+        hi = hi_alt = np.full(sshape, as_ct(args[1]))
     elif name == 'rms':
         k = args[0] if args else 3.0
-        n = xf.size // max(sg.size, 1)
-        hi = np.minimum(k * np.sqrt(per_group(np.square(xf), sshape, np.mean)), absmax)
+        # RMS of x / absmax, times absmax: no square underflows or overflows, whatever the magnitude.
+        m = expand(absmax, xf.shape)
+        unit = np.divide(xf, m, out=np.zeros_like(xf), where=m > 0)
+        hi = np.minimum(k * absmax * np.sqrt(per_group(np.square(unit), sshape, np.mean)), absmax)
         lo, tol = -hi, 1e-3
-        # Squares that overflow the compute dtype give RMS = inf, i.e. absmax: accepted.
-        over = absmax ** 2 * n > float(finfo(cx).max) / 4
-        hi_alt = np.where(over, absmax, hi)
-        lo_alt = -hi_alt
-        # KNOWN BUG B1: squares (and their mean) below the compute dtype's normal range flush to zero.
-        sq = np.square(xf)
-        ms = per_group(np.where(sq < tiny_c, 0.0, sq), sshape, np.mean)
-        ftz = np.sqrt(np.where(ms < tiny_c, 0.0, ms)) * k
-        b1 = np.abs(np.minimum(ftz, absmax) - hi) > 1e-3 * hi
-        if np.any(b1 & sgood):
-            event('skipped groups: known bug B1')
-        skip = skip | b1
+        lo_alt, hi_alt = lo, hi
     elif name == 'percentile':
-        with np.errstate(over='ignore'):
-            a32 = np.abs(xf).astype(np.float32).astype(np.float64)
+        with np.errstate(over='ignore'):  # percentiles run in the compute dtype (float64 data: float64)
+            a32 = np.abs(xf) if case.dtype == 'float64' else np.abs(xf).astype(np.float32).astype(np.float64)
         with np.errstate(invalid='ignore'):
             hi = per_group(a32, sshape, lambda v, axis: np.percentile(v, args[0], axis=axis))
         lo, tol = -hi, 1e-5
@@ -753,30 +719,30 @@ def _nan_free(y) -> bool:
     return bool(np.all(np.isfinite(np.asarray(y, np.float64))))
 
 
-@pytest.mark.xfail(strict=True, reason=f"B1: {KNOWN_BUGS['B1']}")
-def test_known_bug_b1_rms_underflow():
+def test_rms_of_tiny_values():  # was known bug B1: the squares underflowed
     x = jnp.array([1e-20, -1e-20, 5e-21], jnp.float32)
     y = np.asarray(qarray.dequantize(qarray.quantize(x, 'int8', calibration='rms')), np.float64)
     # documented range min(3 * RMS, absmax) = 1e-20: every value within half a step (1e-20 / 255)
     assert np.all(np.abs(y - np.asarray(x, np.float64)) <= 1e-20 / 255 * 1.001), y  # got ~1.5e-36
 
 
-@pytest.mark.xfail(strict=True, reason=f"B2: {KNOWN_BUGS['B2']}")
-def test_known_bug_b2_percentile_float64():
+def test_percentile_of_float64_beyond_float32():  # was known bug B2: computed in float32
     with jax.enable_x64(True):
         x = jnp.array([1e300, -2e300, 3.0], jnp.float64)
         y = qarray.dequantize(qarray.quantize(x, 'int8', calibration='percentile,99'))
         assert _nan_free(y), y  # got [nan, nan, nan]
 
 
-@pytest.mark.xfail(strict=True, reason=f"B3: {KNOWN_BUGS['B3']}", raises=TypeError)
-def test_known_bug_b3_mse_under_x64():
+@pytest.mark.parametrize('dtype', ['float32', 'float64'])
+def test_mse_under_x64(dtype):  # was known bug B3: a fori_loop carry dtype mismatch
     with jax.enable_x64(True):
-        qarray.quantize(jnp.array([1.0, -2.0, 3.0], jnp.float32), 'int8', calibration='mse')
+        x = jnp.array([1.0, -2.0, 3.0], dtype)
+        y = np.asarray(qarray.dequantize(qarray.quantize(x, 'int8', calibration='mse')), np.float64)
+    # mse never picks a range wider than absmax; with no outlier here absmax is best: within half its step
+    assert np.all(np.abs(y - [1.0, -2.0, 3.0]) <= 3.0 / 127 / 2 * (1 + 1e-6)), y
 
 
-@pytest.mark.xfail(strict=True, reason=f"B4: {KNOWN_BUGS['B4']}")
-def test_known_bug_b4_fixed_range_beyond_float32():
+def test_fixed_range_beyond_float32():  # was known bug B4: the range was cast to float32
     with jax.enable_x64(True):
         x = jnp.array([1e200, -2e200, 3.0], jnp.float64)
         y = qarray.dequantize(qarray.quantize(x, 'int8', calibration='fixed,-1e300,1e300'))

@@ -18,6 +18,11 @@ from qarray.calibration.registry import Range, register
 from qarray.qtypes import QType
 
 
+def _compute_dtype(x: jnp.ndarray):
+    """float32, or x's dtype where it is wider (float64 under x64)."""
+    return jnp.promote_types(x.dtype, jnp.float32) if jnp.issubdtype(x.dtype, jnp.floating) else jnp.float32
+
+
 @register('absmax', usage='absmax', nan_safe=True)
 def absmax(x: jnp.ndarray, axes: tuple[int, ...], qtype: QType) -> Range:
     """Symmetric range ``[-max|x|, max|x|]``; NaN for a group holding NaN or ±Inf.
@@ -64,8 +69,14 @@ def rms(x: jnp.ndarray, axes: tuple[int, ...], qtype: QType, k: float = 3.0) -> 
     """
     if k <= 0:
         raise ValueError(f"calibration 'rms,k' needs k > 0; got k={k}.")
-    r = jnp.sqrt(jnp.mean(jnp.square(x), axis=axes, keepdims=True)) * k
-    hi = jnp.minimum(r, jnp.max(jnp.abs(x), axis=axes, keepdims=True))
+    # Square x / absmax, not x: squares of |x| below ~1e-19 underflow in float32 (and above ~1e19 overflow),
+    # which would make the RMS 0 (or inf) for data that is perfectly representable.
+    # Divide by sqrt(m) twice: 1 / m itself is subnormal (flushed to 0 on CPU) for m above 2**126.
+    m = jnp.max(jnp.abs(x), axis=axes, keepdims=True)
+    root = jnp.sqrt(jnp.where(m > 0, m, 1))
+    unit = jnp.where(m > 0, x / root / root, 0)
+    r = m * jnp.sqrt(jnp.mean(jnp.square(unit), axis=axes, keepdims=True)) * k
+    hi = jnp.minimum(r, m)
     return Range(-hi, hi, True)
 
 
@@ -82,7 +93,8 @@ def fixed(x: jnp.ndarray, axes: tuple[int, ...], qtype: QType, lo: float, hi: fl
     if not lo < hi:
         raise ValueError(f"calibration 'fixed,lo,hi' needs lo < hi; got lo={lo}, hi={hi}.")
     shape = [1 if a in axes else d for a, d in enumerate(x.shape)]
-    return Range(jnp.full(shape, lo, jnp.float32), jnp.full(shape, hi, jnp.float32), lo == -hi)
+    dt = _compute_dtype(x)  # float64 data keeps a range beyond float32's
+    return Range(jnp.full(shape, lo, dt), jnp.full(shape, hi, dt), lo == -hi)
 
 
 @register('percentile', min_args=1, max_args=1, usage='percentile,p (0 < p <= 100, of |x|)')
@@ -99,6 +111,6 @@ def percentile(x: jnp.ndarray, axes: tuple[int, ...], qtype: QType, p: float) ->
         raise ValueError(f"calibration 'percentile,p' needs 0 < p <= 100; got p={p}.")
     keep = [a for a in range(x.ndim) if a not in axes]
     flat = jnp.transpose(jnp.abs(x), keep + list(axes)).reshape(*[x.shape[a] for a in keep], -1)
-    hi = jnp.percentile(flat.astype(jnp.float32), p, axis=-1)
+    hi = jnp.percentile(flat.astype(_compute_dtype(x)), p, axis=-1)  # float64 data: in float64
     hi = hi.reshape([1 if a in axes else d for a, d in enumerate(x.shape)])
     return Range(-hi, hi, True)

@@ -27,7 +27,8 @@ from qarray.qtypes import QType
 def _group_sse(x, axes, hi, qtype):
     scale, zp = _numerics.scale_and_zero_point(-hi, hi, True, qtype)
     xr = _numerics.from_codes(_numerics.to_codes(x, scale, zp, qtype, calibrated=True), scale, zp, qtype)
-    return jnp.sum(jnp.square(x.astype(jnp.float32) - xr), axis=axes, keepdims=True)
+    dt = jnp.promote_types(x.dtype, jnp.float32)
+    return jnp.sum(jnp.square(x.astype(dt) - xr.astype(dt)), axis=axes, keepdims=True)
 
 
 @register('mse', max_args=2,
@@ -47,8 +48,9 @@ def mse(x: jnp.ndarray, axes: tuple[int, ...], qtype: QType, steps: float = 64,
     if steps < 2 or not 0 < min_ratio < 1:
         raise ValueError(f"calibration 'mse,steps,min_ratio' needs steps >= 2 and 0 < min_ratio < 1; "
                          f"got steps={steps}, min_ratio={min_ratio}.")
-    absmax = jnp.max(jnp.abs(x), axis=axes, keepdims=True).astype(jnp.float32)
-    ratios = jnp.linspace(min_ratio, 1.0, steps).at[-1].set(1.0)
+    dt = jnp.promote_types(x.dtype, jnp.float32)  # one dtype for the loop carry (float64 data under x64)
+    absmax = jnp.max(jnp.abs(x), axis=axes, keepdims=True).astype(dt)
+    ratios = jnp.linspace(min_ratio, 1.0, steps, dtype=dt).at[-1].set(1.0)
 
     def body(i, carry):
         best_err, best_hi = carry
