@@ -14,12 +14,17 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from qarray import _quantize
+from qarray import _quantize, qtypes
 
-# (format, tiles) rows of the format table: every format, with the tiling a user would pick.
-FORMAT_ROWS = [(f'int{b}', 128) for b in range(1, 8)] + [('int8', None)] + \
-    [(f'uint{b}', 128) for b in range(1, 8)] + [('uint8', None)] + \
-    [('float8_e4m3fn', None), ('float8_e5m2', None), ('nf4', 64)]
+# (label, format, tiles, extra quantize arguments) rows of the format table: every format, with the
+# tiling a user would pick. Microscaling formats bring their own blocks (32, nvfp4 16) along the last axis.
+FORMAT_ROWS = [(f'int{b}', f'int{b}', 128, {}) for b in range(1, 8)] + [('int8', 'int8', None, {})] + \
+    [(f'uint{b}', f'uint{b}', 128, {}) for b in range(1, 8)] + [('uint8', 'uint8', None, {})] + \
+    [('float8_e4m3fn', 'float8_e4m3fn', None, {}), ('float8_e5m2', 'float8_e5m2', None, {}),
+     ('fp4 (e2m1)', 'fp4', 32, {}), ('mxfp8', 'mxfp8', None, {}), ('mxfp8 mse', 'mxfp8', None, {'calibration': 'mse'}),
+     ('mxfp4', 'mxfp4', None, {}), ('mxfp4 mse', 'mxfp4', None, {'calibration': 'mse'}),
+     ('nvfp4', 'nvfp4', None, {}), ('nf4', 'nf4', 64, {}),
+     ('nf4 + int8 scales', 'nf4', 64, {'scale_qtype': 'int8'})]
 
 
 def format_rows(size: int = 1024, seed: int = 0) -> list[dict]:
@@ -30,17 +35,21 @@ def format_rows(size: int = 1024, seed: int = 0) -> list[dict]:
     Example:
       >>> from qarray._tour import format_rows
       >>> format_rows(size=64)[-1]['format']
-      'nf4'
+      'nf4 + int8 scales'
     """
     w = jax.random.normal(jax.random.key(seed), (size, size), jnp.float32)
     w64 = np.asarray(w, np.float64)
     rows = []
-    for name, tiles in FORMAT_ROWS:
+    for label, name, tiles, extra in FORMAT_ROWS:
         tiles = min(tiles, size) if tiles else None
-        cal = 'minmax' if name.startswith('uint') else 'absmax'
-        q = _quantize.quantize(w, name, tiles=tiles, channelwise_axes=() if tiles else (1,), calibration=cal)
+        microscaling = qtypes.get(name).microscaling
+        kwargs = dict(calibration='minmax' if name.startswith('uint') else 'absmax')
+        if not microscaling:
+            kwargs.update(tiles=tiles, channelwise_axes=() if tiles else (1,))
+        q = _quantize.quantize(w, name, **{**kwargs, **extra})
         err = np.asarray(_quantize.dequantize(q), np.float64) - w64
-        rows.append(dict(format=name, tiles=tiles or 'per-channel', bytes=q.nbytes,
+        layout = f'blocks of {qtypes.get(name).block}' if microscaling else tiles or 'per-channel'
+        rows.append(dict(format=label, tiles=layout, bytes=q.nbytes,
                          bits=8 * q.nbytes / w.size, max_abs=float(np.abs(err).max()),
                          rel=float(np.linalg.norm(err) / np.linalg.norm(w64))))
     return rows
