@@ -24,10 +24,10 @@ from flax_integration.providers import (CalibrationProvider, FloatParamError, Lo
                                         OdmlConversionProvider, OdmlQatProvider, Op, Provider, PtqProvider,
                                         QatProvider, QtProvider)
 from flax_integration._quantize_params import quantize_params
-from flax_integration.rules import QuantizationRule, UnusedRuleWarning
+from flax_integration.rules import QtRule, QuantizationRule, UnusedRuleWarning
 from flax_integration.wrappers import ActivationScale, QuantizedParam, QuantStat
 
-__all__ = ['QuantizationRule', 'UnusedRuleWarning', 'quantize_model', 'quantize_params', 'calibrate', 'Provider', 'Op',
+__all__ = ['QuantizationRule', 'QtRule', 'UnusedRuleWarning', 'quantize_model', 'quantize_params', 'calibrate', 'Provider', 'Op',
            'PtqProvider', 'CalibrationProvider', 'QuantStat', 'FloatParamError', 'QuantizedParam',
            'ActivationScale', 'QtProvider', 'QatProvider', 'LoraProvider', 'LoraRule', 'merge_lora',
            'lora_trainable', 'with_base_weights', 'lora_param_count', 'OdmlQatProvider',

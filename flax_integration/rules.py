@@ -31,10 +31,12 @@ from qarray import qtypes
 
 from flax_integration._op_table import OP_NAMES
 
-__all__ = ['QuantizationRule', 'RuleSet', 'UnusedRuleWarning', 'OP_NAMES', 'WEIGHT_ALGORITHMS', 'ROTATIONS']
+__all__ = ['QuantizationRule', 'QtRule', 'RuleSet', 'UnusedRuleWarning', 'OP_NAMES', 'WEIGHT_ALGORITHMS',
+           'ROTATIONS', 'BWD_STOCHASTIC_ROUNDING']
 
 WEIGHT_ALGORITHMS = ('rtn', 'gptq')
 ROTATIONS = (None, 'hadamard')
+BWD_STOCHASTIC_ROUNDING = (None, 'uniform')
 
 
 @dataclasses.dataclass(frozen=True)
@@ -89,6 +91,36 @@ class QuantizationRule:
       kv_cache_qtype: keep the attention decode cache of the matched attention
         modules quantized in this format (``'int8'``, ``'fp8'``, ``'int4'``;
         see :mod:`qarray.kv_cache`), or None for Flax's float cache.
+      bwd_qtype: quantized training (:class:`~flax_integration.providers.qat.QtProvider` only): the
+        two backward contractions of every matched op (gradient w.r.t. the activation and w.r.t. the
+        weight) run quantized, the incoming gradient in this format (``'int8'``, ``'float8_e5m2'``,
+        ...), through a ``jax.custom_vjp`` (:mod:`qarray.ops.qt_dot`). Each backward contraction
+        quantizes its own two operands along its own non-contracting axes (the gradient per token for
+        the activation gradient, per output channel for the weight gradient; the weight or activation
+        re-quantized in that layout, not reused with its forward scales). None: float backward with
+        straight-through gradients (plain QAT).
+      bwd_residual_qtype: the format the forward operands (activation, weight) are re-quantized to in
+        the backward contractions. None: the operand's forward format where the forward quantized it
+        (``act_qtype`` / ``weight_qtype``), else ``bwd_qtype`` -- so ``weight_qtype='float8_e4m3fn',
+        act_qtype='float8_e4m3fn', bwd_qtype='float8_e5m2'`` computes the backward in e5m2 x e4m3.
+      bwd_calibration_method: calibration spec of the backward operands (default ``'absmax'``).
+      bwd_tile_size: tiles along the contracting axis of both backward ``dot_general``/``einsum``
+        contractions (None: one scale per non-contracting index).
+      bwd_weight_grad_tile_size: (Qwix's name) tiles along the contracting (token) axis of the weight
+        gradient only; overrides ``bwd_tile_size`` there.
+      bwd_stochastic_rounding: None (round to nearest) or ``'uniform'``: round the gradient operands of
+        the backward contractions stochastically (unbiased). The random bits come from the ``'quant'``
+        rng stream (Linen: ``apply(..., rngs={'quant': key})``; NNX: an ``nnx.Rngs(quant=...)`` held
+        by the model, e.g. ``model.rngs = nnx.Rngs(quant=0)``) folded with the op's path, so a run is
+        reproducible; asking for it without the stream raises ``ValueError``.
+      bwd_use_original_residuals: re-quantize the original float operands in the backward (True), or
+        the forward's quantized values (False, default: the gradient of the quantized forward).
+      fwd_quantized: with ``bwd_qtype`` (or alone): run the forward as the real quantized op of PTQ
+        (int8 x int8 -> int32, fp8 dots; scales after) instead of fake quantization in float. Same
+        values up to accumulation order; gradients still pass the quantizers straight-through.
+      disable_channelwise_axes, channelwise_noise_axes, additional_qt_config: Qwix ``QtRule`` fields
+        accepted so Qwix configs carry over; only their defaults (False, None, None) are implemented,
+        anything else raises ``ValueError``.
       warn_if_unused: warn (:class:`UnusedRuleWarning`) when the rule matches
         nothing -- after a quantized model's first run, and in the model-free
         ``quantize_params(params, rules)``. Set False for a rule that only
@@ -114,6 +146,17 @@ class QuantizationRule:
     rotation: str | None = None
     gptq_damping: float = 0.01
     kv_cache_qtype: str | None = None
+    bwd_qtype: str | None = None
+    bwd_residual_qtype: str | None = None
+    bwd_calibration_method: str = 'absmax'
+    bwd_tile_size: int | None = None
+    bwd_weight_grad_tile_size: int | None = None
+    bwd_stochastic_rounding: str | None = None
+    bwd_use_original_residuals: bool = False
+    fwd_quantized: bool = False
+    disable_channelwise_axes: bool = False
+    channelwise_noise_axes: tuple[int, ...] | None = None
+    additional_qt_config: dict | None = None
     warn_if_unused: bool = True
 
     def __post_init__(self):
@@ -186,6 +229,69 @@ class QuantizationRule:
         if self.act_static_scale and self.act_qtype is None:
             raise ValueError("act_static_scale=True needs act_qtype (the format of the activations); "
                              "got act_qtype=None.")
+        self._check_backward()
+
+    def _check_backward(self) -> None:
+        """Validate the quantized-training (backward) fields."""
+        for field in ('bwd_qtype', 'bwd_residual_qtype'):
+            value = getattr(self, field)
+            if value is None:
+                continue
+            try:
+                qt = qtypes.get(value)
+            except ValueError as e:
+                raise ValueError(f"{field}: {e}") from None
+            if qt.microscaling:
+                raise ValueError(f"{field}={value!r}: microscaling formats are not backward formats (their blocks lie "
+                                 "along one fixed axis); use the element format ('fp8', 'fp4') with bwd_tile_size.")
+        for field in ('bwd_tile_size', 'bwd_weight_grad_tile_size'):
+            t = getattr(self, field)
+            if t is not None and (not isinstance(t, int) or isinstance(t, bool) or t <= 0):
+                raise ValueError(f"{field} must be None or a positive int (a tile of that many values; fractional "
+                                 f"tiles are not supported); got {t!r}.")
+        try:
+            _calibration.parse(self.bwd_calibration_method)
+        except (ValueError, TypeError) as e:
+            e.add_note("In QuantizationRule(bwd_calibration_method=...).")
+            raise
+        if self.bwd_stochastic_rounding not in BWD_STOCHASTIC_ROUNDING:
+            raise ValueError(f"bwd_stochastic_rounding must be one of {BWD_STOCHASTIC_ROUNDING}; got "
+                             f"{self.bwd_stochastic_rounding!r} (Qwix's 'low_bit_uniform' is not implemented).")
+        for field in ('bwd_use_original_residuals', 'fwd_quantized', 'disable_channelwise_axes'):
+            if not isinstance(getattr(self, field), bool):
+                raise TypeError(f"{field} must be True or False; got {getattr(self, field)!r}.")
+        needs_bwd = [f for f in ('bwd_residual_qtype', 'bwd_tile_size', 'bwd_weight_grad_tile_size',
+                                 'bwd_stochastic_rounding') if getattr(self, f) is not None]
+        needs_bwd += ['bwd_use_original_residuals'] * self.bwd_use_original_residuals
+        if needs_bwd and self.bwd_qtype is None:
+            raise ValueError(f"{', '.join(needs_bwd)} configure the quantized backward; set bwd_qtype too "
+                             "(e.g. bwd_qtype='int8').")
+        if self.fwd_quantized and self.weight_qtype is None and self.act_qtype is None:
+            raise ValueError("fwd_quantized=True runs the forward as the real quantized op; set weight_qtype "
+                             "and/or act_qtype.")
+        if self.disable_channelwise_axes:
+            raise ValueError("disable_channelwise_axes=True (Qwix: per-tensor scales everywhere) is not "
+                             "implemented; forward scales follow the op's layout and backward scales are per "
+                             "channel of each backward contraction. Leave it False.")
+        if self.channelwise_noise_axes is not None:
+            raise ValueError(f"channelwise_noise_axes={self.channelwise_noise_axes!r}: stochastic rounding draws "
+                             "one random number per element here; shared noise along axes is not implemented. "
+                             "Leave it None.")
+        if self.additional_qt_config is not None:
+            raise ValueError(f"additional_qt_config={self.additional_qt_config!r}: Qwix's raw DotGeneralQtConfig "
+                             "overrides are not supported; use the bwd_* fields of the rule.")
+
+    @property
+    def quantized_backward(self) -> bool:
+        """True when the rule's ops train through the quantized-training custom VJP (``bwd_qtype`` or
+        ``fwd_quantized`` set).
+
+        Example:
+          >>> from flax_integration import QuantizationRule
+          >>> QuantizationRule(weight_qtype='int8', bwd_qtype='int8').quantized_backward
+          True
+        """
+        return self.bwd_qtype is not None or self.fwd_quantized
 
     @property
     def transforms_weights(self) -> bool:
@@ -197,6 +303,23 @@ class QuantizationRule:
           True
         """
         return self.weight_algorithm != 'rtn' or self.rotation is not None
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class QtRule(QuantizationRule):
+    """Qwix's name for a quantized-training rule: a :class:`QuantizationRule` given by keyword, with the
+    backward fields (``bwd_qtype``, ``bwd_calibration_method``, ``bwd_weight_grad_tile_size``,
+    ``bwd_stochastic_rounding``, ...) that Qwix's ``QtRule`` has, so a Qwix QAT config carries over.
+    Every field is :class:`QuantizationRule`'s; Qwix fields this library does not implement raise
+    ``ValueError`` when set to anything but their default.
+
+    Example:
+      >>> from flax_integration import QtRule, QuantizationRule
+      >>> r = QtRule(module_path='.*', weight_qtype='int8', act_qtype='int8', bwd_qtype='int8',
+      ...            bwd_calibration_method='absmax', bwd_stochastic_rounding='uniform')
+      >>> isinstance(r, QuantizationRule), r.bwd_qtype, r.quantized_backward
+      (True, 'int8', True)
+    """
 
 
 class UnusedRuleWarning(UserWarning):
