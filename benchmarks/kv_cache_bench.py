@@ -25,7 +25,18 @@ pattern (logit std ~3, a peaked softmax); values standard normal. Per-token scal
 channel of a token on the step of its largest channel, so outlier channels cost the small ones
 precision, most visibly at 4 bits. Timings use the gaussian data.
 
+Flax section (``--flax-tokens``): a Linen ``nn.MultiHeadDotProductAttention(decode=True)`` (8 heads x 64,
+features 512, batch 1) decoding with Flax's float cache vs the same model quantized with
+``QuantizationRule(kv_cache_qtype='int8' / 'fp8')`` (flax_integration/_kv_cache.py; weights stay float):
+'cache' collection bytes, the relative error of the attention layer's output over ``--flax-steps`` decode
+steps (max over steps of ||y - y_float|| / ||y_float||), and time per jitted decode step (cache donated),
+interleaved as above. Flax's float attention and the quantized read both attend over the whole cache
+(Flax masks, it does not skip), so the timing is at any fill.
+
+Writes the tables to ``--out`` (default benchmarks/results_kv.md) with the machine (lscpu) and core count.
+
 Usage:  python benchmarks/kv_cache_bench.py [--tokens 4096] [--rounds 15] [--round-ms 150] [--block 512]
+                                            [--flax-tokens 2048] [--flax-steps 16] [--out benchmarks/results_kv.md]
 """
 
 from __future__ import annotations
@@ -35,6 +46,7 @@ import functools
 import math
 import os
 import platform
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -84,6 +96,81 @@ def make_step(attend):
     return step
 
 
+def machine() -> str:
+    """CPU model (lscpu) and core count."""
+    try:
+        out = subprocess.run(['lscpu'], capture_output=True, text=True, timeout=10).stdout
+        model = next((l.split(':', 1)[1].strip() for l in out.splitlines() if l.startswith('Model name')), None)
+    except (OSError, subprocess.SubprocessError):
+        model = None
+    return (f"{model or platform.processor() or platform.machine()}, {os.cpu_count()} cores visible, "
+            f"jax {jax.__version__} on {jax.devices()[0].platform}")
+
+
+def interleave(rows, args, call):
+    """Median seconds per call for each row, timed round-robin (order rotated per round)."""
+    for r in rows:
+        call(r)
+        t0 = time.perf_counter()
+        call(r)
+        r['iters'] = max(2, int(args.round_ms / 1e3 / (time.perf_counter() - t0)))
+        r['times'] = []
+    for rnd in range(args.rounds):
+        for r in rows[rnd % len(rows):] + rows[:rnd % len(rows)]:
+            call(r)
+            t0 = time.perf_counter()
+            for _ in range(r['iters']):
+                call(r)
+            r['times'].append((time.perf_counter() - t0) / r['iters'])
+
+
+def flax_rows(args) -> list[str]:
+    """The Flax decoding table (see the module docstring)."""
+    from flax import linen as nn
+    import flax_integration as fi
+    from flax_integration._kv_cache import with_kv_cache
+    T, steps, F = args.flax_tokens, args.flax_steps, 512
+    model = nn.MultiHeadDotProductAttention(num_heads=8, qkv_features=F, decode=True)
+    x = jax.random.normal(jax.random.key(1), (1, T, F))
+    rows = [dict(name='float32 (Flax)', model=model)]
+    for qtype in ('int8', 'fp8'):
+        rules = [fi.QuantizationRule(kv_cache_qtype=qtype)]
+        rows.append(dict(name=f'{qtype} (kv_cache_qtype)', model=fi.quantize_model(model, with_kv_cache(fi.PtqProvider(rules)))))
+    params = model.init(jax.random.key(0), x[:, :8])['params']
+    for r in rows:
+        m = r['model']
+        r['step'] = jax.jit(lambda p, c, xt, m=m: m.apply({'params': p, 'cache': c}, xt, mutable=['cache']),
+                            donate_argnums=1)
+        cache = m.init(jax.random.key(0), x)['cache']
+        r['bytes'] = sum(a.size * a.dtype.itemsize for a in jax.tree.leaves(cache))
+        outs = []
+        for t in range(steps):
+            y, upd = r['step'](params, cache, x[:, t:t + 1])
+            cache = upd['cache']
+            outs.append(np.asarray(y, np.float64))
+        r['outs'], r['cache'] = outs, cache
+    ref = rows[0]['outs']
+    for r in rows:
+        r['err'] = max(np.linalg.norm(a - b) / np.linalg.norm(b) for a, b in zip(r['outs'], ref))
+    xt = x[:, steps:steps + 1]
+
+    def call(r):
+        y, upd = r['step'](params, r['cache'], xt)
+        r['cache'] = upd['cache']
+        y.block_until_ready()
+    interleave(rows, args, call)
+    base = np.array(rows[0]['times'])
+    lines = [f"Flax decode step: nn.MultiHeadDotProductAttention(decode=True), batch 1, 8 heads x 64, cache of {T} "
+             f"tokens; error over {steps} steps; {args.rounds} interleaved rounds of ~{args.round_ms:.0f} ms per row",
+             '', '| Flax cache | cache collection bytes | vs float32 | max rel err of output | ms/step (median) '
+             '| vs float32 |', '|---|---:|---:|---:|---:|---:|']
+    for r in rows:
+        t = np.array(r['times'])
+        lines.append(f"| {r['name']} | {r['bytes'] / 2**20:.2f} MiB | {r['bytes'] / rows[0]['bytes']:.3f} | "
+                     f"{r['err']:.2e} | {np.median(t) * 1e3:.3f} | {np.median(t / base):.2f}x |")
+    return lines
+
+
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument('--tokens', type=int, default=4096)
@@ -91,6 +178,9 @@ def main(argv=None) -> None:
     ap.add_argument('--round-ms', type=float, default=150.0,
                     help='time per row per round: steps per round = this / one step (at least 2)')
     ap.add_argument('--block', type=int, default=512)
+    ap.add_argument('--flax-tokens', type=int, default=2048)
+    ap.add_argument('--flax-steps', type=int, default=16)
+    ap.add_argument('--out', default=str(Path(__file__).resolve().parent / 'results_kv.md'))
     args = ap.parse_args(argv)
     T = args.tokens
     k, v, q = make_data(T)
@@ -121,40 +211,26 @@ def main(argv=None) -> None:
             r[kind] = float(np.linalg.norm(outs[r['name']] - ref) / np.linalg.norm(ref))
 
     # Interleaved timing.
-    for r in rows:
-        r['cache'], out = r['step'](r['cache'], q, new_k, new_v, pos)
-        t0 = time.perf_counter()
+    def call(r):
         r['cache'], out = r['step'](r['cache'], q, new_k, new_v, pos)
         out.block_until_ready()
-        r['iters'] = max(2, int(args.round_ms / 1e3 / (time.perf_counter() - t0)))
-    for rnd in range(args.rounds):
-        order = rows[rnd % len(rows):] + rows[:rnd % len(rows)]
-        for r in order:
-            c = r['cache']
-            c, out = r['step'](c, q, new_k, new_v, pos)  # warm this row after the others ran
-            out.block_until_ready()
-            t0 = time.perf_counter()
-            for _ in range(r['iters']):
-                c, out = r['step'](c, q, new_k, new_v, pos)
-            out.block_until_ready()
-            r['times'].append((time.perf_counter() - t0) / r['iters'])
-            r['cache'] = c
+    interleave(rows, args, call)
     base = np.array(rows[0]['times'])
 
     fb = rows[0]['bytes']
-    print(f"KV cache decode step: batch {B}, {H} kv heads x {D}, {HQ} q heads, {T} tokens, block {args.block}; "
-          f"{args.rounds} interleaved rounds of ~{args.round_ms:.0f} ms per row")
-    print(f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores, "
-          f"jax {jax.__version__} on {jax.devices()[0].platform}")
-    print()
-    print('| cache | bytes (K+V) | vs float32 | step temp | rel err, gaussian | rel err, outlier channels '
-          '| ms/step (median) | vs float32 |')
-    print('|---|---:|---:|---:|---:|---:|---:|---:|')
+    lines = [f"KV cache decode step (qarray.kv_cache): batch {B}, {H} kv heads x {D}, {HQ} q heads, {T} tokens, "
+             f"block {args.block}; {args.rounds} interleaved rounds of ~{args.round_ms:.0f} ms per row", '',
+             '| cache | bytes (K+V) | vs float32 | step temp | rel err, gaussian | rel err, outlier channels '
+             '| ms/step (median) | vs float32 |', '|---|---:|---:|---:|---:|---:|---:|---:|']
     for r in rows:
         t = np.array(r['times'])
-        print(f"| {r['name']} | {r['bytes'] / 2**20:.2f} MiB | {r['bytes'] / fb:.3f} | "
-              f"{r['temp'] / 2**20:.2f} MiB | {r['gaussian']:.2e} | {r['outlier channels']:.2e} | "
-              f"{np.median(t) * 1e3:.3f} | {np.median(t / base):.2f}x |")
+        lines.append(f"| {r['name']} | {r['bytes'] / 2**20:.2f} MiB | {r['bytes'] / fb:.3f} | "
+                     f"{r['temp'] / 2**20:.2f} MiB | {r['gaussian']:.2e} | {r['outlier channels']:.2e} | "
+                     f"{np.median(t) * 1e3:.3f} | {np.median(t / base):.2f}x |")
+    lines += [''] + flax_rows(args)
+    text = '\n'.join(["# KV cache measurements", '', f"machine: {machine()}", ''] + lines) + '\n'
+    print(text)
+    Path(args.out).write_text(text)
 
 
 if __name__ == '__main__':

@@ -17,7 +17,7 @@ from typing import Any, Mapping, Sequence
 
 import numpy as np
 
-__all__ = ['normalize_layout', 'normalize_axis', 'group_view', 'tiled_view']
+__all__ = ['normalize_layout', 'normalize_axis', 'group_view', 'tiled_view', 'split_axes', 'merge_axes']
 
 
 def normalize_layout(shape: tuple[int, ...], channelwise_axes: Any,
@@ -114,6 +114,47 @@ def tiled_view(shape: Sequence[int], scale_shape: Sequence[int]) -> tuple[tuple[
             vshape.append(n)
             sshape.append(s)
     return tuple(vshape), tuple(sshape)
+
+
+def split_axes(a: Any, shape: Sequence[int]) -> Any:
+    """``a.reshape(shape)`` for a ``shape`` that splits some axes of ``a`` in two (a :func:`tiled_view`), one axis
+    per reshape: JAX's reshape under explicit sharding splits at most one sharded axis at a time, so a 2-D
+    tiled array sharded on both axes (``(32@data, 48@model) -> (4, 8, 4, 12)``) needs two steps.
+
+    Example:
+      >>> import jax.numpy as jnp
+      >>> from qarray._layout import split_axes
+      >>> split_axes(jnp.zeros((32, 48)), (4, 8, 4, 12)).shape
+      (4, 8, 4, 12)
+    """
+    shape = tuple(shape)
+    cur, i = list(a.shape), 0
+    while tuple(cur) != shape:
+        if cur[i] != shape[i]:
+            cur[i:i + 1] = [shape[i], cur[i] // shape[i]]
+            a = a.reshape(cur)
+        i += 1
+    return a
+
+
+def merge_axes(a: Any, shape: Sequence[int]) -> Any:
+    """``a.reshape(shape)`` for a ``shape`` that merges pairs of adjacent axes of ``a`` (undoes
+    :func:`split_axes`), one pair per reshape (see there).
+
+    Example:
+      >>> import jax.numpy as jnp
+      >>> from qarray._layout import merge_axes
+      >>> merge_axes(jnp.zeros((4, 8, 4, 12)), (32, 48)).shape
+      (32, 48)
+    """
+    shape = tuple(shape)
+    cur, i = list(a.shape), 0
+    while tuple(cur) != shape:
+        if cur[i] != shape[i]:
+            cur[i:i + 2] = [cur[i] * cur[i + 1]]
+            a = a.reshape(cur)
+        i += 1
+    return a
 
 
 def group_view(shape: Sequence[int], channelwise_axes: Sequence[int], tiles: Mapping[int, int] | None
