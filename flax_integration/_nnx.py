@@ -107,7 +107,14 @@ class NnxFrame(Frame):
         return not self.initializing and not getattr(self.module, 'use_running_average', False)
 
     def rng(self, stream: str) -> jax.Array | None:
-        return None  # NNX modules carry their own rngs (e.g. an nnx.Dropout's); none is threaded through calls
+        # NNX threads no rngs through calls: modules hold them. Use an ``nnx.Rngs`` with that stream held as an
+        # attribute of the running module, else of the model (e.g. ``model.rngs = nnx.Rngs(quant=0)``).
+        root = _interception.root_frame()
+        for module in (self.module, getattr(root, 'module', None)):
+            for value in (vars(module).values() if module is not None and hasattr(module, '__dict__') else ()):
+                if isinstance(value, nnx.Rngs) and stream in value:
+                    return value[stream]()
+        return None
 
     def dropout(self, x: jax.Array, rate: float, name: str, key: jax.Array) -> jax.Array:
         if rate <= 0:

@@ -82,7 +82,6 @@ from qarray._array import QArray
 from qarray._fake_quant import fake_quant_with_scale
 from qarray.ops.qt_dot import BackwardQuant, ForwardQuant, quantized_training_op
 
-from flax_integration import _interception
 
 from flax_integration.providers.calibration import update_moving_average
 from flax_integration.wrappers import as_operand
@@ -329,8 +328,8 @@ class QtProvider(Provider):
 def quant_rng(frame: Any) -> jax.Array | None:
     """A fresh key from the first of :data:`QUANT_RNG_STREAMS` the running module has, or None.
 
-    Asks the frame (Linen: the rngs given to ``apply``); failing that, an ``nnx.Rngs`` with such a stream
-    held as an attribute of the running module or of the model (NNX threads no rngs through calls).
+    Asks the frame (Linen: the rngs given to ``apply``; NNX: an ``nnx.Rngs`` with such a stream held as an
+    attribute of the running module or of the model, since NNX threads no rngs through calls).
 
     Example:
       >>> import jax, jax.numpy as jnp
@@ -353,15 +352,6 @@ def quant_rng(frame: Any) -> jax.Array | None:
         key = frame.rng(stream)
         if key is not None:
             return key
-    root = _interception.root_frame()
-    modules = [getattr(f, 'module', None) for f in (frame, root) if f is not None]
-    from flax import nnx  # noqa: PLC0415 (only NNX models hold rngs as attributes)
-    for module in modules:
-        for value in (vars(module).values() if module is not None and hasattr(module, '__dict__') else ()):
-            if isinstance(value, nnx.Rngs):
-                for stream in QUANT_RNG_STREAMS:
-                    if stream in value:
-                        return value[stream]()
     return None
 
 
