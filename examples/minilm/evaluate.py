@@ -105,8 +105,9 @@ def _leaf_bytes(leaf: Any) -> int:
 
 
 def _leaf_bits(leaf: Any) -> float:
-    """Bytes a leaf needs when sub-byte dtypes (jnp.int4/uint4) are packed, as XLA does on GPU/TPU."""
-    bits = {'int4': 4, 'uint4': 4, 'int2': 2, 'uint2': 2}.get(np.dtype(leaf.dtype).name, 8 * np.dtype(leaf.dtype).itemsize)
+    """Bytes a leaf needs when sub-byte dtypes (jnp.int4/uint4, float4) are packed, as XLA does on GPU/TPU."""
+    bits = {'int4': 4, 'uint4': 4, 'int2': 2, 'uint2': 2, 'float4_e2m1fn': 4}.get(
+        np.dtype(leaf.dtype).name, 8 * np.dtype(leaf.dtype).itemsize)
     return math.prod(leaf.shape) * bits / 8
 
 

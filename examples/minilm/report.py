@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from typing import Any, Sequence
 
-__all__ = ['markdown_table', 'text_rows', 'TEXT_COLUMNS']
+__all__ = ['markdown_table', 'formats_markdown_table', 'text_rows', 'TEXT_COLUMNS']
 
 MIB = 2**20
 
@@ -73,3 +73,33 @@ def text_rows(rows: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
     """
     return [dict(r, linear_mib=r['linear_bytes'] / MIB, total_mib=r['bytes'] / MIB,
                  ms_s=_f(r.get('ms'), '.0f')) for r in rows]
+
+
+def formats_markdown_table(rows: Sequence[dict[str, Any]], n_values: int) -> str:
+    """The new-format rows beside Qwix HEAD (``head_*`` keys, from ``benchmarks/formats_bench.py``).
+
+    ``n_values``: how many weights the linear kernels hold (bits/value = 8 x linear bytes / ``n_values``).
+    A row without Qwix HEAD numbers shows ``-`` there; the float32 row is left out.
+
+    Example:
+      >>> r = dict(scheme='x', linear_bytes=9, cos=0.99, spearman=0.98, head_cos=0.98, head_spearman=0.97,
+      ...          head_linear_bytes=16, head_linear_bytes_packed=10, head_what='same scheme')
+      >>> print(formats_markdown_table([r], 16).splitlines()[2])
+      | x | 4.500 | 0.990000 | 0.9800 | same scheme | 8.000 / 5.000 | 0.980000 | 0.9700 | +1.0e-02 |
+    """
+    head = ['scheme', 'bits/value', 'mean cos', 'Spearman', 'Qwix HEAD counterpart',
+            'Qwix HEAD bits/value (CPU buffer / packed)', 'Qwix HEAD mean cos', 'Qwix HEAD Spearman',
+            'mean cos qarray - HEAD']
+    lines = ['| ' + ' | '.join(head) + ' |', '|' + '|'.join('---' for _ in head) + '|']
+    for r in rows:
+        if r['scheme'] == 'float32':
+            continue
+        has = 'head_cos' in r
+        hb = (f"{8 * r['head_linear_bytes'] / n_values:.3f} / {8 * r['head_linear_bytes_packed'] / n_values:.3f}"
+              if has else '-')
+        what = r.get('head_what', '-') + (f" ({r['head_fallback']})" if 'head_fallback' in r else '')
+        cells = [r['scheme'], f"{8 * r['linear_bytes'] / n_values:.3f}", _f(r['cos'], '.6f'),
+                 _f(r['spearman'], '.4f'), what, hb, _f(r.get('head_cos'), '.6f'),
+                 _f(r.get('head_spearman'), '.4f'), _f(r['cos'] - r['head_cos'] if has else None, '+.1e')]
+        lines.append('| ' + ' | '.join(cells) + ' |')
+    return '\n'.join(lines)

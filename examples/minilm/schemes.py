@@ -16,7 +16,8 @@ from typing import Any
 
 from examples.minilm.model import LINEAR_PATHS
 
-__all__ = ['Scheme', 'SCHEMES', 'TOUR_SCHEMES', 'by_name', 'qarray_rules', 'qwix_rules']
+__all__ = ['Scheme', 'SCHEMES', 'FORMAT_SCHEMES', 'TOUR_SCHEMES', 'by_name', 'qarray_rules', 'qwix_rules',
+           'qwix_head_rule_kwargs']
 
 
 @dataclasses.dataclass(frozen=True)
@@ -37,7 +38,11 @@ class Scheme:
       gptq_damping: GPTQ damping (a fraction of the mean Hessian diagonal), the same in both libraries.
       qwix_method: what fills the Qwix columns: ``'ptq'`` (the same scheme in plain Qwix PTQ), or the Qwix
         ``contrib`` method closest to this row -- ``'gptq'``, ``'awq'``, ``'smoothquant'`` -- where plain
-        Qwix has no equivalent; None: no Qwix column.
+        Qwix has no equivalent; ``'head'``: plain PTQ in Qwix HEAD (newer than 0.1.8: MX formats), which
+        runs in its own environment (:func:`qwix_head_rule_kwargs`; ``benchmarks/formats_bench.py``), so
+        the in-process Qwix 0.1.8 columns stay empty; None: no Qwix column.
+      weight_scale_qtype: quantize the weights' scales too (double quantization, e.g. ``'int8'``), or None.
+      act_calibration: qarray calibration spec for dynamic activations (``'mse'``: MX formats' better exponent).
 
     Example:
       >>> Scheme('x', 'int4', tile_size=128).weight_only
@@ -54,6 +59,8 @@ class Scheme:
     rotation: str | None = None
     gptq_damping: float = 0.01
     qwix_method: str | None = 'ptq'
+    weight_scale_qtype: str | None = None
+    act_calibration: str = 'absmax'
 
     @property
     def weight_only(self) -> bool:
@@ -97,6 +104,24 @@ SCHEMES: list[Scheme] = [
            rotation='hadamard', gptq_damping=GPTQ_DAMPING, qwix_method='awq'),
 ]
 
+# The formats added in issue 16 (fp4, MX, nvfp4, double quantization): weight-only rows with the format's own
+# blocks on the contracting axis (mxfp8/mxfp4: 32 values per E8M0 scale; nvfp4: 16 per E4M3 scale under a
+# float32 tensor scale), plus one dynamic w8a8 MX row. Their Qwix numbers come from Qwix HEAD (0.1.8 has none
+# of these formats), run in its own environment by benchmarks/formats_bench.py. Not in SCHEMES: the main
+# MiniLM table (benchmarks/minilm_bench.py) keeps its rows.
+FORMAT_SCHEMES: list[Scheme] = [
+    Scheme('fp4 t32 weight-only', 'fp4', tile_size=32, qwix_method='head'),
+    Scheme('mxfp8 weight-only', 'mxfp8', qwix_method='head'),
+    Scheme('mxfp8 mse weight-only', 'mxfp8', weight_calibration='mse', qwix_method='head'),
+    Scheme('mxfp4 weight-only', 'mxfp4', qwix_method='head'),
+    Scheme('mxfp4 mse weight-only', 'mxfp4', weight_calibration='mse', qwix_method='head'),
+    Scheme('nvfp4 weight-only', 'nvfp4', qwix_method='head'),
+    Scheme('nf4 t64 int8-scales weight-only', 'nf4', tile_size=64, weight_scale_qtype='int8', qwix_method='head'),
+    Scheme('w mxfp8 / a mxfp8 dynamic', 'mxfp8', 'mxfp8', qwix_method='head'),
+    Scheme('w mxfp8 / a mxfp8 mse dynamic', 'mxfp8', 'mxfp8', weight_calibration='mse', act_calibration='mse',
+           qwix_method='head'),
+]
+
 # The few rows `python -m qarray` computes live (it must stay fast on 2 cores).
 TOUR_SCHEMES = ['w8a8 int8 dynamic t128', 'w8a8 int8 dynamic hadamard', 'int8 weight-only', 'int4 t128 weight-only',
                 'nf4 t64 weight-only']
@@ -109,10 +134,10 @@ def by_name(name: str) -> Scheme:
       >>> by_name('nf4 t64 weight-only').tile_size
       64
     """
-    for s in SCHEMES:
+    for s in SCHEMES + FORMAT_SCHEMES:
         if s.name == name:
             return s
-    raise ValueError(f"scheme must be one of {[s.name for s in SCHEMES]}; got {name!r}.")
+    raise ValueError(f"scheme must be one of {[s.name for s in SCHEMES + FORMAT_SCHEMES]}; got {name!r}.")
 
 
 def qarray_rules(scheme: Scheme, fi: Any = None) -> list[Any]:
@@ -128,8 +153,9 @@ def qarray_rules(scheme: Scheme, fi: Any = None) -> list[Any]:
                                 act_qtype=scheme.act_qtype, tile_size=scheme.tile_size,
                                 act_static_scale=scheme.act_static,
                                 weight_calibration_method=scheme.weight_calibration,
+                                act_calibration_method=scheme.act_calibration,
                                 weight_algorithm=scheme.weight_algorithm, rotation=scheme.rotation,
-                                gptq_damping=scheme.gptq_damping)]
+                                gptq_damping=scheme.gptq_damping, weight_scale_qtype=scheme.weight_scale_qtype)]
 
 
 def _qwix_qtype(name: str) -> Any:
@@ -151,7 +177,7 @@ def qwix_rules(scheme: Scheme) -> list[Any] | None:
       True
     """
     if (scheme.weight_calibration not in ('absmax', 'minmax') or scheme.rotation is not None
-            or scheme.weight_algorithm != 'rtn'):
+            or scheme.weight_algorithm != 'rtn' or scheme.act_calibration != 'absmax'):
         return None
     import qwix
     kw = dict(module_path=LINEAR_PATHS, weight_qtype=_qwix_qtype(scheme.weight_qtype),
@@ -161,3 +187,53 @@ def qwix_rules(scheme: Scheme) -> list[Any] | None:
         if scheme.act_static:
             kw.update(act_batch_axes=(0, 1))
     return [qwix.QuantizationRule(**kw)]
+
+
+# Qwix HEAD's names for the formats of FORMAT_SCHEMES and the block each needs as its tile_size (HEAD refuses
+# an MX format without tiles of exactly its block). fp4 is the dtype ``jnp.float4_e2m1fn`` with float32 scales.
+_HEAD_QTYPES = {'fp4': 'float4_e2m1fn', 'mxfp8': 'mxfp8', 'mxfp4': 'mxfp4', 'nvfp4': 'nvfp4', 'nf4': 'nf4',
+                'int8': 'int8', 'int4': 'int4', 'float8_e4m3fn': 'float8_e4m3fn'}
+_HEAD_BLOCKS = {'mxfp8': 32, 'mxfp4': 32, 'nvfp4': 16}
+
+
+def qwix_head_rule_kwargs(scheme: Scheme) -> tuple[dict[str, Any], str] | None:
+    """Keyword arguments of Qwix HEAD's ``QuantizationRule`` closest to ``scheme`` (JSON-able: dtype formats by
+    name), and what they are (``'same scheme'`` or the difference); None where HEAD has no counterpart.
+
+    HEAD's MX formats take tiles of exactly their block on the contracting axis and always compute their
+    exponents one way (its own rule, not the spec's and not qarray's ``mse`` search), so the ``absmax`` and
+    ``mse`` rows share one Qwix row. HEAD has no double quantization: the ``weight_scale_qtype`` row gets
+    plain nf4 with float32 scales. Calibrations other than absmax, rotations and GPTQ have no counterpart.
+
+    Example:
+      >>> from examples.minilm.schemes import by_name, qwix_head_rule_kwargs
+      >>> kw, what = qwix_head_rule_kwargs(by_name('mxfp4 mse weight-only'))
+      >>> kw['weight_qtype'], kw['tile_size'], what
+      ('mxfp4', 32, 'same format; HEAD chooses the exponent its own way')
+    """
+    if scheme.rotation is not None or scheme.weight_algorithm != 'rtn' or scheme.act_static:
+        return None
+    for calibration, qtype in ((scheme.weight_calibration, scheme.weight_qtype),
+                               (scheme.act_calibration, scheme.act_qtype)):
+        if calibration not in ('absmax', 'mse') or (calibration == 'mse' and qtype not in ('mxfp8', 'mxfp4')):
+            return None
+    names = [scheme.weight_qtype] + ([scheme.act_qtype] if scheme.act_qtype else [])
+    if any(n not in _HEAD_QTYPES for n in names):
+        return None
+    blocks = {_HEAD_BLOCKS.get(n) for n in names}
+    if len(blocks) != 1 or (None not in blocks and scheme.tile_size is not None):
+        return None
+    kw: dict[str, Any] = dict(module_path=LINEAR_PATHS, weight_qtype=_HEAD_QTYPES[scheme.weight_qtype])
+    if scheme.act_qtype:
+        kw['act_qtype'] = _HEAD_QTYPES[scheme.act_qtype]
+    tile = blocks.pop() or scheme.tile_size
+    if tile is not None:
+        kw['tile_size'] = tile
+    what = 'same scheme'
+    if scheme.weight_qtype in ('mxfp8', 'mxfp4'):
+        what = 'same format; HEAD chooses the exponent its own way'
+    if scheme.weight_qtype == 'nvfp4':
+        what = 'same format without the float32 tensor scale (HEAD: E4M3-rounded block scales kept as float32)'
+    if scheme.weight_scale_qtype is not None:
+        what = 'nf4 with float32 scales (HEAD has no double quantization)'
+    return kw, what
