@@ -14,10 +14,13 @@ the top of the element range unused; per block, of the two candidates ``X``
 and ``X + 1`` the one with the smaller squared error is kept (same storage,
 same decoder: any E8M0 exponent is a valid MX block).
 
-**nvfp4.** One float32 scale per tensor ``g = amax / (6 * 448)`` over the
+**nvfp4.** One float32 scale per tensor ``g = amax · fl(1 / (6 * 448))`` (within one ulp of the
+recipe's ``amax / (6 * 448)``) over the
 finite values (1 for an all-zero tensor), one E4M3 scale per block of 16:
 ``e4m3(amax_block / 6 / g)`` rounded half to even (saturating at 448), and
-e2m1 elements ``x / (e4m3 · g)``. The block scales are a QArray (E4M3 codes
+e2m1 elements ``x / (e4m3 · g)``. With ``calibration='mse'`` each block keeps
+whichever of the two E4M3 values either side of ``amax_block / 6 / g`` gives
+the smaller squared error (same storage, same decoder). The block scales are a QArray (E4M3 codes
 under the float32 tensor scale) -- the same representation as double
 quantization. A block whose E4M3 scale rounds to 0 holds zeros; a block with
 NaN/Inf gets a NaN scale.
@@ -114,10 +117,11 @@ def mx_groups(xv: jax.Array, reduce_axes: tuple[int, ...], qt: QType, calibratio
     return codes, jax.lax.bitcast_convert_type(bits, jnp.float8_e8m0fnu)
 
 
-def nvfp4_groups(xv: jax.Array, reduce_axes: tuple[int, ...], qt: QType
+def nvfp4_groups(xv: jax.Array, reduce_axes: tuple[int, ...], qt: QType, calibration: str = 'absmax'
                  ) -> tuple[jax.Array, jax.Array, jax.Array]:
     """``(e2m1 codes, E4M3 block-scale codes, float32 tensor scale)``; the block scales broadcast to ``xv``,
-    the tensor scale is one value (shape of all ones).
+    the tensor scale is one value (shape of all ones). ``calibration='mse'``: per block, of the two E4M3
+    values either side of ``amax_block / 6 / g`` the one with the smaller squared error.
 
     Example:
       >>> import jax.numpy as jnp
@@ -131,11 +135,31 @@ def nvfp4_groups(xv: jax.Array, reduce_axes: tuple[int, ...], qt: QType
     amax = _amax(xv, reduce_axes)
     finite = jnp.isfinite(amax)
     tensor_amax = jnp.max(jnp.where(finite, amax, 0.0), keepdims=True)
+    # amax * fl(1 / 2688): XLA rewrites a division by a constant into this multiply anyway (within 1 ulp)
     g = jnp.where(tensor_amax > 0, tensor_amax * np.float32(1.0 / (6.0 * 448.0)), np.float32(1.0))
     g = g.reshape((1,) * xv.ndim).astype(jnp.float32)
     block = jnp.clip(jnp.where(finite, amax, 0.0) * np.float32(1.0 / 6.0) / g, 0.0, 448.0)
     s8 = jnp.where(finite, block, jnp.nan).astype(jnp.float8_e4m3fn)
-    s = s8.astype(jnp.float32) * g
     xs = jnp.where(jnp.isfinite(xv), xv, 0.0)
-    codes = _elements(jnp.where(s > 0, xs / jnp.where(s > 0, s, 1.0), 0.0), elem)
+
+    def codes_for(s8):
+        s = s8.astype(jnp.float32) * g
+        return _elements(jnp.where(s > 0, xs / jnp.where(s > 0, s, 1.0), 0.0), elem), s
+
+    codes, s = codes_for(s8)
+    if calibration == 'mse':
+        # The E4M3 neighbour on the other side of the exact block scale (positive E4M3 bit patterns are
+        # ordered like their values; 0x7E is 448, the largest finite).
+        bits = jax.lax.bitcast_convert_type(s8, jnp.uint8).astype(jnp.int32)
+        step = jnp.where(s8.astype(jnp.float32) < block, 1, -1)
+        other = jax.lax.bitcast_convert_type(jnp.clip(bits + step, 0, 0x7E).astype(jnp.uint8), jnp.float8_e4m3fn)
+        other = jnp.where(finite, other, s8)
+        codes_o, s_o = codes_for(other)
+
+        def err(c, s):
+            d = c.astype(jnp.float32) * s - xs
+            return jnp.sum(d * d, axis=reduce_axes, keepdims=True)
+
+        better = err(codes_o, s_o) < err(codes, s)
+        s8, codes = jnp.where(better, other, s8), jnp.where(better, codes_o, codes)
     return codes, s8, g

@@ -112,7 +112,7 @@ def _microscaling_codes(xv, reduce_axes, spec: Spec, shape, scale_shape):
     if qt.scale_format == 'e8m0':
         codes_, scale = _microscaling.mx_groups(xv, reduce_axes, qt, spec.calibration)
         return codes_.reshape(shape), scale.reshape(scale_shape), None
-    codes_, s8, g = _microscaling.nvfp4_groups(xv, reduce_axes, qt)
+    codes_, s8, g = _microscaling.nvfp4_groups(xv, reduce_axes, qt, spec.calibration)
     inner = QArray(s8.reshape(scale_shape), g.reshape((1,) * len(scale_shape)), qtype='float8_e4m3fn',
                    dtype=jnp.float32)
     return codes_.reshape(shape), inner, None
