@@ -23,7 +23,7 @@ FORMAT_ROWS = [(f'int{b}', f'int{b}', 128, {}) for b in range(1, 8)] + [('int8',
     [('float8_e4m3fn', 'float8_e4m3fn', None, {}), ('float8_e5m2', 'float8_e5m2', None, {}),
      ('fp4 (e2m1)', 'fp4', 32, {}), ('mxfp8', 'mxfp8', None, {}), ('mxfp8 mse', 'mxfp8', None, {'calibration': 'mse'}),
      ('mxfp4', 'mxfp4', None, {}), ('mxfp4 mse', 'mxfp4', None, {'calibration': 'mse'}),
-     ('nvfp4', 'nvfp4', None, {}), ('nf4', 'nf4', 64, {}),
+     ('nvfp4', 'nvfp4', None, {}), ('nvfp4 mse', 'nvfp4', None, {'calibration': 'mse'}), ('nf4', 'nf4', 64, {}),
      ('nf4 + int8 scales', 'nf4', 64, {'scale_qtype': 'int8'})]
 
 
