@@ -14,9 +14,10 @@ from qarray._fake_quant import fake_quant, fake_quant_with_scale
 from qarray._quantize import codes, dequantize, quantize, quantize_with_scale
 from qarray.ops import conv_general_dilated, dot, dot_general, einsum, matmul, ragged_dot, take
 from qarray.qtypes import QType
+from qarray import kv_cache, optim  # after the names above: both use them (optim imports optax only when used)
 
 __all__ = ['QArray', 'QType', 'quantize', 'quantize_with_scale', 'dequantize', 'fake_quant', 'fake_quant_with_scale', 'codes',
            'calibration', 'packing', 'qtypes', 'io', 'sharding', 'paths',
-           'rotation', 'gptq',
+           'rotation', 'gptq', 'kv_cache', 'optim',
            'ops', 'dot_general', 'einsum', 'dot', 'matmul', 'conv_general_dilated', 'ragged_dot', 'take']
 __version__ = '0.1.0'

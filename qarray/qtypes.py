@@ -79,14 +79,16 @@ NF4_CODEBOOK = np.array(
 
 
 def _dynamic_map(signed: bool) -> np.ndarray:
-    """A non-linear 8-bit code in [-1, 1] ([0, 1] unsigned): decade 10**(i - d) holds 2**i values, the midpoints of
-    ``linspace(0.1, 1, 2**i + 1)`` (i = 0..6 with both signs, plus 0 and 1, for the signed code; i = 0..7
-    plus 0 for the unsigned one). Dense near 0 and relative-precise across 7-8 decades: the 8-bit code
-    bitsandbytes' 8-bit optimizers use for their states."""
-    vals, top = ([0.0, 1.0], 7) if signed else ([0.0], 8)
-    for i in range(top):
-        edges = np.linspace(0.1, 1.0, 2**i + 1)
-        mids = (edges[:-1] + edges[1:]) / 2 * 10.0 ** (i - (top - 1))
+    """A non-linear 8-bit code in [-1, 1] ([0, 1] unsigned): decade 10**(i - 6), i = 0..6, holds the midpoints of
+    ``linspace(0.1, 1, n + 1)`` with n = 2**i values of each sign (signed) or n = 2**(i + 1) (unsigned), plus 0
+    and 1. Dense near 0 and relative-precise across 7 decades: the 8-bit code bitsandbytes' 8-bit optimizers use
+    for their states. Both codes hold 1.0, so a block's absmax (its scale) is stored exactly and a moment that is
+    re-quantized every step does not shrink."""
+    vals = [0.0, 1.0]
+    for i in range(7):
+        n = 2**i if signed else 2 ** (i + 1)
+        edges = np.linspace(0.1, 1.0, n + 1)
+        mids = (edges[:-1] + edges[1:]) / 2 * 10.0 ** (i - 6)
         vals += list(mids) + (list(-mids) if signed else [])
     out = np.sort(np.asarray(vals, np.float64)).astype(np.float32)
     assert out.shape == (256,)
