@@ -110,7 +110,7 @@ class _Merger(LoraProvider):
 
     def process_op(self, op: Op) -> jax.Array:
         rule = op.rule
-        if isinstance(rule, LoraRule) and op.weight is not None:
+        if self.adapts(op):
             wi = op.weight.index
             shape = tuple(op.weight.value.shape)
             kept, contract = op.call.kept[wi], op.call.contract[wi]

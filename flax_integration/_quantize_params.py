@@ -18,7 +18,10 @@ Three forms:
   leaf becomes a :class:`qarray.QArray` with one scale per index of its last
   axis, tiled along axis -2 when the rule has ``tile_size`` (the ``(..., in,
   out)`` layout of Dense/Conv kernels). A matched leaf that cannot be
-  quantized that way raises ``ValueError`` naming its path.
+  quantized that way raises ``ValueError`` naming its path. Expert stacks
+  (``[experts, in, out]``, for ``ragged_dot``) and embedding tables want other
+  layouts (per expert; per row): the model-based forms take them from the op
+  that uses the param.
 
 Example:
   >>> import jax, jax.numpy as jnp

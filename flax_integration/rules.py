@@ -214,6 +214,11 @@ class QuantizationRule:
                 qtypes.get(self.weight_qtype).microscaling or self.weight_scale_qtype is not None):
             raise ValueError(f"weight_algorithm='gptq' rounds against plain per-tile scales; it does not take "
                              f"weight_qtype={self.weight_qtype!r} with weight_scale_qtype={self.weight_scale_qtype!r}.")
+        for field in ('weight_qtype', 'act_qtype'):
+            qt = qtypes.get(getattr(self, field)) if getattr(self, field) is not None else None
+            if qt is not None and qt.microscaling and self.tile_size not in (None, qt.block):
+                raise ValueError(f"tile_size={self.tile_size}: {field}={qt.name!r} has blocks of {qt.block} on the "
+                                 f"contraction axis; drop tile_size (or give {qt.block}).")
         if self.act_static_scale and self.act_qtype is not None and qtypes.get(self.act_qtype).microscaling:
             raise ValueError(f"act_static_scale=True: {self.act_qtype!r} computes its block scales from the data; "
                              "use it with dynamic activations (act_static_scale=False).")

@@ -318,6 +318,18 @@ class QArray:
         from qarray import ops
         return ops.matmul(other, self)
 
+    def __getitem__(self, key: Any) -> Any:
+        """``q[key]``: the rows ``key`` selects along axis 0, dequantized (only those rows); ``q[...]`` is ``q``.
+
+        Example:
+          >>> import jax.numpy as jnp, qarray
+          >>> q = qarray.quantize(jnp.ones((4, 3)), 'int8', channelwise_axes=(0,))
+          >>> q[jnp.array([0, 3])].shape, q[...] is q
+          ((2, 3), True)
+        """
+        from qarray.ops.take import getitem
+        return getitem(self, key)
+
     def __neg__(self):
         return -_dequantize(self)
 

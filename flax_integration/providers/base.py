@@ -29,6 +29,7 @@ from qarray import calibration as _calibration
 from qarray import rotation as rotation_lib
 from qarray._array import QArray
 
+from flax_integration import _kv_cache
 from flax_integration._frame import Frame
 from flax_integration._interception import ExtraOp, Intercept
 from flax_integration._op_calls import OpCall
@@ -36,8 +37,9 @@ from flax_integration._op_table import call_kind
 from flax_integration.rules import QuantizationRule, RuleSet, UnusedRuleWarning
 from flax_integration.wrappers import QuantizedParam, unbox_leaves
 
-__all__ = ['Provider', 'Op', 'Weight', 'Frame', 'FloatParamError', 'find_weight', 'act_range', 'range_to_scale',
-           'is_symmetric', 'hessian_name', 'quantizes_activations', 'static_act_range', 'static_scale_rows']
+__all__ = ['Provider', 'Op', 'Weight', 'Frame', 'FloatParamError', 'find_weight', 'tied_head', 'act_range',
+           'range_to_scale', 'is_symmetric', 'hessian_name', 'quantizes_activations', 'static_act_range',
+           'static_scale_rows']
 
 
 class FloatParamError(ValueError):
@@ -55,19 +57,23 @@ class Weight:
     """The weight operand of an op: its index, its param name, and what was passed.
 
     ``value`` is a QuantizedParam or QArray (already quantized) or a float array
-    that is (or was cast from) the module's param ``name``.
+    that is (or was cast from) the module's param ``name``. ``perm`` is None, or the
+    transposition that makes the operand from the stored param (``value = transpose(param, perm)``):
+    a tied output head, ``Embed.attend``'s ``jnp.dot(query, embedding.T)``, computes with the
+    lookup table transposed (:func:`find_weight`).
 
     Example:
       >>> import jax.numpy as jnp
       >>> from flax_integration.providers import Weight
       >>> w = Weight(1, 'kernel', jnp.ones((8, 4)))
-      >>> w.index, w.name, w.quantized
-      (1, 'kernel', False)
+      >>> w.index, w.name, w.quantized, w.perm
+      (1, 'kernel', False, None)
     """
 
     index: int
     name: str | None  # None only for a quantized operand that is not a stored param (e.g. reshaped in user code)
     value: Any
+    perm: tuple[int, ...] | None = None
 
     @property
     def quantized(self) -> bool:
@@ -91,7 +97,8 @@ def find_weight(call: OpCall, frame: Frame | None) -> Weight | None:
     named if it is one of the module's), or when it *is* one of the module's
     float params -- the same object, or a recorded alias such as its dtype cast
     (:meth:`Frame.param_name`). A weight reshaped or cast by other means in
-    user code is not recognised; it is then treated as an activation.
+    user code is not recognised; it is then treated as an activation. One
+    transposition is recognised: Flax's tied output head (:func:`tied_head`).
 
     Example:
       >>> import jax, jax.numpy as jnp, qarray
@@ -103,12 +110,65 @@ def find_weight(call: OpCall, frame: Frame | None) -> Weight | None:
       >>> find_weight(call, None).index
       1
     """
+    head = tied_head(call, frame)
+    if head is not None:
+        return head
     for i in getattr(call, 'weight_candidates', (1, 0)):
         x = call.operands[i]
         name = frame.param_name(x) if frame is not None else None
         if isinstance(x, (QuantizedParam, QArray)) or name is not None:
             return Weight(i, name, x)
     return None
+
+
+def _embed_classes() -> tuple[type, ...]:
+    from flax import linen as nn, nnx  # noqa: PLC0415 (Flax is imported by the frames anyway)
+    return nn.Embed, nnx.Embed
+
+
+def tied_head(call: OpCall, frame: Frame | None) -> Weight | None:
+    """The table of a tied output head, or None.
+
+    Flax's ``Embed.attend`` (Linen and NNX) computes ``jnp.dot(query, embedding.T)``: its
+    right operand is a new array (the transpose), so identity does not name it. In an
+    ``Embed`` module, a dense op whose right operand is a float ``[features, num_embeddings]``
+    array contracted along its first axis is that transpose (``attend`` is the module's only
+    matmul): it is the weight ``'embedding'`` with ``perm=(1, 0)``, quantized like the
+    lookup's table (one scale per token id, tiles along the features), so one stored table
+    serves both. A stored quantized table arrives transposed (``QuantizedParam.T``), already
+    in the operand's layout; it is named and marked the same way, so every run of the model
+    sees the same weights.
+
+    Example:
+      >>> import jax, jax.numpy as jnp
+      >>> from flax import linen as nn
+      >>> from flax_integration import quantize_model
+      >>> from flax_integration.providers import Provider
+      >>> from flax_integration.providers.base import tied_head
+      >>> class Spy(Provider):
+      ...     seen = []
+      ...     def process_op(self, op):
+      ...         self.seen.append((op.call.name, op.weight.name, op.weight.perm))
+      ...         return op.call.run_original()
+      >>> class Head(nn.Module):
+      ...     @nn.compact
+      ...     def __call__(self, ids):
+      ...         emb = nn.Embed(10, 4)
+      ...         return emb.attend(emb(ids))
+      >>> _ = quantize_model(Head(), Spy([])).init(jax.random.key(0), jnp.array([1, 2]))
+      >>> Spy.seen
+      [('take', 'embedding', None), ('dot_general', 'embedding', (1, 0))]
+    """
+    if frame is None or call_kind(call) != 'dense' or not isinstance(getattr(frame, 'module', None),
+                                                                     _embed_classes()):
+        return None
+    table = frame.params().get('embedding')
+    rhs = call.operands[1]
+    if table is None or len(getattr(table, 'shape', ())) != 2 or len(getattr(rhs, 'shape', ())) != 2:
+        return None
+    if tuple(rhs.shape) != tuple(table.shape)[::-1] or tuple(call.contract[1]) != (0,):
+        return None
+    return Weight(1, 'embedding', rhs, perm=(1, 0))
 
 
 @dataclasses.dataclass
@@ -251,6 +311,7 @@ class Provider:
         """
         if frame is None:
             return call.run_original()
+        _kv_cache.prepare_cache(self, frame)
         op_id = frame.next_op_id(call.name)
         rule = self.rules.match(frame.path, call.name)
         if rule is not None and rule.transforms_weights and not self.supports_weight_transforms:
@@ -258,7 +319,13 @@ class Provider:
                 f"{type(self).__name__}: the rule module_path={rule.module_path!r} sets "
                 f"weight_algorithm={rule.weight_algorithm!r}, rotation={rule.rotation!r}; only PtqProvider and "
                 "CalibrationProvider support those. Use weight_algorithm='rtn', rotation=None here.")
-        return self.process_op(Op(call, frame, rule, find_weight(call, frame), op_id))
+        op = Op(call, frame, rule, find_weight(call, frame), op_id)
+        try:
+            return self.process_op(op)
+        except (ValueError, TypeError) as e:
+            if not any(op.describe() in n for n in getattr(e, '__notes__', ())):  # say where, once
+                e.add_note(f"While {type(self).__name__} ran {op.describe()}.")
+            raise
 
     def process_op(self, op: Op) -> jax.Array:
         """Compute ``op``; the one method a provider must implement.
@@ -292,7 +359,7 @@ class Provider:
           >>> Provider([]).intercepts()
           ()
         """
-        return ()
+        return (_kv_cache.INTERCEPT,) if _kv_cache.wants_kv_cache(self.rules) else ()
 
     def process_extra_op(self, op: ExtraOp) -> Any:
         """Compute one call of a function from :meth:`intercepts` (``op.original`` is the JAX function).
@@ -304,6 +371,8 @@ class Provider:
           >>> Provider([]).process_extra_op(op).tolist()
           [0.0, 2.0]
         """
+        if op.name == _kv_cache.INTERCEPT.name:
+            return _kv_cache.process_cache_write(self, op)
         return op.original(*op.args, **op.kwargs)
 
     def model_run(self) -> ContextManager[None]:
@@ -428,6 +497,12 @@ class Provider:
         wi = op.weight.index
         wc, ac = op.call.contract[wi], op.call.contract[1 - wi]
         kind = call_kind(op.call)
+        if op.weight.perm is not None:
+            raise ValueError(
+                f"{op.describe()}: weight_algorithm='gptq' and rotation act on dot_general/einsum projections; this "
+                f"is a tied output head (Embed.attend), whose table is shared with the lookup, which can be neither "
+                "rotated nor rounded against this op's activations. Narrow the rule with module_path or "
+                "op_names=('dot_general', 'einsum') on the other modules.")
         if kind != 'dense':
             what = ('a table lookup: no activation is contracted with the table' if kind == 'gather' else
                     'per-expert weights: per-expert statistics and rotations are not implemented')
@@ -471,7 +546,8 @@ class Provider:
     def quantize_weight_value(self, op: Op, value: jax.Array) -> QuantizedParam:
         """Quantize a float weight the way ``op.rule`` says (layout from the op), rotated first if the rule
         says so. GPTQ rules are rounded to nearest here (no statistics yet); ``quantize_params`` with
-        ``quant_stats`` applies GPTQ.
+        ``quant_stats`` applies GPTQ. For a weight with ``perm`` (a tied head) ``value`` is the operand and
+        the result is the stored param: transposed back, with the op's layout carried along.
 
         Example:
           >>> import jax, jax.numpy as jnp, qarray
@@ -488,6 +564,11 @@ class Provider:
         """
         rule = op.rule
         cw, tiles = self.weight_layout(op)
+        perm = op.weight.perm if op.weight is not None else None
+        if perm is not None:  # the stored param's layout: operand axis a is param axis perm[a]
+            value = jnp.transpose(value, tuple(perm.index(b) for b in range(len(perm))))
+            cw = tuple(sorted(perm[a] for a in cw))
+            tiles = None if not tiles else {perm[a]: t for a, t in tiles.items()}
         rotation, gptq = None, None
         try:
             if rule.transforms_weights:
@@ -628,9 +709,9 @@ def static_scale_rows(op: Op, i: int, scale: Any, zero_point: Any) -> tuple[Any,
       >>> call = ragged_dot_call(qarray.ragged_dot, jax.lax.ragged_dot, x, jnp.ones((2, 4, 3)), jnp.array([2, 1]))
       >>> rule = QuantizationRule(act_qtype='int8', act_static_scale=True, act_batch_axes=())
       >>> s, _ = static_scale_rows(Op(call, None, rule, Weight(1, 'w', None), 'ragged_dot0'), 0,
-      ...                          jnp.array([[0.1], [0.2]]), None)
+      ...                          jnp.array([[0.5], [2.0]]), None)
       >>> s.tolist()
-      [[0.1], [0.1], [0.2]]
+      [[0.5], [0.5], [2.0]]
     """
     if _per_group(op, i):
         return op.call.group_rows(scale), op.call.group_rows(zero_point)

@@ -35,9 +35,9 @@ Rules that are plain ``QuantizationRule`` act exactly as in PTQ.
   ``optax.set_to_zero()`` for the frozen label works too, but it still
   computes their gradients: integer codes have none, so split instead).
 
-Adapters go on dense ops only: a ``ragged_dot`` (experts) or a lookup (``jnp.take``, ``nn.Embed``) that a
-``LoraRule`` matches gets no adapter; its base weight is handled as in PTQ (quantized with
-``weight_qtype``, float without).
+Adapters go on dense ops only (:meth:`LoraProvider.adapts`): a ``ragged_dot`` (experts), a lookup
+(``jnp.take``, ``nn.Embed``) or a tied output head (``Embed.attend``) that a ``LoraRule`` matches gets no
+adapter; its base weight is handled as in PTQ (quantized with ``weight_qtype``, float without).
 
 Dropout (``dropout > 0``) is applied to the adapter's input only. Linen: when
 an rng named ``'dropout'`` is passed to ``apply`` (none: no dropout). NNX: an
@@ -175,10 +175,30 @@ class LoraProvider(PtqProvider):
           True
         """
         out = super().process_op(op)
-        rule = op.rule
-        if not isinstance(rule, LoraRule) or op.weight is None or call_kind(op.call) != 'dense':
+        if not self.adapts(op):
             return out
         return out + self.lora_delta(op).astype(out.dtype)
+
+    @staticmethod
+    def adapts(op: Op) -> bool:
+        """Whether ``op`` gets an adapter: a :class:`LoraRule` matched it and it is a dense op with a weight of
+        its own (not a ``ragged_dot``, a lookup, or a tied output head, whose table the lookup shares).
+
+        Example:
+          >>> import jax, jax.numpy as jnp, qarray
+          >>> from flax_integration import LoraProvider, LoraRule
+          >>> from flax_integration._op_table import dot_general_call, take_call
+          >>> from flax_integration.providers import Op, Weight
+          >>> w = jnp.ones((4, 2))
+          >>> dense = dot_general_call(qarray.dot_general, jax.lax.dot_general, jnp.ones((1, 4)), w,
+          ...                          (((1,), (0,)), ((), ())))
+          >>> lookup = take_call(qarray.ops.take, jnp.take, w, jnp.array([1]), axis=0)
+          >>> rule = LoraRule(module_path='.*', rank=2)
+          >>> [LoraProvider.adapts(Op(c, None, rule, Weight(i, 'w', w), 'x0')) for c, i in ((dense, 1), (lookup, 0))]
+          [True, False]
+        """
+        return (isinstance(op.rule, LoraRule) and op.weight is not None and call_kind(op.call) == 'dense'
+                and op.weight.perm is None)
 
     # --- the adapter term ------------------------------------------------------------------
     def lora_delta(self, op: Op) -> jax.Array:

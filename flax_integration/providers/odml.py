@@ -9,7 +9,8 @@ tensor, not per op:
 
 * every dot_general / einsum / conv (and ``jnp.dot``/``jnp.matmul``) weight
   is fake-quantized per output channel; a ``ragged_dot`` or a lookup (``jnp.take``) runs in float (LiteRT
-  has no int8 ragged dot, and its int8 gather is not annotated here);
+  has no int8 ragged dot, and its int8 gather is not annotated here), and a tied output head
+  (``Embed.attend``) treats the transposed table as an activation (the lookup, in float, shares it);
 * an activation tensor is annotated once, where it is first consumed by an
   annotated op (a conv's input, a residual add's operand) or where an op in
   :mod:`~flax_integration.providers._odml_ops` produces it (relu's output,
@@ -51,6 +52,7 @@ Example:
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any, ContextManager, Sequence
 
 import jax
@@ -96,6 +98,12 @@ def _check_rules(rules: Sequence[QuantizationRule]) -> None:
         if r.tile_size is not None:
             raise ValueError(f"tile_size: LiteRT has no sub-channel scales; use tile_size=None (got "
                              f"{r.tile_size!r} in rule module_path={r.module_path!r}).")
+        if r.kv_cache_qtype is not None:
+            raise ValueError(f"kv_cache_qtype: the ODML (LiteRT) providers export a float decode cache; use "
+                             f"kv_cache_qtype=None (got {r.kv_cache_qtype!r} in rule module_path={r.module_path!r}).")
+        if r.quantized_backward:
+            raise ValueError(f"bwd_qtype / fwd_quantized: the ODML (LiteRT) providers train with float backward passes "
+                             f"(rule module_path={r.module_path!r}); use QtProvider for quantized backward passes.")
         if r.weight_qtype is not None and not is_symmetric(r.weight_calibration_method):
             raise ValueError(f"weight_calibration_method: LiteRT weights are symmetric; use a symmetric method "
                              f"such as 'absmax' (got {r.weight_calibration_method!r}).")
@@ -247,6 +255,8 @@ class OdmlQatProvider(Provider):
         """
         if call_kind(op.call) != 'dense':  # ragged_dot, lookups: float (see the module docstring)
             return op.call.run_original()
+        if op.weight is not None and op.weight.perm is not None:  # a tied head: its table is the lookup's
+            op = dataclasses.replace(op, weight=None)
         operands = list(op.call.operands)
         for x in operands:
             if isinstance(x, (QuantizedParam, QArray)):

@@ -135,11 +135,17 @@ class PtqProvider(Provider):
                 "(Linen) or quantize_model(nnx_model, provider, *inputs) (NNX).")
         stored = unbox_leaves(op.frame.get_param(w.name))
         if isinstance(stored, QuantizedParam):  # a second op on the same weight in this init run
-            return as_operand(stored)
+            return self._as_used(w, as_operand(stored))
         qp = self.quantize_weight_value(op, w.value)
         op.frame.put_param(w.name, qp)
-        op.frame.record_alias(w.value, w.name)  # later ops may still see the float object
-        return as_operand(qp)
+        if w.perm is None:
+            op.frame.record_alias(w.value, w.name)  # later ops may still see the float object
+        return self._as_used(w, as_operand(qp))
+
+    @staticmethod
+    def _as_used(w: Any, q: Any) -> Any:
+        """The stored param as the op uses it: transposed for a tied head (``w.perm``)."""
+        return q if w.perm is None else q.transpose(w.perm)
 
     # --- activations -----------------------------------------------------------------------
     def activation(self, op: Op, i: int, x: Any) -> Any:

@@ -21,8 +21,9 @@ from qarray.ops.einsum import einsum
 from qarray.ops.matmul import dot, matmul
 from qarray.ops.ragged_dot import ragged_dot, ragged_dot_general
 from qarray.ops.take import take
+from qarray.ops.qt_dot import BackwardQuant, ForwardQuant, qt_dot_general, quantized_training_op
 from qarray.ops._registry import register_kernel, registered_kernels, unregister_kernel
 
 __all__ = ['dot_general', 'einsum', 'dot', 'matmul', 'conv_general_dilated', 'ragged_dot', 'ragged_dot_general',
-           'take', 'choose_path',
+           'take', 'choose_path', 'qt_dot_general', 'quantized_training_op', 'ForwardQuant', 'BackwardQuant',
            'register_kernel', 'unregister_kernel', 'registered_kernels']

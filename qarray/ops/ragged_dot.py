@@ -322,7 +322,9 @@ def _float(lhs, rhs, group_sizes, precision, out_dtype, pet):
             post.append(_lhs_scale(sc[:, 0:1], m) if side == 'lhs' else _rows_of(_rhs_scale(sc, g, n), gid)[:, 0])
         else:
             ops.append(values(x, ct, scaled=True))
-    y = lax.ragged_dot(ops[0], ops[1], group_sizes, precision=precision, preferred_element_type=pet)
+    # Accumulate at least at the operands' precision; a narrower preferred_element_type is the output's only.
+    acc = ct if pet is None else jnp.promote_types(ct, pet)
+    y = lax.ragged_dot(ops[0], ops[1], group_sizes, precision=precision, preferred_element_type=acc)
     if post:
         y = y.astype(jnp.float32)
         for s in post:

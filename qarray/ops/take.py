@@ -59,8 +59,10 @@ def take(q: Any, indices: Any, axis: int | None = 0, *, mode: str | None = None,
     Example:
       >>> import jax.numpy as jnp, qarray
       >>> q = qarray.quantize(jnp.arange(12.).reshape(4, 3), 'int8', channelwise_axes=(0,))
-      >>> qarray.take(q, jnp.array([3, -4, 4]))[:, 0].tolist()   # -4 is row 0; 4 is out of range: NaN
-      [9.0, 0.0, nan]
+      >>> rows = qarray.take(q, jnp.array([3, -4, 4]))   # -4 is row 0; 4 is out of range: NaN
+      >>> table = qarray.dequantize(q)
+      >>> bool((rows[0] == table[3]).all()), bool((rows[1] == table[0]).all()), bool(jnp.isnan(rows[2]).all())
+      (True, True, True)
     """
     if mode not in _MODES:
         raise ValueError(f"mode must be one of {_MODES}; got {mode!r}.")
@@ -153,7 +155,8 @@ def getitem(q: QArray, key: Any) -> Any:
     """``q[key]``: ``qarray.dequantize(q)[key]``, gathering only the rows ``key`` selects along axis 0.
 
     ``key`` indexes axis 0 (an int, a slice, an integer or boolean array, with JAX's rules: negative
-    indices count from the end, out-of-range ones are clamped), optionally followed by ints, slices and
+    indices count from the end, out-of-range array entries are clamped; a static int out of range raises
+    ``IndexError``, as numpy does), optionally followed by ints, slices and
     one Ellipsis for the other axes. ``q[...]`` (and ``q[()]``) is ``q`` itself, still quantized. Other
     keys raise ``TypeError``; index ``qarray.dequantize(q)`` for them.
 
@@ -161,8 +164,11 @@ def getitem(q: QArray, key: Any) -> Any:
       >>> import jax.numpy as jnp, qarray
       >>> from qarray.ops.take import getitem
       >>> q = qarray.quantize(jnp.arange(12.).reshape(4, 3), 'int8', channelwise_axes=(0,))
-      >>> getitem(q, 2).tolist(), getitem(q, (jnp.array([0, -1]), 1)).tolist(), getitem(q, ...) is q
-      ([6.0, 7.0, 8.0], [1.0, 10.0], True)
+      >>> table = qarray.dequantize(q)
+      >>> bool((getitem(q, 2) == table[2]).all()), bool((getitem(q, (jnp.array([0, -1]), 1)) == table[[0, 3], 1]).all())
+      (True, True)
+      >>> getitem(q, ...) is q
+      True
     """
     if key is Ellipsis or (isinstance(key, tuple) and (len(key) == 0 or (len(key) == 1 and key[0] is Ellipsis))):
         return q
@@ -180,6 +186,9 @@ def getitem(q: QArray, key: Any) -> Any:
         if not (k is Ellipsis or isinstance(k, slice) or _is_int(k)):
             raise TypeError(f"QArray indexing: after axis 0, only ints, slices and one Ellipsis are supported; "
                             f"got {k!r}. Index qarray.dequantize(q) for other keys.")
+    if _is_int(head) and not isinstance(head, jax.core.Tracer) and not -q.shape[0] <= int(head) < q.shape[0]:
+        # numpy's rule for a static int (what ends iteration by the sequence protocol, ``for row in q``)
+        raise IndexError(f"index {int(head)} is out of bounds for axis 0 with size {q.shape[0]}.")
     src = jnp.arange(q.shape[0], dtype=jnp.int32)[head]  # JAX's own rules for axis 0 (wrap, clamp, masks)
     rows = take(q, src, axis=0, mode='clip')
     return rows[(slice(None),) * src.ndim + tuple(rest)] if rest else rows

@@ -356,10 +356,21 @@ def test_conv_with_tile_size_raises():
         ptq.init(jax.random.key(0), x)
 
 
-def test_tile_that_does_not_divide_names_the_module(x16):
+def test_tile_that_does_not_divide_leaves_a_partial_tile(x16):
     ptq = fi.quantize_model(MLP(), fi.PtqProvider([fi.QuantizationRule(weight_qtype='int4', tile_size=5)]))
-    with pytest.raises(ValueError, match="Dense_0"):
-        ptq.init(jax.random.key(0), x16)
+    params = ptq.init(jax.random.key(0), x16)['params']
+    for layer in params.values():
+        q = layer['kernel'].array
+        n_in = q.shape[0]  # [in, out]: tiles of 5 along in, the last one partial
+        assert q.scale.shape[0] == -(-n_in // 5) and q.tile_sizes == ((-2, 5),), (q.scale.shape, q.tile_sizes)
+
+
+def test_errors_inside_an_op_name_the_module():
+    # nvfp4's tensor scale needs whole blocks of 16: 20 input features cannot be quantized, and the error says where
+    ptq = fi.quantize_model(nn.Dense(3), fi.PtqProvider([fi.QuantizationRule(weight_qtype='nvfp4')]))
+    with pytest.raises(ValueError, match=r"multiple of 16") as e:
+        ptq.init(jax.random.key(0), jnp.ones((2, 20)))
+    assert any("module '<root>', op dot_general0" in n for n in e.value.__notes__)
 
 
 def test_quantized_param_shape_mismatch_raises(x16):

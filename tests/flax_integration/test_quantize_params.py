@@ -29,9 +29,11 @@ def test_model_free_quantizes_matching_leaves():
 def test_model_free_errors_name_the_path():
     with pytest.raises(ValueError, match='Dense_0/bias'):
         fi.quantize_params({'Dense_0': {'bias': jnp.ones(8)}}, [fi.QuantizationRule(weight_qtype='int8')])
-    with pytest.raises(ValueError, match='Dense_0/kernel'):
-        fi.quantize_params({'Dense_0': {'kernel': jnp.ones((6, 8))}},
+    with pytest.raises(ValueError, match='Dense_0/kernel'):  # a kernel of rank 1 has no contraction axis to tile
+        fi.quantize_params({'Dense_0': {'kernel': jnp.ones((6,))}},
                            [fi.QuantizationRule(weight_qtype='int4', tile_size=4)])
+    with pytest.raises(ValueError, match='mxfp4.*blocks of 32'):  # refused by the rule itself
+        fi.QuantizationRule(weight_qtype='mxfp4', tile_size=16)
     with pytest.raises(ValueError, match='quant_stats'):
         fi.quantize_params({'k': jnp.ones((4, 4))}, [fi.QuantizationRule(weight_qtype='int8')], {})
 
