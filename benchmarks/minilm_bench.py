@@ -7,6 +7,12 @@ the Qwix columns, ``qwix==0.1.8`` (the ``[bench]`` extra).
 
 Usage (from the repository root):
   python benchmarks/minilm_bench.py [--repeats 5] [--no-write]
+  python benchmarks/minilm_bench.py --latency [--rounds 20]   # latency column only (issue 19)
+
+``--latency`` times only the schemes both libraries run as plain PTQ (``qwix_method == 'ptq'``):
+the jitted forward pass on the latency batch (32 sentences x 64 tokens), qarray and Qwix 0.1.8
+alternating call by call in ONE run (``pairbench.time_pair``: medians of ms/batch and of per-round
+wall and CPU ratios), and prints a table; RESULTS.md is not touched.
 
 Example:
   >>> import benchmarks.minilm_bench  # doctest: +SKIP
@@ -185,17 +191,70 @@ def targets(rows) -> str:
     return 'Targets (issue 7):\n\n' + '\n'.join(out) + '\n'
 
 
+def latency_rows(rounds: int = 20, only: str | None = None, log=print) -> list[dict]:
+    """PTQ forward ms/batch of every scheme both libraries run as plain PTQ, interleaved per scheme.
+
+    Example:
+      >>> rows = latency_rows(rounds=3, only='int8 weight-only')  # doctest: +SKIP
+      >>> rows[0]['scheme']  # doctest: +SKIP
+      'int8 weight-only'
+    """
+    from benchmarks import pairbench
+    from examples.minilm import evaluate, schemes, weights
+    params = weights.load_params()
+    data = evaluate.eval_data()
+    rows = []
+    for scheme in schemes.SCHEMES:
+        if scheme.qwix_method != 'ptq' or (only and only not in scheme.name):
+            continue
+        ours = evaluate.build_qarray(scheme, params, data)
+        theirs = evaluate.build_qwix(scheme, params, data)
+        args = (data.lat_ids, data.lat_mask)
+        r = pairbench.time_pair(ours.apply, (ours.variables,) + args, theirs.apply, (theirs.variables,) + args,
+                                rounds=rounds, warmup=2)
+        rows.append(dict(scheme=scheme.name, **r))
+        log(f"  {scheme.name:28s} qarray {r['a_wall_ms']:.2f} ms, Qwix {r['b_wall_ms']:.2f} ms per batch; "
+            f"qwix/qarray wall {r['ratio_wall']:.2f}x CPU {r['ratio_cpu']:.2f}x")
+    return rows
+
+
+def latency_markdown(rows: list[dict]) -> str:
+    """The latency table: ms/batch of both libraries (wall medians) and the per-round ratios.
+
+    Example:
+      >>> print(latency_markdown([dict(scheme='s', a_wall_ms=2., b_wall_ms=3., a_cpu_ms=2., b_cpu_ms=3.,
+      ...       ratio_wall=1.5, ratio_wall_q1=1.4, ratio_wall_q3=1.6, ratio_cpu=1.5, rounds=3, load=1.)]).splitlines()[-1])
+      | s | 2.00 | 3.00 | yes | 1.50x | 1.40-1.60 | 1.50x | 3 | 1.0 |
+    """
+    lines = ['| scheme | qarray ms / batch | Qwix ms / batch | qarray <= Qwix | qwix/qarray wall | wall IQR '
+             '| qwix/qarray CPU | rounds | load |', '|---|---:|---:|---|---:|---:|---:|---:|---:|']
+    for r in rows:
+        ok = 'yes' if r['a_wall_ms'] <= r['b_wall_ms'] else '**no**'
+        lines.append(f"| {r['scheme']} | {r['a_wall_ms']:.2f} | {r['b_wall_ms']:.2f} | {ok} | {r['ratio_wall']:.2f}x "
+                     f"| {r['ratio_wall_q1']:.2f}-{r['ratio_wall_q3']:.2f} | {r['ratio_cpu']:.2f}x | {r['rounds']} "
+                     f"| {r['load']:.1f} |")
+    return '\n'.join(lines)
+
+
 def main(argv=None) -> None:
     """Run the table, print it, and (unless ``--no-write``) update RESULTS.md."""
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument('--repeats', type=int, default=5)
     ap.add_argument('--no-write', action='store_true')
     ap.add_argument('--no-qwix', action='store_true')
+    ap.add_argument('--latency', action='store_true', help='only the PTQ latency column, interleaved (issue 19)')
+    ap.add_argument('--rounds', type=int, default=20, help='--latency: interleaved rounds per scheme')
+    ap.add_argument('--only', default=None, help='--latency: only schemes whose name contains this')
     args = ap.parse_args(argv)
     from examples.minilm import evaluate, schemes, weights
     reason = weights.missing_reason()
     if reason:
         raise SystemExit(f"minilm_bench: {reason}")
+    if args.latency:
+        from benchmarks import pairbench
+        print(pairbench.machine())
+        print(latency_markdown(latency_rows(args.rounds, args.only)))
+        return
     t0 = time.perf_counter()
     rows = evaluate.run_table(schemes.SCHEMES, with_qwix=not args.no_qwix, repeats=args.repeats,
                               log=lambda m: print(m, flush=True))

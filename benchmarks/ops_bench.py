@@ -216,8 +216,9 @@ def _weight_kwargs(case, fmt):
 
 
 def run_layouts(quick: bool = False, rounds: int | None = None, max_seconds: float | None = None,
-                only: str | None = None, log=print) -> list[dict]:
-    """Weight-only and quantized-activation rows for every op layout; qarray vs Qwix interleaved."""
+                only: str | None = None, log=print, select=None) -> list[dict]:
+    """Weight-only and quantized-activation rows for every op layout; qarray vs Qwix interleaved.
+    ``select((case, op)) -> bool`` keeps only some rows (e.g. to rerun the slow ones)."""
     qw = _qwix()
     if qw is None:
         raise SystemExit('the layout suite needs Qwix (pip install qwix==0.1.8, the [bench] extra)')
@@ -238,6 +239,8 @@ def run_layouts(quick: bool = False, rounds: int | None = None, max_seconds: flo
         for label, wf, act, gran in (ACT_ROWS if not quick else ACT_ROWS[:1]):
             work.append((label, fmts[wf], (act, gran)))
         for label, fmt, act in work:
+            if select is not None and not select((case['name'], label)):
+                continue
             qa_t, qa_kw, qw_t, qw_kw = _weight_kwargs(case, fmt)
             base = dict(case=case['name'], op=label)
             try:
@@ -304,9 +307,18 @@ def main() -> None:
     ap.add_argument('--write', action='store_true', help='layout suite: write its section of RESULTS.md')
     ap.add_argument('--only', default=None, help='layout suite: only cases whose name contains this')
     ap.add_argument('--qarray', default=None, help='path of another qarray checkout to benchmark')
+    ap.add_argument('--rerun-below', type=float, default=None,
+                    help='layout suite: rerun the rows whose wall ratio is below this (a "rerun" column)')
+    ap.add_argument('--json', default=None, help='layout suite: also write the rows to this JSON file')
     a = ap.parse_args()
     if a.layouts or a.quick:
-        rows = run_layouts(a.quick, None if a.rounds == ap.get_default('rounds') else a.rounds, only=a.only)
+        rounds = None if a.rounds == ap.get_default('rounds') else a.rounds
+        rows = run_layouts(a.quick, rounds, only=a.only)
+        if a.rerun_below is not None:
+            pairbench.rerun_slow(rows, a.rerun_below, ('case', 'op'),
+                                 lambda sel: run_layouts(a.quick, rounds, only=a.only, select=sel))
+        if a.json:
+            pairbench.dump_rows(rows, a.json)
         text = layouts_markdown(rows, a.quick)
         print(text)
         if a.write and not a.quick:

@@ -39,7 +39,9 @@ def time_pair(a: Callable, a_args: tuple, b: Callable, b_args: tuple, *, rounds:
 
     Stops early (after at least 5 rounds) once ``max_seconds`` of timing has passed.
     Returns medians in ms (``a_wall_ms``, ``a_cpu_ms``, ``b_wall_ms``, ``b_cpu_ms``), the medians
-    of per-round ratios ``b / a`` (``ratio_wall``, ``ratio_cpu``) and the number of rounds.
+    of per-round ratios ``b / a`` (``ratio_wall``, ``ratio_cpu``), the interquartile range of the
+    per-round wall ratios (``ratio_wall_q1``, ``ratio_wall_q3``), the number of rounds and the
+    1-minute load average when the row finished (``load``).
     """
     for _ in range(warmup):
         jax.block_until_ready(a(*a_args))
@@ -55,11 +57,20 @@ def time_pair(a: Callable, a_args: tuple, b: Callable, b_args: tuple, *, rounds:
         if max_seconds is not None and r >= 4 and time.perf_counter() - start > max_seconds:
             break
     med = statistics.median
+    rw = sorted(y / x for x, y in zip(aw, bw))
     return dict(
         a_wall_ms=med(aw) * 1e3, a_cpu_ms=med(ac) * 1e3, b_wall_ms=med(bw) * 1e3, b_cpu_ms=med(bc) * 1e3,
-        ratio_wall=med(y / x for x, y in zip(aw, bw)),
+        ratio_wall=med(rw), ratio_wall_q1=_quantile(rw, 0.25), ratio_wall_q3=_quantile(rw, 0.75),
         ratio_cpu=med(y / max(x, 1e-9) for x, y in zip(ac, bc)),
-        rounds=len(aw))
+        rounds=len(aw), load=os.getloadavg()[0] if hasattr(os, 'getloadavg') else float('nan'))
+
+
+def _quantile(sorted_values: list[float], q: float) -> float:
+    """Linear-interpolation quantile of an already sorted, non-empty list."""
+    pos = q * (len(sorted_values) - 1)
+    lo = int(pos)
+    hi = min(lo + 1, len(sorted_values) - 1)
+    return sorted_values[lo] + (sorted_values[hi] - sorted_values[lo]) * (pos - lo)
 
 
 def machine() -> str:
@@ -75,29 +86,42 @@ def machine() -> str:
 
 
 def ratio_table(rows: list[dict], first_cols: list[str]) -> str:
-    """Markdown table: ``first_cols`` of each row, then qarray / Qwix medians and the two ratios.
+    """Markdown table: ``first_cols`` of each row, then qarray / Qwix medians, the ratios (bold: wall below
+    1.0x), the wall ratio's interquartile range, rounds, load average, and a rerun's ratios where rows have one.
 
     Example:
       >>> print(ratio_table([dict(case='c', op='q', a_wall_ms=2., a_cpu_ms=2., b_wall_ms=1., b_cpu_ms=1.,
-      ...                         ratio_wall=.5, ratio_cpu=.5, rounds=3)], ['case', 'op']).splitlines()[2])
-      | c | q | 2.00 / 1.00 | 2.00 / 1.00 | **0.50x** | 0.50x | 3 |
+      ...                         ratio_wall=.5, ratio_wall_q1=.4, ratio_wall_q3=.6, ratio_cpu=.5, rounds=3,
+      ...                         load=1.5)], ['case', 'op']).splitlines()[2])
+      | c | q | 2.00 / 1.00 | 2.00 / 1.00 | **0.50x** | 0.40-0.60 | 0.50x | 3 | 1.5 |
     """
     head = first_cols + ['wall ms qarray / Qwix', 'CPU ms qarray / Qwix', 'qwix/qarray wall',
-                         'qwix/qarray CPU', 'rounds']
-    lines = ['| ' + ' | '.join(head) + ' |', '|' + '---|' * len(first_cols) + '---:|' * 5]
+                         'wall IQR', 'qwix/qarray CPU', 'rounds', 'load']
+    rerun = any('rerun' in r for r in rows)
+    if rerun:
+        head.append('rerun wall (CPU)')
+    lines = ['| ' + ' | '.join(head) + ' |', '|' + '---|' * len(first_cols) + '---:|' * (len(head) - len(first_cols))]
     for r in rows:
         if r.get('error'):
-            lines.append('| ' + ' | '.join(str(r[c]) for c in first_cols) + f" | {r['error']} | | | | |")
+            lines.append('| ' + ' | '.join(str(r[c]) for c in first_cols) + f" | {r['error']} |"
+                         + ' |' * (len(head) - len(first_cols) - 1))
             continue
         w = f"{r['ratio_wall']:.2f}x"
-        lines.append('| ' + ' | '.join(str(r[c]) for c in first_cols)
-                     + f" | {r['a_wall_ms']:.2f} / {r['b_wall_ms']:.2f} | {r['a_cpu_ms']:.2f} / {r['b_cpu_ms']:.2f}"
-                     f" | {'**' + w + '**' if r['ratio_wall'] < 0.9 else w} | {r['ratio_cpu']:.2f}x | {r['rounds']} |")
+        iqr = f"{r['ratio_wall_q1']:.2f}-{r['ratio_wall_q3']:.2f}" if 'ratio_wall_q1' in r else ''
+        load = f"{r['load']:.1f}" if 'load' in r else ''
+        line = ('| ' + ' | '.join(str(r[c]) for c in first_cols)
+                + f" | {r['a_wall_ms']:.2f} / {r['b_wall_ms']:.2f} | {r['a_cpu_ms']:.2f} / {r['b_cpu_ms']:.2f}"
+                f" | {'**' + w + '**' if r['ratio_wall'] < 1.0 else w} | {iqr} | {r['ratio_cpu']:.2f}x"
+                f" | {r['rounds']} | {load} |")
+        if rerun:
+            again = r.get('rerun')
+            line += f" {again['ratio_wall']:.2f}x ({again['ratio_cpu']:.2f}x) |" if again else ' |'
+        lines.append(line)
     return '\n'.join(lines)
 
 
 def summary(rows: list[dict]) -> str:
-    """Geometric mean and minimum of the wall ratios, and how many rows are below 0.9x."""
+    """Geometric mean and minimum of the wall ratios, and how many rows are below 1.0x and 0.9x."""
     ok = [r for r in rows if not r.get('error')]
     if not ok:
         return 'no rows'
@@ -105,6 +129,42 @@ def summary(rows: list[dict]) -> str:
     g = math.exp(sum(math.log(r['ratio_wall']) for r in ok) / len(ok))
     worst = min(ok, key=lambda r: r['ratio_wall'])
     slow = sum(r['ratio_wall'] < 0.9 for r in ok)
-    return (f'{len(ok)} rows; geometric mean qwix/qarray wall ratio {g:.2f}x; {slow} rows below 0.9x; '
+    below = sum(r['ratio_wall'] < 1.0 for r in ok)
+    return (f'{len(ok)} rows; geometric mean qwix/qarray wall ratio {g:.2f}x; {below} rows below 1.0x, '
+            f'{slow} below 0.9x; '
             f"slowest: {worst.get('case', '')} {worst.get('fmt', '')} {worst.get('op', '')} "
             f"{worst['ratio_wall']:.2f}x")
+
+
+def rerun_slow(rows: list[dict], below: float, key: tuple[str, ...], run: Callable) -> None:
+    """Time again every row whose wall ratio is below ``below``: ``run(select)`` must return the rows that
+    ``select(tuple of the row's key fields)`` keeps; each slow row gets the new measurement as ``rerun``.
+
+    Example:
+      >>> rows = [dict(case='a', ratio_wall=0.8), dict(case='b', ratio_wall=1.2)]
+      >>> rerun_slow(rows, 1.0, ('case',), lambda sel: [dict(case=c, ratio_wall=1.1) for c in 'ab' if sel((c,))])
+      >>> rows[0]['rerun']['ratio_wall'], 'rerun' in rows[1]
+      (1.1, False)
+    """
+    slow = {tuple(r[k] for k in key) for r in rows if not r.get('error') and r['ratio_wall'] < below}
+    if not slow:
+        return
+    again = {tuple(r[k] for k in key): r for r in run(lambda k: tuple(k) in slow) if not r.get('error')}
+    for r in rows:
+        k = tuple(r.get(f) for f in key)
+        if k in slow and k in again:
+            r['rerun'] = {f: v for f, v in again[k].items() if f not in key}
+
+
+def dump_rows(rows: list[dict], path: str) -> None:
+    """Write benchmark rows (plus the machine line) to a JSON file.
+
+    Example:
+      >>> import json, os, tempfile
+      >>> p = os.path.join(tempfile.mkdtemp(), 'rows.json')
+      >>> dump_rows([dict(case='a', ratio_wall=1.0)], p); json.load(open(p))['rows'][0]['case']
+      'a'
+    """
+    import json
+    with open(path, 'w') as f:
+        json.dump(dict(machine=machine(), rows=rows), f, indent=1, default=float)

@@ -246,8 +246,10 @@ OPS = ('quantize', 'dequantize', 'quantize->dequantize')
 
 
 def run_layouts(quick: bool = False, rounds: int | None = None, max_seconds: float | None = None,
-                only: str | None = None, log=print) -> list[dict]:
+                only: str | None = None, log=print, select=None) -> list[dict]:
     """Every (layout, format, op) row: qarray vs Qwix in one interleaved run each.
+
+    ``select((case, fmt, op)) -> bool`` keeps only some rows (e.g. to rerun the slow ones).
 
     Example:
       >>> rows = run_layouts(quick=True, rounds=1, only='per-tensor', log=lambda *a: None)
@@ -267,6 +269,9 @@ def run_layouts(quick: bool = False, rounds: int | None = None, max_seconds: flo
                 continue
             qa_t, qa_kw, qw_t, qw_kw = layout_kwargs(shape, cw, tile_axis, fmt)
             base = dict(case=f'{layout} {"x".join(map(str, shape))}', fmt=fmt[0])
+            ops = [op for op in OPS if select is None or select((base['case'], fmt[0], op))]
+            if not ops:
+                continue
             qa_q = jax.jit(lambda v, t=qa_t, kw=qa_kw: qarray.quantize(v, t, **kw))
             qw_q = jax.jit(lambda v, t=qw_t, kw=qw_kw: qwix.quantize(v, t, **kw))
             try:
@@ -283,7 +288,7 @@ def run_layouts(quick: bool = False, rounds: int | None = None, max_seconds: flo
                     jax.jit(lambda v, t=qa_t, kw=qa_kw: qarray.dequantize(qarray.quantize(v, t, **kw))), (x,),
                     jax.jit(lambda v, t=qw_t, kw=qw_kw: qwix.dequantize(qwix.quantize(v, t, **kw))), (x,)),
             }
-            for op in OPS:
+            for op in ops:
                 fa, aa, fb, ab = progs[op]
                 r = pairbench.time_pair(fa, aa, fb, ab, rounds=rounds, max_seconds=max_seconds)
                 rows.append(dict(base, op=op, **r))
@@ -351,10 +356,18 @@ def main() -> None:
     p.add_argument('--rounds', type=int, default=None, help='layout suite: rounds per row')
     p.add_argument('--only', default=None, help='layout suite: only layouts whose name contains this')
     p.add_argument('--qarray', default=None, help='path of another qarray checkout to benchmark')
+    p.add_argument('--rerun-below', type=float, default=None,
+                   help='layout suite: rerun the rows whose wall ratio is below this (a "rerun" column)')
+    p.add_argument('--json', default=None, help='layout suite: also write the rows to this JSON file')
     a = p.parse_args()
     results = os.path.join(os.path.dirname(os.path.abspath(__file__)), 'RESULTS.md')
     if a.layouts or a.quick:
         rows = run_layouts(a.quick, a.rounds, only=a.only)
+        if a.rerun_below is not None:
+            pairbench.rerun_slow(rows, a.rerun_below, ('case', 'fmt', 'op'),
+                                 lambda sel: run_layouts(a.quick, a.rounds, only=a.only, select=sel))
+        if a.json:
+            pairbench.dump_rows(rows, a.json)
         text = layouts_markdown(rows, a.quick)
         print(text)
         if a.write:

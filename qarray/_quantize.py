@@ -62,6 +62,11 @@ def quantize_codes(x, spec: Spec, with_overflow: bool = False, key: jax.Array | 
     view, reduce_axes, scale_shape = _layout.group_view(x.shape, spec.channelwise_axes, dict(spec.tiles))
     no_overflow = jnp.zeros((), bool)
     if x.size == 0:  # nothing to calibrate: unit scales, no codes
+        if not qt.microscaling:  # but an asymmetric calibration on a format without a zero point is still refused
+            probe = _calibration.calibrate(spec.calibration, jnp.zeros([1] * len(view), jnp.float32),
+                                           tuple(reduce_axes), qt)
+            if not probe.symmetric:
+                qt.asym_range  # raises the documented error for int1, fp8, code books  # noqa: B018
         out = _empty_codes(x, spec, scale_shape)
         return out + (no_overflow,) if with_overflow else out
     xv = x.reshape(view).astype(_numerics.compute_dtype(x.dtype))
@@ -297,7 +302,8 @@ def resolve_args(x, qtype, channelwise_axes, tiles, calibration, scale_dtype, sc
         return _resolve_microscaling(x, qt, channelwise_axes, tiles, calibration, scale_dtype, scale_qtype)
     cw, tile_map = _layout.normalize_layout(x.shape, channelwise_axes, tiles)
     _calibration.parse(calibration)
-    scale_dtype = jnp.dtype(scale_dtype or x.dtype)
+    # As JAX stores it: float64 is float32 unless jax_enable_x64 (so the scale floor is float32's tiny, not 0)
+    scale_dtype = jax.dtypes.canonicalize_dtype(jnp.dtype(scale_dtype or x.dtype))
     if not jnp.issubdtype(scale_dtype, jnp.floating):
         raise TypeError(f"scale_dtype must be a floating dtype (float32, bfloat16, float16); got {scale_dtype}.")
     uneven = {a: t for a, t in tile_map.items() if x.shape[a] % t}
@@ -381,7 +387,8 @@ def codes_with_scale(x, qt, scale, zero_point):
     scale = jnp.asarray(scale)
     if not jnp.issubdtype(scale.dtype, jnp.floating):
         raise TypeError(f"scale must be a floating-point array; got dtype {scale.dtype}.")
-    if scale.ndim != x.ndim or any(s == 0 or n % s for n, s in zip(x.shape, scale.shape) if n):
+    misfit = lambda n, s: s not in (0, 1) if n == 0 else (s == 0 or n % s != 0)  # an empty axis: 1 or 0 scales
+    if scale.ndim != x.ndim or any(misfit(n, s) for n, s in zip(x.shape, scale.shape)):
         raise ValueError(f"scale of shape {scale.shape} does not fit x of shape {x.shape}: it needs the rank "
                          "of x with every axis 1, the full size, or a divisor of it.")
     if _concrete(scale) and not bool(jnp.all(jnp.isfinite(scale) & (scale > 0))):
@@ -419,7 +426,14 @@ def _pack(codes_, scale, zp, qt, x, pack_axis, tile_sizes=()) -> QArray:
         return QArray(codes_, scale, zp, qtype=qt, dtype=x.dtype, tile_sizes=tile_sizes)
     _check_pack_axis(x, qt, pack_axis)
     pa = pack_axis % x.ndim
-    qvalue = packing.pack(qt.to_field(codes_), qt.bits, axis=pa)
+    if qt.bits in (2, 4):
+        # The same bytes as packing.pack, but elementwise ops and bitcasts only (no word reduce, which would
+        # end the fusion): under jit the packing fuses into the codes pass, and a dequantize in the same
+        # program cancels it instead of re-reading the packed codes.
+        signed = qt.kind == 'int'  # int2/int4 codes are already two's-complement fields in int8
+        qvalue = packing.pack_native(codes_ if signed else qt.to_field(codes_), qt.bits, axis=pa, signed=signed)
+    else:
+        qvalue = packing.pack(qt.to_field(codes_), qt.bits, axis=pa)
     return QArray(qvalue, scale, zp, qtype=qt, dtype=x.dtype, packed_axis=pa - x.ndim, packed_length=x.shape[pa],
                   tile_sizes=tile_sizes)
 
@@ -491,5 +505,6 @@ def values_from_codes(codes_: jax.Array, scale: Any, zero_point: jax.Array | Non
         return _numerics.from_codes(codes_, full(scale), None if zero_point is None else full(zero_point), qt, dtype)
     vshape, sshape = _layout.tiled_view(codes_.shape, scale.shape)
     zp = None if zero_point is None else zero_point.reshape(sshape)
-    values = _numerics.from_codes(codes_.reshape(vshape), scale.reshape(sshape), zp, qt, dtype)
-    return values.reshape(codes_.shape)
+    # split / merge axes one at a time: an Explicit-mesh array sharded on two axes cannot reshape in one step
+    values = _numerics.from_codes(_layout.split_axes(codes_, vshape), scale.reshape(sshape), zp, qt, dtype)
+    return _layout.merge_axes(values, codes_.shape)

@@ -188,13 +188,7 @@ _MESH_SCRIPT = textwrap.dedent('''
 ''')
 
 
-@pytest.mark.parametrize('axis_type', [
-    'Auto',
-    pytest.param('Explicit', marks=pytest.mark.xfail(strict=True, raises=AssertionError, reason=(
-        "qarray/_quantize.py values_from_codes reshapes codes (32@data, 48@model) -> (4, 8, 3, 16) in one step, "
-        "which JAX's explicit-sharding reshape refuses; the fix (reshape one axis at a time with "
-        "qarray._layout.split_axes / merge_axes) is a two-line diff in _quantize.py, owned elsewhere"))),
-])
+@pytest.mark.parametrize('axis_type', ['Auto', 'Explicit'])
 def test_sharding_on_a_2x2_cpu_mesh(axis_type):
     env = dict(os.environ, XLA_FLAGS='--xla_force_host_platform_device_count=4', JAX_PLATFORMS='cpu')
     env['PYTHONPATH'] = os.pathsep.join([str(ROOT), env.get('PYTHONPATH', '')])

@@ -71,8 +71,8 @@ sum of S <= K tiles, while the reference's operands are each rounded once (dequa
 ``S + 3 + 2 <= K + 4`` roundings per term. The fp8 and float paths are one float32 dot of (dequantized or
 unscaled) operands plus at most one output scaling: the same bound.
 
-Known library bugs (each has a strict-xfail reproducer below; the sweep narrows around it, listed in
-``KNOWN_BUGS`` and marked ``# KNOWN BUG`` where it does): see the ``test_known_bug_*`` tests.
+Bugs this sweep found (rms underflow, float64 percentile / fixed / mse, size-0 checks, float64 scales
+without x64, empty contractions) are fixed; each has a regression test at the end of this module.
 
 Budget: ~300 examples in the default profile (about a minute on 2 busy cores, nearly all of it XLA
 compiling one program per new (format, layout, shape)); ``QARRAY_TEST_PROFILE=long`` runs 25x as many,
@@ -101,20 +101,6 @@ from properties_lib import (FLOAT_DTYPES, FORMATS, OVERFLOW_ERROR, U, Case, EXPO
 from qarray import qtypes
 from tolerances import OP_EXTRA, dot_bound
 
-# KNOWN BUGS, each narrowed in the sweep where marked and reproduced by a strict xfail test below:
-KNOWN_BUGS = {
-    'B5': "size-0 x with an asymmetric calibration on int1 / nf4 returns a QArray with a zero point (fp8: an "
-          "undocumented QArray.check error) instead of the documented 'no zero level / no zero point' error",
-    'B6': "scale_dtype=float64 without jax_enable_x64: scales are stored as float32 but floored at float64's "
-          "tiny, i.e. 0 for zero / subnormal groups (a zero scale, documented never to happen)",
-    'B7': "int x int / fp8 x fp8 matmul and dot_general with an empty contraction (K = 0) fail: a bit-packed "
-          "integer rhs raises ZeroDivisionError (ops/dot_general._packed_rows reshapes (1, 0, -1)); a scale "
-          "channelwise on the contracting axis (size 0 there) raises TypeError 'cannot reshape array of shape "
-          "(1, 0) ... into shape [1, 1, 1]' (ops/_dims.canonical counts 1 tile for it)",
-    'B8': "quantize_with_scale on an axis of size 0 accepts a scale of any size there (e.g. x (2, 0), scale "
-          "(2, 5)) and then fails in jax with 'TypeError: mul got incompatible shapes' instead of the documented "
-          "ValueError 'scale of shape ... does not fit x'",
-}
 
 # ------------------------------------------------------------------------------------------ strategies
 # Default profile: a fixed catalogue of structures (XLA compiles one program per format, layout and shape,
@@ -232,7 +218,7 @@ def random_cases(draw, valid_only: bool = False) -> Case:
         qtype = draw(st.sampled_from(['int4', 'uint3', 'nf4', 'int1']))
         pack_axis = draw(st.sampled_from([nd, -nd - 1, 7]))
     scale_dtype = draw(st.sampled_from([None, None, 'float32', 'bfloat16', 'float16', 'float64']))
-    if scale_dtype == 'float64' and dtype != 'float64':  # KNOWN BUG B6: float64 scales only under x64
+    if scale_dtype == 'float64' and dtype != 'float64':  # float64 scales drawn under x64 (else float32: tested below)
         scale_dtype = 'float64' if draw(st.booleans()) else None  # (x64 is then enabled for the call)
     if what == 'scale':
         scale_dtype = 'int32'
@@ -259,22 +245,8 @@ def _requantized_codes(x, scale, zero_point, *, qtype, pack_axis):
     return qarray.codes(qarray.quantize_with_scale(x, qtype, scale, zero_point, pack_axis=pack_axis))
 
 
-def _known_bug_size0(case: Case) -> bool:
-    """KNOWN BUG B5: size-0 arrays skip the asymmetric-calibration check."""
-    try:
-        qt = qtypes.get(case.qtype)
-    except ValueError:
-        return False
-    from properties_lib import is_asymmetric
-    return math.prod(case.shape) == 0 and is_asymmetric(case.calibration) and not (
-        qt.is_integer and not (qt.kind == 'int' and qt.bits == 1))
-
-
 def run_quantize(case: Case, vals: Values, data) -> None:
     errs = static_errors(case)
-    if errs and _known_bug_size0(case) and all('zero' in rx for _, rx in errs):  # KNOWN BUG B5
-        event('skipped: known bug B5')
-        return
     with x64_if(case.x64):
         x = vals.make(case.shape, case.dtype) if case.dtype in FLOAT_DTYPES else np.arange(
             math.prod(case.shape), dtype=np.int32).reshape(case.shape)
@@ -550,9 +522,6 @@ def test_quantize_with_scale_sweep(spec, vals):
     """quantize_with_scale: a documented error for a bad scale / zero point, else codes within the bound."""
     shape, qtype, sshape, scale_kind, zp_kind = spec
     qt = qtypes.get(qtype)
-    if any(n == 0 and sz not in (0, 1) for n, sz in zip(shape, sshape)):  # KNOWN BUG B8
-        event('skipped: known bug B8')
-        return
     x = vals.make(shape, 'float32')
     rng = np.random.default_rng(vals.seed)
     scale = (10.0 ** rng.uniform(-3, 3, sshape)).astype(np.float32)
@@ -688,11 +657,6 @@ def test_ops_sweep(spec):
             tl, tr = k // cl, k // cr
             if tl % tr and tr % tl:
                 errs.append((ValueError, r"tiles on the contracting axes do not line up"))
-    if both and k == 0 and not mismatch and qarray.ops.choose_path(a, b, dn) != 'float':  # KNOWN BUG B7
-        kb = nb + (1 if form == 'dot_general_t' else 0)
-        if (b.packed_axis is not None and b.qtype.is_integer) or a.scale.shape[nb + 1] == 0 or b.scale.shape[kb] == 0:
-            event('skipped: known bug B7')
-            return
     try:
         got = call()
     except (TypeError, ValueError) as e:
@@ -730,7 +694,7 @@ def test_percentile_of_float64_beyond_float32():  # was known bug B2: computed i
     with jax.enable_x64(True):
         x = jnp.array([1e300, -2e300, 3.0], jnp.float64)
         y = qarray.dequantize(qarray.quantize(x, 'int8', calibration='percentile,99'))
-        assert _nan_free(y), y  # got [nan, nan, nan]
+        assert _nan_free(y), y
 
 
 @pytest.mark.parametrize('dtype', ['float32', 'float64'])
@@ -746,34 +710,30 @@ def test_fixed_range_beyond_float32():  # was known bug B4: the range was cast t
     with jax.enable_x64(True):
         x = jnp.array([1e200, -2e200, 3.0], jnp.float64)
         y = qarray.dequantize(qarray.quantize(x, 'int8', calibration='fixed,-1e300,1e300'))
-        assert _nan_free(y), y  # got [nan, nan, nan]
+        assert _nan_free(y), y
 
 
-@pytest.mark.xfail(strict=True, reason=f"B5: {KNOWN_BUGS['B5']}")
 @pytest.mark.parametrize('qtype', ['int1', 'nf4', 'float8_e4m3fn'])
-def test_known_bug_b5_size0_asymmetric(qtype):
+def test_size0_asymmetric_calibration_is_refused_as_for_any_size(qtype):  # was known bug B5
     with pytest.raises(ValueError, match=r'has no zero (level|point)'):
         qarray.quantize(jnp.zeros((0, 4)), qtype, calibration='minmax')
 
 
-@pytest.mark.xfail(strict=True, reason=f"B6: {KNOWN_BUGS['B6']}")
-def test_known_bug_b6_float64_scale_without_x64():
+def test_float64_scale_without_x64_is_float32_and_positive():  # was known bug B6
     assert not jax.config.jax_enable_x64
     q = qarray.quantize(jnp.zeros(4), 'int8', scale_dtype=jnp.float64)
-    assert float(q.scale.min()) > 0, q.scale  # got 0.0 (documented: positive and normal)
+    assert q.scale.dtype == jnp.float32 and float(q.scale.min()) >= float(jnp.finfo(jnp.float32).tiny), q.scale
 
 
-@pytest.mark.xfail(strict=True, reason=f"B7: {KNOWN_BUGS['B7']}", raises=(ZeroDivisionError, TypeError))
 @pytest.mark.parametrize('lhs,rhs', [(('int8', ()), ('int4', ())),           # ZeroDivisionError
                                      (('int8', (1,)), ('int8', ())),         # TypeError: cannot reshape
                                      (('fp8', ()), ('fp8', (0,)))])          # TypeError: cannot reshape
-def test_known_bug_b7_quantized_matmul_with_empty_contraction(lhs, rhs):
+def test_quantized_matmul_with_empty_contraction(lhs, rhs):  # was known bug B7: reshapes of empty tiles
     a = qarray.quantize(jnp.zeros((2, 0)), lhs[0], channelwise_axes=lhs[1])
     b = qarray.quantize(jnp.zeros((0, 3)), rhs[0], channelwise_axes=rhs[1])
     assert qarray.matmul(a, b).tolist() == [[0.0] * 3] * 2  # as int8 x int8 per-tensor and every float path give
 
 
-@pytest.mark.xfail(strict=True, reason=f"B8: {KNOWN_BUGS['B8']}")
-def test_known_bug_b8_scale_on_a_size_0_axis():
+def test_scale_on_a_size_0_axis_must_fit():  # was known bug B8
     with pytest.raises(ValueError, match=r'scale of shape \(2, 5\) does not fit x of shape \(2, 0\)'):
         qarray.quantize_with_scale(jnp.zeros((2, 0)), 'int8', jnp.ones((2, 5)))
