@@ -52,7 +52,6 @@ from typing import Any, Callable, Mapping, Sequence
 import jax
 import jax.numpy as jnp
 from jax import lax
-from jax.extend import core as jex_core
 
 from qarray import _fake_quant, _quantize, qtypes
 from qarray._array import QArray
@@ -252,6 +251,7 @@ def _transpose(fn, wrt: int, g, primal, other, extra, bwd, key):
 
     closed = jax.make_jaxpr(t)(g, other, *extra)
     if bwd is None:
+        from jax.extend import core as jex_core  # noqa: PLC0415 (jax.extend imports Pallas: only when tracing)
         return jex_core.jaxpr_as_fun(closed)(g, other, *extra)[0]
     ctx = _Ctx(bwd, key, bwd.dlhs_tile_size if wrt == 0 else bwd.drhs_tile_size, bwd.residual_qtype(1 - wrt))
     out, = _eval(closed.jaxpr, closed.consts, [g, other, *extra], [True, False] + [False] * len(extra), ctx)
@@ -281,6 +281,7 @@ class _Ctx:
 
 def _eval(jaxpr, consts, args, grad_flags, ctx: _Ctx):
     """Evaluate ``jaxpr`` with its contractions quantized; ``grad_flags`` marks inputs derived from ``g``."""
+    from jax.extend import core as jex_core  # noqa: PLC0415 (jax.extend imports Pallas: only when tracing)
     env, tainted = {}, set()
 
     def read(v):
