@@ -285,9 +285,11 @@ def _check_float_shape(name: str, value: Any, abstract: Any) -> None:
 
 
 def _array_dict(q: QArray) -> dict:
-    d = {'qvalue': q.qvalue, 'scale': q.scale}
+    # a quantized scale or zero point (double quantization, nvfp4's two-level scale) nests as its own dict
+    part = lambda a: _array_dict(a) if isinstance(a, QArray) else a
+    d = {'qvalue': q.qvalue, 'scale': part(q.scale)}
     if q.zero_point is not None:
-        d['zero_point'] = q.zero_point
+        d['zero_point'] = part(q.zero_point)
     return d
 
 

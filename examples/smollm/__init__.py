@@ -8,7 +8,13 @@ Modules, one concept each:
   pre-tokenizer: digits split one per token);
 * :mod:`~examples.smollm.model` -- the NNX model (RMSNorm, adjacent-pair rotary embeddings as GGUF stores q/k,
   grouped-query attention, SwiGLU, tied head through ``nnx.Embed.attend``);
-* :mod:`~examples.smollm.kv_cache` -- the per-layer KV cache (float by default; pluggable);
+* :mod:`~examples.smollm.kv_cache` -- the per-layer KV cache (float by default; pluggable; int8 / fp8 / int4
+  through :mod:`qarray.kv_cache` with :func:`~examples.smollm.kv_cache.quantized`);
+* :mod:`~examples.smollm.native` -- the model as shipped: the file's own Q4_1/Q8_0 codes
+  (:func:`qarray.io.load_gguf`) as the params of a ``flax_integration`` PTQ model;
+* :mod:`~examples.smollm.schemes`, :mod:`~examples.smollm.build`, :mod:`~examples.smollm.report` -- the
+  table's rows (re-quantized with ``flax_integration`` and with Qwix), building them, running and rendering them
+  (``python benchmarks/smollm_bench.py``); :mod:`~examples.smollm.tour` -- the ``python -m qarray --full`` section;
 * :mod:`~examples.smollm.weights` -- GGUF names -> model params, and :func:`load`;
 * :mod:`~examples.smollm.evaluate` -- :func:`perplexity` over fixed non-overlapping windows;
 * :mod:`~examples.smollm.decoding` -- greedy :func:`generate` with the KV cache;
@@ -27,9 +33,9 @@ Example:
 from examples.smollm.evaluate import perplexity
 from examples.smollm.decoding import generate
 from examples.smollm.gguf_file import available, load_arrays, missing_reason
-from examples.smollm.kv_cache import FloatKVCache
+from examples.smollm.kv_cache import FloatKVCache, QuantizedKVCache, quantized
 from examples.smollm.model import SmolLM, SmolLMConfig
 from examples.smollm.weights import load
 
 __all__ = ['load', 'perplexity', 'generate', 'available', 'missing_reason', 'load_arrays', 'SmolLM',
-           'SmolLMConfig', 'FloatKVCache']
+           'SmolLMConfig', 'FloatKVCache', 'QuantizedKVCache', 'quantized']

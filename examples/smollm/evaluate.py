@@ -46,20 +46,31 @@ def split_windows(token_ids: Sequence[int] | np.ndarray, window: int) -> np.ndar
 
 
 @functools.lru_cache(maxsize=16)
-def _nll_sum_fn(graphdef: Any) -> Any:
+def _nll_sum_fn(graphdef: Any, cache_cls: Any = None) -> Any:
     @jax.jit
     def nll_sum(state: Any, tokens: jax.Array) -> jax.Array:
-        logits = nnx.merge(graphdef, state)(tokens)[:, :-1].astype(jnp.float32)
+        model = nnx.merge(graphdef, state)
+        if cache_cls is None:
+            logits = model(tokens)
+        else:  # every query attends over the keys and values as the cache stores them
+            b, t = tokens.shape
+            caches = model.init_caches(batch=b, max_len=t, cache_cls=cache_cls)
+            logits, _ = model(tokens, jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t)), caches)
+        logits = logits[:, :-1].astype(jnp.float32)
         target = jnp.take_along_axis(logits, tokens[:, 1:, None], axis=-1)[..., 0]
         return (jax.nn.logsumexp(logits, axis=-1) - target).sum()  # -log softmax(logits)[target]
     return nll_sum
 
 
-def window_nll(model: nnx.Module, params: Any, windows: np.ndarray) -> np.ndarray:
+def window_nll(model: nnx.Module, params: Any, windows: np.ndarray, cache_cls: Any = None) -> np.ndarray:
     """Summed negative log-likelihood (nats) of each window's tokens ``1..window-1``, shape ``(n_windows,)``.
 
     ``model`` gives the graph (``nnx.graphdef(model)``) and ``params`` its state
-    (``nnx.state(model)`` or a replacement of the same structure).
+    (``nnx.state(model)`` or a replacement of the same structure). With
+    ``cache_cls`` (e.g. :func:`examples.smollm.kv_cache.quantized`), each window
+    is one prefill into fresh caches of that class, so every query attends over
+    keys and values as the cache stores them (a quantized cache's error is in
+    every score, as when decoding).
 
     Example:
       >>> from flax import nnx
@@ -70,12 +81,13 @@ def window_nll(model: nnx.Module, params: Any, windows: np.ndarray) -> np.ndarra
       >>> window_nll(m, nnx.state(m), np.zeros((2, 8), np.int32)).shape
       (2,)
     """
-    fn = _nll_sum_fn(nnx.graphdef(model))
+    fn = _nll_sum_fn(nnx.graphdef(model), cache_cls)
     windows = np.asarray(windows, np.int32)
     return np.array([float(fn(params, jnp.asarray(w[None]))) for w in windows], np.float64)
 
 
-def perplexity(model: nnx.Module, params: Any, token_ids: Sequence[int] | np.ndarray, window: int) -> float:
+def perplexity(model: nnx.Module, params: Any, token_ids: Sequence[int] | np.ndarray, window: int,
+               cache_cls: Any = None) -> float:
     """``exp(mean NLL)`` over the predicted tokens of ``token_ids`` cut into non-overlapping ``window``-token windows.
 
     Example:
@@ -86,7 +98,9 @@ def perplexity(model: nnx.Module, params: Any, token_ids: Sequence[int] | np.nda
       >>> m = SmolLM(SmolLMConfig.tiny(), rngs=nnx.Rngs(0), param_init=nnx.initializers.zeros_init())
       >>> round(perplexity(m, nnx.state(m), np.arange(32) % 64, window=16), 3)  # all logits 0: the vocab size
       64.0
+
+    ``cache_cls``: run each window through caches of that class (see :func:`window_nll`).
     """
     windows = split_windows(token_ids, window)
-    nll = window_nll(model, params, windows)
+    nll = window_nll(model, params, windows, cache_cls)
     return float(math.exp(nll.sum() / (windows.shape[0] * (window - 1))))

@@ -254,6 +254,8 @@ class Attention(nnx.Module):
             keys, values, key_positions = k, v, positions
         else:
             cache = cache.update(k, v, positions)  # rotary embeddings are applied before the write
+            if hasattr(cache, 'attend'):  # a cache with its own attention (e.g. block-wise over quantized slots)
+                return self.o_proj(cache.attend(q, positions).astype(q.dtype)), cache
             keys, values = cache.read()
             key_positions = jnp.broadcast_to(jnp.arange(keys.shape[1], dtype=positions.dtype),
                                              (b, keys.shape[1]))
@@ -342,11 +344,26 @@ class SmolLM(nnx.Module):
                 new_caches.append(c)
         return self.embed.attend(self.norm(x)), new_caches
 
-    def __call__(self, tokens: jax.Array) -> jax.Array:
-        """Causal full-sequence forward: logits ``(B, T, vocab)`` for tokens ``(B, T)`` at positions ``0..T-1``."""
+    def __call__(self, tokens: jax.Array, positions: jax.Array | None = None,
+                 caches: Sequence[KVCache] | None = None) -> Any:
+        """Without ``caches``: the causal full-sequence forward, logits ``(B, T, vocab)`` for tokens ``(B, T)``
+        at positions ``0..T-1``. With ``caches``: :meth:`step` (``(logits, caches)``).
+
+        Both entry points go through ``__call__`` so that a quantized copy of the
+        model (``flax_integration.quantize_model`` and Qwix wrap ``__call__``)
+        runs quantized in prefill and decode too.
+        """
         tokens = jnp.asarray(tokens)
-        positions = jnp.broadcast_to(jnp.arange(tokens.shape[1], dtype=jnp.int32), tokens.shape)
-        return self._run(tokens, positions, None)[0]
+        if caches is None:
+            if positions is not None:
+                raise ValueError("positions are only used with caches (the full forward runs at 0..T-1)")
+            positions = jnp.broadcast_to(jnp.arange(tokens.shape[1], dtype=jnp.int32), tokens.shape)
+            return self._run(tokens, positions, None)[0]
+        if positions is None:
+            raise ValueError("positions (B, T) are needed with caches")
+        if len(caches) != self.cfg.layers:
+            raise ValueError(f"need one cache per layer ({self.cfg.layers}), got {len(caches)}")
+        return self._run(tokens, jnp.asarray(positions, jnp.int32), caches)
 
     def step(self, tokens: jax.Array, positions: jax.Array, caches: Sequence[KVCache]
              ) -> tuple[jax.Array, list[KVCache]]:
@@ -355,11 +372,10 @@ class SmolLM(nnx.Module):
         Used for prefill (``T`` = prompt length) and decode (``T = 1``). Each
         query sees every cache slot at or before its own position, so slots
         written by padding after the last real token are harmless: they are
-        overwritten before any later query can see them.
+        overwritten before any later query can see them. Same as
+        ``model(tokens, positions, caches)``.
         """
-        if len(caches) != self.cfg.layers:
-            raise ValueError(f"need one cache per layer ({self.cfg.layers}), got {len(caches)}")
-        return self._run(jnp.asarray(tokens), jnp.asarray(positions, jnp.int32), caches)
+        return self(tokens, positions, caches)
 
     @classmethod
     def abstract(cls, cfg: SmolLMConfig) -> 'SmolLM':

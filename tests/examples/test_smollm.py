@@ -21,6 +21,8 @@ import numpy as np
 import pytest
 from flax import nnx
 
+import qarray
+
 from examples.smollm import corpus, decoding, evaluate, gguf_file, kv_cache, weights
 from examples.smollm.model import SmolLM, SmolLMConfig, apply_rope, attend
 from examples.smollm.tokenizer import build_tokenizer
@@ -318,3 +320,150 @@ def test_perplexity_on_wikipedia_and_rope_convention(smol, wiki_windows):
     half = nnx.merge(nnx.graphdef(SmolLM.abstract(cfg_half)), smol.params)
     ppl_half = evaluate.perplexity(half, smol.params, wiki_windows.ravel(), window=128)
     assert ppl_half > 3 * ppl, (ppl, ppl_half)
+
+
+# ----------------------------------------------------------------------------- quantized KV cache (tiny model)
+def test_quantized_cache_steps_match_float_cache(tiny):
+    """int8 cache: each cached k/v is rounded to within half a step, absmax/254 per token and head; through the
+    softmax and the weighted sum that moves the logits by about that relative size per layer (statistical, as
+    the float32 tolerance), x 4 margin. A cache that stored or read the wrong slots would move them by O(1)."""
+    ids = jnp.asarray([[3, 17, 42, 5, 63, 0, 9, 9]])
+    full = np.asarray(tiny.forward(tiny.params, ids))
+    cls = kv_cache.quantized('int8')
+    caches = tiny.model.init_caches(batch=1, max_len=16, cache_cls=cls)
+    pieces = []
+    for lo, hi in [(0, 3), (3, 4), (4, 8)]:
+        logits, caches = tiny.step(tiny.params, ids[:, lo:hi], jnp.arange(lo, hi)[None], caches)
+        pieces.append(logits)
+    assert isinstance(caches[0], kv_cache.QuantizedKVCache) and caches[0].inner.k_data.dtype == jnp.int8
+    tol = 4 * (1 / 254) * tiny.cfg.layers * np.abs(full).max()
+    np.testing.assert_allclose(np.concatenate(pieces, axis=1), full, rtol=0, atol=tol)
+    with pytest.raises(ValueError, match='qtype must be one of'):
+        kv_cache.quantized('int3')
+    with pytest.raises(ValueError, match='disagree'):
+        caches[0].update(jnp.ones((1, 2, 2, 8)), jnp.ones((1, 2, 2, 8)), jnp.asarray([[0]]))
+
+
+def test_quantized_cache_generation_is_argmax_of_cached_prefill(tiny):
+    """Per-token quantization makes the cached codes independent of how tokens were grouped into steps, so a
+    one-shot prefill of the whole sequence through a fresh cache sees the same keys and values as decoding."""
+    cls = kv_cache.quantized('fp8')
+    prompt = [5, 1, 60]
+    out = decoding.generate(tiny.model, tiny.params, prompt, 6, cache_cls=cls)
+    seq = jnp.asarray([prompt + out[:-1]])
+    caches = tiny.model.init_caches(batch=1, max_len=16, cache_cls=cls)
+    logits, _ = tiny.step(tiny.params, seq, jnp.arange(seq.shape[1])[None], caches)
+    assert out == np.asarray(logits)[0, len(prompt) - 1:].argmax(-1).tolist()
+
+
+def test_schemes_and_rules():
+    from examples.smollm import schemes
+    names = [s.name for s in schemes.SCHEMES]
+    assert len(set(names)) == len(names) and all(n in names for n in schemes.TOUR_SCHEMES)
+    rules = schemes.qarray_rules(schemes.by_name('int4 t64 gptq hadamard weight-only'))
+    assert (rules[0].weight_algorithm, rules[0].rotation, rules[1].module_path) == ('gptq', 'hadamard', 'embed')
+    with pytest.raises(ValueError, match='scheme must be one of'):
+        schemes.by_name('int9')
+    with pytest.raises(ValueError, match='source must be one of'):
+        schemes.Scheme('x', 'gguf')
+    with pytest.raises(ValueError, match='has no quantization rules'):
+        schemes.qarray_rules(schemes.by_name('float32 (GGUF dequantized)'))
+
+
+def test_tiny_ptq_model_quantizes_linear_embedding_and_tied_head(tiny):
+    """The rules reach every linear layer, the lookup and the tied head (one stored int8 table)."""
+    import flax_integration as fi
+    from examples.smollm import native, schemes
+    from examples.smollm.build import Built, build_qarray, stored_bytes
+    built = build_qarray(schemes.by_name('int8 weight-only'), Built(tiny.model, tiny.params))
+    assert isinstance(built.model.embed.embedding, fi.QuantizedParam)
+    assert isinstance(built.model.layers[1].mlp.down_proj.kernel, fi.QuantizedParam)
+    assert stored_bytes(built.params) < stored_bytes(tiny.params) / 2
+    ids = jnp.asarray([[3, 17, 42, 5, 63, 0, 9, 9]])
+    got = np.asarray(_jitted(built.model)(built.params, ids))
+    # The same model built from the dequantized weights: int8 weight-only differs from it only by float32
+    # rounding inside the dots (dequantization fused into them), so the float32 tolerance applies (x 2 evals).
+    from flax_integration.wrappers import unbox_leaves
+    flat = {}
+    for mpath, module in nnx.iter_modules(nnx.merge(nnx.graphdef(built.model), built.params)):
+        for name, v in vars(module).items():
+            if isinstance(v, fi.QuantizedParam):
+                flat[tuple(mpath) + (name,)] = np.asarray(qarray.dequantize(unbox_leaves(v.array)))
+            elif isinstance(v, nnx.Param):
+                flat[tuple(mpath) + (name,)] = np.asarray(v[...])
+    ref = weights.build_model(flat, tiny.cfg)
+    want = np.asarray(_jitted(ref)(nnx.state(ref), ids))
+    np.testing.assert_allclose(got, want, rtol=0, atol=_forward_tol(tiny.cfg, want, evals=2))
+
+
+# ----------------------------------------------------------------------------- the real model, quantized
+@needs_model
+def test_gguf_loader_keeps_the_files_codes():
+    """qarray.io.load_gguf on the shipped file: Q8_0 -> int8 QArray, Q4_1 -> packed uint4 QArray with value-space
+    mins; stored bytes equal the file's blocks (34 B / 32 values, 20 B / 32 values); dequantization equals gguf's
+    float32 reference exactly (each code x scale product is exact in float32)."""
+    from qarray.io import load_gguf
+    names = ['token_embd.weight', 'blk.0.attn_q.weight', 'blk.29.ffn_down.weight', 'output_norm.weight']
+    contents = load_gguf(str(gguf_file.gguf_path()), names=names)
+    want = gguf_file.load_arrays(names=names)
+    emb, q = contents.tensors['token_embd.weight'], contents.tensors['blk.0.attn_q.weight']
+    assert (emb.qtype.name, q.qtype.name) == ('int8', 'uint4') and q.zero_point is not None
+    assert emb.nbytes == 49152 * 576 // 32 * 34 and q.nbytes == 576 * 576 // 32 * 20
+    for name in names:
+        got = contents.tensors[name]
+        got = np.asarray(qarray.dequantize(got)) if isinstance(got, qarray.QArray) else np.asarray(got)
+        np.testing.assert_array_equal(got, want[name])
+
+
+@pytest.fixture(scope='module')
+def native_built():
+    from examples.smollm import native
+    from examples.smollm.build import Built
+    model, params, _ = native.load_native()
+    return Built(model, params)
+
+
+@needs_model
+@needs_corpus
+def test_native_model_perplexity_equals_float_reference(smol, native_built, wiki_windows):
+    """Same weights, so the NLLs differ only by float32 rounding inside the dots (dequantization fused there):
+    ~eps sqrt(K) * layers relative, far below the issue's 0.1% target, which is the bound checked."""
+    import flax_integration as fi
+    assert isinstance(native_built.model.layers[3].mlp.gate_proj.kernel, fi.QuantizedParam)
+    nll_f = evaluate.window_nll(smol.model, smol.params, wiki_windows[:1])
+    nll_n = evaluate.window_nll(native_built.model, native_built.params, wiki_windows[:1])
+    n = wiki_windows.shape[1] - 1
+    assert abs(math.exp(nll_n.sum() / n) / math.exp(nll_f.sum() / n) - 1) <= 1e-3
+    from examples.smollm.build import stored_bytes
+    assert stored_bytes(native_built.params) < 100 * 2**20  # the file's 4.5/8.5-bit blocks, not float32
+
+
+@needs_model
+def test_native_cached_generation_equals_full_forward_argmax(smol, native_built):
+    prompt = smol.tok.encode("The capital of France is")
+    n = FORWARD_LEN - len(prompt) + 1
+    out = decoding.generate(native_built.model, native_built.params, prompt, n)
+    assert smol.tok.decode(out).startswith(' Paris')
+    graphdef = nnx.graphdef(native_built.model)
+    full = np.asarray(jax.jit(lambda s, x: nnx.merge(graphdef, s)(x))(native_built.params,
+                                                                     jnp.asarray([prompt + out[:-1]])))[0]
+    assert out == full[len(prompt) - 1:].argmax(-1).tolist()
+
+
+@needs_model
+@needs_corpus
+def test_int8_kv_cache_and_int8_weights_perplexity(smol, wiki_windows):
+    """Thresholds: the issue's targets, loosened for one 128-token window (127 predictions: the ratio of two
+    perplexities on the same tokens is far less noisy than either, but one window is still one article).
+    int8 KV cache: each k/v rounded within absmax/254 per token and head -> target 1.005x, checked at 1.01x;
+    int8 weight-only with int8 embeddings (per channel / per row absmax) -> checked at 1.02x."""
+    from examples.smollm import schemes
+    from examples.smollm.build import Built, build_qarray
+    from examples.smollm.report import ppl_of
+    float_built = Built(smol.model, smol.params)
+    w = wiki_windows[:1]
+    ppl_f = ppl_of(float_built, w)
+    ppl_kv = ppl_of(build_qarray(schemes.by_name('float32 + int8 KV cache'), float_built), w)
+    assert ppl_kv <= 1.01 * ppl_f, (ppl_kv, ppl_f)
+    ppl_w8 = ppl_of(build_qarray(schemes.by_name('int8 weight-only'), float_built), w)
+    assert ppl_w8 <= 1.02 * ppl_f, (ppl_w8, ppl_f)

@@ -98,3 +98,20 @@ def test_nnx_and_qlora_with_double_quantized_nf4():
     base = v['kernel'].array
     assert isinstance(base.scale, qarray.QArray) and base.scale.qtype.name == 'int8'
     assert 8 * base.nbytes / base.size < 4 + 8 / 16 + 0.05  # int8 scales: vs plain nf4 t16 (4 + 32/16 = 6 bits)
+
+
+@pytest.mark.parametrize('weight_qtype,scale_qtype,tile', [('nvfp4', None, None), ('int4', 'int8', 16)])
+def test_nnx_quantize_params_with_quantized_scales(weight_qtype, scale_qtype, tile):
+    """Two-level scales (nvfp4's E4M3 under a float32 tensor scale, double quantization) nest in NNX state."""
+    from flax import nnx
+    x = jax.random.normal(jax.random.key(1), (2, 32))
+    fp = nnx.Linear(32, 8, rngs=nnx.Rngs(0))
+    rule = fi.QuantizationRule(weight_qtype=weight_qtype, weight_scale_qtype=scale_qtype, tile_size=tile)
+    ptq = fi.quantize_model(fp, fi.PtqProvider([rule]), x)
+    nnx.update(ptq, fi.quantize_params(fp, ptq))
+    kw = {'tiles': {0: 16}} if weight_qtype == 'nvfp4' else dict(channelwise_axes=(1,), tiles={0: tile}, scale_qtype=scale_qtype)
+    w = qarray.dequantize(qarray.quantize(fp.kernel[...], weight_qtype, **kw))
+    want = np.asarray(x, np.float64) @ np.asarray(w, np.float64) + np.asarray(fp.bias[...], np.float64)
+    got = np.asarray(ptq(x), np.float64)
+    bound = 32 * 2 ** -23 * (np.abs(np.asarray(x)) @ np.abs(np.asarray(w)) + 1)  # float32 accumulation of 32 terms
+    assert np.all(np.abs(got - want) <= bound)
