@@ -116,6 +116,7 @@ FORMAT_SCHEMES: list[Scheme] = [
     Scheme('mxfp4 weight-only', 'mxfp4', qwix_method='head'),
     Scheme('mxfp4 mse weight-only', 'mxfp4', weight_calibration='mse', qwix_method='head'),
     Scheme('nvfp4 weight-only', 'nvfp4', qwix_method='head'),
+    Scheme('nvfp4 mse weight-only', 'nvfp4', weight_calibration='mse', qwix_method='head'),  # HEAD row: its nvfp4
     Scheme('nf4 t64 int8-scales weight-only', 'nf4', tile_size=64, weight_scale_qtype='int8', qwix_method='head'),
     Scheme('w mxfp8 / a mxfp8 dynamic', 'mxfp8', 'mxfp8', qwix_method='head'),
     Scheme('w mxfp8 / a mxfp8 mse dynamic', 'mxfp8', 'mxfp8', weight_calibration='mse', act_calibration='mse',
@@ -215,7 +216,7 @@ def qwix_head_rule_kwargs(scheme: Scheme) -> tuple[dict[str, Any], str] | None:
         return None
     for calibration, qtype in ((scheme.weight_calibration, scheme.weight_qtype),
                                (scheme.act_calibration, scheme.act_qtype)):
-        if calibration not in ('absmax', 'mse') or (calibration == 'mse' and qtype not in ('mxfp8', 'mxfp4')):
+        if calibration not in ('absmax', 'mse') or (calibration == 'mse' and qtype not in ('mxfp8', 'mxfp4', 'nvfp4')):
             return None
     names = [scheme.weight_qtype] + ([scheme.act_qtype] if scheme.act_qtype else [])
     if any(n not in _HEAD_QTYPES for n in names):
