@@ -1,10 +1,9 @@
 """The Flax section of ``python -m qarray``: PTQ of small Linen models in one call each.
 
 Example:
-  >>> from flax_integration._tour import flax_rows
-  >>> rows = flax_rows()
-  >>> rows[0]['model'], rows[0]['scheme']
-  ('MLP 16-64-16', 'w8a8 dynamic')
+  >>> from flax_integration import _tour
+  >>> [name for name, _ in _tour._SCHEMES][:2]   # each row: one Linen model quantized in one call (flax_rows)
+  ['w8a8 dynamic', 'w8a8 static']
 """
 
 from __future__ import annotations

@@ -2,9 +2,9 @@
 
 Example:
   >>> from qarray import _tour
-  >>> rows = _tour.format_rows(size=64)
-  >>> rows[0]['format']
-  'int1'
+  >>> rows = _tour.format_rows(size=64, labels=['int1', 'mxfp4'])
+  >>> [r['format'] for r in rows], rows[1]['bits']
+  (['int1', 'mxfp4'], 4.25)
 """
 
 from __future__ import annotations
@@ -27,20 +27,23 @@ FORMAT_ROWS = [(f'int{b}', f'int{b}', 128, {}) for b in range(1, 8)] + [('int8',
      ('nf4 + int8 scales', 'nf4', 64, {'scale_qtype': 'int8'})]
 
 
-def format_rows(size: int = 1024, seed: int = 0) -> list[dict]:
-    """Quantize a ``size x size`` N(0, 1) weight to every format; one dict per row.
+def format_rows(size: int = 1024, seed: int = 0, labels: list[str] | None = None) -> list[dict]:
+    """Quantize a ``size x size`` N(0, 1) weight to every format (or the rows named in ``labels``); one dict
+    per row.
 
     Per-channel (axis 1) scales when untiled; ``tiles`` along the last axis otherwise.
 
     Example:
       >>> from qarray._tour import format_rows
-      >>> format_rows(size=64)[-1]['format']
-      'nf4 + int8 scales'
+      >>> format_rows(size=64, labels=['nf4 + int8 scales'])[0]['tiles']
+      64
     """
     w = jax.random.normal(jax.random.key(seed), (size, size), jnp.float32)
     w64 = np.asarray(w, np.float64)
     rows = []
     for label, name, tiles, extra in FORMAT_ROWS:
+        if labels is not None and label not in labels:
+            continue
         tiles = min(tiles, size) if tiles else None
         microscaling = qtypes.get(name).microscaling
         kwargs = dict(calibration='minmax' if name.startswith('uint') else 'absmax')
