@@ -26,9 +26,6 @@ import qarray
 from qarray import io as qio
 from qarray import qtypes
 
-# One process runs this module: its expensive module-level setup is built once (see pyproject's addopts).
-pytestmark = pytest.mark.xdist_group('test_checkpoint')
-
 pytest.importorskip('orbax.checkpoint')
 pytest.importorskip('safetensors')
 

@@ -26,9 +26,6 @@ gguf = pytest.importorskip('gguf', reason='gguf-py is the reference: pip install
 from gguf import GGMLQuantizationType as T  # noqa: E402
 from gguf.constants import GGML_QUANT_SIZES  # noqa: E402
 
-# One process runs this module: its expensive module-level setup is built once (see pyproject's addopts).
-pytestmark = pytest.mark.xdist_group('test_gguf')
-
 
 def bits_equal(a, b, signed_zeros: bool = True) -> bool:
     """Bitwise equal float32 arrays; ``signed_zeros=False``: a zero may differ in sign (MXFP4: ggml reads the

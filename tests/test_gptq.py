@@ -200,14 +200,18 @@ class JitTest(parameterized.TestCase):
     @chex.variants(with_jit=True, without_jit=True)
     def test_jit_and_eager_agree(self):
         x = correlated_activations(256, 64)
-        w = RNG.standard_normal((64, 12)).astype(np.float32)
+        # its own generator: the shared RNG's state depends on which tests ran before (test order, xdist)
+        w = np.random.default_rng(12).standard_normal((64, 12)).astype(np.float32)
         h = gptq.hessian(x)
         fn = self.variant(lambda w, h: gptq.gptq_quantize(w, h, 'int4', tile_size=16, block_size=32))
         q = fn(w, h)
         ref = gptq.gptq_quantize(w, h, 'int4', tile_size=16, block_size=32)
         chex.assert_trees_all_equal(q, ref)
         ref_codes, _ = ref_gptq(w, np.asarray(h), 7, 16)
-        assert (np.asarray(qarray.codes(q)) == ref_codes).mean() >= 0.97  # tie flips, see above
+        # float32 vs the float64 reference: a near-tie rounds the other way and its error, fed to the later
+        # columns of the block, can move a few more codes by one step (see above); nothing moves further
+        codes = np.asarray(qarray.codes(q)).astype(np.int64)
+        assert np.abs(codes - ref_codes).max() <= 1 and (codes == ref_codes).mean() >= 0.95
 
 
 def test_errors():

@@ -22,9 +22,6 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 import qarray
 from qarray import sharding as qs
 
-# One process runs this module: its expensive module-level setup is built once (see pyproject's addopts).
-pytestmark = pytest.mark.xdist_group('test_sharding')
-
 ROOT = Path(__file__).resolve().parent.parent
 CASES = Path(__file__).resolve().parent / 'sharding' / 'mesh_cases.py'
 SIZES = {'data': 2, 'model': 4}

@@ -17,9 +17,6 @@ from examples.minilm.model import MiniLM, MiniLMConfig, mean_pool_normalize
 import budget
 from tolerances import U32, assert_within, gamma
 
-# One process runs this module: its expensive module-level setup is built once (see pyproject's addopts).
-pytestmark = pytest.mark.xdist_group('test_minilm')
-
 
 def unit_norm_tol(d: int) -> float:
     """| ||v / ||v|| || - 1 | for a float32 normalisation of a d-vector: the sum of d squares (gamma_d,

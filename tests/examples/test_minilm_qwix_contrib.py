@@ -15,9 +15,6 @@ import pytest
 
 from examples.minilm import evaluate, schemes, weights
 
-# One process runs this module: its expensive module-level setup is built once (see pyproject's addopts).
-pytestmark = pytest.mark.xdist_group('test_minilm_qwix_contrib')
-
 needs_model = pytest.mark.skipif(not weights.available(), reason=str(weights.missing_reason()))
 qwix = pytest.importorskip('qwix', reason='qwix is not installed: pip install qwix==0.1.8')
 qc = pytest.importorskip('examples.minilm.qwix_contrib')

@@ -31,9 +31,6 @@ sys.path.insert(0, str(pathlib.Path(__file__).parent))
 import smollm_reference  # noqa: E402  (the independent numpy forward, next to this file)
 from tolerances import U32, gamma, unit_roundoff  # noqa: E402
 
-# One process runs this module: its expensive module-level setup is built once (see pyproject's addopts).
-pytestmark = pytest.mark.xdist_group('test_smollm')
-
 needs_model = pytest.mark.skipif(not gguf_file.available(), reason=str(gguf_file.missing_reason()))
 needs_corpus = pytest.mark.skipif(not corpus.available(), reason=str(corpus.missing_reason()))
 

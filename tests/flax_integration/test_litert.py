@@ -20,9 +20,6 @@ from examples.digits import data, litert_export, models  # noqa: E402
 from flax_integration import litert  # noqa: E402
 from flax_integration import QuantizationRule  # noqa: E402
 
-# One process runs this module: its expensive module-level setup is built once (see pyproject's addopts).
-pytestmark = pytest.mark.xdist_group('test_litert')
-
 STEPS = 60
 CASES = [('linen', 'cnn'), ('linen', 'mlp'), ('nnx', 'cnn'), ('nnx', 'mlp')]
 WEIGHTED = {'CONV_2D': 0, 'DEPTHWISE_CONV_2D': 3, 'FULLY_CONNECTED': 0, 'BATCH_MATMUL': None}  # out-channel axis
