@@ -1,7 +1,6 @@
 """Quantized backward passes in the Flax layer: rules with bwd_qtype (QtRule), Linen and NNX training,
 the lowered HLO of a training step, stochastic rounding from the 'quant' rng stream, and rule errors."""
 
-import re
 
 import jax
 import jax.numpy as jnp
@@ -12,6 +11,7 @@ from flax import linen as nn
 from flax import nnx
 
 import flax_integration as fi
+from hlo_lib import dot_types
 
 X = jax.random.normal(jax.random.key(1), (8, 8))
 Y = jax.random.randint(jax.random.key(2), (8,), 0, 4)
@@ -39,23 +39,6 @@ class NnxMLP(nnx.Module):
 
     def __call__(self, x):
         return self.l2(nnx.relu(self.l1(x)))
-
-
-def _dot_types(hlo):
-    """(lhs, rhs, out) element types of each dot / convolution, looking through float32 converts."""
-    inst = {}
-    for line in hlo.splitlines():
-        m = re.match(r'\s*(?:ROOT\s+)?([\w.\-]+)\s*=\s*([a-z0-9]+)\[[^=]*?\s([a-z\-]+)\(([^)]*)\)', line)
-        if m:
-            inst[m.group(1)] = (m.group(2), m.group(3), [a.strip() for a in m.group(4).split(',')])
-
-    def source(name):
-        while name in inst and inst[name][1] in ('convert', 'reshape', 'transpose', 'bitcast', 'copy') and (
-                inst[name][0] == 'f32'):
-            name = inst[name][2][0]
-        return inst.get(name, ('?',))[0]
-
-    return [(source(a[0]), source(a[1]), t) for t, op, a in inst.values() if op in ('dot', 'convolution')]
 
 
 def _linen_trainer(model, rule, x=X):
@@ -90,14 +73,14 @@ def test_linen_trains_and_the_lowered_step_has_low_precision_backward_dots(rule,
         p, s, value = step(p, s, jax.random.key(i))
         losses.append(float(value))
     assert np.isfinite(losses).all() and losses[-1] < losses[0]
-    dots = _dot_types(step.lower(p, s, jax.random.key(0)).as_text(dialect='hlo'))
+    dots = dot_types(step.lower(p, s, jax.random.key(0)).as_text(dialect='hlo'))
     assert {d: dots.count(d) for d in set(dots)} == want, dots
 
 
 def test_conv_backward_is_quantized():
     x = jax.random.normal(jax.random.key(3), (8, 4, 4, 2))
     _, p, s, step, _ = _linen_trainer(CNN(), INT8, x)
-    dots = _dot_types(step.lower(p, s, jax.random.key(0)).as_text(dialect='hlo'))
+    dots = dot_types(step.lower(p, s, jax.random.key(0)).as_text(dialect='hlo'))
     # forward conv + dense, backward: the conv kernel's gradient, the dense kernel's and the conv output's
     assert dots.count(('s8', 's8', 's32')) == 5, dots
 

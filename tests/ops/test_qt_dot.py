@@ -2,7 +2,6 @@
 same quantized forward, their layouts, jit / vmap / grad-of-grad, stochastic rounding, and the lowered HLO."""
 
 import functools
-import re
 
 import jax
 import jax.numpy as jnp
@@ -11,6 +10,7 @@ import pytest
 from hypothesis import given, settings, strategies as st
 
 import budget
+from hlo_lib import dot_types
 import qarray
 from qarray.ops.qt_dot import BackwardQuant, ForwardQuant, qt_dot_general, quantized_training_op
 from ops_testlib import rand
@@ -174,23 +174,6 @@ def test_stochastic_rounding_uses_the_key():
     assert (np.abs(np.asarray(a, np.float64) - g @ wv.T) <= bound).all()
 
 
-def _dot_types(hlo):
-    """(lhs, rhs, out) element types of each dot, looking through converts to the stored type."""
-    inst = {}
-    for line in hlo.splitlines():
-        m = re.match(r'\s*(?:ROOT\s+)?([\w.\-]+)\s*=\s*([a-z0-9]+)\[[^=]*?\s([a-z\-]+)\(([^)]*)\)', line)
-        if m:
-            inst[m.group(1)] = (m.group(2), m.group(3), [a.strip() for a in m.group(4).split(',')])
-
-    def source(name):
-        while name in inst and inst[name][1] in ('convert', 'reshape', 'transpose', 'bitcast', 'copy') and (
-                inst[name][0] == 'f32'):
-            name = inst[name][2][0]
-        return inst.get(name, ('?',))[0]
-
-    return [(source(a[0]), source(a[1]), t) for t, op, a in inst.values() if op in ('dot', 'convolution')]
-
-
 @pytest.mark.parametrize('fwd,bwd,want', [('int8', 'int8', {('s8', 's8', 's32')}),
                                           ('float8_e4m3fn', 'float8_e5m2',
                                            {('f8e4m3fn', 'f8e4m3fn', 'f32'), ('f8e5m2', 'f8e4m3fn', 'f32'),
@@ -200,7 +183,7 @@ def test_lowered_backward_has_low_precision_dots(fwd, bwd, want):
     f = lambda x, w: qt_dot_general(x, w, MK, lhs_qtype=fwd, rhs_qtype=fwd, bwd_qtype=bwd, fwd_quantized=True,
                                     key=None).sum() ** 2
     hlo = jax.jit(jax.grad(f, (0, 1))).lower(x, w).as_text(dialect='hlo')
-    dots = _dot_types(hlo)
+    dots = dot_types(hlo)
     assert len(dots) == 3 and set(dots) <= want, dots  # the forward dot and both backward dots
     if bwd == 'float8_e5m2':
         assert sum('f8e5m2' in d[:2] for d in dots) == 2  # the gradient enters both backward dots in e5m2
@@ -211,7 +194,7 @@ def test_conv_backward_lowers_to_integer_convolutions():
     x, w = rand(0, (2, 5, 5, 3)), rand(1, (3, 3, 3, 4))
     f = lambda x, w: jnp.sum(quantized_training_op(fn, x, w, rhs_fwd=ForwardQuant('int8', (3,)),
                                                    bwd=BackwardQuant('int8'), fwd_quantized=True) ** 2)
-    dots = _dot_types(jax.jit(jax.grad(f, (0, 1))).lower(x, w).as_text(dialect='hlo'))
+    dots = dot_types(jax.jit(jax.grad(f, (0, 1))).lower(x, w).as_text(dialect='hlo'))
     assert dots.count(('s8', 's8', 's32')) == 2, dots  # both backward convolutions (the forward is weight-only)
 
 
