@@ -18,10 +18,13 @@ Three forms:
   leaf becomes a :class:`qarray.QArray` with one scale per index of its last
   axis, tiled along axis -2 when the rule has ``tile_size`` (the ``(..., in,
   out)`` layout of Dense/Conv kernels). A matched leaf that cannot be
-  quantized that way raises ``ValueError`` naming its path. Expert stacks
-  (``[experts, in, out]``, for ``ragged_dot``) and embedding tables want other
-  layouts (per expert; per row): the model-based forms take them from the op
-  that uses the param.
+  quantized that way raises ``ValueError`` naming its path. A rule's
+  ``weight_tiles`` replaces that layout (the last axis stays per index unless
+  tiled): ``{0: 1, -2: 128}`` quantizes an expert stack ``[experts, in, out]``
+  per expert, per output column and per 128 inputs, as the model-based forms
+  do for ``ragged_dot``; ``{-2: 128, -1: 128}`` stores 128 x 128 blocks. The
+  model-based forms take every layout from the op that uses the param
+  (embedding tables: one scale per row).
 
 Example:
   >>> import jax, jax.numpy as jnp
@@ -314,8 +317,12 @@ def _model_free(params: Any, rules: Sequence[QuantizationRule]) -> Any:
         tiles = {x.ndim - 2: rule.tile_size} if rule.tile_size else None
         if qtypes.get(rule.weight_qtype).microscaling:  # blocks on the contraction axis of a [..., in, out] kernel
             tiles = {x.ndim - 2: qtypes.get(rule.weight_qtype).block}
+        channelwise = (x.ndim - 1,)
+        if rule.weight_tiles is not None:  # the rule's own blocks (e.g. {0: 1}: one scale set per expert)
+            tiles = rule.weight_tiles_for(x.ndim, f"param {name!r} (shape {x.shape})")
+            channelwise = tuple(a for a in channelwise if a not in tiles)
         try:
-            return _quantize.quantize(x, rule.weight_qtype, channelwise_axes=(x.ndim - 1,), tiles=tiles,
+            return _quantize.quantize(x, rule.weight_qtype, channelwise_axes=channelwise, tiles=tiles,
                                       calibration=rule.weight_calibration_method, scale_qtype=rule.weight_scale_qtype)
         except (ValueError, TypeError) as e:
             e.add_note(f"While quantizing param {name!r} (shape {x.shape}) by rule module_path={rule.module_path!r}.")

@@ -24,7 +24,7 @@ import dataclasses
 import difflib
 import re
 import warnings
-from typing import Iterable, Sequence
+from typing import Iterable, Mapping, Sequence
 
 from qarray import calibration as _calibration
 from qarray import qtypes
@@ -121,6 +121,13 @@ class QuantizationRule:
       disable_channelwise_axes, channelwise_noise_axes, additional_qt_config: Qwix ``QtRule`` fields
         accepted so Qwix configs carry over; only their defaults (False, None, None) are implemented,
         anything else raises ``ValueError``.
+      weight_tiles: 2-D (or any) block scales for weights, in the weight's own axes (negative counts
+        from the end): ``{-2: 128, -1: 128}`` gives a Dense kernel ``[in, out]`` one scale per 128 x 128
+        block, as DeepSeek-V3-style fp8 checkpoints store; ``{0: 1}`` on an expert stack
+        ``[experts, in, out]`` in the model-free ``quantize_params`` gives one scale set per expert.
+        Replaces ``tile_size`` for the weight (activations keep ``tile_size``); the weight's other
+        output axes stay per index. Not with microscaling formats (their blocks are fixed), GPTQ
+        (it rounds against tiles along the contraction only) or LiteRT export.
       warn_if_unused: warn (:class:`UnusedRuleWarning`) when the rule matches
         nothing -- after a quantized model's first run, and in the model-free
         ``quantize_params(params, rules)``. Set False for a rule that only
@@ -158,6 +165,7 @@ class QuantizationRule:
     channelwise_noise_axes: tuple[int, ...] | None = None
     additional_qt_config: dict | None = None
     warn_if_unused: bool = True
+    weight_tiles: Mapping[int, int] | None = None
 
     def __post_init__(self):
         if not isinstance(self.module_path, str):
@@ -176,6 +184,7 @@ class QuantizationRule:
         t = self.tile_size
         if t is not None and (not isinstance(t, int) or isinstance(t, bool) or t <= 0):
             raise ValueError(f"tile_size must be None or a positive int; got {t!r}.")
+        self._check_weight_tiles()
         for field in ('weight_calibration_method', 'act_calibration_method'):
             try:
                 _calibration.parse(getattr(self, field))
@@ -235,6 +244,46 @@ class QuantizationRule:
             raise ValueError("act_static_scale=True needs act_qtype (the format of the activations); "
                              "got act_qtype=None.")
         self._check_backward()
+
+    def _check_weight_tiles(self) -> None:
+        wt = self.weight_tiles
+        if wt is None:
+            return
+        is_int = lambda v: isinstance(v, int) and not isinstance(v, bool)
+        if not isinstance(wt, Mapping) or not all(is_int(a) and is_int(t) and t > 0 for a, t in wt.items()):
+            raise TypeError(f"weight_tiles must be None or a mapping {{weight axis: tile size}} of ints with "
+                            f"positive tiles, e.g. {{-2: 128, -1: 128}}; got {wt!r}.")
+        if not wt:
+            raise ValueError("weight_tiles={} tiles nothing; give None for the default layout.")
+        if self.weight_qtype is None:
+            raise ValueError("weight_tiles lays out the weights' scales; set weight_qtype too.")
+        if qtypes.get(self.weight_qtype).microscaling:
+            raise ValueError(f"weight_tiles: weight_qtype={self.weight_qtype!r} has fixed blocks of "
+                             f"{qtypes.get(self.weight_qtype).block} on the contraction axis; drop weight_tiles.")
+        if self.weight_algorithm == 'gptq':
+            raise ValueError("weight_tiles: weight_algorithm='gptq' rounds against tiles along the contraction "
+                             "axis only; use tile_size instead of weight_tiles.")
+        object.__setattr__(self, 'weight_tiles', dict(wt))
+
+    def weight_tiles_for(self, ndim: int, where: str) -> dict[int, int]:
+        """``weight_tiles`` with non-negative axes for a weight of rank ``ndim``; ``ValueError`` naming
+        ``where`` (the param or op) if an axis is out of range or given twice.
+
+        Example:
+          >>> from flax_integration import QuantizationRule
+          >>> QuantizationRule(weight_qtype='float8_e4m3fn', weight_tiles={-2: 128, -1: 128}).weight_tiles_for(2, 'w')
+          {0: 128, 1: 128}
+        """
+        out: dict[int, int] = {}
+        for a, t in (self.weight_tiles or {}).items():
+            if not -ndim <= a < ndim:
+                raise ValueError(f"{where}: weight_tiles axis {a} is out of range for a weight of rank {ndim} "
+                                 f"(rule module_path={self.module_path!r}, weight_tiles={self.weight_tiles}).")
+            if a % ndim in out:
+                raise ValueError(f"{where}: weight_tiles names axis {a % ndim} twice for a weight of rank {ndim} "
+                                 f"(rule module_path={self.module_path!r}, weight_tiles={self.weight_tiles}).")
+            out[a % ndim] = t
+        return out
 
     def _check_backward(self) -> None:
         """Validate the quantized-training (backward) fields."""

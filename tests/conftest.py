@@ -21,6 +21,7 @@ Every profile is deadline-free (JAX compiles once per new shape, so the first ex
 """
 
 import hypothesis
+import pytest
 
 import budget
 
@@ -30,3 +31,18 @@ hypothesis.settings.register_profile('qarray-default', max_examples=budget.DEFAU
 hypothesis.settings.register_profile('qarray-long', max_examples=budget.examples(budget.DEFAULT_EXAMPLES),
                                      derandomize=False, **_COMMON)
 hypothesis.settings.load_profile(f'qarray-{budget.PROFILE}')
+
+
+# ------------------------------------------------------------------ how the two processes share the work
+# Tests that share one expensive setup (the 8-device mesh subprocess, the trained LiteRT models) carry
+# ``@pytest.mark.xdist_group(name)``: with ``--dist loadgroup`` a group runs in one process, so its setup is
+# built once instead of once per process. Groups and ``slow`` tests are handed out first, so the long items
+# overlap with the many short ones instead of ending the run on one core while the other waits.
+def _start_rank(item: pytest.Item) -> int:
+    if item.get_closest_marker('xdist_group') is not None:
+        return 0
+    return 1 if item.get_closest_marker('slow') is not None else 2
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    items.sort(key=_start_rank)  # stable: the same order in every process, as xdist requires

@@ -30,6 +30,8 @@ pytest.importorskip('orbax.checkpoint')
 pytest.importorskip('safetensors')
 
 ROOT = Path(__file__).resolve().parent.parent
+# The every-format tree (8 s of eager quantizes) is built once: the module runs in one process.
+pytestmark = pytest.mark.xdist_group('checkpoint-every-format-tree')
 
 
 def _layout(name: str, i: int) -> dict:
@@ -665,6 +667,7 @@ def test_docs_checkpoint_example_runs_as_written_twice(tmp_path, monkeypatch):
 
 
 # -------------------------------------------------------------------------------- sharded saves (8 devices)
+@pytest.mark.slow
 def test_sharded_checksums_on_8_device_mesh(tmp_path):
     """tests/io/sharded_cases.py in a subprocess with 8 fake CPU devices (the flag must not leak here)."""
     env = dict(os.environ, XLA_FLAGS='--xla_force_host_platform_device_count=8', JAX_PLATFORMS='cpu')

@@ -474,6 +474,10 @@ class Provider:
           ((1,), {0: 8})
         """
         rule = op.rule
+        if rule.weight_tiles is not None:  # block scales in the weight's axes; its other output axes per index
+            i = op.weight.index
+            tiles = rule.weight_tiles_for(len(op.call.operands[i].shape), op.describe())
+            return tuple(a for a in op.call.kept[i] if a not in tiles), tiles
         microscaling = qtypes.get(rule.weight_qtype).microscaling
         if op.call.per_channel_only and rule.tile_size is not None and not microscaling:
             raise ValueError(f"{op.describe()}: tile_size={rule.tile_size} is not supported for "

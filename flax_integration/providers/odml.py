@@ -98,6 +98,9 @@ def _check_rules(rules: Sequence[QuantizationRule]) -> None:
         if r.tile_size is not None:
             raise ValueError(f"tile_size: LiteRT has no sub-channel scales; use tile_size=None (got "
                              f"{r.tile_size!r} in rule module_path={r.module_path!r}).")
+        if r.weight_tiles is not None:
+            raise ValueError(f"weight_tiles: LiteRT has per-channel scales only; use weight_tiles=None (got "
+                             f"{r.weight_tiles!r} in rule module_path={r.module_path!r}).")
         if r.kv_cache_qtype is not None:
             raise ValueError(f"kv_cache_qtype: the ODML (LiteRT) providers export a float decode cache; use "
                              f"kv_cache_qtype=None (got {r.kv_cache_qtype!r} in rule module_path={r.module_path!r}).")

@@ -30,7 +30,9 @@ Not supported (refused with an error): ``group_offset`` (``jax.lax.ragged_dot`` 
 backend either) and ``out_sharding`` with a QArray operand (plain arrays pass both through to JAX).
 :func:`ragged_dot_general` takes the dimension numbers of that same form in any axis order
 (``lhs`` ragged on a non-contracting axis, ``rhs`` with one group axis, no batch axes); other forms with
-a QArray operand raise ``ValueError``.
+a QArray operand raise ``ValueError``. ``jax.vmap`` of ``ragged_dot`` raises JAX's own
+``NotImplementedError`` (``jax.lax.ragged_dot`` has no batching rule for it in JAX 0.10, float operands
+included); run a batch with ``jax.lax.map``.
 
 Example:
   >>> import jax, jax.numpy as jnp, qarray

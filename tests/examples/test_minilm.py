@@ -221,6 +221,7 @@ def _largest_calibration_batches(length: int = 24):
     return [b for b in _ALL_CALIBRATION_BATCHES(length) if b[0].shape[0] >= 40]
 
 
+@pytest.mark.slow
 @needs_model
 def test_int4_gptq_hadamard_beats_round_to_nearest(monkeypatch):
     # GPTQ with Hessians from the held-out sentences, on Hadamard-rotated weights (measured 0.989 vs 0.950

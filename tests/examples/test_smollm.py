@@ -438,6 +438,7 @@ def test_native_model_perplexity_equals_float_reference(smol, native_built, wiki
     assert stored_bytes(native_built.params) < 100 * 2**20  # the file's 4.5/8.5-bit blocks, not float32
 
 
+@pytest.mark.slow
 @needs_model
 def test_native_cached_generation_equals_full_forward_argmax(smol, native_built):
     prompt = smol.tok.encode("The capital of France is")
@@ -450,6 +451,7 @@ def test_native_cached_generation_equals_full_forward_argmax(smol, native_built)
     assert out == full[len(prompt) - 1:].argmax(-1).tolist()
 
 
+@pytest.mark.slow
 @needs_model
 @needs_corpus
 def test_int8_kv_cache_and_int8_weights_perplexity(smol, wiki_windows):

@@ -43,6 +43,7 @@ def _test_loss(model, params, d):
     return float(loss(params, d.x_test, d.y_test))
 
 
+@pytest.mark.slow
 def test_int8_forward_and_backward_training_reduces_the_test_loss_like_float():
     d = data.load()
     float_model = models.LinenCNN()

@@ -4,7 +4,8 @@ Every comparison is against the same model with Flax's float cache, decoding the
 weights. The error bound of one step is derived from the format (numpy float64):
 
 * a token's key/value for one head is quantized on its own (absmax): int8 step ``s = absmax / 127.5``, error
-  ``<= s / 2 = absmax / 255`` per element (the clipped code 127 included: 127.5 - 127 = 1/2 step); fp8 e4m3
+  ``<= s / 2 = absmax / 255`` per element (the clipped code 127 included: 127.5 - 127 = 1/2 step); int4 step
+  ``absmax / 7.5``, error ``<= absmax / 15`` (the same argument with 7.5 levels); fp8 e4m3
   (3 mantissa bits, scale ``absmax / 448``) error ``<= 2**-4 |x|`` for normal codes and ``<= 2**-10 s`` below,
   so ``<= 2**-4 absmax``;
 * logits ``z_t = c q . k_t`` move by ``eps_t <= c ||q||_1 dk_t``; with ``eps = max_t eps_t`` every softmax
@@ -36,7 +37,7 @@ U32 = 2.0 ** -24
 def _step_error(qtype: str, x: np.ndarray) -> np.ndarray:
     """Bound on |dequantize(quantize(x)) - x| per token per head (x: [..., D]) for the cache formats."""
     absmax = np.abs(x).max(-1)
-    per = {'int8': 1 / 255, 'fp8': 2.0 ** -4}[qtype]
+    per = {'int8': 1 / 255, 'int4': 1 / 15, 'fp8': 2.0 ** -4}[qtype]
     return absmax * per * (1 + 1e-6)
 
 
@@ -84,7 +85,7 @@ def _out_kernel(p):
     return _np(kernel.array.__jax_array__()) if hasattr(kernel, 'array') else _np(kernel)
 
 
-@pytest.mark.parametrize('qtype,weight_qtype', [('int8', None), ('fp8', None), ('int8', 'int8')])
+@pytest.mark.parametrize('qtype,weight_qtype', [('int8', None), ('fp8', None), ('int4', None), ('int8', 'int8')])
 def test_linen_decode_within_format_bound(qtype, weight_qtype):
     quant, ref, x = _linen_setup(qtype, weight_qtype)
     vq = quant.init(jax.random.key(0), x)
@@ -113,7 +114,10 @@ def _tree_bytes(tree):
     return sum(a.size * a.dtype.itemsize for a in jax.tree.leaves(tree))
 
 
-@pytest.mark.parametrize('qtype', ['int8', 'fp8'])
+CODE_BYTES = {'int8': lambda d: d, 'fp8': lambda d: d, 'int4': lambda d: (d + 1) // 2}   # per token per head
+
+
+@pytest.mark.parametrize('qtype', ['int8', 'fp8', 'int4'])
 def test_linen_cache_bytes_shrink_and_no_float_copy(qtype):
     quant, ref, x = _linen_setup(qtype)
     vq = quant.init(jax.random.key(0), x)
@@ -123,9 +127,10 @@ def test_linen_cache_bytes_shrink_and_no_float_copy(qtype):
     for cache in (vq['cache'], upd['cache']):
         leaves = jax.tree.leaves(cache)
         assert not any(jnp.issubdtype(a.dtype, jnp.floating) and a.shape == (B, T, HEADS, D) for a in leaves)
-        assert _tree_bytes(cache) == 2 * (B * T * HEADS * D * 1 + B * T * HEADS * 4) + 4   # codes + f32 scales + index
+        codes = B * T * HEADS * CODE_BYTES[qtype](D)
+        assert _tree_bytes(cache) == 2 * (codes + B * T * HEADS * 4) + 4   # codes + f32 scales + index
     assert _tree_bytes(vf['cache']) == 2 * B * T * HEADS * D * 4 + 4
-    assert cache['cached_key'].nbytes == B * T * HEADS * (D + 4)
+    assert cache['cached_key'].nbytes == B * T * HEADS * (CODE_BYTES[qtype](D) + 4)
 
 
 def test_linen_positions_past_the_fill_are_ignored():
@@ -152,7 +157,7 @@ def _nnx_model():
                                   rngs=nnx.Rngs(0))
 
 
-@pytest.mark.parametrize('qtype', ['int8', 'fp8'])
+@pytest.mark.parametrize('qtype', ['int8', 'fp8', 'int4'])
 def test_nnx_decode_after_init_cache_within_format_bound(qtype):
     x = jax.random.normal(jax.random.key(1), (B, T, F))
     ref = _nnx_model()
@@ -173,7 +178,7 @@ def test_nnx_decode_after_init_cache_within_format_bound(qtype):
     assert isinstance(quant.cached_key, QuantizedCache) and isinstance(quant.cached_key, nnx.Cache)
     state = nnx.state(quant, nnx.Cache)
     D = F // 4
-    assert _tree_bytes(state) == 2 * B * T * 2 * (D + 4) + 4 < _tree_bytes(nnx.state(ref, nnx.Cache))
+    assert _tree_bytes(state) == 2 * B * T * 2 * (CODE_BYTES[qtype](D) + 4) + 4 < _tree_bytes(nnx.state(ref, nnx.Cache))
 
 
 # --------------------------------------------------------------------------- what is refused

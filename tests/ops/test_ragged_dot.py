@@ -208,3 +208,31 @@ def test_bad_arguments_raise(x):
         qarray.ragged_dot(x, w, gs, out_sharding=jax.sharding.PartitionSpec())
     with pytest.raises(TypeError):
         qarray.ragged_dot(x, 'w', gs)
+
+
+def test_vmap_follows_jax_and_lax_map_batches(x):
+    # jax.lax.ragged_dot has no batching rule for these forms in JAX 0.10 ("vmap over any dim but 0 - NYI");
+    # qarray.ragged_dot is built on it, so vmap raises the same error, never a wrong answer. If JAX gains the
+    # rule, the quantized op must give the reference values. A batch runs with lax.map (or a Python loop).
+    w, _ = random_qarray(1, (G, K, N), 'int8', channelwise_axes=(0, 2))
+    xs = jnp.stack([x, 2 * x[::-1]])
+    gss = jnp.asarray([GS, [0, 5, 0, 5]], jnp.int32)
+    a = qarray.quantize(xs, 'int8', channelwise_axes=(0, 1))
+    for lhs in (xs, a):
+        try:
+            jax.vmap(jax.lax.ragged_dot, in_axes=(0, None, 0))(xs, qarray.dequantize(w), gss)
+        except NotImplementedError:
+            with pytest.raises(NotImplementedError):
+                jax.vmap(qarray.ragged_dot, in_axes=(0, None, 0))(lhs, w, gss)
+        else:  # pragma: no cover - a JAX with the batching rule
+            ys = jax.vmap(qarray.ragged_dot, in_axes=(0, None, 0))(lhs, w, gss)
+            for b in range(2):
+                assert_ragged_close(ys[b], lhs[b], w, np.asarray(gss[b]))
+        ys = jax.lax.map(lambda args: qarray.ragged_dot(args[0], w, args[1]), (lhs, gss))
+        for b in range(2):
+            assert_ragged_close(ys[b], lhs[b], w, np.asarray(gss[b]))
+    # batch dimensions in ragged_dot_general: refused with the supported form named
+    batched = jax.lax.RaggedDotDimensionNumbers((((2,), (2,)), ((0,), (0,))), (1,), (1,))
+    w2, _ = random_qarray(2, (2, G, K, N), 'int8', channelwise_axes=(0, 1, 3))
+    with pytest.raises(ValueError, match='no batch axes'):
+        qarray.ops.ragged_dot_general(xs, w2, gss, batched)
