@@ -85,8 +85,10 @@ def gptq_quantize(w: Any, h: Any, qtype: Any, *, axis: int = 0, tile_size: int |
         :func:`hessian`.
       qtype: any format :func:`qarray.quantize` takes.
       axis: the contracting axis of ``w`` (length ``K``).
-      tile_size: sub-channel tile along ``axis`` (must divide ``K``); each
-        tile's scale is calibrated when GPTQ reaches it. None: per channel.
+      tile_size: sub-channel tile along ``axis``; each tile's scale is
+        calibrated when GPTQ reaches it (a last tile shorter than
+        ``tile_size`` -- 576 = 4 x 128 + 64 -- on its own rows only, as
+        :func:`qarray.quantize` does). None: per channel.
       calibration: calibration spec, as for :func:`qarray.quantize`.
       damping: ``damping * mean(diag(h))`` is added to the diagonal of ``h``
         (stabilises the inverse); must be >= 0.
@@ -127,9 +129,9 @@ def gptq_quantize(w: Any, h: Any, qtype: Any, *, axis: int = 0, tile_size: int |
         raise ValueError(f"h must be the [K, K] Hessian of the contracting axis {axis} of w (shape {w.shape}), "
                          f"i.e. shape {(k, k)}; got h of shape {h.shape}.")
     if tile_size is not None and (not isinstance(tile_size, (int, np.integer)) or isinstance(tile_size, bool)
-                                  or tile_size <= 0 or k % tile_size):
-        raise ValueError(f"tile_size={tile_size!r} must be None or a positive int dividing the length {k} "
-                         f"of axis {axis} of w.")
+                                  or tile_size <= 0):
+        raise ValueError(f"tile_size={tile_size!r} must be None or a positive int (tiles along axis {axis} of w, "
+                         f"length {k}; the last may be partial).")
     if not isinstance(block_size, (int, np.integer)) or isinstance(block_size, bool) or block_size <= 0:
         raise ValueError(f"block_size must be a positive int (e.g. 128); got {block_size!r}.")
     if not isinstance(damping, (int, float, np.floating, np.integer)) or not damping >= 0:
@@ -206,12 +208,20 @@ def _gptq_jit(w, h, damping, axis, qt, calibration, tile, block, scale_dtype, pa
     w2 = wk.reshape(k, -1).astype(jnp.float32)  # [K, N]: an input channel is a contiguous row
     q2, scale, zp = _gptq_2d(w2, u, qt, calibration, tile, block, scale_dtype)
 
-    def restore(a):  # [K or K/tile or 1, N] -> w's layout
+    def restore(a):  # [K or ceil(K/tile) or 1, N] -> w's layout
         return jnp.moveaxis(a.reshape((a.shape[0],) + others), 0, axis)
 
     # The codes come from the GPTQ values (exactly code * scale, so they re-quantize to the same codes).
-    q = _quantize.quantize_with_scale(restore(q2), qt, restore(scale), None if zp is None else restore(zp),
-                                 pack_axis=pack_axis)
+    if tile is None or k % tile == 0:
+        q = _quantize.quantize_with_scale(restore(q2), qt, restore(scale), None if zp is None else restore(zp),
+                                          pack_axis=pack_axis)
+    else:  # a partial last tile: the tile size is static metadata (it cannot be read off the shapes)
+        rows = lambda a: jnp.repeat(a, tile, axis=0, total_repeat_length=a.shape[0] * tile)[:k]
+        c = _numerics.to_codes(q2, rows(scale).astype(jnp.float32),
+                               None if zp is None else rows(zp), qt, calibrated=True)
+        values = restore(q2)
+        q = _quantize._pack(restore(c), restore(scale), None if zp is None else restore(zp), qt, values,
+                            pack_axis, tile_sizes=((axis - w.ndim, tile),))
     # The values were float32; the result dequantizes to w's dtype, as quantize's does.
     return q.replace(dtype=w.dtype), factor_ok
 
@@ -226,6 +236,7 @@ def _gptq_2d(w, u, qt, calibration, tile, block, scale_dtype):
         u = jnp.pad(u, ((0, kp - k), (0, kp - k))) + jnp.diag((jnp.arange(kp) >= k).astype(u.dtype))
     t = tile or block
     tiles_per_block = block // t
+    tail = k % t if tile is not None else 0  # rows of a partial last tile (its scale sees only those)
     if tile is None:  # per-channel scales from the original weight
         fixed_scale, fixed_zp = _group_scale(w[:k], qt, calibration, scale_dtype)
         scale_like, zp_like = fixed_scale, fixed_zp
@@ -247,6 +258,12 @@ def _gptq_2d(w, u, qt, calibration, tile, block, scale_dtype):
             else:  # this tile's scale, from the weights as updated so far
                 s, z = _group_scale(jax.lax.dynamic_slice_in_dim(w1, t0, t, axis=0), qt, calibration,
                                     scale_dtype)
+                if tail:  # the partial tile (index k // t) calibrates on its own rows, not the zero padding
+                    st, zt = _group_scale(jax.lax.dynamic_slice_in_dim(w1, t0, tail, axis=0), qt, calibration,
+                                          scale_dtype)
+                    last = b * tiles_per_block + j == k // t
+                    s = jnp.where(last, st, s)
+                    z = None if z is None else jnp.where(last, zt, z)
                 scales = jax.lax.dynamic_update_slice_in_dim(scales, s, j, axis=0)
                 if z is not None:
                     zps = jax.lax.dynamic_update_slice_in_dim(zps, z, j, axis=0)
@@ -280,6 +297,7 @@ def _gptq_2d(w, u, qt, calibration, tile, block, scale_dtype):
     q = q.reshape(kp, n)[:k]
     if tile is None:
         return q, fixed_scale, fixed_zp
-    scales = scales.reshape(kp // t, n)[:k // t]
-    zps = None if zps is None else zps.reshape(kp // t, n)[:k // t]
+    nt = -(-k // t)
+    scales = scales.reshape(kp // t, n)[:nt]
+    zps = None if zps is None else zps.reshape(kp // t, n)[:nt]
     return q, scales, zps

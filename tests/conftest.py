@@ -34,12 +34,39 @@ hypothesis.settings.load_profile(f'qarray-{budget.PROFILE}')
 
 
 # ------------------------------------------------------------------ how the two processes share the work
-# Tests that share one expensive setup (the 8-device mesh subprocess, the trained LiteRT models) carry
-# ``@pytest.mark.xdist_group(name)``: with ``--dist loadgroup`` a group runs in one process, so its setup is
-# built once instead of once per process. Groups and ``slow`` tests are handed out first, so the long items
-# overlap with the many short ones instead of ending the run on one core while the other waits.
+# Tests that share one expensive module fixture run in ONE process, so the fixture is built once instead of
+# once per process (pytest-xdist's ``xdist_group`` mark cannot do it with pytest 9: xdist renames the items
+# through ``Item._nodeid``, which pytest 9 no longer reads). A node id starting with one of these prefixes
+# belongs to that group; every other test is handed out on its own. Groups are handed out first (largest
+# first), then the ``slow`` tests, so the long items overlap with the many short ones instead of ending the
+# run on one core while the other waits.
+SHARED_SETUP = (
+    'tests/test_sharding.py::test_on_8_device_mesh[',     # one 8-device subprocess runs every mesh case
+    'tests/flax_integration/test_litert.py::',            # four digits models trained and converted
+    'tests/test_checkpoint.py::',                         # the every-format tree (8 s of eager quantizes)
+)
+
+
+def shared_setup_group(nodeid: str) -> str | None:
+    """The :data:`SHARED_SETUP` prefix a test belongs to, or None."""
+    return next((p for p in SHARED_SETUP if nodeid.startswith(p)), None)
+
+
+def pytest_xdist_make_scheduler(config: pytest.Config, log):
+    """``-n N`` with ``--dist load`` (the default): tests one by one, except the :data:`SHARED_SETUP` groups."""
+    if config.getvalue('dist') != 'load':
+        return None  # another --dist mode asked for explicitly: xdist's own
+    from xdist.scheduler import LoadScopeScheduling
+
+    class SharedSetupScheduling(LoadScopeScheduling):
+        def _split_scope(self, nodeid: str) -> str:
+            return shared_setup_group(nodeid) or nodeid
+
+    return SharedSetupScheduling(config, log)
+
+
 def _start_rank(item: pytest.Item) -> int:
-    if item.get_closest_marker('xdist_group') is not None:
+    if shared_setup_group(item.nodeid) is not None:
         return 0
     return 1 if item.get_closest_marker('slow') is not None else 2
 

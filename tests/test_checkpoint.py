@@ -30,8 +30,6 @@ pytest.importorskip('orbax.checkpoint')
 pytest.importorskip('safetensors')
 
 ROOT = Path(__file__).resolve().parent.parent
-# The every-format tree (8 s of eager quantizes) is built once: the module runs in one process.
-pytestmark = pytest.mark.xdist_group('checkpoint-every-format-tree')
 
 
 def _layout(name: str, i: int) -> dict:

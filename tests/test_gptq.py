@@ -56,14 +56,21 @@ def ref_gptq(w: np.ndarray, h: np.ndarray, qmax: int, tile: int | None, damping:
     return codes, np.stack(scales)
 
 
+def expand(scales: np.ndarray, k: int, tile: int | None) -> np.ndarray:
+    """Per-tile scales [ceil(K/tile), N] as per-row [K, N] (the last tile may be partial)."""
+    return np.repeat(scales, tile or k, axis=0)[:k]
+
+
 def output_error(w, deq, h):
     d = np.asarray(deq, np.float64) - np.asarray(w, np.float64)
     return float(np.trace(d.T @ np.asarray(h, np.float64) @ d))
 
 
-@pytest.mark.parametrize('qtype,qmax,tile,k,block', [('int4', 7, 32, 224, 80), ('int8', 127, None, 200, 64)])
+@pytest.mark.parametrize('qtype,qmax,tile,k,block', [('int4', 7, 32, 224, 80), ('int8', 127, None, 200, 64),
+                                                      ('int4', 7, 48, 200, 96)])   # 200 = 4 x 48 + 8
 def test_matches_float64_reference(qtype, qmax, tile, k, block):
-    # k not a multiple of the block: the last block is padded
+    # k not a multiple of the block: the last block is padded; 200 with tiles of 48: a partial last tile whose
+    # scale comes from its own 8 rows
     n = 48
     x = correlated_activations(4 * k, k)
     h = np.asarray(gptq.hessian(x), np.float64)
@@ -75,13 +82,14 @@ def test_matches_float64_reference(qtype, qmax, tile, k, block):
     # float32 vs float64 updates can flip a tie: a tile's negative extreme sits exactly on -(qmax + 1/2), and
     # one ulp decides between -qmax and -qmax - 1; GPTQ then carries the different error onward.
     assert same.mean() >= 0.98, same.mean()
-    ref_err = output_error(w, ref_codes * np.repeat(ref_scales, k // ref_scales.shape[0], axis=0), h)
+    assert q.scale.shape == ref_scales.shape
+    ref_err = output_error(w, ref_codes * expand(ref_scales, k, tile), h)
     # The first tile's scale comes from the unmodified w by the same float32 formula: equal bits (rtol names it).
     np.testing.assert_allclose(np.asarray(q.scale, np.float64)[:1], ref_scales[:1], rtol=1e-6)  # before any flip
     deq = np.asarray(qarray.dequantize(q), np.float64)
     # statistical: tie flips re-route GPTQ's error feedback, the objective stays within a few percent
     assert abs(output_error(w, deq, h) / ref_err - 1) < 0.05  # the objective GPTQ minimises, as the reference
-    ref_deq = ref_codes * np.repeat(ref_scales, k // ref_scales.shape[0], axis=0)
+    ref_deq = ref_codes * expand(ref_scales, k, tile)
     # The first 200 equal codes lie in the first rows (first tile): code * the same scale, one float32 product
     # (u relative) vs float64; 1e-4 is far above it and far below a wrong code (a whole step).
     np.testing.assert_allclose(deq[same][:200], ref_deq[same][:200], rtol=1e-4, atol=1e-7)
@@ -92,7 +100,8 @@ def test_matches_float64_reference(qtype, qmax, tile, k, block):
 
 @settings(max_examples=budget.examples(5))
 @given(qtype=st.sampled_from(['int4', 'uint4', 'nf4', 'float8_e4m3fn', 'int8']),
-       shape_tile=st.sampled_from([((64, 8), None), ((64, 8), 16), ((4, 48, 3), 16)]),
+       shape_tile=st.sampled_from([((64, 8), None), ((64, 8), 16), ((4, 48, 3), 16),
+                                   ((60, 8), 16), ((4, 44, 3), 16)]),   # partial last tiles (12 rows)
        calibration=st.sampled_from(['absmax', 'minmax']), seed=st.integers(0, 100))
 def test_diagonal_hessian_equals_quantize(qtype, shape_tile, calibration, seed):
     """A diagonal h couples no channels, so GPTQ must reduce to round-to-nearest exactly."""
@@ -223,8 +232,8 @@ def test_errors():
         gptq.gptq_quantize(w, h, 'int4', axis=2)
     with pytest.raises(ValueError, match=r'damping must be a float >= 0'):
         gptq.gptq_quantize(w, h, 'int4', damping=-0.1)
-    with pytest.raises(ValueError, match=r'tile_size=3 must be None or a positive int dividing the length 8'):
-        gptq.gptq_quantize(w, h, 'int4', tile_size=3)
+    with pytest.raises(ValueError, match=r'tile_size=2.5 must be None or a positive int'):
+        gptq.gptq_quantize(w, h, 'int4', tile_size=2.5)
     with pytest.raises(ValueError, match=r'tile_size=0'):
         gptq.gptq_quantize(w, h, 'int4', tile_size=0)
     with pytest.raises(ValueError, match=r'block_size must be a positive int'):

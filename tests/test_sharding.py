@@ -133,7 +133,6 @@ def mesh_results(tmp_path_factory):
     return results
 
 
-@pytest.mark.xdist_group('8-device-mesh-subprocess')  # one subprocess for all cases, in one process
 @pytest.mark.parametrize('case', _case_names())
 def test_on_8_device_mesh(mesh_results, case):
     runs = mesh_results.get(case)

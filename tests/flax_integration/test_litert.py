@@ -20,8 +20,6 @@ from examples.digits import data, litert_export, models  # noqa: E402
 from flax_integration import litert  # noqa: E402
 from flax_integration import QuantizationRule  # noqa: E402
 
-# The four models are trained and converted once (module fixture), so the module runs in one process.
-pytestmark = pytest.mark.xdist_group('litert-trained-models')
 STEPS = 60
 CASES = [('linen', 'cnn'), ('linen', 'mlp'), ('nnx', 'cnn'), ('nnx', 'mlp')]
 WEIGHTED = {'CONV_2D': 0, 'DEPTHWISE_CONV_2D': 3, 'FULLY_CONNECTED': 0, 'BATCH_MATMUL': None}  # out-channel axis

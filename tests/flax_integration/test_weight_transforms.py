@@ -155,20 +155,21 @@ def test_hessian_statistic_is_the_token_weighted_mean_gram_matrix():
     assert stats['Dense_1']['dot_general0_hessian']['hessian'].shape == (N, N)
 
 
-@pytest.mark.parametrize('rot', [None, 'hadamard'])
-def test_gptq_params_match_core_gptq_and_beat_round_to_nearest(rot):
+@pytest.mark.parametrize('rot,tile', [(None, 16), ('hadamard', 16), (None, 24)])   # 24: partial last tiles
+def test_gptq_params_match_core_gptq_and_beat_round_to_nearest(rot, tile):
     model, params = _float_setup()
     x = _inputs(6, n=512, outliers=False)
-    stats = fi.calibrate(model, params, [x], rules=_gptq_rules(rot), progress=False)
-    qm, qp = _ptq(_gptq_rules(rot), params, stats)
+    stats = fi.calibrate(model, params, [x], rules=_gptq_rules(rot, tile), progress=False)
+    qm, qp = _ptq(_gptq_rules(rot, tile), params, stats)
+    assert qp['Dense_0']['kernel'].array.scale.shape == (-(-K // tile), N)       # 64 = 24 + 24 + 16
     h = stats['Dense_0']['dot_general0_hessian']['hessian']
     w = params['Dense_0']['kernel']
     if rot is not None:
         w, h = rotation.rotate(w, 0, block=K), rotation.rotate_hessian(h, block=K)
-    core = qarray.gptq.gptq_quantize(w, h, 'int4', axis=0, tile_size=16)
+    core = qarray.gptq.gptq_quantize(w, h, 'int4', axis=0, tile_size=tile)
     np.testing.assert_array_equal(np.asarray(qarray.codes(qp['Dense_0']['kernel'].array)),
                                   np.asarray(qarray.codes(core)))
-    rules_rtn = [fi.QuantizationRule(module_path='Dense_.*', weight_qtype='int4', tile_size=16, rotation=rot)]
+    rules_rtn = [fi.QuantizationRule(module_path='Dense_.*', weight_qtype='int4', tile_size=tile, rotation=rot)]
     qm_rtn, qp_rtn = _ptq(rules_rtn, params)
     # Output error of the first layer on the calibration activations: GPTQ's objective.
     xf = np.asarray(x, np.float64)
