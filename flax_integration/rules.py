@@ -88,6 +88,12 @@ class QuantizationRule:
         weight and the activation alike. PTQ (and its calibration) only.
       gptq_damping: GPTQ's damping, a fraction of the mean Hessian diagonal
         added to the diagonal (larger is more stable, less exact).
+      gptq_token_clip: None (the plain Hessian), or a number >= 1: while
+        calibrating, a token whose activation norm exceeds this multiple of the
+        batch's median token norm counts as if it had that norm
+        (:func:`qarray.gptq.hessian`). For LLMs with "massive activations"
+        (a few tokens hundreds of times larger), whose Hessian they dominate;
+        4.0 is a good start.
       kv_cache_qtype: keep the attention decode cache of the matched attention
         modules quantized in this format (``'int8'``, ``'fp8'``, ``'int4'``;
         see :mod:`qarray.kv_cache`), or None for Flax's float cache.
@@ -166,6 +172,7 @@ class QuantizationRule:
     additional_qt_config: dict | None = None
     warn_if_unused: bool = True
     weight_tiles: Mapping[int, int] | None = None
+    gptq_token_clip: float | None = None
 
     def __post_init__(self):
         if not isinstance(self.module_path, str):
@@ -211,6 +218,12 @@ class QuantizationRule:
         if not isinstance(self.gptq_damping, (int, float)) or isinstance(self.gptq_damping, bool) or not (
                 self.gptq_damping >= 0):
             raise ValueError(f"gptq_damping must be a number >= 0; got {self.gptq_damping!r}.")
+        tc = self.gptq_token_clip
+        if tc is not None and (isinstance(tc, bool) or not isinstance(tc, (int, float)) or not tc >= 1):
+            raise ValueError(f"gptq_token_clip must be None or a number >= 1 (a multiple of the median token "
+                             f"norm); got {tc!r}.")
+        if tc is not None and self.weight_algorithm != 'gptq':
+            raise ValueError(f"gptq_token_clip={tc!r} shapes GPTQ's Hessian; set weight_algorithm='gptq' too.")
         if self.weight_scale_qtype is not None:
             if self.weight_qtype is None:
                 raise ValueError("weight_scale_qtype quantizes the weights' scales; set weight_qtype too.")

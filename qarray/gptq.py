@@ -47,11 +47,19 @@ __all__ = ['hessian', 'gptq_quantize']
 _HIGHEST = jax.lax.Precision.HIGHEST
 
 
-def hessian(x: Any, axis: int = -1) -> jax.Array:
+def hessian(x: Any, axis: int = -1, *, token_clip: float | None = None) -> jax.Array:
     """Gram matrix ``[K, K]`` (float32) of activations ``x`` over every axis but ``axis``.
 
     ``sum_n x_n x_n^T`` over all positions ``n``; GPTQ is invariant to its
     scale, so sums over several batches can simply be added.
+
+    ``token_clip``: scale each token (position) whose norm exceeds ``token_clip``
+    times the median token norm of ``x`` down to that norm. LLMs route a few
+    tokens (the first, delimiters) through "massive activations" hundreds of
+    times larger than the rest; unclipped, those few dominate the Hessian and
+    GPTQ trades every ordinary token's error for theirs (measured on SmolLM2's
+    last MLP: 89% of ``sum x^2`` in 4 tokens, the median token's output error
+    2.3x round-to-nearest's). None: the plain Gram matrix.
 
     Example:
       >>> import jax.numpy as jnp
@@ -59,16 +67,28 @@ def hessian(x: Any, axis: int = -1) -> jax.Array:
       >>> x = jnp.array([[[1., 2.]], [[3., 0.]]])   # [batch, seq, K=2]
       >>> gptq.hessian(x).tolist()
       [[10.0, 2.0], [2.0, 4.0]]
+      >>> gptq.hessian(jnp.array([[1., 0.], [0., 1.], [0., 100.]]), token_clip=2.0).tolist()   # 100 -> 2
+      [[1.0, 0.0], [0.0, 5.0]]
     """
     x = jnp.asarray(x)
     if not jnp.issubdtype(x.dtype, jnp.floating):
         raise TypeError(f"x must be a floating-point array of activations; got dtype {x.dtype}.")
-    return _hessian_jit(x, _layout.normalize_axis(axis, x.ndim, what='activations'))
+    if token_clip is not None and (isinstance(token_clip, bool) or not isinstance(token_clip, (int, float))
+                                   or not token_clip >= 1):
+        raise ValueError(f"token_clip must be None or a number >= 1 (a multiple of the median token norm); "
+                         f"got {token_clip!r}.")
+    clip = None if token_clip is None else float(token_clip)
+    return _hessian_jit(x, _layout.normalize_axis(axis, x.ndim, what='activations'), clip)
 
 
-@functools.partial(jax.jit, static_argnums=(1,))
-def _hessian_jit(x, axis):
+@functools.partial(jax.jit, static_argnums=(1, 2))
+def _hessian_jit(x, axis, token_clip):
     x2 = jnp.moveaxis(x, axis, -1).reshape(-1, x.shape[axis]).astype(jnp.float32)
+    if token_clip is not None and x2.shape[0]:
+        norm = jnp.sqrt(jnp.sum(x2 * x2, axis=1))
+        tau = token_clip * jnp.median(norm)
+        # tau == 0 (mostly all-zero tokens, e.g. padding): nothing to clip against, keep the plain sum
+        x2 = x2 * jnp.where((tau > 0) & (norm > tau), tau / jnp.where(norm > 0, norm, 1.0), 1.0)[:, None]
     return jnp.dot(x2.T, x2, precision=_HIGHEST)
 
 

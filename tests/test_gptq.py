@@ -254,3 +254,26 @@ def test_errors():
         gptq.hessian(jnp.ones((2, 3)), axis=3)
     with pytest.raises(TypeError, match=r'x must be a floating-point array of activations'):
         gptq.hessian(jnp.ones((2, 3), jnp.int32))
+
+
+def test_hessian_token_clip_matches_numpy_and_leaves_ordinary_tokens():
+    r = np.random.default_rng(3)
+    x = r.standard_normal((2, 50, 16)).astype(np.float32)
+    x[0, 0] *= 300.0      # two "massive activation" tokens
+    x[1, 7] *= 40.0
+    x2 = x.reshape(-1, 16).astype(np.float64)
+    norm = np.linalg.norm(x2, axis=1)
+    tau = 4.0 * np.median(norm)
+    ref_x = x2 * np.minimum(1.0, tau / norm)[:, None]
+    want = ref_x.T @ ref_x
+    got = np.asarray(gptq.hessian(x, token_clip=4.0), np.float64)
+    # float32: each token's factor tau / ||x|| is a few roundings off (the norm's K-term sum, the median's
+    # product with 4, the division), squared in x x^T, then the 100-term sum: gamma_(100 + 16 + 8) |x|^T |x|
+    assert_within(got, want, gamma(100 + 16 + 8) * np.abs(ref_x).T @ np.abs(ref_x))
+    assert np.all(np.linalg.norm(ref_x, axis=1) <= tau * (1 + 1e-12))
+    # nothing above the clip: exactly the plain Gram matrix; an all-zero batch (padding): zeros, not NaN
+    np.testing.assert_array_equal(gptq.hessian(x, token_clip=1e30), gptq.hessian(x))
+    np.testing.assert_array_equal(gptq.hessian(np.zeros((5, 3), np.float32), token_clip=4.0), np.zeros((3, 3)))
+    for bad in (0.5, 0, True, '4'):
+        with pytest.raises(ValueError, match='token_clip must be None or a number >= 1'):
+            gptq.hessian(x, token_clip=bad)

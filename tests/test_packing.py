@@ -121,7 +121,7 @@ def np_split(packed: np.ndarray, bits: int, length: int, signed: bool) -> np.nda
 @pytest.mark.parametrize('bits', [1, 2, 4])
 def test_split_bytes_is_the_reference_layout_on_both_paths(backend, bits):
     rng = np.random.default_rng(bits)
-    for n in budget.pick((1, 3, 9, 33), (1, 2, 3, 5, 7, 9, 33)):  # odd lengths: the last byte is part padding
+    for n in budget.pick((1, 9), (1, 2, 3, 5, 7, 9, 33)):  # odd lengths: the last byte is part padding
         fields = rng.integers(0, 2**bits, size=(3, n)).astype(np.uint8)
         packed = packing.pack(jnp.asarray(fields), bits)
         for signed in (False, True):
@@ -141,7 +141,7 @@ def test_split_bytes_is_the_reference_layout_on_both_paths(backend, bits):
 @pytest.mark.parametrize('bits', [2, 4])
 def test_pack_native_gives_the_bytes_of_pack_on_both_paths(backend, bits):
     rng = np.random.default_rng(10 + bits)
-    for shape in budget.pick(((7,), (3, 5), (2, 3, 9)), ((1,), (7,), (3, 5), (2, 3, 9), (4, 6))):
+    for shape in budget.pick(((7,), (2, 3, 9)), ((1,), (7,), (3, 5), (2, 3, 9), (4, 6))):
         fields = rng.integers(0, 2**bits, size=shape).astype(np.uint8)
         codes = np.asarray(qarray.qtypes.get(f'int{bits}').from_field(jnp.asarray(fields)))  # two's complement
         for axis in range(-len(shape), len(shape)):

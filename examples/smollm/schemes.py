@@ -34,7 +34,8 @@ class Scheme:
       name: row label.
       source: ``'native'`` (the file's own codes, :mod:`examples.smollm.native`), ``'float'`` (the float
         reference, optionally with a quantized KV cache) or ``'quantized'`` (re-quantized from the reference).
-      weight_qtype, act_qtype, tile_size, weight_calibration, weight_algorithm, rotation, gptq_damping:
+      weight_qtype, act_qtype, tile_size, weight_calibration, weight_algorithm, rotation, gptq_damping,
+      gptq_token_clip:
         the linear layers' rule (``flax_integration.QuantizationRule`` fields).
       embed_qtype: the embedding table's format (weight-only, one scale per row); None keeps it float.
       kv_cache: None (float cache) or a :func:`examples.smollm.kv_cache.quantized` format.
@@ -54,6 +55,7 @@ class Scheme:
     weight_algorithm: str = 'rtn'
     rotation: str | None = None
     gptq_damping: float = 0.01
+    gptq_token_clip: float | None = None
     embed_qtype: str | None = 'int8'
     kv_cache: str | None = None
 
@@ -135,7 +137,7 @@ def qarray_rules(scheme: Scheme) -> list[Any]:
                                  act_qtype=scheme.act_qtype, tile_size=scheme.tile_size,
                                  weight_calibration_method=scheme.weight_calibration,
                                  weight_algorithm=scheme.weight_algorithm, rotation=scheme.rotation,
-                                 gptq_damping=scheme.gptq_damping)]
+                                 gptq_damping=scheme.gptq_damping, gptq_token_clip=scheme.gptq_token_clip)]
     if scheme.embed_qtype is not None:
         rules.append(fi.QuantizationRule(module_path=EMBED_PATH, weight_qtype=scheme.embed_qtype))
     return rules

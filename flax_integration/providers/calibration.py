@@ -10,8 +10,9 @@ collection (Linen) or as :class:`QuantStat` variables (NNX) under
     quant_stats = {'Dense_0': {'dot_general0_lhs': {'lo': ..., 'hi': ..., 'count': ...}}}
 
 For every op with a weight whose rule has ``weight_algorithm='gptq'``, the
-token-weighted mean of ``x x^T`` over the activation's contracting axis is
-kept under ``<op_id>_hessian`` as ``{'hessian': [K, K], 'tokens', 'count'}``
+token-weighted mean of ``x x^T`` over the activation's contracting axis (tokens
+above ``gptq_token_clip`` times the batch's median token norm scaled down to it)
+is kept under ``<op_id>_hessian`` as ``{'hessian': [K, K], 'tokens', 'count'}``
 (padding tokens count like any other: feed unpadded batches where that
 matters). With ``rotation`` the ranges are those of the rotated activation,
 as PTQ will quantize it; the Hessian is kept unrotated.
@@ -143,7 +144,7 @@ class CalibrationProvider(Provider):
         if not jnp.issubdtype(jnp.result_type(x), jnp.floating):
             return
         tokens = jnp.float32(x.size // x.shape[axis])
-        h = gptq.hessian(x, axis) / tokens
+        h = gptq.hessian(x, axis, token_clip=op.rule.gptq_token_clip) / tokens
         name = hessian_name(op)
         stat = op.frame.get_stat(name)
         if stat is None:

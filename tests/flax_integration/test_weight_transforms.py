@@ -4,6 +4,8 @@ References are NumPy float64: the dense rotation matrix built from scipy's Hadam
 summed by hand, and layer outputs computed from dequantized weights.
 """
 
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -153,6 +155,13 @@ def test_hessian_statistic_is_the_token_weighted_mean_gram_matrix():
     assert_within(s['hessian'], flat.T @ flat / n, gamma(n + 6) * np.abs(flat).T @ np.abs(flat) / n)
     assert float(s['tokens']) == 64 and int(s['count']) == 2
     assert stats['Dense_1']['dot_general0_hessian']['hessian'].shape == (N, N)
+    # with gptq_token_clip each batch's tokens are clipped at 2x that batch's median norm, then averaged
+    rules = [dataclasses.replace(_gptq_rules()[0], gptq_token_clip=2.0)]
+    clipped = fi.calibrate(model, params, [a, b], rules=rules, progress=False)['Dense_0']['dot_general0_hessian']
+    want = sum(np.asarray(qarray.gptq.hessian(x, token_clip=2.0), np.float64) for x in (a, b)) / n
+    # the same two float32 sums, folded into the mean in float32: a few roundings of |want| (>= 0 diagonal)
+    assert_within(clipped['hessian'], want, gamma(8) * np.abs(want) + gamma(n + 6) * np.abs(flat).T @ np.abs(flat) / n)
+    assert float(np.trace(np.asarray(clipped['hessian']))) < float(np.trace(np.asarray(s['hessian'])))
 
 
 @pytest.mark.parametrize('rot,tile', [(None, 16), ('hadamard', 16), (None, 24)])   # 24: partial last tiles
@@ -239,6 +248,9 @@ def test_unsupported_providers_and_layouts_raise():
     (dict(weight_algorithm='gptq'), 'set weight_qtype'),
     (dict(rotation='hadamard', act_qtype='int8'), 'set weight_qtype'),
     (dict(weight_qtype='int4', gptq_damping=-0.1), 'gptq_damping must be a number >= 0'),
+    (dict(weight_qtype='int4', weight_algorithm='gptq', gptq_token_clip=0.5), 'gptq_token_clip must be None or'),
+    (dict(weight_qtype='int4', weight_algorithm='gptq', gptq_token_clip='4'), 'gptq_token_clip must be None or'),
+    (dict(weight_qtype='int4', gptq_token_clip=4.0), "set weight_algorithm='gptq'"),
 ])
 def test_rule_validation(kwargs, match):
     with pytest.raises(ValueError, match=match):
