@@ -28,7 +28,7 @@ from examples.smollm import corpus, weights  # noqa: E402
 from examples.smollm.build import Built  # noqa: E402
 from examples.smollm import report, schemes  # noqa: E402
 
-CALIB_START = 64  # calibration windows: articles 64.. (the evaluation windows are articles 0..windows-1)
+CALIB_START = 16  # calibration windows: articles 16.. (the evaluation windows are articles 0..windows-1)
 
 
 def _machine() -> str:
@@ -44,7 +44,7 @@ def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument('--windows', type=int, default=16)
     p.add_argument('--window', type=int, default=256)
-    p.add_argument('--calib', type=int, default=16, help='GPTQ calibration windows (other articles)')
+    p.add_argument('--calib', type=int, default=64, help='GPTQ calibration windows (other articles)')
     p.add_argument('--decode-tokens', type=int, default=24)
     p.add_argument('--repeats', type=int, default=3)
     p.add_argument('--no-qwix', action='store_true')
@@ -82,7 +82,7 @@ def _write(args, rows, t_start) -> None:
         f'Qwix {getattr(qwix, "__version__", "0.1.8")}. Perplexity: {args.windows} Wikipedia windows x '
         f'{args.window} tokens (gensim test data, one article each, articles 0..{args.windows - 1}); GPTQ calibrated '
         f'on {args.calib} other articles ({CALIB_START}..{CALIB_START + args.calib - 1}) x {args.window} tokens. '
-        ('Decode: not measured in this run (--no-timing). ' if args.no_timing else
+        + ('Decode: not measured in this run (--no-timing). ' if args.no_timing else
          f'Decode: greedy, {args.decode_tokens} tokens after "{report.DEFAULT_PROMPT}", median of {args.repeats} '
          'runs, each row interleaved with the float model (ratios are the numbers to read). ')
         + f'Run time so far: {(time.perf_counter() - t_start) / 60:.0f} min.',

@@ -127,7 +127,7 @@ def build_qwix(scheme: Scheme, float_built: Built) -> Built | None:
     Example:
       >>> from examples.smollm.build import Built, build_qwix
       >>> from examples.smollm.schemes import by_name
-      >>> build_qwix(by_name('int4 t64 gptq weight-only'), Built('m', 'p')) is None
+      >>> build_qwix(by_name('int4 t128 gptq weight-only'), Built('m', 'p')) is None
       True
     """
     if scheme.source == 'float' and scheme.kv_cache is None:

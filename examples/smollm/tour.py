@@ -18,7 +18,7 @@ from typing import Sequence
 __all__ = ['PROMPTS', 'INT4_ROW', 'smollm_section']
 
 PROMPTS = ('The capital of France is', 'The largest planet in the solar system is', 'Water boils at a temperature of')
-INT4_ROW = 'int4 t64 gptq hadamard weight-only'
+INT4_ROW = 'int4 t128 gptq hadamard weight-only'
 
 
 def smollm_section(title: str = "SmolLM2-135M (GGUF, Q4_1): quantized rows vs the float reference",

@@ -360,8 +360,9 @@ def test_schemes_and_rules():
     from examples.smollm import schemes
     names = [s.name for s in schemes.SCHEMES]
     assert len(set(names)) == len(names) and all(n in names for n in schemes.TOUR_SCHEMES)
-    rules = schemes.qarray_rules(schemes.by_name('int4 t64 gptq hadamard weight-only'))
+    rules = schemes.qarray_rules(schemes.by_name('int4 t128 gptq hadamard weight-only'))
     assert (rules[0].weight_algorithm, rules[0].rotation, rules[1].module_path) == ('gptq', 'hadamard', 'embed')
+    assert (rules[0].tile_size, rules[0].gptq_token_clip) == (128, schemes.GPTQ_TOKEN_CLIP)
     with pytest.raises(ValueError, match='scheme must be one of'):
         schemes.by_name('int9')
     with pytest.raises(ValueError, match='source must be one of'):
