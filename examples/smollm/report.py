@@ -56,7 +56,10 @@ def ppl_of(built: Built, windows: np.ndarray) -> float:
 
 def decode_rates(builts: Sequence[Built | None], prompt: Sequence[int], n: int = 24, repeats: int = 3
                  ) -> list[float | None]:
-    """Median greedy-decode tokens/s of each model, ``(n - 1) / (t(n) - t(1))``, runs interleaved round-robin.
+    """Greedy-decode tokens/s of each model, ``(n - 1) / (median t(n) - median t(1))``, runs interleaved
+    round-robin. (The medians are taken before the difference: one slow ``t(1)`` run -- a pause of the
+    machine -- would otherwise make a single run's difference near zero or negative and its rate absurd.)
+    None where the difference is not positive (too few tokens to measure).
 
     Example:
       >>> from examples.smollm.report import decode_rates
@@ -66,7 +69,8 @@ def decode_rates(builts: Sequence[Built | None], prompt: Sequence[int], n: int =
     live = [b for b in builts if b is not None]
     for b in live:  # compile prefill and decode
         decoding.generate(b.model, b.params, prompt, 2, cache_cls=b.decode_cache_cls)
-    rates: dict[int, list[float]] = {id(b): [] for b in live}
+    first: dict[int, list[float]] = {id(b): [] for b in live}
+    full: dict[int, list[float]] = {id(b): [] for b in live}
     for _ in range(repeats):
         for b in live:
             t0 = time.perf_counter()
@@ -74,8 +78,16 @@ def decode_rates(builts: Sequence[Built | None], prompt: Sequence[int], n: int =
             t1 = time.perf_counter()
             decoding.generate(b.model, b.params, prompt, n, cache_cls=b.decode_cache_cls)
             t2 = time.perf_counter()
-            rates[id(b)].append((n - 1) / max((t2 - t1) - (t1 - t0), 1e-9))
-    return [None if b is None else statistics.median(rates[id(b)]) for b in builts]
+            first[id(b)].append(t1 - t0)
+            full[id(b)].append(t2 - t1)
+
+    def rate(b: Built | None) -> float | None:
+        if b is None:
+            return None
+        dt = statistics.median(full[id(b)]) - statistics.median(first[id(b)])
+        return (n - 1) / dt if dt > 0 else None
+
+    return [rate(b) for b in builts]
 
 
 def run_table(schemes: Sequence[Scheme], float_built: Built, windows: np.ndarray, *,
@@ -135,9 +147,9 @@ def run_table(schemes: Sequence[Scheme], float_built: Built, windows: np.ndarray
             same = [theirs if theirs is not ours and theirs is not float_built else None]
             f_rate, rate, q_rate = decode_rates([float_built, ours if ours is not float_built else None] + same,
                                                 prompt, decode_tokens, repeats)
-            row.update(float_tok_s=f_rate, tok_s=rate if rate is not None else f_rate)
+            row.update(float_tok_s=f_rate, tok_s=f_rate if ours is float_built else rate)
             if theirs is not None:
-                row['qwix_tok_s'] = q_rate if q_rate is not None else f_rate
+                row['qwix_tok_s'] = q_rate if same[0] is not None else (f_rate if theirs is float_built else rate)
         rows.append(row)
         if log:
             log(f"{scheme.name}: ppl {ppl} (x{row['ppl_ratio']})"

@@ -470,3 +470,16 @@ def test_int8_kv_cache_and_int8_weights_perplexity(smol, wiki_windows):
     assert ppl_kv <= 1.01 * ppl_f, (ppl_kv, ppl_f)
     ppl_w8 = ppl_of(build_qarray(schemes.by_name('int8 weight-only'), float_built), w)
     assert ppl_w8 <= 1.02 * ppl_f, (ppl_w8, ppl_f)
+
+
+def test_decode_rates_take_medians_before_the_difference(tiny, monkeypatch):
+    """One slow t(1) run must not make a rate absurd (the difference of medians, not a median of differences)."""
+    from examples.smollm import report
+    from examples.smollm.build import Built
+    clock = iter([0.0, 5.0, 6.0,      # run 1: t(1) = 5 s (a pause), t(n) = 1 s -> its own difference < 0
+                  10.0, 10.1, 11.1,   # run 2: t(1) = 0.1 s, t(n) = 1 s
+                  20.0, 20.1, 21.1])  # run 3: the same
+    monkeypatch.setattr(report.time, 'perf_counter', lambda: next(clock))
+    built = Built(tiny.model, tiny.params)
+    rate, none = report.decode_rates([built, None], [1, 2], n=10, repeats=3)
+    assert none is None and rate == pytest.approx(9 / (1.0 - 0.1))
