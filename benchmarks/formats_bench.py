@@ -32,7 +32,6 @@ import json
 import math
 import os
 import pathlib
-import platform
 import subprocess
 import sys
 import time
@@ -42,7 +41,9 @@ ROOT = pathlib.Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-HEAD_PYTHON = '/tmp/qwixhead-venv/bin/python'
+from benchmarks import pairbench  # noqa: E402
+
+HEAD_PYTHON = pairbench.QWIX_HEAD_PYTHON
 OUT = ROOT / 'benchmarks' / 'results_formats.md'
 SIZE = 1024
 
@@ -371,10 +372,7 @@ def main(argv=None) -> None:
     sections = [weight_section(ours, head_w, seeds, w64)]
     if not args.no_minilm:
         sections.append(minilm_section(args.head_python, log=lambda m: print(m, flush=True)))
-    import subprocess as sp
-    cpu = sp.run(['lscpu'], capture_output=True, text=True).stdout
-    model = next((l.split(':', 1)[1].strip() for l in cpu.splitlines() if l.startswith('Model name')),
-                 platform.processor() or platform.machine())
+    model = pairbench.cpu_name()
     qv = head_w['qwix_version']
     head = f"""# The issue-16 formats beside Qwix HEAD
 

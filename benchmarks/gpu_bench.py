@@ -151,7 +151,7 @@ class Bench:
         self.interpret = args.smoke
         try:  # let the registry's one-time auto-registration happen now, so 'kernel off' rows stay off
             from qarray.ops import _registry
-            registry.kernels_for_backend()
+            _registry.kernels_for_backend()
         except Exception:  # noqa: BLE001
             pass
 

@@ -45,8 +45,6 @@ import argparse
 import functools
 import math
 import os
-import platform
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -57,6 +55,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import qarray  # noqa: E402
+from benchmarks import pairbench  # noqa: E402
 from qarray import kv_cache  # noqa: E402
 
 B, H, D, HQ = 1, 8, 64, 32
@@ -98,12 +97,7 @@ def make_step(attend):
 
 def machine() -> str:
     """CPU model (lscpu) and core count."""
-    try:
-        out = subprocess.run(['lscpu'], capture_output=True, text=True, timeout=10).stdout
-        model = next((l.split(':', 1)[1].strip() for l in out.splitlines() if l.startswith('Model name')), None)
-    except (OSError, subprocess.SubprocessError):
-        model = None
-    return (f"{model or platform.processor() or platform.machine()}, {os.cpu_count()} cores visible, "
+    return (f"{pairbench.cpu_name()}, {os.cpu_count()} cores visible, "
             f"jax {jax.__version__} on {jax.devices()[0].platform}")
 
 

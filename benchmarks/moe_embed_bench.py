@@ -18,9 +18,7 @@ Usage: ``python benchmarks/moe_embed_bench.py [--rounds 7] [--out benchmarks/res
 from __future__ import annotations
 
 import argparse
-import json
 import os
-import platform
 import subprocess
 import sys
 import tempfile
@@ -35,10 +33,11 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 
 import qarray  # noqa: E402
+from benchmarks import pairbench  # noqa: E402
 
 E, TOPK, DM, FF, T = 8, 2, 512, 1024, 512
 V, DE, NIDS = 32768, 512, 1024
-QWIX_PY = '/tmp/qwixhead-venv/bin/python'
+QWIX_PY = pairbench.QWIX_HEAD_PYTHON
 CONFIGS = ('int8', 'int4_t64', 'w8a8')
 
 # --------------------------------------------------------------------------- the Qwix side (subprocess)
@@ -235,12 +234,7 @@ def table_md(header, rows) -> str:
 
 
 def machine() -> str:
-    try:
-        info = subprocess.run(['lscpu'], capture_output=True, text=True, timeout=10).stdout
-        model = next((l.split(':', 1)[1].strip() for l in info.splitlines() if l.startswith('Model name')), '?')
-    except (OSError, subprocess.SubprocessError):
-        model = platform.processor() or '?'
-    return f"{model}, {os.cpu_count()} cores visible, jax {jax.__version__} ({jax.default_backend()})"
+    return f"{pairbench.cpu_name()}, {os.cpu_count()} cores visible, jax {jax.__version__} ({jax.default_backend()})"
 
 
 def main():

@@ -16,7 +16,6 @@ from __future__ import annotations
 import argparse
 import os
 import statistics
-import subprocess
 import sys
 
 import jax
@@ -89,14 +88,6 @@ def train(opt, d, seed: int, steps: int, batch: int) -> tuple[float, float]:
     return tail, acc
 
 
-def cpu_model() -> str:
-    try:
-        out = subprocess.run(['lscpu'], capture_output=True, text=True, check=True).stdout
-        return next(line.split(':', 1)[1].strip() for line in out.splitlines() if line.startswith('Model name'))
-    except Exception:  # pragma: no cover - lscpu missing
-        return 'unknown CPU'
-
-
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument('--steps', type=int, default=600)
@@ -140,7 +131,7 @@ def main() -> None:
     lines = [
         '# 8-bit AdamW (qarray.optim) vs optax.adamw',
         '',
-        f"Machine: {cpu_model()}, {os.cpu_count()} cores; {pairbench.machine()}. Load average at the end: "
+        f"Machine: {pairbench.cpu_name()}, {os.cpu_count()} cores; {pairbench.machine()}. Load average at the end: "
         f"{os.getloadavg()[0]:.1f} (the machine is shared: ratios come from interleaved rounds).",
         '',
         f"MLP {' -> '.join(map(str, SIZES))} on the digits data ({n_params} params; the kernels of 32768 and 131072 "

@@ -73,6 +73,21 @@ def _quantile(sorted_values: list[float], q: float) -> float:
     return sorted_values[lo] + (sorted_values[hi] - sorted_values[lo]) * (pos - lo)
 
 
+#: Python of the separate venv holding Qwix HEAD (the wheel in ../shared/wheels); override with QWIX_HEAD_PYTHON.
+QWIX_HEAD_PYTHON = os.environ.get('QWIX_HEAD_PYTHON', '/tmp/qwixhead-venv/bin/python')
+
+
+def cpu_name() -> str:
+    """The CPU model as ``lscpu`` names it (``platform`` as a fallback where lscpu is missing)."""
+    import subprocess
+    try:
+        out = subprocess.run(['lscpu'], capture_output=True, text=True, timeout=10).stdout
+        name = next((l.split(':', 1)[1].strip() for l in out.splitlines() if l.startswith('Model name')), None)
+    except (OSError, subprocess.SubprocessError):
+        name = None
+    return name or platform.processor() or platform.machine()
+
+
 def machine() -> str:
     """One line naming the machine and software the numbers came from."""
     from importlib.metadata import version

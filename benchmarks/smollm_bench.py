@@ -16,28 +16,18 @@ from __future__ import annotations
 import argparse
 import os
 import pathlib
-import platform
-import subprocess
 import sys
 import time
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from benchmarks import pairbench  # noqa: E402
 from examples.smollm import corpus, weights  # noqa: E402
 from examples.smollm.build import Built  # noqa: E402
 from examples.smollm import report, schemes  # noqa: E402
 
 CALIB_START = 16  # calibration windows: articles 16.. (the evaluation windows are articles 0..windows-1)
-
-
-def _machine() -> str:
-    try:
-        out = subprocess.run(['lscpu'], capture_output=True, text=True, check=True).stdout
-        name = next((l.split(':', 1)[1].strip() for l in out.splitlines() if l.startswith('Model name')), None)
-    except (OSError, subprocess.CalledProcessError):
-        name = None
-    return name or platform.processor() or platform.machine()
 
 
 def main(argv=None) -> None:
@@ -78,7 +68,7 @@ def _write(args, rows, t_start) -> None:
     header = [
         '## SmolLM2-135M-Instruct: every scheme side by side (`python benchmarks/smollm_bench.py`)',
         '',
-        f'Machine: {_machine()}, {os.cpu_count()} cores visible (shared with other jobs), JAX {jax.__version__} CPU, '
+        f'Machine: {pairbench.cpu_name()}, {os.cpu_count()} cores visible (shared with other jobs), JAX {jax.__version__} CPU, '
         f'Qwix {getattr(qwix, "__version__", "0.1.8")}. Perplexity: {args.windows} Wikipedia windows x '
         f'{args.window} tokens (gensim test data, one article each, articles 0..{args.windows - 1}); GPTQ calibrated '
         f'on {args.calib} other articles ({CALIB_START}..{CALIB_START + args.calib - 1}) x {args.window} tokens. '

@@ -63,7 +63,9 @@ ROOT = pathlib.Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-QWIX_HEAD_PYTHON = '/tmp/qwixhead-venv/bin/python'
+from benchmarks import pairbench  # noqa: E402
+
+QWIX_HEAD_PYTHON = pairbench.QWIX_HEAD_PYTHON
 RESULTS_MD = ROOT / 'benchmarks' / 'results_training.md'
 PLOT = ROOT / 'benchmarks' / 'training.png'
 LR = 3e-3

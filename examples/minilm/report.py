@@ -10,6 +10,8 @@ from __future__ import annotations
 
 from typing import Any, Sequence
 
+from examples._table import cell, header, row, with_ratio
+
 __all__ = ['markdown_table', 'formats_markdown_table', 'text_rows', 'TEXT_COLUMNS']
 
 MIB = 2**20
@@ -19,15 +21,8 @@ def _mib(v: Any) -> str:
     return '-' if v is None else f"{v / MIB:.2f}"
 
 
-def _f(v: Any, spec: str) -> str:
-    return '-' if v is None else format(v, spec)
-
-
 def _ms(r: dict, key: str) -> str:
-    v, f = r.get(key), r.get('float_ms')
-    if v is None:
-        return '-'
-    return f"{v:.0f} ({v / f:.2f}x)" if f else f"{v:.0f}"
+    return with_ratio(r.get(key), r.get('float_ms'), '.0f')
 
 
 def markdown_table(rows: Sequence[dict[str, Any]]) -> str:
@@ -42,19 +37,19 @@ def markdown_table(rows: Sequence[dict[str, Any]]) -> str:
     if qwix:
         head = ['scheme', 'Qwix method', 'linear MiB', 'Qwix linear MiB (CPU buffer / packed)', 'total MiB', 'Qwix total MiB',
                 'mean cos', 'Qwix mean cos', 'Spearman', 'Qwix Spearman', 'ms / batch (x float)', 'Qwix ms / batch (x float)']
-    lines = ['| ' + ' | '.join(head) + ' |', '|' + '|'.join('---' for _ in head) + '|']
+    lines = header(head)
     for r in rows:
         if qwix:
             has = 'qwix_cos' in r
             qlin = (f"{_mib(r['qwix_linear_bytes'])} / {_mib(r['qwix_linear_bytes_packed'])}" if has else '-')
             method = {'ptq': 'same scheme'}.get(r.get('qwix_method'), r.get('qwix_method')) if has else '-'
             cells = [r['scheme'], method or '-', _mib(r['linear_bytes']), qlin, _mib(r['bytes']), _mib(r.get('qwix_bytes')),
-                     _f(r['cos'], '.6f'), _f(r.get('qwix_cos'), '.6f'), _f(r['spearman'], '.4f'),
-                     _f(r.get('qwix_spearman'), '.4f'), _ms(r, 'ms'), _ms(r, 'qwix_ms')]
+                     cell(r['cos'], '.6f'), cell(r.get('qwix_cos'), '.6f'), cell(r['spearman'], '.4f'),
+                     cell(r.get('qwix_spearman'), '.4f'), _ms(r, 'ms'), _ms(r, 'qwix_ms')]
         else:
-            cells = [r['scheme'], _mib(r['linear_bytes']), _mib(r['bytes']), _f(r['cos'], '.6f'),
-                     _f(r['spearman'], '.4f'), _f(r.get('ms'), '.0f')]
-        lines.append('| ' + ' | '.join(cells) + ' |')
+            cells = [r['scheme'], _mib(r['linear_bytes']), _mib(r['bytes']), cell(r['cos'], '.6f'),
+                     cell(r['spearman'], '.4f'), cell(r.get('ms'), '.0f')]
+        lines.append(row(cells))
     return '\n'.join(lines)
 
 
@@ -72,7 +67,7 @@ def text_rows(rows: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
       '-'
     """
     return [dict(r, linear_mib=r['linear_bytes'] / MIB, total_mib=r['bytes'] / MIB,
-                 ms_s=_f(r.get('ms'), '.0f')) for r in rows]
+                 ms_s=cell(r.get('ms'), '.0f')) for r in rows]
 
 
 def formats_markdown_table(rows: Sequence[dict[str, Any]], n_values: int) -> str:
@@ -90,7 +85,7 @@ def formats_markdown_table(rows: Sequence[dict[str, Any]], n_values: int) -> str
     head = ['scheme', 'bits/value', 'mean cos', 'Spearman', 'Qwix HEAD counterpart',
             'Qwix HEAD bits/value (CPU buffer / packed)', 'Qwix HEAD mean cos', 'Qwix HEAD Spearman',
             'mean cos qarray - HEAD']
-    lines = ['| ' + ' | '.join(head) + ' |', '|' + '|'.join('---' for _ in head) + '|']
+    lines = header(head)
     for r in rows:
         if r['scheme'] == 'float32':
             continue
@@ -98,8 +93,8 @@ def formats_markdown_table(rows: Sequence[dict[str, Any]], n_values: int) -> str
         hb = (f"{8 * r['head_linear_bytes'] / n_values:.3f} / {8 * r['head_linear_bytes_packed'] / n_values:.3f}"
               if has else '-')
         what = r.get('head_what', '-') + (f" ({r['head_fallback']})" if 'head_fallback' in r else '')
-        cells = [r['scheme'], f"{8 * r['linear_bytes'] / n_values:.3f}", _f(r['cos'], '.6f'),
-                 _f(r['spearman'], '.4f'), what, hb, _f(r.get('head_cos'), '.6f'),
-                 _f(r.get('head_spearman'), '.4f'), _f(r['cos'] - r['head_cos'] if has else None, '+.1e')]
-        lines.append('| ' + ' | '.join(cells) + ' |')
+        cells = [r['scheme'], f"{8 * r['linear_bytes'] / n_values:.3f}", cell(r['cos'], '.6f'),
+                 cell(r['spearman'], '.4f'), what, hb, cell(r.get('head_cos'), '.6f'),
+                 cell(r.get('head_spearman'), '.4f'), cell(r['cos'] - r['head_cos'] if has else None, '+.1e')]
+        lines.append(row(cells))
     return '\n'.join(lines)

@@ -27,6 +27,7 @@ from typing import Any, Callable, Sequence
 
 import numpy as np
 
+from examples._table import cell, header, row, with_ratio
 from examples.smollm import decoding, evaluate
 from examples.smollm.build import Built, build_qarray, build_qwix, stored_bytes
 from examples.smollm.schemes import Scheme, qwix_missing_reason
@@ -166,15 +167,8 @@ def _kv_bytes_per_token(built: Built) -> int:
     return cache.nbytes * cfg.layers
 
 
-def _f(v: Any, spec: str) -> str:
-    return '-' if v is None else format(v, spec)
-
-
 def _rate(r: dict, key: str) -> str:
-    v, f = r.get(key), r.get('float_tok_s')
-    if v is None:
-        return '-'
-    return f"{v:.1f} ({v / f:.2f}x)" if f else f"{v:.1f}"
+    return with_ratio(r.get(key), r.get('float_tok_s'), '.1f')
 
 
 def markdown_table(rows: Sequence[dict[str, Any]]) -> str:
@@ -187,23 +181,23 @@ def markdown_table(rows: Sequence[dict[str, Any]]) -> str:
     """
     head = ['scheme', 'stored MiB', 'perplexity', 'x float', 'decode tok/s (x float)', 'Qwix 0.1.8 MiB (int4 packed)',
             'Qwix perplexity', 'Qwix x float', 'Qwix decode tok/s (x float)']
-    lines = ['| ' + ' | '.join(head) + ' |', '|' + '|'.join('---' for _ in head) + '|']
+    lines = header(head)
     for r in rows:
         if 'error' in r:
-            lines.append('| ' + ' | '.join([r['scheme'], f"failed: {r['error']}"] + ['-'] * (len(head) - 2)) + ' |')
+            lines.append(row([r['scheme'], f"failed: {r['error']}"] + ['-'] * (len(head) - 2)))
             continue
         qb = (f"{r['qwix_bytes'] / MIB:.1f} ({r['qwix_bytes_packed'] / MIB:.1f})" if 'qwix_bytes' in r else '-')
         mib = f"{r['bytes'] / MIB:.1f}"
         if 'kv_bytes_per_token' in r:
             mib += f" + KV {r['kv_bytes_per_token']} B/token"
-        cells = [r['scheme'], mib, _f(r.get('ppl'), '.3f'), _f(r.get('ppl_ratio'), '.4f'), _rate(r, 'tok_s')]
+        cells = [r['scheme'], mib, cell(r.get('ppl'), '.3f'), cell(r.get('ppl_ratio'), '.4f'), _rate(r, 'tok_s')]
         if 'qwix_ppl' in r:
-            cells += [qb, _f(r['qwix_ppl'], '.3f'), _f(r['qwix_ppl_ratio'], '.4f'), _rate(r, 'qwix_tok_s')]
+            cells += [qb, cell(r['qwix_ppl'], '.3f'), cell(r['qwix_ppl_ratio'], '.4f'), _rate(r, 'qwix_tok_s')]
         elif r.get('qwix_reason'):
             cells += [f"n/a: {r['qwix_reason']}", '-', '-', '-']
         else:
             cells += ['-', '-', '-', '-']
-        lines.append('| ' + ' | '.join(cells) + ' |')
+        lines.append(row(cells))
     return '\n'.join(lines)
 
 
