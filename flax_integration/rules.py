@@ -27,6 +27,7 @@ import warnings
 from typing import Iterable, Mapping, Sequence
 
 from qarray import calibration as _calibration
+from qarray import gptq as _gptq
 from qarray import qtypes
 
 from flax_integration._op_table import OP_NAMES
@@ -218,10 +219,7 @@ class QuantizationRule:
         if not isinstance(self.gptq_damping, (int, float)) or isinstance(self.gptq_damping, bool) or not (
                 self.gptq_damping >= 0):
             raise ValueError(f"gptq_damping must be a number >= 0; got {self.gptq_damping!r}.")
-        tc = self.gptq_token_clip
-        if tc is not None and (isinstance(tc, bool) or not isinstance(tc, (int, float)) or not tc >= 1):
-            raise ValueError(f"gptq_token_clip must be None or a number >= 1 (a multiple of the median token "
-                             f"norm); got {tc!r}.")
+        tc = _gptq.check_token_clip(self.gptq_token_clip, 'gptq_token_clip')
         if tc is not None and self.weight_algorithm != 'gptq':
             raise ValueError(f"gptq_token_clip={tc!r} shapes GPTQ's Hessian; set weight_algorithm='gptq' too.")
         if self.weight_scale_qtype is not None:

@@ -73,12 +73,24 @@ def hessian(x: Any, axis: int = -1, *, token_clip: float | None = None) -> jax.A
     x = jnp.asarray(x)
     if not jnp.issubdtype(x.dtype, jnp.floating):
         raise TypeError(f"x must be a floating-point array of activations; got dtype {x.dtype}.")
-    if token_clip is not None and (isinstance(token_clip, bool) or not isinstance(token_clip, (int, float))
-                                   or not token_clip >= 1):
-        raise ValueError(f"token_clip must be None or a number >= 1 (a multiple of the median token norm); "
-                         f"got {token_clip!r}.")
-    clip = None if token_clip is None else float(token_clip)
+    clip = check_token_clip(token_clip, 'token_clip')
     return _hessian_jit(x, _layout.normalize_axis(axis, x.ndim, what='activations'), clip)
+
+
+def check_token_clip(value: Any, name: str) -> float | None:
+    """``value`` as a float if it is None or a number >= 1, else ``ValueError`` naming ``name``.
+
+    Example:
+      >>> from qarray import gptq
+      >>> gptq.check_token_clip(4, 'token_clip')
+      4.0
+    """
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not value >= 1:
+        raise ValueError(f"{name} must be None or a number >= 1 (a multiple of the median token norm); "
+                         f"got {value!r}.")
+    return float(value)
 
 
 @functools.partial(jax.jit, static_argnums=(1, 2))
@@ -88,7 +100,7 @@ def _hessian_jit(x, axis, token_clip):
         norm = jnp.sqrt(jnp.sum(x2 * x2, axis=1))
         tau = token_clip * jnp.median(norm)
         # tau == 0 (mostly all-zero tokens, e.g. padding): nothing to clip against, keep the plain sum
-        x2 = x2 * jnp.where((tau > 0) & (norm > tau), tau / jnp.where(norm > 0, norm, 1.0), 1.0)[:, None]
+        x2 = x2 * jnp.where((tau > 0) & (norm > tau), tau / norm, 1.0)[:, None]
     return jnp.dot(x2.T, x2, precision=_HIGHEST)
 
 
@@ -236,11 +248,10 @@ def _gptq_jit(w, h, damping, axis, qt, calibration, tile, block, scale_dtype, pa
         q = _quantize.quantize_with_scale(restore(q2), qt, restore(scale), None if zp is None else restore(zp),
                                           pack_axis=pack_axis)
     else:  # a partial last tile: the tile size is static metadata (it cannot be read off the shapes)
-        rows = lambda a: jnp.repeat(a, tile, axis=0, total_repeat_length=a.shape[0] * tile)[:k]
-        c = _numerics.to_codes(q2, rows(scale).astype(jnp.float32),
-                               None if zp is None else rows(zp), qt, calibrated=True)
-        values = restore(q2)
-        q = _quantize._pack(restore(c), restore(scale), None if zp is None else restore(zp), qt, values,
+        rows = lambda a: _layout.broadcast_scale(a, q2.shape, {0: tile})
+        c = _numerics.to_codes(q2, rows(scale).astype(jnp.float32), None if zp is None else rows(zp), qt,
+                               calibrated=True)
+        q = _quantize._pack(restore(c), restore(scale), None if zp is None else restore(zp), qt, restore(q2),
                             pack_axis, tile_sizes=((axis - w.ndim, tile),))
     # The values were float32; the result dequantizes to w's dtype, as quantize's does.
     return q.replace(dtype=w.dtype), factor_ok
@@ -276,14 +287,12 @@ def _gptq_2d(w, u, qt, calibration, tile, block, scale_dtype):
             if tile is None:
                 s, z = fixed_scale, fixed_zp
             else:  # this tile's scale, from the weights as updated so far
-                s, z = _group_scale(jax.lax.dynamic_slice_in_dim(w1, t0, t, axis=0), qt, calibration,
-                                    scale_dtype)
+                rows_of = lambda size: lambda w1: _group_scale(jax.lax.dynamic_slice_in_dim(w1, t0, size, axis=0),
+                                                               qt, calibration, scale_dtype)
                 if tail:  # the partial tile (index k // t) calibrates on its own rows, not the zero padding
-                    st, zt = _group_scale(jax.lax.dynamic_slice_in_dim(w1, t0, tail, axis=0), qt, calibration,
-                                          scale_dtype)
-                    last = b * tiles_per_block + j == k // t
-                    s = jnp.where(last, st, s)
-                    z = None if z is None else jnp.where(last, zt, z)
+                    s, z = jax.lax.cond(b * tiles_per_block + j == k // t, rows_of(tail), rows_of(t), w1)
+                else:
+                    s, z = rows_of(t)(w1)
                 scales = jax.lax.dynamic_update_slice_in_dim(scales, s, j, axis=0)
                 if z is not None:
                     zps = jax.lax.dynamic_update_slice_in_dim(zps, z, j, axis=0)
