@@ -270,7 +270,6 @@ def test_hessian_token_clip_matches_numpy_and_leaves_ordinary_tokens():
     # float32: each token's factor tau / ||x|| is a few roundings off (the norm's K-term sum, the median's
     # product with 4, the division), squared in x x^T, then the 100-term sum: gamma_(100 + 16 + 8) |x|^T |x|
     assert_within(got, want, gamma(100 + 16 + 8) * np.abs(ref_x).T @ np.abs(ref_x))
-    assert np.all(np.linalg.norm(ref_x, axis=1) <= tau * (1 + 1e-12))
     # nothing above the clip: exactly the plain Gram matrix; an all-zero batch (padding): zeros, not NaN
     np.testing.assert_array_equal(gptq.hessian(x, token_clip=1e30), gptq.hessian(x))
     np.testing.assert_array_equal(gptq.hessian(np.zeros((5, 3), np.float32), token_clip=4.0), np.zeros((3, 3)))
