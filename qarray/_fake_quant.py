@@ -17,7 +17,8 @@ import jax.numpy as jnp
 
 from qarray import _layout, _numerics, qtypes
 from qarray._array import QArray
-from qarray._quantize import check_input, codes_with_scale, quantize_codes, resolve_args, values_from_codes
+from qarray._quantize import (check_input, check_scale, codes_with_scale, quantize_codes, resolve_args,
+                              values_from_codes)
 
 __all__ = ['fake_quant', 'fake_quant_with_scale', 'straight_through', 'representable_range']
 
@@ -147,9 +148,16 @@ def fake_quant_with_scale(x: Any, qtype: Any, scale: Any, zero_point: Any = None
     """
     _check_ste(ste)
     x = check_input(x, False)
-    xs = jax.lax.stop_gradient(x)
-    scale = jax.lax.stop_gradient(jnp.asarray(scale))
-    zero_point = None if zero_point is None else jax.lax.stop_gradient(jnp.asarray(zero_point))
     qt = qtypes.get(qtype)
+    scale, zero_point = check_scale(x, qt, scale, zero_point)  # here: eager values are checked too
+    return _fake_quant_with_scale_jit(x, scale, zero_point, qt, ste)
+
+
+# One program per layout: eager callers (a Flax init, QAT without jit) compile once, not once per op.
+@functools.partial(jax.jit, static_argnums=(3, 4))
+def _fake_quant_with_scale_jit(x, scale, zero_point, qt, ste) -> jax.Array:
+    xs = jax.lax.stop_gradient(x)
+    scale = jax.lax.stop_gradient(scale)
+    zero_point = None if zero_point is None else jax.lax.stop_gradient(zero_point)
     c, scale, zero_point = codes_with_scale(xs, qt, scale, zero_point)  # no pack/unpack round trip
     return straight_through(x, values_from_codes(c, scale, zero_point, qt, x.dtype), _pass_mask(xs, scale, zero_point, qt, ste))

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import functools
 
+import jax
 import jax.numpy as jnp
 from jax import lax
 import ml_dtypes
@@ -104,6 +105,12 @@ def scale_and_zero_point(lo: jnp.ndarray, hi: jnp.ndarray, symmetric: bool, qtyp
       >>> float(s), int(zp)
       (1.0, 0)
     """
+    return _scale_and_zero_point(lo, hi, bool(symmetric), qtype, jnp.dtype(scale_dtype))
+
+
+# One program per layout for eager callers (a calibration loop, a Flax init), not one per op; inlined under jit.
+@functools.partial(jax.jit, static_argnums=(2, 3, 4))
+def _scale_and_zero_point(lo, hi, symmetric, qtype, scale_dtype):
     raw, zero_level = _raw_scale(lo, hi, symmetric, qtype, scale_dtype)
     scale = _finite_positive(raw, scale_dtype)
     if zero_level is None:

@@ -20,6 +20,7 @@ from typing import Any, Callable, Mapping, Sequence
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from qarray import _layout, _microscaling, _numerics, packing, qtypes
 from qarray import calibration as _calibration
@@ -384,6 +385,16 @@ def quantize_with_scale(x: Any, qtype: Any, scale: Any, zero_point: Any = None, 
 
 def codes_with_scale(x, qt, scale, zero_point):
     """Codes of ``x`` (logical shape) for a given scale / zero point, both checked and broadcast."""
+    scale, zero_point = check_scale(x, qt, scale, zero_point)
+    vshape, sshape = _layout.tiled_view(x.shape, scale.shape)
+    zpv = None if zero_point is None else zero_point.reshape(sshape)
+    c = _numerics.to_codes(x.reshape(vshape), scale.reshape(sshape), zpv, qt).reshape(x.shape)
+    return c, scale, zero_point
+
+
+def check_scale(x, qt, scale, zero_point):
+    """``scale`` and ``zero_point`` (broadcast to the scale's shape, code dtype) checked against ``x`` and ``qt``;
+    their values too when they are concrete (eager)."""
     scale = jnp.asarray(scale)
     if not jnp.issubdtype(scale.dtype, jnp.floating):
         raise TypeError(f"scale must be a floating-point array; got dtype {scale.dtype}.")
@@ -391,24 +402,23 @@ def codes_with_scale(x, qt, scale, zero_point):
     if scale.ndim != x.ndim or any(misfit(n, s) for n, s in zip(x.shape, scale.shape)):
         raise ValueError(f"scale of shape {scale.shape} does not fit x of shape {x.shape}: it needs the rank "
                          "of x with every axis 1, the full size, or a divisor of it.")
-    if _concrete(scale) and not bool(jnp.all(jnp.isfinite(scale) & (scale > 0))):
-        raise ValueError("scale must be positive and finite everywhere (a zero, negative, NaN or Inf scale has "
-                         "no codes); got min %s." % float(jnp.min(scale)))
+    if _concrete(scale):  # numpy: an eager check compiles nothing
+        s = np.asarray(scale, np.float32 if scale.dtype.itemsize < 4 else scale.dtype)
+        if not np.all(np.isfinite(s) & (s > 0)):
+            raise ValueError("scale must be positive and finite everywhere (a zero, negative, NaN or Inf scale "
+                             "has no codes); got min %s." % float(np.min(s)))
     if qt.kind == 'uint' and zero_point is None:
         raise ValueError(f"qtype {qt.name!r} is unsigned and needs a zero_point.")
     if zero_point is not None:
         qa, qb = qt.asym_range  # raises for formats without a zero point
         zero_point = jnp.asarray(zero_point)
         if _concrete(zero_point):
-            z = jnp.asarray(zero_point, jnp.float64 if jax.config.jax_enable_x64 else jnp.float32)
-            if not bool(jnp.all((z == jnp.round(z)) & (z >= qa) & (z <= qb))):
+            z = np.asarray(zero_point).astype(np.float64)
+            if not np.all((z == np.round(z)) & (z >= qa) & (z <= qb)):
                 raise ValueError(f"zero_point must hold integer codes of {qt.name!r} in [{qa}, {qb}]; got values in "
-                                 f"[{float(jnp.min(z))}, {float(jnp.max(z))}].")
+                                 f"[{float(np.min(z))}, {float(np.max(z))}].")
         zero_point = jnp.broadcast_to(zero_point, scale.shape).astype(qt.code_dtype)
-    vshape, sshape = _layout.tiled_view(x.shape, scale.shape)
-    zpv = None if zero_point is None else zero_point.reshape(sshape)
-    c = _numerics.to_codes(x.reshape(vshape), scale.reshape(sshape), zpv, qt).reshape(x.shape)
-    return c, scale, zero_point
+    return scale, zero_point
 
 
 def _concrete(x: Any) -> bool:

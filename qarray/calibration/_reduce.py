@@ -29,8 +29,10 @@ Example:
 
 from __future__ import annotations
 
+import functools
 from typing import Callable, Sequence
 
+import jax
 import jax.numpy as jnp
 from jax import lax
 
@@ -50,7 +52,7 @@ def group_max(x: jnp.ndarray, axes: Sequence[int], *, leaf: Callable | None = No
       >>> group_max(jnp.arange(12.).reshape(3, 4), (0,)).tolist()
       [[8.0, 9.0, 10.0, 11.0]]
     """
-    return _group_reduce(x, axes, jnp.maximum, jnp.max, jnp.inf, leaf, levels)
+    return _group_reduce(x, _axes(axes), jnp.maximum, jnp.max, jnp.inf, leaf, levels)
 
 
 def group_min(x: jnp.ndarray, axes: Sequence[int], *, levels: int = 3) -> jnp.ndarray:
@@ -62,9 +64,16 @@ def group_min(x: jnp.ndarray, axes: Sequence[int], *, levels: int = 3) -> jnp.nd
       >>> group_min(jnp.arange(12.).reshape(3, 4), (1,)).tolist()
       [[0.0], [4.0], [8.0]]
     """
-    return _group_reduce(x, axes, jnp.minimum, jnp.min, -jnp.inf, None, levels)
+    return _group_reduce(x, _axes(axes), jnp.minimum, jnp.min, -jnp.inf, None, levels)
 
 
+def _axes(axes: Sequence[int]) -> tuple[int, ...]:
+    return tuple(int(a) for a in axes)
+
+
+# Jitted so an eager call (a Flax init, a calibration loop) compiles one program per shape instead of one per
+# halving step; under an outer jit it is inlined and XLA fuses it exactly as before.
+@functools.partial(jax.jit, static_argnums=tuple(range(1, 7)))
 def _group_reduce(x, axes, op, reduce, nan_to, leaf, levels):
     x = jnp.asarray(x)
     src = x.shape
