@@ -106,12 +106,12 @@ def _gptq_like(value, a: QArray, abstract: QuantizedParam, tiles, pack_axis, hes
                          "and pass the result as quantize_params(..., quant_stats).")
     hessian = _calibrated(hessian, f"{abstract.gptq[0]} (GPTQ statistic of {path})")
     h = jnp.asarray(hessian['hessian'], jnp.float32)
-    _, axis, damping = abstract.gptq
+    _, axis, damping, *flags = abstract.gptq
     if abstract.rotation is not None:  # the weight is rotated: so are the activations it sees
         h = rotation_lib.rotate_hessian(h, block=abstract.rotation[1])
     return gptq.gptq_quantize(value, h, a.qtype, axis=axis, tile_size=tiles.get(axis),
                               calibration=abstract.calibration, damping=damping,
-                              scale_dtype=a.scale.dtype, pack_axis=pack_axis)
+                              scale_dtype=a.scale.dtype, pack_axis=pack_axis, act_order='act_order' in flags)
 
 
 def _rebox(abstract_tree: Any, concrete: Any) -> Any:

@@ -95,6 +95,13 @@ class QuantizationRule:
         (:func:`qarray.gptq.hessian`). For LLMs with "massive activations"
         (a few tokens hundreds of times larger), whose Hessian they dominate;
         4.0 is a good start.
+      gptq_act_order: GPTQ rounds the input channels in decreasing order of
+        their activation energy (the Hessian's diagonal) instead of in order,
+        with every tile's scale taken from the weight beforehand
+        (:func:`qarray.gptq.gptq_quantize` ``act_order``); the stored layout is
+        the same. Helps most without ``rotation`` (a few channels with large
+        activations are rounded first, while the most others remain to absorb
+        their error); the Hadamard rotation already evens the channels out.
       kv_cache_qtype: keep the attention decode cache of the matched attention
         modules quantized in this format (``'int8'``, ``'fp8'``, ``'int4'``;
         see :mod:`qarray.kv_cache`), or None for Flax's float cache.
@@ -174,6 +181,7 @@ class QuantizationRule:
     warn_if_unused: bool = True
     weight_tiles: Mapping[int, int] | None = None
     gptq_token_clip: float | None = None
+    gptq_act_order: bool = False
 
     def __post_init__(self):
         if not isinstance(self.module_path, str):
@@ -222,6 +230,10 @@ class QuantizationRule:
         tc = _gptq.check_token_clip(self.gptq_token_clip, 'gptq_token_clip')
         if tc is not None and self.weight_algorithm != 'gptq':
             raise ValueError(f"gptq_token_clip={tc!r} shapes GPTQ's Hessian; set weight_algorithm='gptq' too.")
+        if not isinstance(self.gptq_act_order, bool):
+            raise TypeError(f"gptq_act_order must be a bool; got {self.gptq_act_order!r}.")
+        if self.gptq_act_order and self.weight_algorithm != 'gptq':
+            raise ValueError("gptq_act_order=True orders GPTQ's rounding; set weight_algorithm='gptq' too.")
         if self.weight_scale_qtype is not None:
             if self.weight_qtype is None:
                 raise ValueError("weight_scale_qtype quantizes the weights' scales; set weight_qtype too.")

@@ -85,7 +85,8 @@ class QuantizedParam:
       (the model rotates the activation to match);
     * ``gptq``: None, or ``(statistic, axis, damping)``: round with GPTQ from
       the Hessian statistic of that name (next to this param in
-      ``quant_stats``), along contracting ``axis``, with that damping.
+      ``quant_stats``), along contracting ``axis``, with that damping; a 4th
+      entry ``'act_order'`` rounds in act order (rule ``gptq_act_order``).
 
     ``qarray.io`` records and checks these fields (``checkpoint_fields``), so a
     checkpoint restores only into params quantized the same way.
@@ -101,7 +102,7 @@ class QuantizedParam:
     array: QArray
     calibration: str = dataclasses.field(default='absmax', metadata=dict(static=True))
     rotation: tuple[int, int] | None = dataclasses.field(default=None, metadata=dict(static=True))
-    gptq: tuple[str, int, float] | None = dataclasses.field(default=None, metadata=dict(static=True))
+    gptq: tuple | None = dataclasses.field(default=None, metadata=dict(static=True))
 
     checkpoint_fields = ('calibration', 'rotation', 'gptq')  # static fields qarray.io saves and checks
 
@@ -190,7 +191,7 @@ class QuantizedParam:
         order = [a % self.ndim for a in order] or list(range(self.ndim))[::-1]
         # Axes recorded for rotation and GPTQ move with the transpose.
         rotation = None if self.rotation is None else (order.index(self.rotation[0]), self.rotation[1])
-        gptq = None if self.gptq is None else (self.gptq[0], order.index(self.gptq[1]), self.gptq[2])
+        gptq = None if self.gptq is None else (self.gptq[0], order.index(self.gptq[1])) + tuple(self.gptq[2:])
         return dataclasses.replace(self, array=array, rotation=rotation, gptq=gptq)
 
     @property

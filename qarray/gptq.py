@@ -106,7 +106,7 @@ def _hessian_jit(x, axis, token_clip):
 
 def gptq_quantize(w: Any, h: Any, qtype: Any, *, axis: int = 0, tile_size: int | None = None,
                   calibration: str = 'absmax', damping: float = 0.01, block_size: int = 128,
-                  scale_dtype: Any = None, pack_axis: int = -1) -> QArray:
+                  scale_dtype: Any = None, pack_axis: int = -1, act_order: bool = False) -> QArray:
     """Quantize weight ``w`` with GPTQ error compensation along its contracting ``axis``.
 
     Args:
@@ -128,6 +128,12 @@ def gptq_quantize(w: Any, h: Any, qtype: Any, *, axis: int = 0, tile_size: int |
         ``tile_size``); affects speed (and float32 rounding) only.
       scale_dtype: dtype of scales (default ``w.dtype``).
       pack_axis: axis along which sub-byte formats are bit-packed.
+      act_order: quantize the input channels in decreasing order of ``h``'s
+        diagonal (the most excited first, "act-order"), so the channels that
+        matter most are rounded while the most others remain to absorb
+        their error. Every tile's scale is then calibrated from the original
+        weight before the loop ("static groups"), so the stored layout is
+        the same as without it.
 
     Returns:
       A :class:`QArray` with the layout of ``qarray.quantize(w, qtype,
@@ -166,6 +172,8 @@ def gptq_quantize(w: Any, h: Any, qtype: Any, *, axis: int = 0, tile_size: int |
                          f"length {k}; the last may be partial).")
     if not isinstance(block_size, (int, np.integer)) or isinstance(block_size, bool) or block_size <= 0:
         raise ValueError(f"block_size must be a positive int (e.g. 128); got {block_size!r}.")
+    if not isinstance(act_order, (bool, np.bool_)):
+        raise TypeError(f"act_order must be a bool (True: largest diag(h) first); got {act_order!r}.")
     if not isinstance(damping, (int, float, np.floating, np.integer)) or not damping >= 0:
         raise ValueError(f"damping must be a float >= 0 (e.g. 0.01); got {damping!r}.")
     qt = qtypes.get(qtype)
@@ -179,7 +187,7 @@ def gptq_quantize(w: Any, h: Any, qtype: Any, *, axis: int = 0, tile_size: int |
     tile = int(tile_size) if tile_size is not None and tile_size < k else None
     block = _block(k, tile, int(block_size))
     q, factor_ok = _gptq_jit(w, h, jnp.float32(damping), axis, qt, calibration, tile, block, scale_dtype,
-                             int(pack_axis))
+                             int(pack_axis), bool(act_order))
     _quantize.check_when_known(factor_ok, _raise_not_pd)
     return q
 
@@ -228,17 +236,27 @@ def _round(v: jax.Array, scale: jax.Array, zp: jax.Array | None, qt) -> jax.Arra
 
 
 # One compiled program (factor, loop, packing) per layout: compiling dominates small calls on CPU.
-@functools.partial(jax.jit, static_argnums=tuple(range(3, 10)))
-def _gptq_jit(w, h, damping, axis, qt, calibration, tile, block, scale_dtype, pack_axis
+@functools.partial(jax.jit, static_argnums=tuple(range(3, 11)))
+def _gptq_jit(w, h, damping, axis, qt, calibration, tile, block, scale_dtype, pack_axis, act_order
               ) -> tuple[QArray, jax.Array]:
     """GPTQ on ``w`` along ``axis``: the QArray in quantize's layout, and whether ``h``'s factor is finite."""
-    u = _inverse_cholesky(h, damping)
-    factor_ok = jnp.all(jnp.isfinite(u))
     k = w.shape[axis]
     wk = jnp.moveaxis(w, axis, 0)  # [K, *others]
     others = wk.shape[1:]
     w2 = wk.reshape(k, -1).astype(jnp.float32)  # [K, N]: an input channel is a contiguous row
-    q2, scale, zp = _gptq_2d(w2, u, qt, calibration, tile, block, scale_dtype)
+    if act_order:
+        # Static groups: the tiles' scales from the original weight, then the rows in decreasing diag(h)
+        # (a stable sort: ties and dead channels keep their order), each with its own tile's scale.
+        perm = jnp.argsort(-jnp.diagonal(h).astype(jnp.float32), stable=True)
+        scale, zp = _tile_scales(w2, tile, qt, calibration, scale_dtype)
+        group = perm // tile if tile is not None else jnp.zeros((k,), jnp.int32)
+        u = _inverse_cholesky(h[perm][:, perm], damping)
+        q2p, _, _ = _gptq_2d(w2[perm], u, qt, calibration, tile, block, scale_dtype, static=(scale, zp, group))
+        q2 = jnp.zeros_like(q2p).at[perm].set(q2p)
+    else:
+        u = _inverse_cholesky(h, damping)
+        q2, scale, zp = _gptq_2d(w2, u, qt, calibration, tile, block, scale_dtype)
+    factor_ok = jnp.all(jnp.isfinite(u))
 
     def restore(a):  # [K or ceil(K/tile) or 1, N] -> w's layout
         return jnp.moveaxis(a.reshape((a.shape[0],) + others), 0, axis)
@@ -257,21 +275,45 @@ def _gptq_jit(w, h, damping, axis, qt, calibration, tile, block, scale_dtype, pa
     return q.replace(dtype=w.dtype), factor_ok
 
 
-def _gptq_2d(w, u, qt, calibration, tile, block, scale_dtype):
-    """GPTQ on ``w`` [K, N] (rows = input channels) with ``U`` [K, K]; lazy batches of ``block`` rows."""
+def _tile_scales(w: jax.Array, tile: int | None, qt, calibration: str, scale_dtype):
+    """Scales (and zero points or None) of ``w`` [K, N] per tile of ``tile`` rows ([ceil(K/tile), N]; per channel
+    [1, N] when ``tile`` is None); a partial last tile on its own rows."""
+    k, n = w.shape
+    if tile is None:
+        return _group_scale(w, qt, calibration, scale_dtype)
+    full = k // tile
+    s, z = jax.vmap(lambda c: _group_scale(c, qt, calibration, scale_dtype))(w[:full * tile].reshape(full, tile, n))
+    s, z = s[:, 0], None if z is None else z[:, 0]
+    if k % tile:
+        s_tail, z_tail = _group_scale(w[full * tile:], qt, calibration, scale_dtype)
+        s = jnp.concatenate([s, s_tail])
+        z = None if z is None else jnp.concatenate([z, z_tail])
+    return s, z
+
+
+def _gptq_2d(w, u, qt, calibration, tile, block, scale_dtype, static=None):
+    """GPTQ on ``w`` [K, N] (rows = input channels) with ``U`` [K, K]; lazy batches of ``block`` rows.
+
+    ``static = (scales [G, N], zero points [G, N] or None, group [K])`` fixes every row's scale beforehand
+    (row ``r`` uses ``scales[group[r]]``); the scales are returned unchanged.
+    """
     k, n = w.shape
     nblocks = -(-k // block)
     kp = nblocks * block
     if kp > k:  # pad with zero rows whose U block is the identity: they neither get nor pass on error
         w = jnp.pad(w, ((0, kp - k), (0, 0)))
         u = jnp.pad(u, ((0, kp - k), (0, kp - k))) + jnp.diag((jnp.arange(kp) >= k).astype(u.dtype))
+    if tile is None and static is None:  # per-channel scales from the original weight
+        static = _group_scale(w[:k], qt, calibration, scale_dtype) + (jnp.zeros((k,), jnp.int32),)
+    if static is not None:  # no per-tile calibration in the loop: one tile per block
+        tile = None
+        fixed_scale, fixed_zp, group = static
+        group = jnp.pad(group.astype(jnp.int32), (0, kp - k))  # padded rows are zero: any scale rounds them to 0
+        scale_like, zp_like = fixed_scale, fixed_zp
     t = tile or block
     tiles_per_block = block // t
     tail = k % t if tile is not None else 0  # rows of a partial last tile (its scale sees only those)
-    if tile is None:  # per-channel scales from the original weight
-        fixed_scale, fixed_zp = _group_scale(w[:k], qt, calibration, scale_dtype)
-        scale_like, zp_like = fixed_scale, fixed_zp
-    else:
+    if tile is not None:
         scale_like, zp_like = jax.eval_shape(
             lambda c: _group_scale(c, qt, calibration, scale_dtype), jax.ShapeDtypeStruct((t, n), jnp.float32))
     rows = jnp.arange(kp)
@@ -285,7 +327,7 @@ def _gptq_2d(w, u, qt, calibration, tile, block, scale_dtype):
             w1, q1, e1, scales, zps = carry
             t0 = j * t
             if tile is None:
-                s, z = fixed_scale, fixed_zp
+                s, z = None, None
             else:  # this tile's scale, from the weights as updated so far
                 rows_of = lambda size: lambda w1: _group_scale(jax.lax.dynamic_slice_in_dim(w1, t0, size, axis=0),
                                                                qt, calibration, scale_dtype)
@@ -296,11 +338,15 @@ def _gptq_2d(w, u, qt, calibration, tile, block, scale_dtype):
                 scales = jax.lax.dynamic_update_slice_in_dim(scales, s, j, axis=0)
                 if z is not None:
                     zps = jax.lax.dynamic_update_slice_in_dim(zps, z, j, axis=0)
-            s1, z1 = s[0], None if z is None else z[0]
 
             def column_step(i, carry):
                 w1, q1, e1 = carry
                 r = t0 + i
+                if tile is None:
+                    g = group[start + r]
+                    s1, z1 = fixed_scale[g], None if fixed_zp is None else fixed_zp[g]
+                else:
+                    s1, z1 = s[0], None if z is None else z[0]
                 v = w1[r]
                 qv = _round(v, s1, z1, qt)
                 e = (v - qv) / u1[r, r]

@@ -25,9 +25,11 @@ def correlated_activations(rows: int, k: int, seed: int = 0) -> np.ndarray:
     return ((r.standard_normal((rows, k)) @ a) * scales).astype(np.float32)
 
 
-def ref_gptq(w: np.ndarray, h: np.ndarray, qmax: int, tile: int | None, damping: float = 0.01):
+def ref_gptq(w: np.ndarray, h: np.ndarray, qmax: int, tile: int | None, damping: float = 0.01,
+             act_order: bool = False):
     """Unblocked float64 GPTQ for symmetric intB absmax (scale = absmax / (qmax + 1/2)); w [K, N].
 
+    ``act_order``: rows in decreasing diag(h) (stable), every tile's scale from the original w first.
     Returns (codes [K, N], scales [K/tile or 1, N]).
     """
     w = w.astype(np.float64).copy()
@@ -35,25 +37,33 @@ def ref_gptq(w: np.ndarray, h: np.ndarray, qmax: int, tile: int | None, damping:
     k = w.shape[0]
     dead = np.diag(h) == 0
     h[dead, dead] = 1
-    h += damping * np.mean(np.diag(h)) * np.eye(k)
-    u = np.linalg.cholesky(np.linalg.inv(h)).T  # upper, u.T @ u = inv(h)
     bound = qmax + 0.5
     tile = tile or k
+
+    def scale_of(rows):
+        # The scale and the division in float32 as numerics documents them: a tile's negative extreme
+        # sits on the tie -(qmax + 1/2) and only the same float32 rounding sends it to the same code.
+        s32 = np.float32(np.abs(rows).max(0)) * np.float32(1 / bound)
+        return np.where(s32 == 0, np.float32(1), s32)
+
+    perm = np.argsort(-np.diag(h).astype(np.float32) * ~dead, kind='stable') if act_order else np.arange(k)
+    static = [scale_of(w[i:i + tile]) for i in range(0, k, tile)] if act_order else None
+    w, h = w[perm], h[perm][:, perm]
+    h += damping * np.mean(np.diag(h)) * np.eye(k)
+    u = np.linalg.cholesky(np.linalg.inv(h)).T  # upper, u.T @ u = inv(h)
     codes, scales = np.zeros(w.shape), []
     for r in range(k):
-        if r % tile == 0:
-            # The scale and the division in float32 as numerics documents them: a tile's negative extreme
-            # sits on the tie -(qmax + 1/2) and only the same float32 rounding sends it to the same code.
-            s32 = np.float32(np.abs(w[r:r + tile]).max(0)) * np.float32(1 / bound)
-            s32 = np.where(s32 == 0, np.float32(1), s32)
-            s = s32.astype(np.float64)
-            scales.append(s)
+        if static is not None:
+            s32 = static[perm[r] // tile]
+        elif r % tile == 0:
+            s32 = scale_of(w[r:r + tile])
+            scales.append(s32.astype(np.float64))
         y = np.float32(w[r]) * (np.float32(1) / s32)
         c = np.clip(np.rint(y), -qmax - 1, qmax).astype(np.float64)  # full two's-complement codes
-        codes[r] = c
-        err = (w[r] - c * s) / u[r, r]
+        codes[perm[r]] = c
+        err = (w[r] - c * s32.astype(np.float64)) / u[r, r]
         w[r + 1:] -= np.outer(u[r, r + 1:], err)
-    return codes, np.stack(scales)
+    return codes, np.stack(static if static is not None else scales).astype(np.float64)
 
 
 def expand(scales: np.ndarray, k: int, tile: int | None) -> np.ndarray:
@@ -66,17 +76,19 @@ def output_error(w, deq, h):
     return float(np.trace(d.T @ np.asarray(h, np.float64) @ d))
 
 
-@pytest.mark.parametrize('qtype,qmax,tile,k,block', [('int4', 7, 32, 224, 80), ('int8', 127, None, 200, 64),
-                                                      ('int4', 7, 48, 200, 96)])   # 200 = 4 x 48 + 8
-def test_matches_float64_reference(qtype, qmax, tile, k, block):
+@pytest.mark.parametrize('qtype,qmax,tile,k,block,act_order', [
+    ('int4', 7, 32, 224, 80, False), ('int8', 127, None, 200, 64, False),
+    ('int4', 7, 48, 200, 96, False),   # 200 = 4 x 48 + 8
+    ('int4', 7, 48, 200, 96, True), ('int8', 127, None, 200, 64, True)])
+def test_matches_float64_reference(qtype, qmax, tile, k, block, act_order):
     # k not a multiple of the block: the last block is padded; 200 with tiles of 48: a partial last tile whose
     # scale comes from its own 8 rows
     n = 48
     x = correlated_activations(4 * k, k)
     h = np.asarray(gptq.hessian(x), np.float64)
     w = (RNG.standard_normal((k, n)) * 0.1).astype(np.float32)
-    q = gptq.gptq_quantize(w, h, qtype, tile_size=tile, block_size=block)
-    ref_codes, ref_scales = ref_gptq(w, h, qmax, tile)
+    q = gptq.gptq_quantize(w, h, qtype, tile_size=tile, block_size=block, act_order=act_order)
+    ref_codes, ref_scales = ref_gptq(w, h, qmax, tile, act_order=act_order)
     codes = np.asarray(qarray.codes(q)).astype(np.float64)
     same = codes == ref_codes
     # float32 vs float64 updates can flip a tie: a tile's negative extreme sits exactly on -(qmax + 1/2), and
@@ -84,8 +96,10 @@ def test_matches_float64_reference(qtype, qmax, tile, k, block):
     assert same.mean() >= 0.98, same.mean()
     assert q.scale.shape == ref_scales.shape
     ref_err = output_error(w, ref_codes * expand(ref_scales, k, tile), h)
-    # The first tile's scale comes from the unmodified w by the same float32 formula: equal bits (rtol names it).
-    np.testing.assert_allclose(np.asarray(q.scale, np.float64)[:1], ref_scales[:1], rtol=1e-6)  # before any flip
+    # The first tile's scale (with act_order every tile's) comes from the unmodified w by the same float32
+    # formula: equal bits (rtol names it).
+    n_static = len(ref_scales) if act_order else 1
+    np.testing.assert_allclose(np.asarray(q.scale, np.float64)[:n_static], ref_scales[:n_static], rtol=1e-6)
     deq = np.asarray(qarray.dequantize(q), np.float64)
     # statistical: tie flips re-route GPTQ's error feedback, the objective stays within a few percent
     assert abs(output_error(w, deq, h) / ref_err - 1) < 0.05  # the objective GPTQ minimises, as the reference
@@ -102,9 +116,9 @@ def test_matches_float64_reference(qtype, qmax, tile, k, block):
 @given(qtype=st.sampled_from(['int4', 'uint4', 'nf4', 'float8_e4m3fn', 'int8']),
        shape_tile=st.sampled_from([((64, 8), None), ((64, 8), 16), ((4, 48, 3), 16),
                                    ((60, 8), 16), ((4, 44, 3), 16)]),   # partial last tiles (12 rows)
-       calibration=st.sampled_from(['absmax', 'minmax']), seed=st.integers(0, 100))
-def test_diagonal_hessian_equals_quantize(qtype, shape_tile, calibration, seed):
-    """A diagonal h couples no channels, so GPTQ must reduce to round-to-nearest exactly."""
+       calibration=st.sampled_from(['absmax', 'minmax']), seed=st.integers(0, 100), act_order=st.booleans())
+def test_diagonal_hessian_equals_quantize(qtype, shape_tile, calibration, seed, act_order):
+    """A diagonal h couples no channels, so GPTQ must reduce to round-to-nearest exactly (in any order)."""
     shape, tile = shape_tile
     axis = 1 if len(shape) == 3 else 0
     if calibration == 'minmax' and qtype in ('nf4', 'float8_e4m3fn'):
@@ -113,7 +127,8 @@ def test_diagonal_hessian_equals_quantize(qtype, shape_tile, calibration, seed):
     w = r.standard_normal(shape).astype(np.float32)
     k = shape[axis]
     h = np.diag(r.uniform(0.0, 3.0, k) * (r.uniform(size=k) > 0.1)).astype(np.float32)  # some dead channels
-    q = gptq.gptq_quantize(w, h, qtype, axis=axis, tile_size=tile, calibration=calibration, block_size=32)
+    q = gptq.gptq_quantize(w, h, qtype, axis=axis, tile_size=tile, calibration=calibration, block_size=32,
+                           act_order=act_order)
     others = tuple(a for a in range(len(shape)) if a != axis)
     ref = qarray.quantize(w, qtype, channelwise_axes=others, tiles={axis: tile} if tile else None,
                           calibration=calibration)
@@ -238,6 +253,8 @@ def test_errors():
         gptq.gptq_quantize(w, h, 'int4', tile_size=0)
     with pytest.raises(ValueError, match=r'block_size must be a positive int'):
         gptq.gptq_quantize(w, h, 'int4', block_size=0)
+    with pytest.raises(TypeError, match=r'act_order must be a bool'):
+        gptq.gptq_quantize(w, h, 'int4', act_order='yes')
     with pytest.raises(ValueError, match=r'w must have rank >= 2'):
         gptq.gptq_quantize(jnp.ones(8), h, 'int4')
     with pytest.raises(ValueError, match=r'pack_axis=5 is out of range'):

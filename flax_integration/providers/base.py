@@ -578,7 +578,9 @@ class Provider:
             if rule.transforms_weights:
                 axis, _ = self.transform_axes(op)
                 if rule.weight_algorithm == 'gptq':
-                    gptq = (hessian_name(op), axis, rule.gptq_damping)
+                    # act order only as a 4th entry: checkpoints of the 3-entry form still match
+                    gptq = (hessian_name(op), axis, rule.gptq_damping) + (('act_order',) if rule.gptq_act_order
+                                                                          else ())
                 if rule.rotation is not None:
                     rotation = (axis, rotation_lib.block_size(value.shape[axis]))
                     value = rotation_lib.rotate(value, axis, block=rotation[1])

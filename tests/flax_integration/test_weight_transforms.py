@@ -138,9 +138,9 @@ def test_static_ranges_are_collected_on_the_rotated_activation():
     assert _first_layer_error(qm, qp, params, x) < 1e-2  # w8a8 quantization error (statistical), not rounding
 
 
-def _gptq_rules(rotation_=None, tile=16, qtype='int4', path='Dense_.*'):
+def _gptq_rules(rotation_=None, tile=16, qtype='int4', path='Dense_.*', act_order=False):
     return [fi.QuantizationRule(module_path=path, weight_qtype=qtype, tile_size=tile,
-                                weight_algorithm='gptq', rotation=rotation_)]
+                                weight_algorithm='gptq', rotation=rotation_, gptq_act_order=act_order)]
 
 
 def test_hessian_statistic_is_the_token_weighted_mean_gram_matrix():
@@ -164,18 +164,21 @@ def test_hessian_statistic_is_the_token_weighted_mean_gram_matrix():
     assert float(np.trace(np.asarray(clipped['hessian']))) < float(np.trace(np.asarray(s['hessian'])))
 
 
-@pytest.mark.parametrize('rot,tile', [(None, 16), ('hadamard', 16), (None, 24)])   # 24: partial last tiles
-def test_gptq_params_match_core_gptq_and_beat_round_to_nearest(rot, tile):
+@pytest.mark.parametrize('rot,tile,act_order', [(None, 16, False), ('hadamard', 16, False),
+                                                (None, 24, False), (None, 24, True)])   # 24: partial last tiles
+def test_gptq_params_match_core_gptq_and_beat_round_to_nearest(rot, tile, act_order):
     model, params = _float_setup()
     x = _inputs(6, n=512, outliers=False)
-    stats = fi.calibrate(model, params, [x], rules=_gptq_rules(rot, tile), progress=False)
-    qm, qp = _ptq(_gptq_rules(rot, tile), params, stats)
+    rules = _gptq_rules(rot, tile, act_order=act_order)
+    stats = fi.calibrate(model, params, [x], rules=rules, progress=False)
+    qm, qp = _ptq(rules, params, stats)
+    assert qp['Dense_0']['kernel'].gptq[3:] == (('act_order',) if act_order else ())
     assert qp['Dense_0']['kernel'].array.scale.shape == (-(-K // tile), N)       # 64 = 24 + 24 + 16
     h = stats['Dense_0']['dot_general0_hessian']['hessian']
     w = params['Dense_0']['kernel']
     if rot is not None:
         w, h = rotation.rotate(w, 0, block=K), rotation.rotate_hessian(h, block=K)
-    core = qarray.gptq.gptq_quantize(w, h, 'int4', axis=0, tile_size=tile)
+    core = qarray.gptq.gptq_quantize(w, h, 'int4', axis=0, tile_size=tile, act_order=act_order)
     np.testing.assert_array_equal(np.asarray(qarray.codes(qp['Dense_0']['kernel'].array)),
                                   np.asarray(qarray.codes(core)))
     rules_rtn = [fi.QuantizationRule(module_path='Dense_.*', weight_qtype='int4', tile_size=tile, rotation=rot)]
@@ -251,10 +254,16 @@ def test_unsupported_providers_and_layouts_raise():
     (dict(weight_qtype='int4', weight_algorithm='gptq', gptq_token_clip=0.5), 'gptq_token_clip must be None or'),
     (dict(weight_qtype='int4', weight_algorithm='gptq', gptq_token_clip='4'), 'gptq_token_clip must be None or'),
     (dict(weight_qtype='int4', gptq_token_clip=4.0), "set weight_algorithm='gptq'"),
+    (dict(weight_qtype='int4', gptq_act_order=True), "gptq_act_order=True orders GPTQ's rounding; set weight_algo"),
 ])
 def test_rule_validation(kwargs, match):
     with pytest.raises(ValueError, match=match):
         fi.QuantizationRule(**kwargs)
+
+
+def test_act_order_must_be_a_bool():
+    with pytest.raises(TypeError, match='gptq_act_order must be a bool'):
+        fi.QuantizationRule(weight_qtype='int4', weight_algorithm='gptq', gptq_act_order='yes')
 
 
 def test_float_fallback_of_a_rotated_param_unrotates_it():
@@ -331,6 +340,8 @@ def test_transpose_with_negative_axes_moves_rotation_and_gptq_axes():
                        gptq=('s', 0, 0.1))
     t = q.transpose(-1, 0, -2)
     assert t.rotation == (1, 8) and t.gptq == ('s', 1, 0.1)
+    ordered = dataclasses.replace(q, gptq=('s', 0, 0.1, 'act_order'))
+    assert ordered.transpose(-1, 0, -2).gptq == ('s', 1, 0.1, 'act_order')  # the act-order flag stays
 
 
 @pytest.mark.parametrize('fmt', ['orbax', 'safetensors'])
