@@ -190,6 +190,7 @@ def unpack(packed: jnp.ndarray, bits: int, length: int, axis: int = -1) -> jnp.n
     return jnp.moveaxis(fields[..., :length], -1, axis)
 
 
+@functools.partial(jax.jit, static_argnames=('bits', 'length', 'axis', 'signed'))
 def split_bytes(packed: jnp.ndarray, bits: int, length: int, axis: int = -1, *, signed: bool = False
                 ) -> jnp.ndarray:
     """:func:`unpack` for widths that divide 8, as one broadcast shift; optionally sign-extended.

@@ -44,6 +44,7 @@ SHARED_SETUP = (
     'tests/test_sharding.py::test_on_8_device_mesh[',     # one 8-device subprocess runs every mesh case
     'tests/flax_integration/test_litert.py::',            # four digits models trained and converted
     'tests/test_checkpoint.py::',                         # the every-format tree (8 s of eager quantizes)
+    'tests/examples/test_smollm.py::',                    # the real model and its GGUF-native twin, loaded once
 )
 
 

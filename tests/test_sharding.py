@@ -114,7 +114,7 @@ def mesh_results(tmp_path_factory):
     report = tmp_path_factory.mktemp('mesh') / 'report.xml'
     env = dict(os.environ, XLA_FLAGS='--xla_force_host_platform_device_count=8', JAX_PLATFORMS='cpu')
     env['PYTHONPATH'] = os.pathsep.join([str(ROOT), env.get('PYTHONPATH', '')])
-    cmd = [sys.executable, '-m', 'pytest', '-q', '-p', 'no:cacheprovider', '-o', 'python_files=*_cases.py',
+    cmd = [sys.executable, '-m', 'pytest', '-q', '-n', '0', '-p', 'no:cacheprovider', '-o', 'python_files=*_cases.py',
            f'--junitxml={report}', str(CASES)]
     proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     if not report.exists():
