@@ -164,8 +164,9 @@ def test_hessian_statistic_is_the_token_weighted_mean_gram_matrix():
     assert float(np.trace(np.asarray(clipped['hessian']))) < float(np.trace(np.asarray(s['hessian'])))
 
 
-@pytest.mark.parametrize('rot,tile,act_order', [(None, 16, False), ('hadamard', 16, False),
-                                                (None, 24, False), (None, 24, True)])   # 24: partial last tiles
+# 24: partial last tiles (in act order: the rows of every tile are spread over the loop; the uneven in-order path
+# is covered by tests/test_gptq.py against the float64 reference)
+@pytest.mark.parametrize('rot,tile,act_order', [(None, 16, False), ('hadamard', 16, False), (None, 24, True)])
 def test_gptq_params_match_core_gptq_and_beat_round_to_nearest(rot, tile, act_order):
     model, params = _float_setup()
     x = _inputs(6, n=512, outliers=False)
