@@ -237,3 +237,39 @@ def token_windows(tokenizer: Any, window: int, count: int, start: int = 0,
         seen += 1
     raise ValueError(f"the corpus has only {seen} articles of >= {window} tokens; asked for {start} + {count}")
 
+
+
+def calibration_windows(tokenizer: Any, window: int, count: int, skip: int,
+                        path: str | pathlib.Path | None = None) -> np.ndarray:
+    """``(count, window)`` token ids for calibration, disjoint from :func:`token_windows` ``(window, skip)``.
+
+    The articles after the first ``skip`` that :func:`token_windows` would use
+    (those with at least ``window`` tokens) are cut into consecutive
+    ``window``-token pieces (several per long article: far more text than one
+    window each), and ``count`` of them are taken evenly spread over all, so
+    the set does not lean on the first articles.
+
+    Example:
+      >>> import numpy as np
+      >>> from examples.smollm.corpus import available, calibration_windows
+      >>> class Chars:  # a stand-in tokenizer: one id per character
+      ...     def encode(self, s): return [ord(c) % 256 for c in s]
+      >>> w = calibration_windows(Chars(), 32, 4, skip=2) if available() else np.zeros((4, 32), np.int32)
+      >>> w.shape
+      (4, 32)
+    """
+    if window < 2 or count < 1 or skip < 0:
+        raise ValueError(f"need window >= 2, count >= 1, skip >= 0; got {window}, {count}, {skip}")
+    pieces, seen = [], 0
+    for _, text in articles(path):
+        ids = tokenizer.encode(text)
+        if len(ids) < window:
+            continue
+        seen += 1
+        if seen > skip:
+            pieces += [ids[i:i + window] for i in range(0, len(ids) - window + 1, window)]
+    if len(pieces) < count:
+        raise ValueError(f"the corpus has only {len(pieces)} {window}-token pieces after {skip} articles; "
+                         f"asked for {count}")
+    picks = np.linspace(0, len(pieces) - 1, count).round().astype(int)
+    return np.asarray([pieces[i] for i in picks], np.int32)

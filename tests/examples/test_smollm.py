@@ -224,6 +224,24 @@ def test_strip_wikitext():
     assert corpus.strip_wikitext(raw, min_words=3) == 'Foo is a bar of baz, see the site.'
 
 
+def test_calibration_windows_are_disjoint_from_the_evaluation_articles(monkeypatch):
+    class Chars:
+        def encode(self, s):
+            return [ord(c) for c in s]
+    # article k is 'k' repeated; 'x' is too short to count; the evaluation uses the first 2 long ones (0, 1)
+    arts = [('a', 'a' * 20), ('s', 'x'), ('b', 'b' * 9), ('c', 'c' * 40), ('d', 'd' * 16)]
+    monkeypatch.setattr(corpus, 'articles', lambda path=None: arts)
+    np.testing.assert_array_equal(corpus.token_windows(Chars(), 8, 2), [[ord('a')] * 8, [ord('b')] * 8])
+    w = corpus.calibration_windows(Chars(), 8, 7, skip=2)   # pieces: c x 5, d x 2 (every one of them)
+    assert sorted(chr(r[0]) for r in w) == ['c'] * 5 + ['d'] * 2 and all(len(set(r)) == 1 for r in w)
+    w3 = corpus.calibration_windows(Chars(), 8, 3, skip=2)  # spread over all pieces: first, middle, last
+    assert [chr(r[0]) for r in w3] == ['c', 'c', 'd']
+    with pytest.raises(ValueError, match='only 7 8-token pieces after 2 articles; asked for 8'):
+        corpus.calibration_windows(Chars(), 8, 8, skip=2)
+    with pytest.raises(ValueError, match='need window >= 2'):
+        corpus.calibration_windows(Chars(), 8, 1, skip=-1)
+
+
 # ----------------------------------------------------------------------------- the real model
 @pytest.fixture(scope='module')
 def smol():
