@@ -207,6 +207,8 @@ def _op_fns(case):
 def _weight_kwargs(case, fmt):
     _, qa_t, qa_extra, qw_t, qw_extra, tile = fmt
     qa_kw = dict(channelwise_axes=case['chan'], **qa_extra)
+    if qarray.qtypes.get(qa_t).packed:  # as flax_integration stores these weights: packed along the contraction
+        qa_kw['pack_axis'] = case['contract']
     qw_kw = dict(channelwise_axes=case['chan'], **qw_extra)
     if tile is not None:
         t = min(tile, case['w'][case['contract']])
@@ -272,7 +274,8 @@ def layouts_markdown(rows: list[dict], quick: bool) -> str:
     return '\n'.join([
         LAYOUT_SECTION, '',
         f'`python benchmarks/ops_bench.py --layouts{" --quick" if quick else ""}`. {pairbench.machine()}. '
-        'Weights are quantized beforehand (as stored); "weight-only" multiplies float32 activations; '
+        'Weights are quantized beforehand (as stored; sub-byte codes packed along the contraction axis, '
+        'as flax_integration stores them); "weight-only" multiplies float32 activations; '
         'w8a8 / w4a8 / fp8 rows quantize the activations inside the timed call (dynamic range, per '
         'token or per tensor) as PTQ inference does. Each row is ONE interleaved run: qarray and Qwix '
         'alternate call by call; ratios are medians of per-round t_Qwix / t_qarray (> 1: qarray faster; '

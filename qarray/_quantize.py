@@ -462,6 +462,35 @@ def codes(q: QArray) -> jax.Array:
     return unpacked_codes(q.qvalue, q.qtype, q.packed_axis, q.packed_length)
 
 
+def repack(q: QArray, pack_axis: int) -> QArray:
+    """``q`` with its bit-packed codes packed along ``pack_axis`` instead: same codes, scales and values.
+
+    Lossless (the codes are unpacked and packed again), for moving stored
+    weights to another layout: e.g. a checkpoint written before
+    ``flax_integration`` packed dense, einsum and conv weights along their
+    contraction axis (restore it without a target, repack, then use it), or
+    the layout a GPU kernel reads.
+
+    Example:
+      >>> import jax.numpy as jnp, qarray
+      >>> q = qarray.quantize(jnp.arange(12.).reshape(4, 3), 'int4')   # packed along the last axis
+      >>> r = qarray.repack(q, 0)
+      >>> r.packed_axis, r.qvalue.shape, bool((qarray.dequantize(r) == qarray.dequantize(q)).all())
+      (-2, (2, 3), True)
+    """
+    if not isinstance(q, QArray):
+        raise TypeError(f"repack expects a QArray; got {type(q).__name__}.")
+    q.check()
+    if q.packed_axis is None:
+        raise ValueError(f"repack: {q.qtype.name!r} codes are stored one per element (not bit-packed); there is "
+                         "no packed axis to move.")
+    axis = _layout.normalize_axis(pack_axis, q.ndim, 'pack_axis', f'a QArray of shape {q.shape}')
+    if axis == q.packed_axis % q.ndim:
+        return q
+    like = jax.ShapeDtypeStruct(q.shape, q.dtype)
+    return _pack(codes(q), q.scale, q.zero_point, q.qtype, like, axis, q.tile_sizes)
+
+
 def unpacked_codes(qvalue: jax.Array, qt, packed_axis: int | None, packed_length: int | None) -> jax.Array:
     """Codes in logical shape from stored values (bit-packed or not); ``qt`` a QType."""
     if packed_axis is None:

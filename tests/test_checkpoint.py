@@ -172,7 +172,7 @@ def saved(request, tmp_path_factory):
     (lambda: _params('int8', tiles=32), r"param 'dense/kernel'.*qtype: stored 'int4' != expected 'int8'.*different quantization rules"),
     (lambda: _params('int4', tiles=16), r"param 'dense/kernel'.*tiles.*tile size"),
     (lambda: _params('int4', channelwise_axes=(1,)), r"param 'dense/kernel'.*channelwise_axes"),
-    (lambda: _params('int4', tiles=32, pack_axis=0), r"param 'dense/kernel'.*packed_axis"),
+    (lambda: _params('int4', tiles=32, pack_axis=0), r"param 'dense/kernel'.*packed_axis.*qarray.repack\(q, axis\)"),
     (lambda: _params('int4', tiles=32, calibration='minmax'), r"param 'dense/kernel'.*zero_point"),
     (lambda: _params('int4', tiles=32, scale_dtype=jnp.bfloat16), r"param 'dense/kernel'.*scale"),
     (lambda: {'dense': {'kernel': jnp.zeros((32, 64)), 'bias': jnp.zeros(64)}},
@@ -186,6 +186,16 @@ def test_mismatch_raises_naming_the_param(saved, target, match):
     load, path = saved
     with pytest.raises(qio.CheckpointError, match=match):
         load(path, target())
+
+
+def test_checkpoint_packed_along_another_axis_is_moved_with_repack(saved):
+    # What the packed_axis error tells the user to do: restore without a target, repack (lossless).
+    load, path = saved
+    target = _params('int4', tiles=32, pack_axis=0)
+    raw = load(path)
+    moved = jax.tree.map(lambda l: qarray.repack(l, 0) if isinstance(l, qarray.QArray) else l, raw,
+                         is_leaf=lambda l: isinstance(l, qarray.QArray))
+    assert_bit_exact(moved, target)
 
 
 def test_float_checkpoint_is_not_quantized_on_load(tmp_path):

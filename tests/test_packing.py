@@ -182,3 +182,37 @@ def test_pack_native_errors():
             packing.pack_native(jnp.zeros(4, jnp.uint8), bits)
     with pytest.raises(ValueError, match='at least one axis'):
         packing.pack_native(jnp.zeros((), jnp.uint8), 4)
+
+
+PACKED = [n for n in qarray.qtypes.names() if qarray.qtypes.get(n).packed]
+
+
+@pytest.mark.parametrize('name', PACKED)
+def test_repack_equals_quantizing_with_that_pack_axis(name):
+    """repack(quantize(x), a) == quantize(x, pack_axis=a) bit for bit (same codes, scales, bytes), for every
+    bit-packed format, odd lengths (a partial last byte) included."""
+    qt = qarray.qtypes.get(name)
+    x = jax.random.normal(jax.random.key(7), (3, 5, 64))
+    kw = dict(calibration='minmax') if qt.kind == 'uint' else {}
+    if not qt.microscaling:
+        kw['tiles'] = {2: 32}
+    src = qarray.quantize(x, name, pack_axis=-1, **kw)
+    for axis in (0, 1):
+        want = qarray.quantize(x, name, pack_axis=axis, **kw)
+        got = qarray.repack(src, axis)
+        assert got.packed_axis == want.packed_axis and got.qvalue.shape == want.qvalue.shape
+        np.testing.assert_array_equal(np.asarray(got.qvalue), np.asarray(want.qvalue))
+        assert got.nbytes == want.nbytes
+        np.testing.assert_array_equal(np.asarray(qarray.dequantize(got)), np.asarray(qarray.dequantize(src)))
+        back = qarray.repack(got, -1)
+        np.testing.assert_array_equal(np.asarray(back.qvalue), np.asarray(src.qvalue))
+    assert qarray.repack(src, 2) is src  # already packed along that axis
+
+
+def test_repack_errors():
+    with pytest.raises(TypeError, match='repack expects a QArray'):
+        qarray.repack(jnp.ones((2, 2)), 0)
+    with pytest.raises(ValueError, match="'int8' codes are stored one per element"):
+        qarray.repack(qarray.quantize(jnp.ones((2, 2)), 'int8'), 0)
+    with pytest.raises(ValueError, match='pack_axis=2 is out of range'):
+        qarray.repack(qarray.quantize(jnp.ones((2, 2)), 'int4'), 2)

@@ -358,6 +358,10 @@ def _fmt(meta: dict[str, Any]) -> str:
             + (f" ({', '.join(layout)})" if layout else ''))
 
 
+_REPACK_HINT = ('the checkpoint packs sub-byte values along a different axis (flax_integration packs dense, '
+                'einsum and conv weights along their contraction axis, older versions along the last axis): '
+                'restore it without a target and move each weight with qarray.repack(q, axis), which is lossless')
+
 # Fields compared in order; the first mismatch is reported, with a hint for the usual causes.
 _FIELDS = [
     ('kind', 'a quantized param cannot be read as a float one (or back); nothing is dequantized '
@@ -366,8 +370,8 @@ _FIELDS = [
     ('shape', 'the model architecture differs'),
     ('channelwise_axes', 'the checkpoint was made with different quantization rules (scale layout)'),
     ('tiles', 'the checkpoint was made with different quantization rules (tile size)'),
-    ('packed_axis', 'the checkpoint packs sub-byte values along a different axis'),
-    ('packed_length', 'the checkpoint packs sub-byte values along a different axis'),
+    ('packed_axis', _REPACK_HINT),
+    ('packed_length', _REPACK_HINT),
     ('dtype', 'the dequantized dtype differs'),
     ('qvalue', 'the stored values have another shape/dtype'),
     ('scale', 'the scales have another shape/dtype (scale_dtype differs?)'),

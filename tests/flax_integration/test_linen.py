@@ -281,10 +281,12 @@ def test_packed_and_tiled_axes_keep_mesh_names_without_a_mesh(x16):
 
 @pytest.mark.parametrize('model_axis, expected', [
     (2, {'Dense_0': ((None, 'model'), (None, 'model')), 'Dense_1': (('model', None), (None, None))}),
-    (4, {'Dense_0': ((None, None), (None, 'model')), 'Dense_1': (('model', None), (None, None))})])
+    (4, {'Dense_0': ((None, 'model'), (None, 'model')), 'Dense_1': ((None, None), (None, None))})])
 def test_mesh_in_the_box_applies_the_qarray_sharding_rule(x16, model_axis, expected):
-    # Dense_0 (16, 12) int4 packed along 12: shards of 12 / 2 = 6 values are 3 bytes (kept); of 3 values, 1.5
-    # bytes (replicated). Dense_1 (12, 8) tiled by 4 along 12: 3 scale rows, which no 2- or 4-way split holds.
+    # int4 kernels are packed along their contraction axis (axis 0). Dense_0 (16, 12), sharded along 12: not
+    # the packed axis, kept at any split. Dense_1 (12, 8) sharded along its packed axis 12: shards of 12 / 2 = 6
+    # values are 3 bytes (kept); of 3 values, 1.5 bytes (replicated); tiled by 4 along 12: 3 scale rows, which
+    # no 2- or 4-way split holds.
     mesh = jax.sharding.AbstractMesh((2, model_axis), ('data', 'model'))
     ptq = fi.quantize_model(ShardedPair(mesh), fi.PtqProvider([fi.QuantizationRule(weight_qtype='int4',
                                                                                    tile_size=4)]))

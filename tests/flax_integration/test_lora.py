@@ -164,7 +164,13 @@ def test_linen_qlora_trains_adapters_only_and_base_stays_packed():
     for m in ('Conv_0', 'Dense_0'):
         k = trained[m]['kernel']
         assert isinstance(k, QuantizedParam) and k.array.qvalue.dtype == jnp.uint8
-        assert k.array.qvalue.shape == k.shape[:-1] + (-(-k.shape[-1] * 4 // 8),)  # 4 bits per value, packed
+        packed = list(k.shape)
+        a = k.array.packed_axis % len(packed)
+        packed[a] = -(-packed[a] * 4 // 8)  # 4 bits per value, packed along one axis
+        assert k.array.qvalue.shape == tuple(packed)
+    # Dense_0 [64, 5] is packed along its contraction axis; the conv's 1 input channel would pad, so not that one
+    axes = [trained[m]['kernel'].array.packed_axis % trained[m]['kernel'].ndim for m in ('Dense_0', 'Conv_0')]
+    assert axes == [0, 3]
     assert not any(isinstance(l, jax.Array) and l.dtype == jnp.float32 and l.shape == (64, 5)
                    for l in jax.tree.leaves(trained))  # no float copy of the base kernel anywhere
 

@@ -367,10 +367,12 @@ def test_linen_partitioning_metadata_survives_ptq():
     # 2) the mesh-aware rule from the float model's annotations: packed and tiled axes stay sharded too
     mesh_specs = qs.tree_shardings(plain, nn.get_partition_spec(fp), m)
     k0, k1 = mesh_specs['Dense_0']['kernel'].array, mesh_specs['Dense_1']['kernel'].array
-    assert (k0.qvalue, k0.scale) == (P(None, 'model'), P(None, 'model'))   # int4 packed along 'model'
-    assert (k1.qvalue, k1.scale) == (P('model', None), P('model', None))   # 8 tiles over 4 shards
+    # int4 kernels are packed along their contraction axis (axis 0): Dense_1's is the 'model' axis
+    assert (k0.qvalue, k0.scale) == (P(None, 'model'), P(None, 'model'))
+    assert (k1.qvalue, k1.scale) == (P('model', None), P('model', None))   # packed, and 8 tiles over 4 shards
     placed = jax.device_put(plain, _named(m, mesh_specs))
-    assert shard_shape(placed['Dense_0']['kernel'].array.qvalue) == (128, 32)
+    assert shard_shape(placed['Dense_0']['kernel'].array.qvalue) == (64, 64)   # 128 values = 64 bytes per column
+    assert shard_shape(placed['Dense_1']['kernel'].array.qvalue) == (32, 64)   # 256 / 4 = 64 values = 32 bytes
     assert_within(run(placed, xs), want, bound)
 
 
