@@ -177,6 +177,10 @@ def gptq_quantize(w: Any, h: Any, qtype: Any, *, axis: int = 0, tile_size: int |
     if not isinstance(damping, (int, float, np.floating, np.integer)) or not damping >= 0:
         raise ValueError(f"damping must be a float >= 0 (e.g. 0.01); got {damping!r}.")
     qt = qtypes.get(qtype)
+    if qt.microscaling:
+        raise ValueError(f"qtype {qt.name!r} is a microscaling format (its block scales are fixed by the format); "
+                         "GPTQ rounds against plain per-channel or per-tile scales: use its element format with "
+                         "tile_size (e.g. 'float4_e2m1fn', tile_size=32) or qarray.quantize.")
     _calibration.parse(calibration)
     scale_dtype = jnp.dtype(scale_dtype or w.dtype)
     if not jnp.issubdtype(scale_dtype, jnp.floating):
@@ -276,19 +280,12 @@ def _gptq_jit(w, h, damping, axis, qt, calibration, tile, block, scale_dtype, pa
 
 
 def _tile_scales(w: jax.Array, tile: int | None, qt, calibration: str, scale_dtype):
-    """Scales (and zero points or None) of ``w`` [K, N] per tile of ``tile`` rows ([ceil(K/tile), N]; per channel
-    [1, N] when ``tile`` is None); a partial last tile on its own rows."""
-    k, n = w.shape
-    if tile is None:
-        return _group_scale(w, qt, calibration, scale_dtype)
-    full = k // tile
-    s, z = jax.vmap(lambda c: _group_scale(c, qt, calibration, scale_dtype))(w[:full * tile].reshape(full, tile, n))
-    s, z = s[:, 0], None if z is None else z[:, 0]
-    if k % tile:
-        s_tail, z_tail = _group_scale(w[full * tile:], qt, calibration, scale_dtype)
-        s = jnp.concatenate([s, s_tail])
-        z = None if z is None else jnp.concatenate([z, z_tail])
-    return s, z
+    """Scales (and zero points or None) of ``w`` [K, N] per tile of ``tile`` rows along K ([ceil(K/tile), N]; per
+    channel [1, N] when ``tile`` is None), exactly as :func:`qarray.quantize` computes them (its codes are unused:
+    XLA drops them)."""
+    spec = _quantize.resolve_args(w, qt, (1,), None if tile is None else {0: tile}, calibration, scale_dtype)
+    _, scale, zp = _quantize.quantize_codes(w, spec)
+    return scale, zp
 
 
 def _gptq_2d(w, u, qt, calibration, tile, block, scale_dtype, static=None):
@@ -342,7 +339,9 @@ def _gptq_2d(w, u, qt, calibration, tile, block, scale_dtype, static=None):
             def column_step(i, carry):
                 w1, q1, e1 = carry
                 r = t0 + i
-                if tile is None:
+                if tile is None and fixed_scale.shape[0] == 1:  # per channel: one scale row for every input row
+                    s1, z1 = fixed_scale[0], None if fixed_zp is None else fixed_zp[0]
+                elif tile is None:
                     g = group[start + r]
                     s1, z1 = fixed_scale[g], None if fixed_zp is None else fixed_zp[g]
                 else:

@@ -253,6 +253,8 @@ def test_errors():
         gptq.gptq_quantize(w, h, 'int4', tile_size=0)
     with pytest.raises(ValueError, match=r'block_size must be a positive int'):
         gptq.gptq_quantize(w, h, 'int4', block_size=0)
+    with pytest.raises(ValueError, match=r"'mxfp4' is a microscaling format"):
+        gptq.gptq_quantize(jnp.ones((64, 4)), jnp.eye(64), 'mxfp4')
     with pytest.raises(TypeError, match=r'act_order must be a bool'):
         gptq.gptq_quantize(w, h, 'int4', act_order='yes')
     with pytest.raises(ValueError, match=r'w must have rank >= 2'):
